@@ -1,0 +1,67 @@
+"""Build a stock ESPnet ASR model from an ESPnet training YAML, and save it ESPnet's way.
+
+The federated loop reuses one model object for every client; the only thing that
+makes it "federated" is which weights are loaded into it. The `config.yaml` saved
+beside the weights is ESPnet's own, so `Speech2Text` loads the result unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from ..espnet_env import asr_task
+
+
+def build_asr_args(
+    asr_config: Path,
+    token_list: Path,
+    bpemodel: Optional[Path],
+    feats_stats: Optional[Path],
+) -> argparse.Namespace:
+    """ESPnet's ASR argument namespace: parser defaults, then the YAML, then our data paths."""
+    ASRTask = asr_task()
+    args = ASRTask.get_parser().parse_args([])
+    with open(asr_config) as f:
+        conf = yaml.safe_load(f) or {}
+    unknown = sorted(k for k in conf if not hasattr(args, k))
+    if unknown:
+        raise ValueError(f"{asr_config}: not ESPnet ASR options: {', '.join(unknown)}")
+    for key, value in conf.items():
+        setattr(args, key, value)
+    with open(token_list, encoding="utf-8") as f:
+        args.token_list = [line.rstrip("\n") for line in f if line.strip()]
+    if bpemodel is not None:
+        args.token_type = "bpe"
+        args.bpemodel = str(bpemodel)
+    if args.normalize == "global_mvn":
+        if feats_stats is None:
+            raise ValueError(f"{asr_config} uses normalize: global_mvn but no feats_stats.npz was given (stage 3)")
+        args.normalize_conf = {**(args.normalize_conf or {}), "stats_file": str(feats_stats)}
+    args.ngpu = 0
+    return args
+
+
+def build_asr_model(args: argparse.Namespace) -> torch.nn.Module:
+    return asr_task().build_model(args)
+
+
+def save_espnet_config(args: argparse.Namespace, path: Path) -> None:
+    """ESPnet's `config.yaml`: every ASR option, as `asr_train.py` writes it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(_plain(vars(args)), f, indent=4, sort_keys=False, allow_unicode=True)
+
+
+def _plain(obj):
+    """Paths and tuples to YAML-safe strings and lists."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

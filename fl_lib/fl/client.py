@@ -1,0 +1,176 @@
+"""One client's local training: ESPnet's own `Trainer.train_one_epoch` on the client's data.
+
+A single ESPnet model object serves every client: it is loaded with the round's
+start weights, trained on the client's lazy Lhotse CutSet, and its difference
+to the start weights is returned as the pseudo-gradient.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import time
+from typing import Iterable, Iterator, Optional
+
+import torch
+
+from .config import ClientConfig
+from .sampling import derive_seed
+from .strategies.base import ClientResult, State
+
+FRAME_SHIFT_SAMPLES = 160  # 10 ms at 16 kHz: what "frames" counts in client statistics
+
+
+class ProximalModel(torch.nn.Module):
+    """Adds FedProx's μ/2·‖w − w_start‖² to the ESPnet loss, once per forward (= per step)."""
+
+    def __init__(self, model: torch.nn.Module, start: State, mu: float) -> None:
+        super().__init__()
+        self.model = model
+        self.mu = mu
+        self._pairs = [(p, start[name]) for name, p in model.named_parameters() if p.requires_grad]
+
+    def forward(self, **batch):
+        loss, stats, weight = self.model(**batch)
+        prox = sum(((p - anchor) ** 2).sum() for p, anchor in self._pairs)
+        return loss + 0.5 * self.mu * prox, stats, weight
+
+
+class _Counter:
+    """Counts utterances, frames and steps of the batches passing through to ESPnet."""
+
+    def __init__(self, batches: Iterable) -> None:
+        self.batches = batches
+        self.utts = self.frames = self.steps = 0
+
+    def __iter__(self) -> Iterator:
+        for utt_ids, batch in self.batches:
+            self.utts += len(utt_ids)
+            self.frames += int(batch["speech_lengths"].sum()) // FRAME_SHIFT_SAMPLES
+            self.steps += 1
+            yield utt_ids, batch
+
+
+def build_client_optimizer(params, conf: ClientConfig) -> torch.optim.Optimizer:
+    if conf.optim == "sgd":
+        return torch.optim.SGD(params, lr=conf.lr, momentum=conf.momentum, weight_decay=conf.weight_decay)
+    if conf.optim == "adam":
+        if conf.momentum:
+            raise ValueError("client.momentum is an sgd option; adam does not use it")
+        return torch.optim.Adam(params, lr=conf.lr, weight_decay=conf.weight_decay)
+    raise ValueError(f"unknown client.optim '{conf.optim}'; choose sgd or adam")
+
+
+def pseudo_gradient(start: State, model: torch.nn.Module) -> tuple[State, dict, bool]:
+    """Δ = w_start − w_local over floating-point state, its statistics and whether it is finite.
+
+    Statistics are over the trainable parameters' entries, accumulated in float64:
+    mean, RMS and the (population) variance — a real variance, unlike FLUTE's.
+    """
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    delta: State = {}
+    s1 = s2 = 0.0
+    n = 0
+    finite = True
+    for name, value in model.state_dict().items():
+        if not value.is_floating_point():
+            continue
+        d = start[name] - value
+        delta[name] = d
+        if name in trainable:
+            d64 = d.double()
+            s1 += d64.sum().item()
+            s2 += d64.square().sum().item()
+            n += d.numel()
+            finite = finite and bool(torch.isfinite(d).all())
+    mean = s1 / max(n, 1)
+    stats = {"grad_mean": mean, "grad_rms": math.sqrt(s2 / max(n, 1)), "grad_var": max(s2 / max(n, 1) - mean * mean, 0.0)}
+    return delta, stats, finite
+
+
+class LocalTrainer:
+    """Runs a client's local steps with ESPnet's trainer on a shared model object."""
+
+    def __init__(self, model: torch.nn.Module, espnet_args: argparse.Namespace, conf: ClientConfig, make_batches, seed: int) -> None:
+        from espnet2.train.distributed_utils import DistributedOption
+        from espnet2.train.trainer import Trainer
+
+        if conf.local_epochs < 1:
+            raise ValueError(f"client.local_epochs must be >= 1, got {conf.local_epochs}")
+        self.model = model
+        self.conf = conf
+        self.make_batches = make_batches  # (manifest, seed) -> iterable of (utt_ids, batch)
+        self.seed = seed
+        args = argparse.Namespace(**vars(espnet_args))
+        args.grad_clip = conf.grad_clip
+        args.accum_grad = conf.accum_grad
+        args.log_interval = 10**9  # one log line per client from fl_lib, not per step
+        self.options = Trainer.build_options(args)
+        self.trainer = Trainer
+        self.distributed = DistributedOption(distributed=False)
+
+    def _batches(self, manifest, round_idx: int, client_id: str) -> Iterable:
+        epochs = (
+            self.make_batches(manifest, derive_seed(self.seed, "batches", round_idx, client_id, epoch))
+            for epoch in range(self.conf.local_epochs)
+        )
+        batches = itertools.chain.from_iterable(epochs)
+        if self.conf.max_steps is not None:
+            batches = itertools.islice(batches, self.conf.max_steps * self.conf.accum_grad)
+        return batches
+
+    def train(self, client_id: str, manifest, start: State, round_idx: int, proximal_mu: float = 0.0) -> ClientResult:
+        from espnet2.train.reporter import Reporter
+
+        t0 = time.perf_counter()
+        torch.manual_seed(derive_seed(self.seed, "torch", round_idx, client_id))
+        self.model.load_state_dict(start)
+        optimizer = build_client_optimizer(self.model.parameters(), self.conf)
+        net = ProximalModel(self.model, start, proximal_mu) if proximal_mu > 0 else self.model
+        counter = _Counter(self._batches(manifest, round_idx, client_id))
+        reporter = Reporter()
+        with reporter.observe("train", 1) as sub:
+            self.trainer.train_one_epoch(
+                model=net,
+                iterator=counter,
+                optimizers=[optimizer],
+                schedulers=[None],
+                scaler=None,
+                reporter=sub,
+                summary_writer=None,
+                options=self.options,
+                distributed_option=self.distributed,
+            )
+        if counter.steps == 0:
+            raise RuntimeError(f"client {client_id}: no batch came out of {manifest}")
+        train_loss = float(reporter.get_value("train", "loss"))
+        delta, stats, finite = pseudo_gradient(start, self.model)
+        return ClientResult(
+            client_id=client_id,
+            delta=delta,
+            num_utts=counter.utts,
+            num_frames=counter.frames,
+            train_loss=train_loss,
+            num_steps=counter.steps,
+            seconds=time.perf_counter() - t0,
+            delta_finite=finite,
+            **stats,
+        )
+
+
+def evaluate(model: torch.nn.Module, espnet_args: argparse.Namespace, batches: Iterable) -> dict:
+    """Dev loss and accuracy with ESPnet's `validate_one_epoch`."""
+    from espnet2.train.distributed_utils import DistributedOption
+    from espnet2.train.reporter import Reporter
+    from espnet2.train.trainer import Trainer
+
+    reporter = Reporter()
+    with reporter.observe("valid", 1) as sub:
+        Trainer.validate_one_epoch(
+            model=model,
+            iterator=batches,
+            reporter=sub,
+            options=Trainer.build_options(espnet_args),
+            distributed_option=DistributedOption(distributed=False),
+        )
+    return {key: float(reporter.get_value("valid", key)) for key in ("loss", "acc") if reporter.has("valid", key)}

@@ -1,0 +1,133 @@
+"""Typed federated-training configuration, read from YAML and overridable by `key=value`.
+
+Every key maps to a dataclass field. An unknown key is an error: an option that
+silently does nothing is worse than a failed start.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+
+@dataclass
+class ClientConfig:
+    """Local work of one client in one round."""
+
+    optim: str = "adam"  # sgd | adam
+    lr: float = 1e-3
+    momentum: float = 0.0  # sgd only
+    weight_decay: float = 0.0
+    local_epochs: int = 1
+    max_steps: Optional[int] = None  # stop a client after this many local steps
+    grad_clip: float = 5.0
+    max_duration: Optional[float] = 60.0  # seconds of audio per batch (Lhotse sampler)
+    max_cuts: Optional[int] = None  # utterances per batch
+    accum_grad: int = 1
+
+
+@dataclass
+class ScheduleConfig:
+    """Per-round learning-rate schedule of the server optimizer."""
+
+    warmup_rounds: int = 0
+    decay: str = "none"  # none | step | exponential
+    step_size: int = 10  # step decay: multiply by gamma every step_size rounds
+    gamma: float = 1.0
+
+
+@dataclass
+class ServerOptimConfig:
+    """The optimizer that steps on the aggregated pseudo-gradient (SGD lr=1 is FedAvg)."""
+
+    name: str = "sgd"  # sgd | adam | lamb
+    lr: float = 1.0
+    momentum: float = 0.0
+    nesterov: bool = False
+    betas: Sequence[float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+@dataclass
+class StrategyConfig:
+    """Aggregation strategy; keys not used by the chosen strategy are rejected by it."""
+
+    name: str = "fedavg"  # fedavg | dga | bmuf | fedprox
+    # fedavg / fedprox
+    weight_by: Optional[str] = None  # fedavg: num_utts | num_frames; dga: train_loss | grad_mean | grad_rms | grad_var | uniform
+    # dga
+    beta: Optional[float] = None
+    # bmuf
+    block_momentum: Optional[float] = None
+    block_lr: Optional[float] = None
+    nesterov: Optional[bool] = None
+    # fedprox
+    mu: Optional[float] = None
+
+
+@dataclass
+class FLConfig:
+    rounds: int = 10
+    clients_per_round: int = 4
+    sampler: str = "uniform"  # uniform | weighted (by number of utterances)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    server_optim: ServerOptimConfig = field(default_factory=ServerOptimConfig)
+    validate_every: int = 1
+    keep_checkpoints: int = 5  # last N <round>round.pth kept, for averaging
+    dev_max_duration: float = 120.0
+
+    @classmethod
+    def from_yaml(cls, path: Optional[Path], overrides: Sequence[str] = ()) -> "FLConfig":
+        data = {}
+        if path is not None:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        for item in overrides:
+            key, value = parse_override(item)
+            set_dotted(data, key, value)
+        return from_dict(cls, data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ValueError(f"override '{item}' is not of the form key=value (e.g. strategy.beta=2)")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override '{key}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from nested dicts, rejecting unknown keys with their full path."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        names = ", ".join(prefix + k for k in unknown)
+        raise ValueError(f"unknown config key(s): {names}; known: {', '.join(prefix + k for k in fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key '{prefix}{name}' must be a mapping")
+            kwargs[name] = from_dict(type(default), value, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)

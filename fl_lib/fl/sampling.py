@@ -1,0 +1,36 @@
+"""Which clients train in a round: seeded, reproducible, without replacement.
+
+The choice for round r depends only on (seed, r), never on earlier draws, so a
+resumed run samples exactly the clients an uninterrupted run would have.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from (seed, round, client, ...) that is stable across processes."""
+    import hashlib
+
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class ClientSampler:
+    def __init__(self, client_ids: Sequence[str], sizes: Sequence[int], per_round: int, mode: str = "uniform", seed: int = 0):
+        if mode not in ("uniform", "weighted"):
+            raise ValueError(f"sampler must be 'uniform' or 'weighted', got '{mode}'")
+        if not 0 < per_round <= len(client_ids):
+            raise ValueError(f"clients_per_round={per_round} but there are {len(client_ids)} clients")
+        self.client_ids = list(client_ids)
+        sizes = np.asarray(sizes, dtype=np.float64)
+        self.probs = sizes / sizes.sum() if mode == "weighted" else None
+        self.per_round = per_round
+        self.seed = seed
+
+    def sample(self, round_idx: int) -> list[str]:
+        rng = np.random.default_rng(derive_seed(self.seed, "sample", round_idx))
+        idx = rng.choice(len(self.client_ids), size=self.per_round, replace=False, p=self.probs)
+        return [self.client_ids[i] for i in idx]

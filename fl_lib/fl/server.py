@@ -1,0 +1,248 @@
+"""The federated round loop: sample, train locally, aggregate, server step, validate, checkpoint.
+
+Each step is delegated (sampling.py, client.py, strategies/, server_optim.py,
+checkpoint.py); this module only orders them and records what happened.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import atomic_save, load_checkpoint, rng_states, set_rng_states
+from .client import LocalTrainer, evaluate
+from .config import FLConfig
+from .sampling import ClientSampler
+from .server_optim import build_scheduler, build_server_optimizer
+from .strategies import build_strategy
+from .strategies.base import State, weights_entropy
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pth"
+
+
+@dataclass(frozen=True)
+class Client:
+    id: str
+    num_utts: int
+    manifest: Path
+
+
+@dataclass
+class RoundMetrics:
+    round: int
+    train_loss: Optional[float]
+    dev_loss: Optional[float]
+    dev_acc: Optional[float]
+    clients: list
+    weights: list
+    dropped: list
+    failed: list
+    lr: float
+    seconds: float
+
+
+class FederatedServer:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        espnet_args: argparse.Namespace,
+        conf: FLConfig,
+        clients: Sequence[Client],
+        make_batches: Callable[[Path, int], Iterable],
+        dev_batches: Optional[Callable[[], Iterable]],
+        output_dir: Path,
+        seed: int,
+    ) -> None:
+        self.model = model
+        self.args = espnet_args
+        self.conf = conf
+        self.clients = {c.id: c for c in clients}
+        self.dev_batches = dev_batches
+        self.output_dir = Path(output_dir)
+        self.strategy = build_strategy(conf.strategy)
+        self.strategy.check_server_optimizer(conf.server_optim.name, conf.server_optim.lr, conf.server_optim.momentum)
+        self.sampler = ClientSampler(
+            [c.id for c in clients], [c.num_utts for c in clients], conf.clients_per_round, conf.sampler, seed
+        )
+        self.local = LocalTrainer(model, espnet_args, conf.client, make_batches, seed)
+
+        # The global weights: parameters are server-side nn.Parameters the server
+        # optimizer steps on; float buffers move by the plain aggregate.
+        self.param_names = [name for name, p in model.named_parameters() if p.requires_grad]
+        self.global_state: State = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.server_params = {name: torch.nn.Parameter(self.global_state[name]) for name in self.param_names}
+        for name, p in self.server_params.items():
+            self.global_state[name] = p.data  # shared storage: optimizer steps update global_state
+        self.optimizer = build_server_optimizer(list(self.server_params.values()), conf.server_optim)
+        self.scheduler = build_scheduler(self.optimizer, conf.server_optim.schedule)
+        self.round = 0  # rounds completed
+        self.best_acc = -math.inf
+        self.writer = None
+
+    # -- checkpointing -------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "round": self.round,
+            "model": self.global_state,
+            "server_optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "rng": rng_states(),
+            "best_acc": self.best_acc,
+            "fl_config": self.conf.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state["model"].items():
+            self.global_state[name].copy_(value)
+        self.optimizer.load_state_dict(state["server_optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.strategy.load_state_dict(state["strategy"])
+        set_rng_states(state["rng"])
+        self.round = state["round"]
+        self.best_acc = state["best_acc"]
+
+    def maybe_resume(self) -> None:
+        path = self.output_dir / CHECKPOINT
+        if not path.exists():
+            return
+        self.load_state_dict(load_checkpoint(path))
+        _truncate_metrics(self.output_dir / "metrics.jsonl", self.round)
+        logger.info(f"resumed from {path}: {self.round} of {self.conf.rounds} rounds done")
+
+    # -- one round -----------------------------------------------------------
+    def run_round(self, round_idx: int) -> RoundMetrics:
+        t0 = time.perf_counter()
+        sampled = self.sampler.sample(round_idx)
+        start = self.strategy.broadcast(self.global_state)
+        self.strategy.begin_round()
+        losses, dropped, failed = [], [], []
+        for cid in sampled:
+            client = self.clients[cid]
+            try:
+                result = self.local.train(cid, client.manifest, start, round_idx, self.strategy.proximal_mu)
+            except Exception:  # a failing client must not end the round; the traceback is logged
+                logger.exception(f"round {round_idx + 1}: client {cid} failed; the round goes on without it")
+                failed.append(cid)
+                continue
+            if not result.is_finite():
+                logger.warning(f"round {round_idx + 1}: client {cid} dropped: non-finite loss or pseudo-gradient (loss={result.train_loss})")
+                dropped.append(cid)
+                continue
+            self.strategy.add(result)
+            losses.append(result.train_loss)
+            del result
+        aggregate = self.strategy.aggregate()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if aggregate is None:
+            logger.warning(f"round {round_idx + 1}: every client was dropped or failed; the model stays unchanged")
+            weights = {}
+        else:
+            self._server_step(aggregate.pseudo_grad)
+            weights = aggregate.weights
+        self.scheduler.step()
+        used = [cid for cid in sampled if cid in weights]
+        dev = {}
+        if self.dev_batches is not None and ((round_idx + 1) % self.conf.validate_every == 0 or round_idx + 1 == self.conf.rounds):
+            self.model.load_state_dict(self.global_state)
+            dev = evaluate(self.model, self.args, self.dev_batches())
+        return RoundMetrics(
+            round=round_idx + 1,
+            train_loss=sum(losses) / len(losses) if losses else None,
+            dev_loss=dev.get("loss"),
+            dev_acc=dev.get("acc"),
+            clients=used,
+            weights=[weights[c] for c in used],
+            dropped=dropped,
+            failed=failed,
+            lr=lr,
+            seconds=time.perf_counter() - t0,
+        )
+
+    @torch.no_grad()
+    def _server_step(self, pseudo_grad: State) -> None:
+        for name, g in pseudo_grad.items():
+            if name in self.server_params:
+                self.server_params[name].grad = g
+            else:  # float buffers follow the aggregate directly
+                self.global_state[name].sub_(g)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- the loop ------------------------------------------------------------
+    def fit(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.maybe_resume()
+        self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.round + 1)
+        bar = tqdm(range(self.round, self.conf.rounds), initial=self.round, total=self.conf.rounds, desc="rounds", unit="round")
+        for r in bar:
+            m = self.run_round(r)
+            self.round = r + 1
+            self._record(m)
+            bar.set_postfix(train_loss=_fmt(m.train_loss), dev_acc=_fmt(m.dev_acc))
+        self.writer.close()
+        if self.round >= self.conf.rounds:
+            logger.info(f"federated training finished: {self.round} rounds; best dev acc {_fmt(self.best_acc)}")
+
+    def _record(self, m: RoundMetrics) -> None:
+        out = self.output_dir
+        logger.info(
+            f"round {m.round}/{self.conf.rounds}: train_loss={_fmt(m.train_loss)} dev_loss={_fmt(m.dev_loss)} "
+            f"dev_acc={_fmt(m.dev_acc)} clients={len(m.clients)} dropped={len(m.dropped)} failed={len(m.failed)} "
+            f"lr={m.lr:.3g} {m.seconds:.1f}s"
+        )
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(m.__dict__) + "\n")
+        self._tensorboard(m)
+        torch.save(self.global_state, out / f"{m.round}round.pth")
+        atomic_save(self.global_state, out / "latest.pth")
+        if m.dev_acc is not None and m.dev_acc > self.best_acc:
+            self.best_acc = m.dev_acc
+            atomic_save(self.global_state, out / "valid.acc.best.pth")
+        elif self.dev_batches is None or not (out / "valid.acc.best.pth").exists():
+            atomic_save(self.global_state, out / "valid.acc.best.pth")
+        for old in range(1, m.round - self.conf.keep_checkpoints + 1):
+            (out / f"{old}round.pth").unlink(missing_ok=True)
+        atomic_save(self.state_dict(), out / CHECKPOINT)
+
+    def _tensorboard(self, m: RoundMetrics) -> None:
+        w, step = self.writer, m.round
+        if m.train_loss is not None:
+            w.add_scalar("train/loss", m.train_loss, step)
+        if m.dev_loss is not None:
+            w.add_scalar("dev/loss", m.dev_loss, step)
+            w.add_scalar("dev/acc", m.dev_acc, step)
+        if m.weights:
+            w.add_scalar("weights/mean", sum(m.weights) / len(m.weights), step)
+            w.add_scalar("weights/min", min(m.weights), step)
+            w.add_scalar("weights/max", max(m.weights), step)
+            w.add_scalar("weights/entropy", weights_entropy(m.weights), step)
+        w.add_scalar("clients/used", len(m.clients), step)
+        w.add_scalar("clients/dropped", len(m.dropped) + len(m.failed), step)
+        w.add_scalar("server/lr", m.lr, step)
+        w.add_scalar("time/seconds_per_round", m.seconds, step)
+        w.flush()
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.4f}"
+
+
+def _truncate_metrics(path: Path, rounds_done: int) -> None:
+    """Drop metric lines of a round that was logged but not checkpointed before a crash."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["round"] <= rounds_done]
+    path.write_text("".join(line + "\n" for line in lines))

@@ -1,0 +1,85 @@
+"""Server optimizers that step on the aggregated pseudo-gradient, and their per-round LR schedules.
+
+This is the hierarchical optimization of Dimitriadis et al.: clients run their own
+optimizer locally; the server treats Σ a_k Δ_k as a gradient. SGD with lr 1 gives
+FedAvg; momentum, Adam (FedAdam) and LAMB give adaptive server updates.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from .config import ScheduleConfig, ServerOptimConfig
+
+
+class LAMB(torch.optim.Optimizer):
+    """Layer-wise adaptive moments (You et al., 2020): an Adam step rescaled per tensor
+    by the trust ratio ‖w‖ / ‖update‖, so layers of very different scale move alike."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0):
+        if lr <= 0:
+            raise ValueError(f"LAMB lr must be > 0, got {lr}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                m_hat = m / (1 - beta1 ** state["step"])
+                v_hat = v / (1 - beta2 ** state["step"])
+                update = m_hat / (v_hat.sqrt() + group["eps"])
+                if group["weight_decay"]:
+                    update.add_(p, alpha=group["weight_decay"])
+                w_norm, u_norm = p.norm().item(), update.norm().item()
+                trust = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+                p.add_(update, alpha=-group["lr"] * trust)
+        return loss
+
+
+def build_server_optimizer(params: Iterable[torch.nn.Parameter], conf: ServerOptimConfig) -> torch.optim.Optimizer:
+    if conf.name == "sgd":
+        return torch.optim.SGD(params, lr=conf.lr, momentum=conf.momentum, nesterov=conf.nesterov, weight_decay=conf.weight_decay)
+    if conf.momentum or conf.nesterov:
+        raise ValueError(f"server_optim '{conf.name}' does not use momentum/nesterov (those are sgd options)")
+    if conf.name == "adam":
+        return torch.optim.Adam(params, lr=conf.lr, betas=tuple(conf.betas), eps=conf.eps, weight_decay=conf.weight_decay)
+    if conf.name == "lamb":
+        return LAMB(params, lr=conf.lr, betas=conf.betas, eps=conf.eps, weight_decay=conf.weight_decay)
+    raise ValueError(f"unknown server_optim '{conf.name}'; choose sgd, adam or lamb")
+
+
+def lr_factor(round_idx: int, conf: ScheduleConfig) -> float:
+    """Multiplier of the base LR for 0-based round `round_idx`: linear warmup, then decay."""
+    if conf.decay not in ("none", "step", "exponential"):
+        raise ValueError(f"unknown schedule decay '{conf.decay}'; choose none, step or exponential")
+    if round_idx < conf.warmup_rounds:
+        return (round_idx + 1) / conf.warmup_rounds
+    after = round_idx - conf.warmup_rounds
+    if conf.decay == "step":
+        return conf.gamma ** (after // conf.step_size)
+    if conf.decay == "exponential":
+        return conf.gamma**after
+    return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, conf: ScheduleConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per round; `lr_factor(0)` applies to the first round."""
+    lr_factor(0, conf)  # validate now, not at the first step
+    if conf.decay != "none" and not (conf.gamma > 0 and math.isfinite(conf.gamma)):
+        raise ValueError(f"schedule gamma must be > 0, got {conf.gamma}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda r: lr_factor(r, conf))

@@ -1,0 +1,137 @@
+"""The aggregation interface: client results in, one pseudo-gradient out.
+
+Like Flower's `Strategy`, an algorithm is one subclass and never touches the
+server loop. Aggregation is streaming: the server hands each client's result to
+`add` as soon as it arrives and drops it, so server memory does not grow with
+the number of clients per round.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+State = Dict[str, torch.Tensor]
+
+
+@dataclass
+class ClientResult:
+    """What a client returns: its pseudo-gradient Δ_k = w_start − w_k and statistics."""
+
+    client_id: str
+    delta: State
+    num_utts: int
+    num_frames: int
+    train_loss: float
+    grad_mean: float
+    grad_rms: float
+    grad_var: float
+    num_steps: int = 0
+    seconds: float = 0.0
+    delta_finite: bool = True
+
+    def is_finite(self) -> bool:
+        stats = (self.train_loss, self.grad_mean, self.grad_rms, self.grad_var)
+        return self.delta_finite and all(math.isfinite(v) for v in stats)
+
+
+@dataclass
+class Aggregate:
+    """The round's pseudo-gradient and the normalized weight each client received."""
+
+    pseudo_grad: State
+    weights: Dict[str, float] = field(default_factory=dict)
+
+
+class WeightedSum:
+    """Streaming Σ_k a_k Δ_k / Σ_k a_k with a_k = exp(s_k), kept in log space.
+
+    Scores may be log-weights of any range (DGA's −β·q_k, or log n_k): a running
+    maximum rescales the accumulator (log-sum-exp), so no exp() overflows and no
+    Δ_k is kept after it was added.
+    """
+
+    def __init__(self) -> None:
+        self.acc: Optional[State] = None
+        self.max_score = -math.inf
+        self.norm = 0.0  # Σ exp(s_k − max_score)
+        self.scores: Dict[str, float] = {}
+
+    def add(self, client_id: str, score: float, delta: State) -> None:
+        if not math.isfinite(score):
+            raise ValueError(f"client {client_id}: aggregation score {score} is not finite")
+        if score > self.max_score:
+            rescale = math.exp(self.max_score - score) if self.acc is not None else 0.0
+            if self.acc is not None:
+                for t in self.acc.values():
+                    t.mul_(rescale)
+            self.norm *= rescale
+            self.max_score = score
+        w = math.exp(score - self.max_score)
+        if self.acc is None:
+            self.acc = {k: v.detach().to(torch.float32).mul(w) for k, v in delta.items()}
+        else:
+            for k, v in delta.items():
+                self.acc[k].add_(v, alpha=w)
+        self.norm += w
+        self.scores[client_id] = score
+
+    def result(self) -> Optional[Aggregate]:
+        if self.acc is None:
+            return None
+        grad = {k: v.div_(self.norm) for k, v in self.acc.items()}
+        weights = {cid: math.exp(s - self.max_score) / self.norm for cid, s in self.scores.items()}
+        return Aggregate(grad, weights)
+
+
+class Strategy(ABC):
+    """Turns a round's client results into one pseudo-gradient for the server optimizer."""
+
+    #: FedProx's μ; the client adds μ/2·‖w − w_global‖² to its loss when > 0.
+    proximal_mu: float = 0.0
+
+    def broadcast(self, global_state: State) -> State:
+        """The weights clients start the round from (BMUF-Nesterov looks ahead)."""
+        return global_state
+
+    def begin_round(self) -> None:
+        self._sum = WeightedSum()
+
+    @abstractmethod
+    def score(self, result: ClientResult) -> float:
+        """Log-weight of a client: the aggregate is softmax(scores)-weighted."""
+
+    def add(self, result: ClientResult) -> None:
+        self._sum.add(result.client_id, self.score(result), result.delta)
+
+    def aggregate(self) -> Optional[Aggregate]:
+        """The weighted pseudo-gradient, or None if no client contributed."""
+        return self._sum.result()
+
+    def check_server_optimizer(self, name: str, lr: float, momentum: float) -> None:
+        """Reject server-optimizer settings that would silently change the algorithm."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def require(value, name: str, strategy: str):
+    if value is None:
+        raise ValueError(f"strategy '{strategy}' needs '{name}'")
+    return value
+
+
+def reject(strategy: str, **unused) -> None:
+    given = [k for k, v in unused.items() if v is not None]
+    if given:
+        raise ValueError(f"strategy '{strategy}' does not use: {', '.join(given)}")
+
+
+def weights_entropy(weights: List[float]) -> float:
+    return -sum(w * math.log(w) for w in weights if w > 0)

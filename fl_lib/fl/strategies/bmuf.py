@@ -1,0 +1,61 @@
+"""Blockwise Model-Update Filtering (Chen & Huo, ICASSP 2016), the distributed-training baseline.
+
+Per block (round) t, with w̄ the mean of the client models and b the broadcast model:
+    G_t = w̄ − b,   Δ_t = η·Δ_{t−1} + ζ·G_t,   w_t = w_{t−1} + Δ_t
+and with Nesterov-style block momentum the next block starts from w_t + η·Δ_t.
+The strategy returns −Δ_t as pseudo-gradient, so a server SGD with lr 1 applies it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import Aggregate, ClientResult, State, Strategy
+
+
+class BMUF(Strategy):
+    def __init__(self, block_momentum: float, block_lr: float = 1.0, nesterov: bool = True) -> None:
+        if not 0.0 <= block_momentum < 1.0:
+            raise ValueError(f"bmuf block_momentum must be in [0, 1), got {block_momentum}")
+        self.block_momentum = float(block_momentum)
+        self.block_lr = float(block_lr)
+        self.nesterov = bool(nesterov)
+        self.momentum_buffer: Optional[State] = None  # Δ_{t−1}
+
+    def check_server_optimizer(self, name: str, lr: float, momentum: float) -> None:
+        if name != "sgd" or lr != 1.0 or momentum != 0.0:
+            raise ValueError(
+                "bmuf applies its own block momentum and learning rate: use server_optim "
+                f"name=sgd lr=1.0 momentum=0.0 (got {name} lr={lr} momentum={momentum})"
+            )
+
+    def broadcast(self, global_state: State) -> State:
+        if not self.nesterov or self.momentum_buffer is None:
+            return global_state
+        look_ahead = dict(global_state)
+        for k, d in self.momentum_buffer.items():
+            look_ahead[k] = global_state[k] + self.block_momentum * d
+        return look_ahead
+
+    def score(self, result: ClientResult) -> float:
+        return 0.0  # w̄ is the plain mean of the client models
+
+    def aggregate(self) -> Optional[Aggregate]:
+        mean = super().aggregate()  # mean_k(b − w_k) = −G_t: the Δ_k were taken against b
+        if mean is None:
+            return None
+        block = {}
+        for k, neg_g in mean.pseudo_grad.items():
+            d = -self.block_lr * neg_g
+            if self.momentum_buffer is not None:
+                d.add_(self.momentum_buffer[k], alpha=self.block_momentum)
+            block[k] = d
+        self.momentum_buffer = {k: v.clone() for k, v in block.items()}
+        return Aggregate({k: -v for k, v in block.items()}, mean.weights)
+
+    def state_dict(self) -> dict:
+        return {"momentum_buffer": self.momentum_buffer}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.momentum_buffer = state["momentum_buffer"]
