@@ -116,7 +116,16 @@ class FederatedServer:
         path = self.output_dir / CHECKPOINT
         if not path.exists():
             return
-        self.load_state_dict(load_checkpoint(path))
+        state = load_checkpoint(path)
+        saved, current = dict(state["fl_config"]), self.conf.to_dict()
+        saved.pop("rounds"), current.pop("rounds")  # extending a finished run is fine
+        if saved != current:
+            raise ValueError(
+                f"{path} was written with a different federated config; resume needs the same one. "
+                f"Use another --output_dir, or remove {path.parent} to start over.\n"
+                f"saved: {saved}\nnow:   {current}"
+            )
+        self.load_state_dict(state)
         _truncate_metrics(self.output_dir / "metrics.jsonl", self.round)
         logger.info(f"resumed from {path}: {self.round} of {self.conf.rounds} rounds done")
 

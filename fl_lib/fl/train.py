@@ -1,0 +1,56 @@
+"""Wire data, model and federated server together: the Python API behind `fl_train`."""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from ..asr.model import build_asr_args, build_asr_model, save_espnet_config
+from ..data.clients import load_clients
+from ..data.dataset import make_dataloader
+from ..data.tokenizer import Tokenizer
+from .config import FLConfig
+from .server import Client, FederatedServer
+
+
+def train(
+    conf: FLConfig,
+    *,
+    asr_config: Path,
+    train_clients: Path,
+    token_list: Path,
+    bpemodel: Path,
+    output_dir: Path,
+    feats_stats: Optional[Path] = None,
+    dev_cuts: Optional[Path] = None,
+    seed: int = 0,
+) -> FederatedServer:
+    """Run (or resume) federated training; returns the server with the final global model."""
+    import torch
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    args = build_asr_args(asr_config, token_list, bpemodel, feats_stats)
+    model = build_asr_model(args)
+    save_espnet_config(args, output_dir / "config.yaml")
+    with open(output_dir / "fl_config.yaml", "w") as f:
+        yaml.safe_dump(conf.to_dict(), f, sort_keys=False)
+
+    tokenizer = Tokenizer(bpemodel, token_list)
+    clients = [Client(c.id, c.num_cuts, c.manifest) for c in load_clients(train_clients)]
+    batches = partial(
+        make_dataloader, tokenizer=tokenizer, max_duration=conf.client.max_duration, max_cuts=conf.client.max_cuts, shuffle=True
+    )
+
+    def make_batches(manifest: Path, batch_seed: int):
+        return batches(manifest, seed=batch_seed)
+
+    dev = None
+    if dev_cuts is not None:
+        dev = partial(make_dataloader, dev_cuts, tokenizer, max_duration=conf.dev_max_duration, shuffle=False)
+    server = FederatedServer(model, args, conf, clients, make_batches, dev, output_dir, seed)
+    server.fit()
+    return server

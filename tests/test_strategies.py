@@ -1,0 +1,107 @@
+"""Each strategy's weights and update against hand-computed values on toy tensors."""
+import math
+
+import pytest
+import torch
+
+from fl_lib.fl.config import StrategyConfig
+from fl_lib.fl.strategies import BMUF, DGA, FedAvg, FedProx, build_strategy
+from fl_lib.fl.strategies.base import ClientResult, WeightedSum
+
+
+def result(cid, delta, num_utts=1, num_frames=1, loss=1.0, mean=0.0, rms=0.0, var=0.0):
+    return ClientResult(cid, {"w": torch.tensor(delta, dtype=torch.float32)}, num_utts, num_frames, loss, mean, rms, var)
+
+
+def run(strategy, results):
+    strategy.begin_round()
+    for r in results:
+        strategy.add(r)
+    return strategy.aggregate()
+
+
+def test_fedavg_weights_by_utterances():
+    agg = run(FedAvg("num_utts"), [result("a", [1.0, 0.0], num_utts=1), result("b", [0.0, 4.0], num_utts=3)])
+    assert agg.weights == pytest.approx({"a": 0.25, "b": 0.75})
+    assert agg.pseudo_grad["w"].tolist() == pytest.approx([0.25, 3.0])
+
+
+def test_fedavg_weights_by_frames():
+    agg = run(FedAvg("num_frames"), [result("a", [2.0], num_frames=100), result("b", [0.0], num_frames=300)])
+    assert agg.pseudo_grad["w"].tolist() == pytest.approx([0.5])
+
+
+def test_dga_softmax_of_negative_beta_loss():
+    beta, losses = 2.0, [1.0, 2.0, 0.5]
+    agg = run(DGA("train_loss", beta), [result(c, [float(i)], loss=l) for i, (c, l) in enumerate(zip("abc", losses))])
+    z = [math.exp(-beta * l) for l in losses]
+    expect = [v / sum(z) for v in z]
+    assert [agg.weights[c] for c in "abc"] == pytest.approx(expect)
+    assert agg.pseudo_grad["w"].item() == pytest.approx(sum(w * i for i, w in enumerate(expect)), rel=1e-6)
+
+
+@pytest.mark.parametrize("quantity,field", [("grad_mean", "mean"), ("grad_rms", "rms"), ("grad_var", "var")])
+def test_dga_gradient_statistics(quantity, field):
+    agg = run(DGA(quantity, 1.0), [result("a", [1.0], **{field: 0.0}), result("b", [0.0], **{field: math.log(3)})])
+    assert agg.weights["a"] == pytest.approx(0.75)  # e^0 / (e^0 + e^-ln3) = 1 / (1 + 1/3)
+
+
+def test_dga_uniform():
+    agg = run(DGA("uniform", 5.0), [result("a", [1.0], loss=0.1), result("b", [3.0], loss=9.0)])
+    assert agg.pseudo_grad["w"].item() == pytest.approx(2.0)
+
+
+def test_streaming_log_sum_exp_survives_huge_scores():
+    """exp(-beta*q) underflows to 0 for large beta*q; the running max keeps it exact."""
+    agg = run(DGA("train_loss", 1000.0), [result("a", [1.0], loss=5.0), result("b", [3.0], loss=5.0)])
+    assert agg.pseudo_grad["w"].item() == pytest.approx(2.0)
+    ws = WeightedSum()
+    for cid, s in [("a", -1e5), ("b", -1e5 + math.log(3))]:  # arrival order: low score first
+        ws.add(cid, s, {"w": torch.tensor([4.0 if cid == "a" else 0.0])})
+    assert ws.result().pseudo_grad["w"].item() == pytest.approx(1.0)
+
+
+def test_bmuf_block_momentum_and_nesterov_hand_computed():
+    eta, zeta = 0.5, 1.0
+    bmuf = BMUF(block_momentum=eta, block_lr=zeta, nesterov=True)
+    w0 = {"w": torch.tensor([10.0])}
+    # Round 1: broadcast is w0; clients end at 8 and 6 -> mean 7 -> G = -3; Δ1 = -3.
+    assert bmuf.broadcast(w0)["w"].item() == 10.0
+    agg = run(bmuf, [result("a", [2.0]), result("b", [4.0])])
+    assert agg.pseudo_grad["w"].item() == pytest.approx(3.0)  # w1 = 10 - 3 = 7
+    w1 = {"w": torch.tensor([7.0])}
+    # Round 2: Nesterov broadcast b = w1 + eta*Δ1 = 5.5; clients end at 5 -> G = -0.5;
+    # Δ2 = eta*Δ1 + zeta*G = -1.5 - 0.5 = -2; w2 = 5.
+    b = bmuf.broadcast(w1)["w"].item()
+    assert b == pytest.approx(5.5)
+    agg = run(bmuf, [result("a", [0.5]), result("b", [0.5])])
+    assert agg.pseudo_grad["w"].item() == pytest.approx(2.0)
+    state = bmuf.state_dict()
+    other = BMUF(block_momentum=eta, block_lr=zeta, nesterov=True)
+    other.load_state_dict(state)
+    assert other.momentum_buffer["w"].item() == pytest.approx(-2.0)
+
+
+def test_bmuf_rejects_other_server_optimizers():
+    with pytest.raises(ValueError, match="bmuf"):
+        BMUF(0.9).check_server_optimizer("adam", 0.01, 0.0)
+
+
+def test_fedprox_carries_mu():
+    assert FedProx(mu=0.1).proximal_mu == 0.1
+    assert FedAvg().proximal_mu == 0.0
+
+
+def test_build_strategy_rejects_unused_options():
+    with pytest.raises(ValueError, match="does not use: beta"):
+        build_strategy(StrategyConfig(name="fedavg", beta=1.0))
+    with pytest.raises(ValueError, match="needs 'beta'"):
+        build_strategy(StrategyConfig(name="dga"))
+    with pytest.raises(ValueError, match="unknown strategy"):
+        build_strategy(StrategyConfig(name="fedsgd"))
+
+
+def test_no_client_gives_no_aggregate():
+    s = FedAvg()
+    s.begin_round()
+    assert s.aggregate() is None
