@@ -1,0 +1,102 @@
+"""Stage 3: federated feature statistics equal the central ones and load into ESPnet's GlobalMVN."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from lhotse import load_manifest_lazy
+
+from fl_lib.bin.compute_feats_stats import main as compute_feats_stats_cli
+from fl_lib.data.clients import load_clients
+from fl_lib.data.dataset import load_speech
+from fl_lib.features.stats import (
+    FeatsStats,
+    build_frontend,
+    federated_feats_stats,
+    utterance_feats,
+)
+
+
+@pytest.fixture(scope="module")
+def central_feats(tiny_clients, tiny_asr_config) -> np.ndarray:
+    """All frames of all clients' audio in one array, as a central server would see them."""
+    frontend = build_frontend(tiny_asr_config)
+    feats = [
+        utterance_feats(load_speech(cut), frontend)
+        for client in load_clients(tiny_clients)
+        for cut in load_manifest_lazy(client.manifest)
+    ]
+    return np.concatenate(feats).astype(np.float64)
+
+
+def test_federated_equals_central(tiny_stats, central_feats):
+    stats = FeatsStats.load(tiny_stats)
+    assert stats.count == len(central_feats)
+    np.testing.assert_allclose(stats.sum, central_feats.sum(0), rtol=1e-5)
+    np.testing.assert_allclose(stats.sum_square, (central_feats**2).sum(0), rtol=1e-5)
+
+
+def test_client_files_sum_to_total(tiny_stats, tiny_clients):
+    ids = [c.id for c in load_clients(tiny_clients)]
+    parts = [FeatsStats.load(tiny_stats.parent / "clients" / f"{i}.npz") for i in ids]
+    total = sum(parts[1:], parts[0])
+    expected = FeatsStats.load(tiny_stats)
+    assert total.count == expected.count
+    np.testing.assert_array_equal(total.sum, expected.sum)
+    assert len(ids) > 1
+
+
+def test_espnet_format(tiny_stats, tiny_asr_config):
+    n_mels = yaml.safe_load(tiny_asr_config.read_text())["frontend_conf"]["n_mels"]
+    with np.load(tiny_stats) as npz:
+        assert set(npz.files) == {"count", "sum", "sum_square"}
+        assert npz["count"].shape == () and npz["count"].dtype.kind == "i"
+        assert npz["sum"].shape == npz["sum_square"].shape == (n_mels,)
+
+
+def test_global_mvn_normalizes(tiny_stats, central_feats):
+    """ESPnet's GlobalMVN loads the file and maps the training frames to mean 0, std 1."""
+    from fl_lib.espnet_env import quiet_nltk
+
+    quiet_nltk()
+    from espnet2.layers.global_mvn import GlobalMVN
+
+    mvn = GlobalMVN(stats_file=tiny_stats)
+    x = torch.from_numpy(central_feats).float()[None]
+    y, _ = mvn(x, torch.tensor([x.shape[1]]))
+    np.testing.assert_allclose(y[0].mean(0).numpy(), 0.0, atol=1e-3)
+    np.testing.assert_allclose(y[0].std(0, unbiased=False).numpy(), 1.0, atol=1e-3)
+
+
+def test_rerun_is_safe(tiny_stats, tiny_clients, tiny_asr_config, tmp_path):
+    mtime = tiny_stats.stat().st_mtime_ns
+    assert federated_feats_stats(tiny_clients, tiny_asr_config, tiny_stats.parent) == tiny_stats
+    assert tiny_stats.stat().st_mtime_ns == mtime
+    other = tmp_path / "asr.yaml"
+    config = yaml.safe_load(tiny_asr_config.read_text())
+    config["frontend_conf"]["n_mels"] = 40
+    other.write_text(yaml.safe_dump(config))
+    with pytest.raises(RuntimeError, match="other clients or another frontend"):
+        federated_feats_stats(tiny_clients, other, tiny_stats.parent)
+
+
+def test_cli_resumes_partial_run(tiny_stats, tiny_clients, tiny_asr_config, tmp_path):
+    """A run that died after some clients recomputes only the missing ones."""
+    first = load_clients(tiny_clients)[0]
+    kept = tmp_path / "clients" / f"{first.id}.npz"
+    kept.parent.mkdir()
+    kept.write_bytes((tiny_stats.parent / "clients" / f"{first.id}.npz").read_bytes())
+    mtime = kept.stat().st_mtime_ns
+    argv = ["--clients", str(tiny_clients), "--asr_config", str(tiny_asr_config)]
+    compute_feats_stats_cli([*argv, "--output_dir", str(tmp_path)])
+    assert kept.stat().st_mtime_ns == mtime
+    got, expected = FeatsStats.load(tmp_path / "feats_stats.npz"), FeatsStats.load(tiny_stats)
+    assert got.count == expected.count
+    np.testing.assert_allclose(got.sum_square, expected.sum_square, rtol=1e-12)
+
+
+def test_dims_must_match():
+    a = FeatsStats(1, np.zeros(80), np.zeros(80))
+    with pytest.raises(ValueError, match="feature dims"):
+        a + FeatsStats(1, np.zeros(40), np.zeros(40))
