@@ -1,0 +1,180 @@
+"""Stage 0: the synthesized corpus has LibriSpeech's layout and the promised splits."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from fl_lib.corpus import voices
+from fl_lib.corpus.grammar import CATEGORIES, partition_of, vocabulary
+from fl_lib.corpus.synthesize import SUBSETS, CorpusConfig, make_plan, make_speakers, synthesize_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS_YAML = REPO / "egs/librispeech_fl/conf/corpus.yaml"
+
+
+def transcripts(root: Path, subset: str) -> dict[str, str]:
+    out = {}
+    for trans in sorted((root / subset).glob("*/*/*.trans.txt")):
+        for line in trans.read_text().splitlines():
+            utt_id, text = line.split(" ", 1)
+            out[utt_id] = text
+    return out
+
+
+def speakers_of(root: Path, subset: str) -> set[str]:
+    return {p.name for p in (root / subset).iterdir()}
+
+
+def test_layout_and_naming(tiny_corpus: Path) -> None:
+    assert sorted(p.name for p in tiny_corpus.iterdir() if p.is_dir()) == sorted(SUBSETS)
+    for subset in SUBSETS:
+        chapters = list((tiny_corpus / subset).glob("*/*"))
+        assert chapters, subset
+        for chapter in chapters:
+            speaker = chapter.parent.name
+            assert speaker.isdigit() and chapter.name.isdigit()
+            names = sorted(p.name for p in chapter.iterdir())
+            assert f"{speaker}-{chapter.name}.trans.txt" in names
+            flacs = [n for n in names if n.endswith(".flac")]
+            assert flacs and len(flacs) == len(names) - 1
+            assert all(re.fullmatch(rf"{speaker}-{chapter.name}-\d{{4}}\.flac", n) for n in flacs)
+
+
+def test_audio_is_16k_mono_16bit_flac(tiny_corpus: Path) -> None:
+    flacs = list(tiny_corpus.glob("*/*/*/*.flac"))
+    assert flacs
+    for flac in flacs:
+        info = sf.info(str(flac))
+        assert (info.samplerate, info.channels, info.format, info.subtype) == (16000, 1, "FLAC", "PCM_16")
+        assert 0.8 < info.duration < 6.0, (flac, info.duration)
+
+
+def test_transcripts_match_files(tiny_corpus: Path) -> None:
+    vocab = vocabulary()
+    for subset in SUBSETS:
+        texts = transcripts(tiny_corpus, subset)
+        files = {p.stem for p in (tiny_corpus / subset).glob("*/*/*.flac")}
+        assert set(texts) == files
+        for text in texts.values():
+            assert text == text.upper() and re.fullmatch(r"[A-Z]+( [A-Z]+)*", text)
+            assert set(text.split()) <= vocab
+
+
+def test_tiny_config_sizes(tiny_corpus: Path) -> None:
+    train = transcripts(tiny_corpus, "train-clean-100")
+    per_speaker = {s: sum(u.startswith(s + "-") for u in train) for s in speakers_of(tiny_corpus, "train-clean-100")}
+    assert len(per_speaker) == 4 and min(per_speaker.values()) >= 6
+    assert len(speakers_of(tiny_corpus, "test-other")) == 2
+
+
+def test_eval_sentences_unseen_in_training(tiny_corpus: Path) -> None:
+    train = set(transcripts(tiny_corpus, "train-clean-100").values())
+    dev = set(transcripts(tiny_corpus, "dev-clean").values())
+    test = set(transcripts(tiny_corpus, "test-clean").values()) | set(transcripts(tiny_corpus, "test-other").values())
+    assert dev and test
+    assert not train & dev and not train & test and not dev & test
+    eval_fraction = CorpusConfig.tiny().eval_fraction
+    assert {partition_of(t, eval_fraction) for t in dev} == {"dev"}
+
+
+def test_speaker_splits(tiny_corpus: Path) -> None:
+    train = speakers_of(tiny_corpus, "train-clean-100")
+    assert speakers_of(tiny_corpus, "dev-clean") == train == speakers_of(tiny_corpus, "test-clean")
+    assert not speakers_of(tiny_corpus, "test-other") & train
+
+
+def test_speakers_txt_and_json(tiny_corpus: Path) -> None:
+    rows = [line for line in (tiny_corpus / "SPEAKERS.TXT").read_text().splitlines() if not line.startswith(";")]
+    table = {}
+    for row in rows:
+        spk, sex, subset, minutes, name = (c.strip() for c in row.split("|"))
+        table[spk] = (sex, subset, float(minutes), name)
+    records = {str(r["speaker_id"]): r for r in json.loads((tiny_corpus / "speakers.json").read_text())}
+    all_speakers = set().union(*(speakers_of(tiny_corpus, s) for s in SUBSETS))
+    assert set(table) == set(records) == all_speakers
+    for spk, (sex, subset, minutes, name) in table.items():
+        record = records[spk]
+        assert sex in ("F", "M") and minutes > 0
+        assert name.startswith(record["base"]) and record["base"] in voices.BASES
+        assert subset == ("test-other" if record["heldout"] else "train-clean-100")
+    heldout = [r for r in records.values() if r["heldout"]]
+    assert any(not r["base_seen_in_training"] for r in heldout)
+    assert any(r["base_seen_in_training"] for r in heldout)
+
+
+def test_lhotse_reads_all_parts(tiny_corpus: Path) -> None:
+    from lhotse.recipes import prepare_librispeech
+
+    manifests = prepare_librispeech(tiny_corpus, dataset_parts="auto")
+    assert set(manifests) == set(SUBSETS)
+    for subset, parts in manifests.items():
+        assert len(parts["recordings"]) == len(transcripts(tiny_corpus, subset))
+        assert len(parts["supervisions"]) == len(parts["recordings"])
+
+
+def test_deterministic_for_a_seed(tiny_corpus: Path, tmp_path: Path) -> None:
+    again = tmp_path / "same" / "LibriSpeech"
+    synthesize_corpus(again, CorpusConfig.tiny(seed=0), nj=2)
+    for subset in SUBSETS:
+        assert transcripts(again, subset) == transcripts(tiny_corpus, subset)
+    for flac in sorted(tiny_corpus.glob("*/*/*/*.flac")):
+        a, _ = sf.read(str(flac), dtype="int16")
+        b, _ = sf.read(str(again / flac.relative_to(tiny_corpus)), dtype="int16")
+        assert (a == b).all(), flac
+    assert (again / "SPEAKERS.TXT").read_text() == (tiny_corpus / "SPEAKERS.TXT").read_text()
+
+    # Another seed: the plan alone shows the difference, no need to render it.
+    other = CorpusConfig.tiny(seed=1)
+    texts = {u.utt_id: u.text for u in make_plan(other, make_speakers(other)) if u.subset == "train-clean-100"}
+    assert texts != transcripts(tiny_corpus, "train-clean-100")
+
+
+def test_rerun_is_noop_and_config_change_is_refused(tiny_corpus: Path) -> None:
+    assert synthesize_corpus(tiny_corpus, CorpusConfig.tiny(seed=0), nj=2)["skipped"] is True
+    with pytest.raises(RuntimeError, match="different config"):
+        synthesize_corpus(tiny_corpus, CorpusConfig.tiny(seed=5), nj=2)
+
+
+def test_missing_tool_names_apt_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(voices.shutil, "which", lambda name: None if name == "festival" else f"/usr/bin/{name}")
+    with pytest.raises(RuntimeError, match="apt-get install festival"):
+        voices.check_tools({"festival:kal_diphone"})
+
+
+def test_default_config_file() -> None:
+    config = CorpusConfig.from_yaml(CORPUS_YAML, seed=7)
+    assert config.seed == 7
+    assert config.num_train_speakers >= 16 and config.num_heldout_speakers >= 4
+    assert set(config.heldout_voices) - set(config.train_voices), "want a voice base unseen in training"
+    assert set(config.train_voices) | set(config.heldout_voices) <= set(voices.BASES)
+
+
+def test_unknown_config_key_is_an_error(tmp_path: Path) -> None:
+    bad = tmp_path / "corpus.yaml"
+    bad.write_text("seed: 1\nnum_speakers: 3\n")
+    with pytest.raises(ValueError, match="unknown corpus config keys.*num_speakers"):
+        CorpusConfig.from_yaml(bad)
+
+
+def test_grammar_vocabulary_is_small_and_complete() -> None:
+    import random
+
+    rng = random.Random(0)
+    produced = {w for gen in CATEGORIES.values() for _ in range(3000) for w in gen(rng).split()}
+    assert produced == vocabulary()
+    assert 80 <= len(produced) <= 120
+
+
+def test_cli_help_is_fast_and_espnet_free() -> None:
+    code = ("import sys, fl_lib.corpus.synthesize, fl_lib.bin.synthesize_corpus; "
+            "assert not any(m.startswith(('espnet', 'torch')) for m in sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    out = subprocess.run([sys.executable, "-m", "fl_lib.bin.synthesize_corpus", "--help"],
+                         check=True, capture_output=True, text=True, cwd=REPO, timeout=20).stdout
+    assert "--output_dir" in out and "--nj" in out
