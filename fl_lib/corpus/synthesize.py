@@ -17,12 +17,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import soundfile as sf
 import yaml
 from tqdm import tqdm
 
 from fl_lib.corpus.grammar import CATEGORIES, sample_sentence
-from fl_lib.corpus.voices import Speaker, check_tools, festival_script, run_tool, sox_command, synth_command
+from fl_lib.corpus.voices import Speaker, check_tools, festival_script, postprocess, run_tool, synth_command
 
 logger = logging.getLogger(__name__)
 
@@ -180,10 +179,8 @@ def _render_batch(batch: list[Utterance], root: Path, tmp: Path) -> dict[str, fl
             run_tool(synth_command(u.speaker, u.text, raws[u.utt_id]))
     durations = {}
     for u in batch:
-        flac = u.path(root)
-        run_tool(sox_command(u.speaker, raws[u.utt_id], flac))
+        durations[u.utt_id] = postprocess(u.speaker, raws[u.utt_id], u.path(root))
         raws[u.utt_id].unlink()
-        durations[u.utt_id] = sf.info(str(flac)).duration
     return durations
 
 

@@ -13,6 +13,9 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import soundfile as sf
+
 SAMPLE_RATE = 16000
 FESTIVAL_VOICE_DIR = Path("/usr/share/festival/voices")
 
@@ -27,22 +30,23 @@ class VoiceBase:
     sex: str
     f0: float
     apt: str
+    rate: int  # native sample rate
 
 
 BASES: dict[str, VoiceBase] = {
     b.name: b
     for b in (
-        VoiceBase("flite:slt", "flite", "slt", "F", 172.0, "flite"),
-        VoiceBase("flite:rms", "flite", "rms", "M", 100.0, "flite"),
-        VoiceBase("flite:awb", "flite", "awb", "M", 125.0, "flite"),
-        VoiceBase("flite:kal16", "flite", "kal16", "M", 91.0, "flite"),
-        VoiceBase("flite:kal", "flite", "kal", "M", 90.0, "flite"),
-        VoiceBase("festival:kal_diphone", "festival", "kal_diphone", "M", 106.0, "festvox-kallpc16k"),
-        VoiceBase("festival:ked_diphone", "festival", "ked_diphone", "M", 107.0, "festvox-kdlpc16k"),
+        VoiceBase("flite:slt", "flite", "slt", "F", 172.0, "flite", 16000),
+        VoiceBase("flite:rms", "flite", "rms", "M", 100.0, "flite", 16000),
+        VoiceBase("flite:awb", "flite", "awb", "M", 125.0, "flite", 16000),
+        VoiceBase("flite:kal16", "flite", "kal16", "M", 91.0, "flite", 16000),
+        VoiceBase("flite:kal", "flite", "kal", "M", 90.0, "flite", 8000),
+        VoiceBase("festival:kal_diphone", "festival", "kal_diphone", "M", 106.0, "festvox-kallpc16k", 16000),
+        VoiceBase("festival:ked_diphone", "festival", "ked_diphone", "M", 107.0, "festvox-kdlpc16k", 16000),
         VoiceBase("festival:cmu_us_slt_arctic_hts", "festival", "cmu_us_slt_arctic_hts", "F", 177.0,
-                  "festvox-us-slt-hts"),
+                  "festvox-us-slt-hts", 32000),
         *(
-            VoiceBase(f"espeak:{v}", "espeak", v, v.split("+")[1][0].upper(), 0.0, "espeak-ng")
+            VoiceBase(f"espeak:{v}", "espeak", v, v.split("+")[1][0].upper(), 0.0, "espeak-ng", 22050)
             for v in ("en-us+f3", "en-us+f4", "en-us+f5", "en+m3", "en+m5", "en-us+m7")
         ),
     )
@@ -153,3 +157,22 @@ def sox_command(speaker: Speaker, raw: Path, flac: Path) -> list[str]:
             effects += ["tempo", "-s", str(params["sox_tempo"])]
     effects += ["norm", "-1"]
     return ["sox", "-D", "-R", str(raw), "-b", "16", "-c", "1", str(flac), *effects]
+
+
+def postprocess(speaker: Speaker, raw: Path, flac: Path) -> float:
+    """Raw TTS wav -> final FLAC; returns its duration in seconds.
+
+    16 kHz output that needs no sox effect (most flite voices) is peak-normalized
+    to -1 dBFS in-process, as sox's `norm -1` would: one process fewer per utterance.
+    """
+    if speaker.voice.engine == "festival" or speaker.voice.rate != SAMPLE_RATE:
+        run_tool(sox_command(speaker, raw, flac))
+        return sf.info(str(flac)).duration
+    audio, rate = sf.read(str(raw), dtype="float64")
+    if rate != SAMPLE_RATE or audio.ndim != 1:
+        raise ValueError(f"{raw}: expected 16 kHz mono from {speaker.base}, got {rate} Hz, shape {audio.shape}")
+    peak = np.abs(audio).max()
+    if peak > 0:
+        audio *= 10 ** (-1 / 20) / peak
+    sf.write(str(flac), audio, SAMPLE_RATE, subtype="PCM_16", format="FLAC")
+    return len(audio) / SAMPLE_RATE
