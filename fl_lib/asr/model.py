@@ -46,7 +46,9 @@ def build_asr_args(
 
 
 def build_asr_model(args: argparse.Namespace) -> torch.nn.Module:
-    return asr_task().build_model(args)
+    """ESPnet's model, all in float32: global_mvn loads float64 stats, which would
+    otherwise make the pseudo-gradient of its buffers pure rounding noise."""
+    return asr_task().build_model(args).float()
 
 
 def save_espnet_config(args: argparse.Namespace, path: Path) -> None:

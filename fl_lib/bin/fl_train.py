@@ -32,6 +32,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--feats_stats", type=Path, default=None, help="feats_stats.npz from stage 3 (global_mvn)")
     p.add_argument("--output_dir", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the federated config")
     return p
 
@@ -61,6 +62,7 @@ def main(argv=None) -> None:
         feats_stats=args.feats_stats,
         output_dir=out,
         seed=args.seed,
+        num_threads=args.num_threads,
     )
 
 
