@@ -1,0 +1,187 @@
+"""Generate an experiment's RESULTS.md in ESPnet's layout (never edit it by hand).
+
+Reads what the trainer and decoding left in the experiment: `asr_config.yaml`
+(else ESPnet's full `config.yaml`), `fl_config.yaml`, `metrics.jsonl`, and one
+`score.json` per decoded set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import platform
+import subprocess
+from collections import defaultdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Sequence
+
+from fl_lib.asr.scoring import ErrorStats, format_table
+
+PLOT = Path("images") / "dev_curve.png"
+
+
+def _git(args: list[str], cwd: Path) -> str:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True)
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "N/A"
+    return out.stdout.strip()
+
+
+def environment() -> dict[str, str]:
+    """Versions and code revision, so a table can be traced to what produced it."""
+    code = Path(__file__).resolve().parent
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "N/A"
+
+    return {
+        "date": datetime.datetime.now().astimezone().strftime("%a %b %d %H:%M:%S %Z %Y"),
+        "python version": f"{platform.python_version()} ({platform.platform()})",
+        "espnet version": f"espnet {version('espnet')}",
+        "pytorch version": f"pytorch {version('torch')}",
+        "lhotse version": f"lhotse {version('lhotse')}",
+        "fl_lib version": f"fl_lib {version('fl_lib')}",
+        "Git hash": _git(["rev-parse", "HEAD"], code),
+        "Commit date": _git(["log", "-1", "--format=%cd"], code),
+    }
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl rows in file order."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientStats:
+    """How much a client shaped the model: rounds aggregated, mean weight, rounds dropped or failed."""
+
+    client: str
+    rounds: int
+    mean_weight: float
+    dropped: int
+    failed: int
+
+
+def client_stats(metrics: Sequence[dict[str, Any]]) -> list[ClientStats]:
+    """Per-client participation, from each round's clients/weights/dropped lists."""
+    weights: dict[str, list[float]] = defaultdict(list)
+    dropped: dict[str, int] = defaultdict(int)
+    failed: dict[str, int] = defaultdict(int)
+    for row in metrics:
+        if len(row["clients"]) != len(row["weights"]):
+            raise ValueError(f"round {row['round']}: {len(row['clients'])} clients but {len(row['weights'])} weights")
+        for client, weight in zip(row["clients"], row["weights"]):
+            weights[str(client)].append(float(weight))
+        for client in row.get("dropped", []):
+            dropped[str(client)] += 1
+        for client in row.get("failed", []):
+            failed[str(client)] += 1
+    return [
+        ClientStats(c, len(weights[c]), sum(weights[c]) / len(weights[c]) if weights[c] else 0.0,
+                    dropped[c], failed[c])
+        for c in sorted(set(weights) | set(dropped) | set(failed))
+    ]
+
+
+def plot_dev_curve(metrics: Sequence[dict[str, Any]], png: Path) -> None:
+    """Loss (train and dev) and dev accuracy against round, drawn without a display (Agg)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        pts = [(r["round"], r[key]) for r in metrics if r.get(key) is not None]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig = Figure(figsize=(6, 6))
+    FigureCanvasAgg(fig)
+    loss, acc = fig.subplots(2, 1, sharex=True)
+    loss.plot(*series("train_loss"), label="train loss", color="tab:gray")
+    loss.plot(*series("dev_loss"), label="dev loss", marker="o", color="tab:blue")
+    loss.set_ylabel("loss")
+    loss.legend()
+    loss.grid(alpha=0.3)
+    acc.plot(*series("dev_acc"), marker="o", color="tab:green")
+    acc.set_ylabel("dev accuracy")
+    acc.set_xlabel("round")
+    acc.xaxis.set_major_locator(MaxNLocator(integer=True))
+    acc.grid(alpha=0.3)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100, bbox_inches="tight")
+
+
+def collect_scores(decode_dirs: Sequence[Path]) -> dict[str, dict[str, Any]]:
+    """{"<decode dir>/<set>": score.json} over every set subdirectory, ESPnet's dataset naming."""
+    scores = {}
+    for decode_dir in decode_dirs:
+        for path in sorted(Path(decode_dir).glob("*/score.json")):
+            scores[f"{Path(decode_dir).name}/{path.parent.name}"] = json.loads(path.read_text())
+    if not scores:
+        raise FileNotFoundError(f"no <set>/score.json under {[str(d) for d in decode_dirs]}: run decoding first")
+    return scores
+
+
+def _config_block(*candidates: Path) -> str:
+    """The first existing config file as a collapsed yaml block."""
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"{candidates[0]} missing: the trainer writes it into the experiment dir")
+    return (f"<details><summary>{path.name}</summary>\n\n```yaml\n{path.read_text().rstrip()}\n```\n\n"
+            "</details>")
+
+
+def render(exp_dir: Path, decode_dirs: Sequence[Path], metrics: Sequence[dict[str, Any]]) -> str:
+    """The RESULTS.md text; the plot must already exist at exp_dir/images/dev_curve.png."""
+    scores = collect_scores(decode_dirs)
+    lines = ["<!-- Generated by fl_lib.bin.make_results: do not edit by hand -->", "# RESULTS",
+             "## Environments"]
+    env = environment()
+    commit_date = env.pop("Commit date")
+    lines += [f"- {k}: `{v}`" for k, v in env.items()] + [f"  - Commit date: `{commit_date}`", ""]
+
+    lines += [f"## {exp_dir.name}", "",
+              f"- experiment: `{exp_dir}`",
+              f"- rounds: {len(metrics)}, training time: {sum(r.get('seconds', 0.0) for r in metrics) / 60:.1f} min"]
+    accs = [r for r in metrics if r.get("dev_acc") is not None]
+    if accs:
+        best = max(accs, key=lambda r: r["dev_acc"])
+        lines.append(f"- best dev accuracy: {best['dev_acc']:.4f} (round {best['round']})")
+    lines += ["", "### Configs", "", _config_block(exp_dir / "asr_config.yaml", exp_dir / "config.yaml"), "",
+              _config_block(exp_dir / "fl_config.yaml"), ""]
+
+    lines += ["### Decoding", "", "|dataset|model|utts|hours|RTF|inference config|", "|---|---|---|---|---|---|"]
+    for name, s in scores.items():
+        conf = ", ".join(f"{k}={v}" for k, v in s.get("inference_config", {}).items())
+        lines.append(f"|{name}|{s['model']}|{s['num_utts']}|{s['audio_seconds'] / 3600:.2f}|{s['rtf']}|{conf}|")
+    for metric in ("WER", "CER"):
+        rows = {name: ErrorStats.from_dict(s[metric.lower()]) for name, s in scores.items()}
+        lines += ["", f"### {metric}", "", format_table(rows)]
+    lines += ["", "### WER per speaker"]
+    for name, s in scores.items():
+        rows = {spk: ErrorStats.from_dict(d) for spk, d in s["per_speaker_wer"].items()}
+        lines += ["", f"#### {name}", "", format_table(rows, "speaker")]
+
+    lines += ["", "### Federated clients", "",
+              "|client|rounds|mean weight|dropped|failed|", "|---|---|---|---|---|"]
+    lines += [f"|{c.client}|{c.rounds}|{c.mean_weight:.4f}|{c.dropped}|{c.failed}|" for c in client_stats(metrics)]
+    lines += ["", "### Training curve", "", f"![dev loss and accuracy per round]({PLOT.as_posix()})", ""]
+    return "\n".join(lines)
+
+
+def make_results(exp_dir: Path, decode_dirs: Sequence[Path]) -> Path:
+    """Write exp_dir/RESULTS.md and the plot it embeds; returns the markdown path."""
+    exp_dir = Path(exp_dir)
+    metrics_path = exp_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{metrics_path} missing: the trainer writes one line per round")
+    metrics = read_metrics(metrics_path)
+    plot_dev_curve(metrics, exp_dir / PLOT)
+    out = exp_dir / "RESULTS.md"
+    out.write_text(render(exp_dir, decode_dirs, metrics), encoding="utf-8")
+    return out

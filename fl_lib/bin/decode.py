@@ -1,0 +1,41 @@
+"""Decode and score one cut set with an experiment's model (run.sh stage 6).
+
+    python -m fl_lib.bin.decode --exp_dir exp/fl_dga --model valid.acc.ave_5best.pth \
+        --inference_config conf/decode_asr.yaml --cuts data/sets/dev-clean.jsonl.gz \
+        --nj 2 --output_dir exp/fl_dga/decode_valid.acc.ave_5best/dev-clean
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from fl_lib.asr import LOG_FORMAT
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exp_dir", type=Path, required=True, help="holds config.yaml and the checkpoints")
+    p.add_argument("--model", default="valid.acc.best.pth",
+                   help="valid.acc.best.pth, latest.pth, <N>round.pth, any file in exp_dir, or "
+                        "valid.acc.ave[_<N>best].pth to average the best kept round checkpoints")
+    p.add_argument("--inference_config", type=Path, required=True, help="ESPnet decode yaml")
+    p.add_argument("--cuts", type=Path, required=True, help="Lhotse CutSet manifest (jsonl.gz)")
+    p.add_argument("--output_dir", type=Path, required=True)
+    p.add_argument("--nj", type=int, default=1, help="parallel decoding processes")
+    p.add_argument("--device", default="cpu", help="torch device of every worker, e.g. cuda")
+    p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
+    from fl_lib.asr.decode import decode_cuts
+
+    decode_cuts(args.exp_dir, args.model, args.inference_config, args.cuts, args.output_dir,
+                nj=args.nj, device=args.device)
+
+
+if __name__ == "__main__":
+    main()
