@@ -156,21 +156,3 @@ class LocalTrainer:
             delta_finite=finite,
             **stats,
         )
-
-
-def evaluate(model: torch.nn.Module, espnet_args: argparse.Namespace, batches: Iterable) -> dict:
-    """Dev loss and accuracy with ESPnet's `validate_one_epoch`."""
-    from espnet2.train.distributed_utils import DistributedOption
-    from espnet2.train.reporter import Reporter
-    from espnet2.train.trainer import Trainer
-
-    reporter = Reporter()
-    with reporter.observe("valid", 1) as sub:
-        Trainer.validate_one_epoch(
-            model=model,
-            iterator=batches,
-            reporter=sub,
-            options=Trainer.build_options(espnet_args),
-            distributed_option=DistributedOption(distributed=False),
-        )
-    return {key: float(reporter.get_value("valid", key)) for key in ("loss", "acc") if reporter.has("valid", key)}

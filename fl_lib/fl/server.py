@@ -18,12 +18,13 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import atomic_save, load_checkpoint, rng_states, set_rng_states
-from .client import LocalTrainer, evaluate
+from .client import LocalTrainer
 from .config import FLConfig
 from .sampling import ClientSampler
 from .server_optim import build_scheduler, build_server_optimizer
 from .strategies import build_strategy
 from .strategies.base import State, weights_entropy
+from .validation import evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class RoundMetrics:
     train_loss: Optional[float]
     dev_loss: Optional[float]
     dev_acc: Optional[float]
+    dev_wer: Optional[float]
     clients: list
     weights: list
     dropped: list
@@ -62,12 +64,14 @@ class FederatedServer:
         dev_batches: Optional[Callable[[], Iterable]],
         output_dir: Path,
         seed: int,
+        tokenizer=None,
     ) -> None:
         self.model = model
         self.args = espnet_args
         self.conf = conf
         self.clients = {c.id: c for c in clients}
         self.dev_batches = dev_batches
+        self.tokenizer = tokenizer  # decodes the CTC-greedy dev hypotheses
         self.output_dir = Path(output_dir)
         self.strategy = build_strategy(conf.strategy)
         self.strategy.check_server_optimizer(conf.server_optim.name, conf.server_optim.lr, conf.server_optim.momentum)
@@ -164,12 +168,13 @@ class FederatedServer:
         dev = {}
         if self.dev_batches is not None and ((round_idx + 1) % self.conf.validate_every == 0 or round_idx + 1 == self.conf.rounds):
             self.model.load_state_dict(self.global_state)
-            dev = evaluate(self.model, self.args, self.dev_batches())
+            dev = evaluate(self.model, self.dev_batches(), self.tokenizer)
         return RoundMetrics(
             round=round_idx + 1,
             train_loss=sum(losses) / len(losses) if losses else None,
             dev_loss=dev.get("loss"),
             dev_acc=dev.get("acc"),
+            dev_wer=dev.get("wer"),
             clients=used,
             weights=[weights[c] for c in used],
             dropped=dropped,
@@ -200,7 +205,7 @@ class FederatedServer:
             m = self.run_round(r)
             self.round = r + 1
             self._record(m)
-            bar.set_postfix(train_loss=_fmt(m.train_loss), dev_acc=_fmt(m.dev_acc))
+            bar.set_postfix(train_loss=_fmt(m.train_loss), dev_acc=_fmt(m.dev_acc), dev_wer=_fmt(m.dev_wer))
         self.writer.close()
         if self.round >= self.conf.rounds:
             logger.info(f"federated training finished: {self.round} rounds; best dev acc {_fmt(self.best_acc)}")
@@ -209,7 +214,7 @@ class FederatedServer:
         out = self.output_dir
         logger.info(
             f"round {m.round}/{self.conf.rounds}: train_loss={_fmt(m.train_loss)} dev_loss={_fmt(m.dev_loss)} "
-            f"dev_acc={_fmt(m.dev_acc)} clients={len(m.clients)} dropped={len(m.dropped)} failed={len(m.failed)} "
+            f"dev_acc={_fmt(m.dev_acc)} dev_wer={_fmt(m.dev_wer)} clients={len(m.clients)} dropped={len(m.dropped)} failed={len(m.failed)} "
             f"lr={m.lr:.3g} {m.seconds:.1f}s"
         )
         with open(out / "metrics.jsonl", "a") as f:
@@ -233,6 +238,8 @@ class FederatedServer:
         if m.dev_loss is not None:
             w.add_scalar("dev/loss", m.dev_loss, step)
             w.add_scalar("dev/acc", m.dev_acc, step)
+        if m.dev_wer is not None:
+            w.add_scalar("dev/wer_ctc_greedy", m.dev_wer, step)
         if m.weights:
             w.add_scalar("weights/mean", sum(m.weights) / len(m.weights), step)
             w.add_scalar("weights/min", min(m.weights), step)

@@ -55,6 +55,6 @@ def train(
     dev = None
     if dev_cuts is not None:
         dev = partial(make_dataloader, dev_cuts, tokenizer, max_duration=conf.dev_max_duration, shuffle=False)
-    server = FederatedServer(model, args, conf, clients, make_batches, dev, output_dir, seed)
+    server = FederatedServer(model, args, conf, clients, make_batches, dev, output_dir, seed, tokenizer)
     server.fit()
     return server

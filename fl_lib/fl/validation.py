@@ -1,0 +1,39 @@
+"""Validation of the global model on the dev set, once per round (or every N rounds)."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable, tokenizer) -> dict:
+    """Dev loss and accuracy as ESPnet reports them, plus a CTC-greedy WER.
+
+    The WER needs no beam search, so it is cheap enough to track every round;
+    stage 6 gives the real (beam-search) WER of the final model.
+    """
+    from ..asr.scoring import score
+
+    model.eval()
+    sums: dict = {}
+    total_weight = 0.0
+    refs, hyps = [], []
+    for _utt_ids, batch in batches:
+        _loss, stats, weight = model(**batch)
+        w = float(weight)
+        total_weight += w
+        for key in ("loss", "acc"):
+            if stats.get(key) is not None:
+                sums[key] = sums.get(key, 0.0) + float(stats[key]) * w
+        enc, enc_lens = model.encode(batch["speech"], batch["speech_lengths"])
+        best = model.ctc.argmax(enc)
+        for ids, n, ref, ref_len in zip(best, enc_lens, batch["text"], batch["text_lengths"]):
+            collapsed = torch.unique_consecutive(ids[: int(n)]).tolist()
+            hyps.append(tokenizer.decode(collapsed))
+            refs.append(tokenizer.decode(ref[: int(ref_len)].tolist()))
+    out = {key: v / total_weight for key, v in sums.items()}
+    if refs:
+        stats = score(refs, hyps)
+        out["wer"] = stats.err / max(stats.wrd, 1)
+    return out
