@@ -1,0 +1,27 @@
+"""Make a federation where some clients have shuffled transcripts (bad-quality clients).
+
+    python -m fl_lib.bin.corrupt_clients --clients data/clients/train-clean-100/clients.jsonl \\
+        --num_corrupted 2 --seed 1 --output_dir data/clients/train-clean-100_corrupt2
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=Path, required=True, help="clients.jsonl of stage 2")
+    p.add_argument("--num_corrupted", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", type=Path, required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s")
+    from fl_lib.data.corrupt import corrupt_clients
+
+    corrupt_clients(args.clients, args.output_dir, args.num_corrupted, args.seed)
+
+
+if __name__ == "__main__":
+    main()

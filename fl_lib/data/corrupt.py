@@ -1,0 +1,67 @@
+"""Clients with bad labels, for experiments on robust aggregation.
+
+A corrupted client keeps its audio, but its words are shuffled across its own
+utterances: every transcript keeps its length, and the client's vocabulary and
+word counts stay the same, so nothing but the audio-text pairing gives it away.
+This models the low-quality clients that DGA is meant to down-weight.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from lhotse import CutSet, load_manifest_lazy
+
+from .clients import ClientInfo, load_clients
+
+logger = logging.getLogger(__name__)
+
+
+def shuffle_client_words(cuts_path: Path, output_path: Path, seed: int) -> Path:
+    """Rewrite a client's manifest with its words permuted across its utterances."""
+    cuts = list(load_manifest_lazy(cuts_path))  # one client: small by construction
+    words = [w for cut in cuts for w in cut.supervisions[0].text.split()]
+    random.Random(seed).shuffle(words)
+    out, pos = [], 0
+    for cut in cuts:
+        sup = cut.supervisions[0]
+        n = len(sup.text.split())
+        out.append(replace(cut, supervisions=[replace(sup, text=" ".join(words[pos : pos + n]))] + cut.supervisions[1:]))
+        pos += n
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    CutSet.from_cuts(out).to_file(output_path)
+    return output_path
+
+
+def corrupt_clients(clients_jsonl: Path, output_dir: Path, num_corrupted: int, seed: int) -> Path:
+    """Copy a client listing with `num_corrupted` seeded-random clients' transcripts shuffled.
+
+    Writes `output_dir/clients.jsonl` (other clients point at their original
+    manifests) and `output_dir/corrupted.txt` naming the corrupted clients.
+    """
+    clients = load_clients(clients_jsonl)
+    if not 0 <= num_corrupted <= len(clients):
+        raise ValueError(f"cannot corrupt {num_corrupted} of {len(clients)} clients")
+    chosen = set(random.Random(seed).sample([c.id for c in clients], num_corrupted))
+    output_dir = Path(output_dir)
+    listing: list[ClientInfo] = []
+    for c in clients:
+        if c.id in chosen:
+            manifest = shuffle_client_words(c.manifest, output_dir / "cuts" / f"{c.id}.jsonl.gz", seed)
+            c = replace(c, manifest=manifest.resolve())
+        listing.append(c)
+    _write_listing(listing, output_dir / "clients.jsonl")
+    (output_dir / "corrupted.txt").write_text("".join(f"{cid}\n" for cid in sorted(chosen)))
+    logger.info(f"corrupted {len(chosen)} of {len(clients)} clients ({', '.join(sorted(chosen))}) -> {output_dir}")
+    return output_dir / "clients.jsonl"
+
+
+def _write_listing(clients: Sequence[ClientInfo], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for c in clients:
+            f.write(json.dumps({"id": c.id, "num_cuts": c.num_cuts, "duration": c.duration, "manifest": str(Path(c.manifest).resolve())}) + "\n")

@@ -1,0 +1,29 @@
+"""Corrupted clients: same audio, same words, wrong pairing."""
+from collections import Counter
+
+from lhotse import load_manifest_lazy
+
+from fl_lib.data.clients import load_clients
+from fl_lib.data.corrupt import corrupt_clients
+
+
+def test_corrupt_two_clients_shuffles_their_words_only(tiny_clients, tmp_path):
+    listing = corrupt_clients(tiny_clients, tmp_path, num_corrupted=2, seed=3)
+    bad = set((tmp_path / "corrupted.txt").read_text().split())
+    assert len(bad) == 2
+    before = {c.id: c for c in load_clients(tiny_clients)}
+    after = {c.id: c for c in load_clients(listing)}
+    assert before.keys() == after.keys()
+    for cid, c in after.items():
+        old = list(load_manifest_lazy(before[cid].manifest))
+        new = list(load_manifest_lazy(c.manifest))
+        assert [x.id for x in old] == [x.id for x in new]
+        assert [x.recording.sources[0].source for x in old] == [x.recording.sources[0].source for x in new]
+        old_text = [x.supervisions[0].text for x in old]
+        new_text = [x.supervisions[0].text for x in new]
+        if cid in bad:
+            assert new_text != old_text
+            assert Counter(" ".join(old_text).split()) == Counter(" ".join(new_text).split())
+            assert [len(t.split()) for t in old_text] == [len(t.split()) for t in new_text]
+        else:
+            assert new_text == old_text
