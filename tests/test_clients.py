@@ -1,7 +1,6 @@
 """Stage 2: the speaker split and the dev/test length filter."""
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import subprocess
