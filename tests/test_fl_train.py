@@ -97,6 +97,13 @@ def test_resume_after_kill_is_bitwise_identical(fl_data, tmp_path):
     assert [r["clients"] for r in metrics(killed)] == [r["clients"] for r in metrics(straight)]
 
 
+def test_parallel_client_jobs_match_serial_bitwise(fl_data, tmp_path):
+    serial = run_inprocess(fl_data, tmp_path / "serial", "fl_dga.yaml", ["rounds=1"])
+    parallel = run_inprocess(fl_data, tmp_path / "parallel", "fl_dga.yaml", ["rounds=1"], client_jobs=2)
+    assert metrics(tmp_path / "serial")[0]["weights"] == metrics(tmp_path / "parallel")[0]["weights"]
+    assert all(torch.equal(serial.global_state[k], parallel.global_state[k]) for k in serial.global_state)
+
+
 def test_nan_client_is_dropped_and_failing_client_reported(fl_data, tmp_path, caplog):
     """One client's audio is NaN (non-finite loss), another's manifest is missing (exception)."""
     from fl_lib.data.clients import load_clients

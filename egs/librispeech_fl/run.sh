@@ -34,6 +34,9 @@ fl_args=                           # key=value overrides of fl_config, e.g. "rou
 tag=                               # experiment name; default from the configs
 inference_config=conf/decode_asr.yaml
 inference_model=valid.acc.best.pth
+client_jobs=2                      # processes that train a round's clients in parallel
+data=data                          # where manifests, clients and token lists go
+exp=exp                            # where statistics and experiments go
 
 . ./path.sh
 . utils/parse_options.sh
@@ -43,7 +46,6 @@ log() {
   echo -e "$(date '+%Y-%m-%d %H:%M:%S') (${fname}:${BASH_LINENO[0]}:${FUNCNAME[1]}) $*"
 }
 
-data=data
 manifests=$data/manifests
 if [ -z "$corpus_dir" ]; then
   corpus=$data/corpus/LibriSpeech
@@ -58,7 +60,7 @@ fi
 if [ -z "$tag" ]; then
   tag=$(basename "${fl_config%.*}")_$(basename "${asr_config%.*}")
 fi
-expdir=exp/$tag
+expdir=$exp/$tag
 
 if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
   if [ -z "$corpus_dir" ]; then
@@ -95,7 +97,7 @@ if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
   log "Stage 3: federated feature statistics (each client sums its own fbank)"
   python -m fl_lib.bin.compute_feats_stats \
     --clients "$data/clients/$train_set/clients.jsonl" \
-    --asr_config "$asr_config" --output_dir exp/asr_stats
+    --asr_config "$asr_config" --output_dir "$exp/asr_stats"
 fi
 
 if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
@@ -113,7 +115,7 @@ if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
     --train_clients "$data/clients/$train_set/clients.jsonl" \
     --dev_cuts "$data/sets/${dev_set}.jsonl.gz" \
     --token_list "$token_dir/tokens.txt" --bpemodel "$token_dir/bpe.model" \
-    --feats_stats exp/asr_stats/feats_stats.npz \
+    --feats_stats "$exp/asr_stats/feats_stats.npz" --client_jobs "$client_jobs" \
     --seed "$seed" --output_dir "$expdir" $fl_args
 fi
 

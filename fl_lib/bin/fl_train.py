@@ -33,6 +33,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--client_jobs", type=int, default=1, help="worker processes that train a round's clients in parallel")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the federated config")
     return p
 
@@ -63,6 +64,7 @@ def main(argv=None) -> None:
         output_dir=out,
         seed=args.seed,
         num_threads=args.num_threads,
+        client_jobs=args.client_jobs,
     )
 
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_save, load_checkpoint, rng_states, set_rng_states
 from .client import LocalTrainer
+from .executor import BatchSpec, ProcessClients, SerialClients, Task
 from .config import FLConfig
 from .sampling import ClientSampler
 from .server_optim import build_scheduler, build_server_optimizer
@@ -60,25 +61,28 @@ class FederatedServer:
         espnet_args: argparse.Namespace,
         conf: FLConfig,
         clients: Sequence[Client],
-        make_batches: Callable[[Path, int], Iterable],
+        batches: BatchSpec,
         dev_batches: Optional[Callable[[], Iterable]],
         output_dir: Path,
         seed: int,
-        tokenizer=None,
+        client_jobs: int = 1,
     ) -> None:
         self.model = model
         self.args = espnet_args
         self.conf = conf
         self.clients = {c.id: c for c in clients}
         self.dev_batches = dev_batches
-        self.tokenizer = tokenizer  # decodes the CTC-greedy dev hypotheses
+        self.tokenizer = batches.tokenizer  # also decodes the CTC-greedy dev hypotheses
         self.output_dir = Path(output_dir)
         self.strategy = build_strategy(conf.strategy)
         self.strategy.check_server_optimizer(conf.server_optim.name, conf.server_optim.lr, conf.server_optim.momentum)
         self.sampler = ClientSampler(
             [c.id for c in clients], [c.num_utts for c in clients], conf.clients_per_round, conf.sampler, seed
         )
-        self.local = LocalTrainer(model, espnet_args, conf.client, make_batches, seed)
+        if client_jobs > 1:
+            self.clients_executor = ProcessClients(client_jobs, espnet_args, conf.client, batches, seed)
+        else:
+            self.clients_executor = SerialClients(LocalTrainer(model, espnet_args, conf.client, batches, seed))
 
         # The global weights: parameters are server-side nn.Parameters the server
         # optimizer steps on; float buffers move by the plain aggregate.
@@ -140,12 +144,10 @@ class FederatedServer:
         start = self.strategy.broadcast(self.global_state)
         self.strategy.begin_round()
         losses, dropped, failed = [], [], []
-        for cid in sampled:
-            client = self.clients[cid]
-            try:
-                result = self.local.train(cid, client.manifest, start, round_idx, self.strategy.proximal_mu)
-            except Exception:  # a failing client must not end the round; the traceback is logged
-                logger.exception(f"round {round_idx + 1}: client {cid} failed; the round goes on without it")
+        tasks = (Task(cid, self.clients[cid].manifest, start, round_idx, self.strategy.proximal_mu) for cid in sampled)
+        for cid, result, error in self.clients_executor.map(tasks):
+            if error is not None:
+                logger.error(f"round {round_idx + 1}: client {cid} failed; the round goes on without it\n{error}")
                 failed.append(cid)
                 continue
             if not result.is_finite():
@@ -201,12 +203,15 @@ class FederatedServer:
         self.maybe_resume()
         self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.round + 1)
         bar = tqdm(range(self.round, self.conf.rounds), initial=self.round, total=self.conf.rounds, desc="rounds", unit="round")
-        for r in bar:
-            m = self.run_round(r)
-            self.round = r + 1
-            self._record(m)
-            bar.set_postfix(train_loss=_fmt(m.train_loss), dev_acc=_fmt(m.dev_acc), dev_wer=_fmt(m.dev_wer))
-        self.writer.close()
+        try:
+            for r in bar:
+                m = self.run_round(r)
+                self.round = r + 1
+                self._record(m)
+                bar.set_postfix(train_loss=_fmt(m.train_loss), dev_acc=_fmt(m.dev_acc), dev_wer=_fmt(m.dev_wer))
+        finally:
+            self.clients_executor.close()
+            self.writer.close()
         if self.round >= self.conf.rounds:
             logger.info(f"federated training finished: {self.round} rounds; best dev acc {_fmt(self.best_acc)}")
 

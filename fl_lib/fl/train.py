@@ -10,8 +10,8 @@ import yaml
 from ..asr.model import build_asr_args, build_asr_model, save_espnet_config
 from ..data.clients import load_clients
 from ..data.dataset import make_dataloader
-from ..data.tokenizer import Tokenizer
 from .config import FLConfig
+from .executor import BatchSpec
 from .server import Client, FederatedServer
 
 
@@ -27,6 +27,7 @@ def train(
     dev_cuts: Optional[Path] = None,
     seed: int = 0,
     num_threads: int = 1,
+    client_jobs: int = 1,
 ) -> FederatedServer:
     """Run (or resume) federated training; returns the server with the final global model."""
     import torch
@@ -43,18 +44,11 @@ def train(
     with open(output_dir / "fl_config.yaml", "w") as f:
         yaml.safe_dump(conf.to_dict(), f, sort_keys=False)
 
-    tokenizer = Tokenizer(bpemodel, token_list)
+    batches = BatchSpec(bpemodel, token_list, conf.client.max_duration, conf.client.max_cuts)
     clients = [Client(c.id, c.num_cuts, c.manifest) for c in load_clients(train_clients)]
-    batches = partial(
-        make_dataloader, tokenizer=tokenizer, max_duration=conf.client.max_duration, max_cuts=conf.client.max_cuts, shuffle=True
-    )
-
-    def make_batches(manifest: Path, batch_seed: int):
-        return batches(manifest, seed=batch_seed)
-
     dev = None
     if dev_cuts is not None:
-        dev = partial(make_dataloader, dev_cuts, tokenizer, max_duration=conf.dev_max_duration, shuffle=False)
-    server = FederatedServer(model, args, conf, clients, make_batches, dev, output_dir, seed, tokenizer)
+        dev = partial(make_dataloader, dev_cuts, batches.tokenizer, max_duration=conf.dev_max_duration, shuffle=False)
+    server = FederatedServer(model, args, conf, clients, batches, dev, output_dir, seed, client_jobs)
     server.fit()
     return server
