@@ -1,0 +1,1 @@
+../librispeech_fl/path.sh
