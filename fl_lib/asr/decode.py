@@ -17,7 +17,8 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
-from fl_lib.asr import LOG_FORMAT, scoring
+from fl_lib.asr import scoring
+from fl_lib.log import LOG_FORMAT
 
 logger = logging.getLogger(__name__)
 

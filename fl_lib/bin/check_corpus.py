@@ -7,13 +7,14 @@ import sys
 from pathlib import Path
 
 from fl_lib.data.corpus_check import CorpusError, check_corpus_layout
+from fl_lib.log import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--corpus_dir", type=Path, required=True, help="LibriSpeech root holding train-clean-100/ ...")
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s", level=logging.INFO)
+    setup_logging()
     try:
         parts = check_corpus_layout(args.corpus_dir)
     except CorpusError as err:

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
+from fl_lib.log import setup_logging
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -25,10 +25,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = get_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s",
-    )
+    setup_logging()
     from fl_lib.features.stats import federated_feats_stats
 
     federated_feats_stats(args.clients, args.asr_config, args.output_dir)

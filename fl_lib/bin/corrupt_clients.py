@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
+from fl_lib.log import setup_logging
 
 
 def main(argv=None) -> None:
@@ -17,7 +17,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", type=Path, required=True)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s")
+    setup_logging()
     from fl_lib.data.corrupt import corrupt_clients
 
     corrupt_clients(args.clients, args.output_dir, args.num_corrupted, args.seed)

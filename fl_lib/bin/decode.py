@@ -7,10 +7,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
+from fl_lib.log import setup_logging
 
-from fl_lib.asr import LOG_FORMAT
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -30,7 +29,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = get_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
+    setup_logging(args.log_level)
     from fl_lib.asr.decode import decode_cuts
 
     decode_cuts(args.exp_dir, args.model, args.inference_config, args.cuts, args.output_dir,

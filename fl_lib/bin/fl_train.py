@@ -12,13 +12,12 @@ Re-running the same command resumes from the last completed round.
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
 import shutil
 import sys
 from pathlib import Path
+from fl_lib.log import setup_logging
 
-LOG_FORMAT = "%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s"
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -40,7 +39,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = get_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    setup_logging()
     from fl_lib.fl.config import FLConfig
     from fl_lib.fl.train import train
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from fl_lib.data.corpus_check import CorpusError
+from fl_lib.log import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", type=Path, required=True, help="where the jsonl.gz manifests go")
     parser.add_argument("--nj", type=int, default=1, help="threads for the audio checks and lhotse")
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s", level=logging.INFO)
+    setup_logging()
     from fl_lib.data.manifests import prepare_manifests
 
     try:

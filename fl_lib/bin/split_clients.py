@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
 from pathlib import Path
 
 from fl_lib.data.clients import split_clients
+from fl_lib.log import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min_duration", type=float, default=0.0, help="drop shorter cuts (seconds)")
     parser.add_argument("--max_duration", type=float, default=math.inf, help="drop longer cuts (seconds)")
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s", level=logging.INFO)
+    setup_logging()
     split_clients(args.cuts, args.output_dir, args.min_utts, args.min_duration, args.max_duration)
     return 0
 

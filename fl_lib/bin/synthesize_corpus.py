@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from fl_lib.log import setup_logging
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -23,8 +24,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = get_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s")
+    setup_logging()
     # Imported here so --help stays instant.
     from fl_lib.corpus.synthesize import CorpusConfig, synthesize_corpus
 

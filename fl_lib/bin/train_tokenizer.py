@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from fl_lib.data.tokenizer import TOKEN_TYPES, train_tokenizer_from_clients
+from fl_lib.log import setup_logging
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -29,10 +29,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = get_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s",
-    )
+    setup_logging()
     train_tokenizer_from_clients(args.clients, args.output_dir, args.token_type, args.vocab_size)
 
 

@@ -10,7 +10,7 @@ import argparse
 import itertools
 import math
 import time
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator
 
 import torch
 
