@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import yaml
 
 from fl_lib.asr import scoring
-from fl_lib.log import LOG_FORMAT
+from fl_lib.log import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -60,22 +60,13 @@ def load_inference_config(path: Path) -> dict[str, Any]:
 _WORKER: dict[str, Any] = {}
 
 
-def _drop_pad_mask_warning(record: logging.LogRecord) -> bool:
-    """ESPnet's RNN decoder warns about make_pad_mask on every utterance; it says nothing about the result."""
-    return not record.getMessage().startswith("Using make_pad_mask with a list of lengths")
-
-
 def _init_worker(settings: dict[str, Any], log_level: int) -> None:
     """Remember what to load; building Speech2Text happens in the first task so errors reach the parent."""
     import torch
 
     torch.set_num_threads(1)
     # ESPnet logs every utterance's beam search at INFO on the root logger.
-    logging.basicConfig(format=LOG_FORMAT)
-    root = logging.getLogger()
-    root.setLevel(logging.WARNING)
-    for handler in root.handlers:
-        handler.addFilter(_drop_pad_mask_warning)
+    setup_logging(logging.WARNING)
     logger.setLevel(log_level)
     _WORKER.clear()
     _WORKER["settings"] = settings
