@@ -59,8 +59,9 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def rounds_to(rows: list[dict], target: float):
-    return next((r["round"] for r in rows if r["dev_wer"] is not None and r["dev_wer"] <= target + 1e-12), None)
+def rounds_to(rows: list[dict], target: float, key: str = "dev_wer"):
+    """First round whose dev metric (lower is better) reaches the target."""
+    return next((r["round"] for r in rows if r[key] is not None and r[key] <= target + 1e-12), None)
 
 
 def test_wer(exp: Path, recipe: Path, test_cuts: Path) -> float:
@@ -78,16 +79,23 @@ def summarize(fed: str, runs: dict, recipe: Path, test_cuts: Path) -> dict:
     """runs: method -> (lr, exp dir) of its best learning rate."""
     rows = {m: metrics(exp) for m, (_, exp) in runs.items()}
     final = {m: r[-1]["dev_wer"] for m, r in rows.items()}
-    target = final["fedavg"]
+    final_loss = {m: r[-1]["dev_loss"] for m, r in rows.items()}
+    target, target_loss = final["fedavg"], final_loss["fedavg"]
     base_rounds = rounds_to(rows["fedavg"], target)
+    base_rounds_loss = rounds_to(rows["fedavg"], target_loss, "dev_loss")
     test = {m: test_wer(exp, recipe, test_cuts) for m, (_, exp) in runs.items()}
-    out = {"federation": fed, "target_dev_wer": target, "rounds": len(rows["fedavg"]), "methods": {}}
+    out = {"federation": fed, "target_dev_wer": target, "target_dev_loss": target_loss, "rounds": len(rows["fedavg"]), "methods": {}}
     for m in runs:
         reached = rounds_to(rows[m], target)
+        reached_loss = rounds_to(rows[m], target_loss, "dev_loss")
         out["methods"][m] = {
             "lr": runs[m][0],
             "rounds_to_target": reached,
             "speedup": (base_rounds / reached) if reached else None,
+            "rounds_to_target_loss": reached_loss,
+            "speedup_loss": (base_rounds_loss / reached_loss) if reached_loss else None,
+            "final_dev_loss": final_loss[m],
+            "final_dev_acc": rows[m][-1]["dev_acc"],
             "final_dev_wer": final[m],
             "test_wer": test[m],
             "dev_werr": (target - final[m]) / target if target else None,
@@ -102,13 +110,15 @@ def plot(curves: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4), squeeze=False)
-    for ax, (fed, rows) in zip(axes[0], curves.items()):
-        for m, r in rows.items():
-            ax.plot([x["round"] for x in r], [100 * x["dev_wer"] for x in r], marker="o", ms=3, label=m)
-        ax.set(title=f"federation: {fed}", xlabel="round", ylabel="dev WER % (CTC greedy)")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    fig, axes = plt.subplots(2, len(curves), figsize=(6 * len(curves), 8), squeeze=False)
+    for col, (fed, rows) in enumerate(curves.items()):
+        for row, (key, label, scale) in enumerate((("dev_wer", "dev WER % (CTC greedy)", 100), ("dev_loss", "dev loss", 1))):
+            ax = axes[row][col]
+            for m, r in rows.items():
+                ax.plot([x["round"] for x in r], [scale * x[key] for x in r], marker="o", ms=3, label=m)
+            ax.set(title=f"federation: {fed}", xlabel="round", ylabel=label)
+            ax.grid(alpha=0.3)
+            ax.legend()
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
@@ -118,15 +128,18 @@ def markdown(summaries: list[dict]) -> str:
     lines = []
     for s in summaries:
         lines += [
-            f"### federation: {s['federation']} (target = FedAvg's final dev WER {100 * s['target_dev_wer']:.1f}%, {s['rounds']} rounds)",
+            f"### federation: {s['federation']} ({s['rounds']} rounds; targets = FedAvg's final dev WER "
+            f"{100 * s['target_dev_wer']:.1f}% and dev loss {s['target_dev_loss']:.2f})",
             "",
-            "|method|lr|rounds to target|speed-up|final dev WER %|test WER %|dev WERR %|test WERR %|",
-            "|---|---|---|---|---|---|---|---|",
+            "|method|lr|rounds to target WER|speed-up (WER)|rounds to target loss|speed-up (loss)|final dev loss|final dev acc %|final dev WER %|test WER %|dev WERR %|test WERR %|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for m, v in s["methods"].items():
             f = lambda x, pct=True: "n/a" if x is None else (f"{100 * x:.1f}" if pct else f"{x:.2f}")
             lines.append(
                 f"|{m}|{v['lr']}|{v['rounds_to_target'] or 'not reached'}|{f(v['speedup'], False)}|"
+                f"{v['rounds_to_target_loss'] or 'not reached'}|{f(v['speedup_loss'], False)}|"
+                f"{v['final_dev_loss']:.2f}|{f(v['final_dev_acc'])}|"
                 f"{f(v['final_dev_wer'])}|{f(v['test_wer'])}|{f(v['dev_werr'])}|{f(v['test_werr'])}|"
             )
         lines.append("")
