@@ -231,6 +231,7 @@ class FederatedServer:
             self.best_acc = m.dev_acc
             atomic_save(self.global_state, out / "valid.acc.best.pth")
         elif self.dev_batches is None or not (out / "valid.acc.best.pth").exists():
+            # Without a dev set (or before the first validation) the best model is the latest.
             atomic_save(self.global_state, out / "valid.acc.best.pth")
         for old in range(1, m.round - self.conf.keep_checkpoints + 1):
             (out / f"{old}round.pth").unlink(missing_ok=True)
