@@ -163,7 +163,6 @@ def test_cli(cuts_manifest, tmp_path):
 
 def test_tiny_clients_fixture_one_speaker_each(request):
     """The session fixture chain (stage 0 -> 1 -> 2) on the synthesized corpus."""
-    pytest.importorskip("fl_lib.corpus.synthesize")
     clients = load_clients(request.getfixturevalue("tiny_clients"))
     assert len(clients) >= 2
     for client in clients:

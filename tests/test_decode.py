@@ -92,8 +92,7 @@ def _tiny_exp(exp: Path, cuts_path: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny_exp(tmp_path_factory) -> tuple[Path, Path]:
     """(exp_dir, cuts manifest) with a real ESPnet model that has learned a little."""
-    if shutil.which("flite") is None:
-        pytest.skip("flite is not installed")
+    assert shutil.which("flite"), "flite is missing: run `make install`"
     tmp = tmp_path_factory.mktemp("decode")
     cuts = _cuts(tmp)
     _tiny_exp(tmp / "exp", cuts)

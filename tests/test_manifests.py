@@ -19,8 +19,7 @@ SENTENCES = ["TURN ON THE LIGHT", "OPEN THE DOOR", "PLAY SOME MUSIC"]
 @pytest.fixture(scope="module")
 def flite_corpus(tmp_path_factory) -> Path:
     """Real TTS speech in LibriSpeech's layout: two speakers in train, one in dev."""
-    if shutil.which("flite") is None or shutil.which("sox") is None:
-        pytest.skip("flite and sox are needed")
+    assert shutil.which("flite") and shutil.which("sox"), "flite/sox are missing: run `make install`"
     root = tmp_path_factory.mktemp("flite") / "LibriSpeech"
     for part, spk, chap, voice in (("train-clean-100", "19", "198", "slt"), ("train-clean-100", "26", "495", "rms"),
                                    ("dev-clean", "84", "121", "awb")):
@@ -119,7 +118,6 @@ def test_help_is_fast_and_imports_no_espnet():
 
 def test_synthesized_corpus_chain(request):
     """The session fixtures: stage 0's synthesized corpus through stage 1."""
-    pytest.importorskip("fl_lib.corpus.synthesize")
     cuts = request.getfixturevalue("tiny_manifests")
     assert {"train-clean-100", "dev-clean", "test-clean", "test-other"} <= set(cuts)
     for path in cuts.values():
