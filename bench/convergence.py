@@ -1,7 +1,7 @@
 """Convergence benchmark: rounds to FedAvg's final dev WER, and WERR at equal rounds.
 
 Runs every (method, learning rate) of bench/convergence.yaml on a federation with
-corrupted clients, picks each method's best learning rate by final dev WER, reruns
+corrupted clients, picks each method's best learning rate by final dev loss, reruns
 those on the clean federation, then reports rounds-to-target, speed-ups and WERR
 as a table, a PNG and one JSON line. Dev and test WER are CTC-greedy (the per-round
 validation metric of fl_train), measured the same way for every method.
@@ -169,10 +169,9 @@ def main() -> None:
 
     grid = [(m, lr) for m, spec in methods.items() for lr in spec["lrs"]]
     run_all([(fl_train_command(cfg, recipe, corrupted, methods[m], lr, exp(fed_bad, m, lr)), exp(fed_bad, m, lr)) for m, lr in grid], cfg["parallel_jobs"])
-    best = {
-        m: min(spec["lrs"], key=lambda lr: (metrics(exp(fed_bad, m, lr))[-1]["dev_wer"], metrics(exp(fed_bad, m, lr))[-1]["dev_loss"]))
-        for m, spec in methods.items()
-    }
+    # Best learning rate by final dev loss: within this budget the CTC-greedy WER of
+    # most runs is still near 100%, where a model that outputs nothing scores best.
+    best = {m: min(spec["lrs"], key=lambda lr: metrics(exp(fed_bad, m, lr))[-1]["dev_loss"]) for m, spec in methods.items()}
     run_all([(fl_train_command(cfg, recipe, clean, methods[m], best[m], exp("clean", m, best[m])), exp("clean", m, best[m])) for m in methods], cfg["parallel_jobs"])
 
     summaries, curves = [], {}
