@@ -91,7 +91,8 @@ def child(opts: argparse.Namespace) -> None:
     torch.manual_seed(0)
     from fl_lib.asr.model import build_asr_args, build_asr_model
     from fl_lib.fl.config import FLConfig
-    from fl_lib.fl.server import Client, FederatedServer
+    from fl_lib.data.clients import ClientInfo
+    from fl_lib.fl.server import FederatedServer
 
     tmp = Path(opts.tmp)
     if opts.asr_config:
@@ -104,7 +105,7 @@ def child(opts: argparse.Namespace) -> None:
     conf = FLConfig.from_yaml(
         common.CONF_DIR / FL_CONFS[opts.strategy], [f"clients_per_round={opts.k}", f"rounds={opts.rounds}"]
     )
-    clients = [Client(f"spk{i:04d}", 10, tmp / f"spk{i:04d}.jsonl.gz") for i in range(opts.k)]
+    clients = [ClientInfo(f"spk{i:04d}", 10, 0.0, tmp / f"spk{i:04d}.jsonl.gz") for i in range(opts.k)]
     server = FederatedServer(model, args, conf, clients, NoBatches(), None, tmp / "exp", 0)
     synthetic = SyntheticClients(opts.noise, seed=0, hold=opts.hold_results)
     if hasattr(server, "clients_executor"):  # the serial executor calls trainer.train(*task)

@@ -100,7 +100,6 @@ def setup(opts):
     from fl_lib.data.clients import load_clients
     from fl_lib.data.tokenizer import Tokenizer
     from fl_lib.fl.config import FLConfig
-    from fl_lib.fl.server import Client
 
     data = common.tiny_data(Path(opts.work_dir), opts.utts_per_client, opts.speakers)
     asr_config = Path(opts.asr_config) if opts.asr_config else data["asr_config"]
@@ -108,7 +107,7 @@ def setup(opts):
     torch.manual_seed(opts.seed)
     model = build_asr_model(args)
     tokenizer = Tokenizer(data["bpemodel"], data["token_list"])
-    clients = [Client(c.id, c.num_cuts, c.manifest) for c in load_clients(data["clients"])]
+    clients = load_clients(data["clients"])
     if opts.k > len(clients):
         raise SystemExit(f"--k {opts.k} but the corpus has {len(clients)} clients; raise --speakers")
     conf = FLConfig.from_yaml(

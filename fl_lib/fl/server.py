@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from ..data.clients import ClientInfo
 from .checkpoint import atomic_save, load_checkpoint, rng_states, set_rng_states
 from .client import LocalTrainer
 from .executor import BatchSpec, ProcessClients, SerialClients, Task
@@ -30,13 +31,6 @@ from .validation import evaluate
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pth"
-
-
-@dataclass(frozen=True)
-class Client:
-    id: str
-    num_utts: int
-    manifest: Path
 
 
 @dataclass
@@ -60,7 +54,7 @@ class FederatedServer:
         model: torch.nn.Module,
         espnet_args: argparse.Namespace,
         conf: FLConfig,
-        clients: Sequence[Client],
+        clients: Sequence[ClientInfo],
         batches: BatchSpec,
         dev_batches: Optional[Callable[[], Iterable]],
         output_dir: Path,
@@ -77,7 +71,7 @@ class FederatedServer:
         self.strategy = build_strategy(conf.strategy)
         self.strategy.check_server_optimizer(conf.server_optim.name, conf.server_optim.lr, conf.server_optim.momentum)
         self.sampler = ClientSampler(
-            [c.id for c in clients], [c.num_utts for c in clients], conf.clients_per_round, conf.sampler, seed
+            [c.id for c in clients], [c.num_cuts for c in clients], conf.clients_per_round, conf.sampler, seed
         )
         if client_jobs > 1:
             self.clients_executor = ProcessClients(client_jobs, espnet_args, conf.client, batches, seed)

@@ -12,7 +12,7 @@ from ..data.clients import load_clients
 from ..data.dataset import make_dataloader
 from .config import FLConfig
 from .executor import BatchSpec
-from .server import Client, FederatedServer
+from .server import FederatedServer
 
 
 def train(
@@ -45,7 +45,7 @@ def train(
         yaml.safe_dump(conf.to_dict(), f, sort_keys=False)
 
     batches = BatchSpec(bpemodel, token_list, conf.client.max_duration, conf.client.max_cuts)
-    clients = [Client(c.id, c.num_cuts, c.manifest) for c in load_clients(train_clients)]
+    clients = load_clients(train_clients)
     dev = None
     if dev_cuts is not None:
         dev = partial(make_dataloader, dev_cuts, batches.tokenizer, max_duration=conf.dev_max_duration, shuffle=False)
