@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.clients import ClientInfo
-from .checkpoint import atomic_save, load_checkpoint, rng_states, set_rng_states
+from .checkpoint import atomic_copy, atomic_save, load_checkpoint, rng_states, set_rng_states
 from .client import LocalTrainer
 from .executor import BatchSpec, ProcessClients, SerialClients, Task
 from .config import FLConfig
@@ -219,14 +219,15 @@ class FederatedServer:
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(m.__dict__) + "\n")
         self._tensorboard(m)
-        torch.save(self.global_state, out / f"{m.round}round.pth")
-        atomic_save(self.global_state, out / "latest.pth")
+        round_file = out / f"{m.round}round.pth"
+        atomic_save(self.global_state, round_file)  # serialized once, then copied
+        atomic_copy(round_file, out / "latest.pth")
         if m.dev_acc is not None and m.dev_acc > self.best_acc:
             self.best_acc = m.dev_acc
-            atomic_save(self.global_state, out / "valid.acc.best.pth")
+            atomic_copy(round_file, out / "valid.acc.best.pth")
         elif self.dev_batches is None or not (out / "valid.acc.best.pth").exists():
             # Without a dev set (or before the first validation) the best model is the latest.
-            atomic_save(self.global_state, out / "valid.acc.best.pth")
+            atomic_copy(round_file, out / "valid.acc.best.pth")
         for old in range(1, m.round - self.conf.keep_checkpoints + 1):
             (out / f"{old}round.pth").unlink(missing_ok=True)
         atomic_save(self.state_dict(), out / CHECKPOINT)
