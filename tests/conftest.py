@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import fl_lib  # noqa: F401  sets MKL_CBWR before any test module loads torch
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
