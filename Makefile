@@ -5,7 +5,7 @@ VENV := .venv
 VENV_K2 := .venv-k2
 APT_PACKAGES := flite espeak-ng sox libsox-fmt-all flac festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts
 
-.PHONY: install apt demo test bench clean-venv
+.PHONY: install apt demo test bench
 
 install: apt $(VENV)/.installed $(VENV)/.editable $(VENV_K2)/.installed
 

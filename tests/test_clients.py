@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,32 @@ def test_split_logs_what_it_drops(cuts_manifest, tmp_path, caplog):
     assert "'shorter than 0.5 s': 1" in text
     assert "'longer than 20.0 s': 1" in text
     assert "Dropped 1 clients with fewer than 2 utterances (1 cuts): ['C']" in text
+
+
+def test_cut_of_several_speakers_is_dropped_and_counted(tmp_path, caplog):
+    """No one client owns a cut that two speakers share; one speaker in several supervisions is fine."""
+    shared, repeated = make_cut("A-1-0000", "A", 2.0), make_cut("B-1-0000", "B", 2.0)
+    for cut in (shared, repeated):
+        cut.supervisions.append(replace(cut.supervisions[0], id=f"{cut.id}-b", start=1.0, duration=1.0, speaker="B"))
+    path = tmp_path / "cuts.jsonl.gz"
+    CutSet.from_cuts([shared, repeated, make_cut("A-1-0001", "A", 1.0)]).to_file(path)
+    caplog.set_level(logging.INFO)
+    clients = load_clients(split_clients(path, tmp_path / "clients"))
+    assert [(c.id, c.num_cuts) for c in clients] == [("A", 1), ("B", 1)]
+    assert [c.id for c in load_manifest_lazy(clients[0].manifest)] == ["A-1-0001-0"]
+    assert "kept 2 cuts, dropped {'several speakers': 1}" in caplog.text
+
+
+def test_filter_cuts_rerun_skips_and_changes_redo(cuts_manifest, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "dev.jsonl.gz"
+    filter_cuts(cuts_manifest, out, min_duration=0.5)
+    mtime = out.stat().st_mtime_ns
+    filter_cuts(cuts_manifest, out, min_duration=0.5)
+    assert "already filtered" in caplog.text and out.stat().st_mtime_ns == mtime
+    assert len(list(load_manifest_lazy(filter_cuts(cuts_manifest, out, min_duration=2.0)))) == 6
+    CutSet.from_cuts([make_cut("D-1-0000", "D", 3.0)]).to_file(cuts_manifest)  # a re-run of stage 1
+    assert [c.id for c in load_manifest_lazy(filter_cuts(cuts_manifest, out, min_duration=2.0))] == ["D-1-0000-0"]
 
 
 def test_filter_cuts_logs_and_loads(cuts_manifest, tmp_path, caplog):

@@ -147,6 +147,18 @@ def test_missing_tool_names_apt_package(monkeypatch: pytest.MonkeyPatch) -> None
         voices.check_tools({"festival:kal_diphone"})
 
 
+def test_voice_bases_have_an_engine_binary_and_full_band() -> None:
+    assert {base.engine for base in voices.BASES.values()} == set(voices.ENGINE_BINARY)
+    # an 8 kHz voice resampled to 16 kHz would leave 4-8 kHz empty: an easy tell between speakers
+    assert all(base.rate >= voices.SAMPLE_RATE for base in voices.BASES.values())
+
+
+def test_missing_espeak_names_its_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(voices.shutil, "which", lambda name: None if name == "espeak-ng" else f"/usr/bin/{name}")
+    with pytest.raises(RuntimeError, match="apt-get install espeak-ng$"):
+        voices.check_tools({"espeak:en-us+f3"})
+
+
 def test_default_config_file() -> None:
     config = CorpusConfig.from_yaml(CORPUS_YAML, seed=7)
     assert config.seed == 7

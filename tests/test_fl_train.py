@@ -40,7 +40,7 @@ def run_inprocess(fl_data, out: Path, conf_name: str, overrides=(), **kw):
     from fl_lib.fl.train import train
 
     conf = FLConfig.from_yaml(CONF_DIR / conf_name, [*FAST, *overrides])
-    return train(conf, output_dir=out, seed=7, **{**fl_data, **kw})
+    return train(conf, output_dir=out, **{"seed": 7, **fl_data, **kw})
 
 
 def metrics(out: Path) -> list[dict]:
@@ -95,6 +95,17 @@ def test_resume_after_kill_is_bitwise_identical(fl_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["round"] for r in metrics(killed)] == [1, 2, 3]
     assert [r["clients"] for r in metrics(killed)] == [r["clients"] for r in metrics(straight)]
+
+
+def test_resume_refuses_another_experiment(fl_data, tmp_path):
+    """Another seed or federated config in the same output_dir is an error, raised before any file there is rewritten."""
+    run_inprocess(fl_data, tmp_path, "fl_fedavg.yaml", ["rounds=1"])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match="belongs to another experiment: seed differ"):
+        run_inprocess(fl_data, tmp_path, "fl_fedavg.yaml", ["rounds=2"], seed=8)
+    with pytest.raises(ValueError, match="client differ"):
+        run_inprocess(fl_data, tmp_path, "fl_fedavg.yaml", ["rounds=2", "client.lr=0.01"])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
 def test_parallel_client_jobs_match_serial_bitwise(fl_data, tmp_path):

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 from lhotse import load_manifest_lazy
 
 from fl_lib.data.manifests import manifest_path, prepare_manifests
@@ -95,6 +97,31 @@ def test_other_corpus_in_same_output_dir_is_redone(manifests, flite_corpus, tmp_
     cuts = prepare_manifests(other, copy)
     assert sorted(cuts) == ["dev-clean"]
     assert [c.recording_id for c in load_manifest_lazy(cuts["dev-clean"])] == ["84-121-0000", "84-121-0001"]
+
+
+def test_changed_corpus_is_redone_and_stage_2_follows(flite_corpus, tmp_path, caplog):
+    """An in-place edit of a transcript or of an audio file makes the next run redo stage 1, then stage 2."""
+    from fl_lib.data.clients import filter_cuts
+
+    corpus, out = tmp_path / "LibriSpeech", tmp_path / "manifests"
+    chapter = corpus / "dev-clean/84/121"
+    shutil.copytree(flite_corpus / "dev-clean", corpus / "dev-clean")
+    caplog.set_level(logging.INFO)
+
+    def texts_and_durations() -> dict[str, tuple[str, float]]:
+        cuts = filter_cuts(prepare_manifests(corpus, out)["dev-clean"], tmp_path / "sets/dev-clean.jsonl.gz")
+        return {c.recording_id: (c.supervisions[0].text, c.duration) for c in load_manifest_lazy(cuts)}
+
+    before = texts_and_durations()
+    trans = chapter / "84-121.trans.txt"
+    trans.write_text(trans.read_text().replace("OPEN THE DOOR", "CLOSE THE DOOR"))
+    assert texts_and_durations()["84-121-0001"] == ("CLOSE THE DOOR", before["84-121-0001"][1])
+    assert "made from other inputs or settings: redoing the stage" in caplog.text
+    sf.write(chapter / "84-121-0002.flac", np.zeros(4000), 16000)  # same name, new audio
+    assert texts_and_durations()["84-121-0002"] == (SENTENCES[2], 0.25)
+    caplog.clear()
+    texts_and_durations()
+    assert "Manifests of" in caplog.text and "already filtered" in caplog.text
 
 
 def test_cli(flite_corpus, tmp_path):

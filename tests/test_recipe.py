@@ -1,10 +1,19 @@
 """End-to-end smoke test: egs/librispeech_fl/run.sh stages 0-6 on a tiny embedded corpus."""
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
-RECIPE = Path(__file__).resolve().parents[1] / "egs/librispeech_fl"
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "egs/librispeech_fl"
+
+
+def test_every_phony_makefile_target_has_a_rule():
+    makefile = (REPO / "Makefile").read_text()
+    phony = re.search(r"^\.PHONY:(.*)$", makefile, re.M).group(1).split()
+    rules = set(re.findall(r"^([A-Za-z][\w.-]*):", makefile, re.M))
+    assert phony and set(phony) <= rules, set(phony) - rules
 
 
 def test_run_sh_stages_0_to_6(tmp_path):

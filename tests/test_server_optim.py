@@ -1,11 +1,16 @@
 """Server optimizers and per-round schedules."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from fl_lib.fl.config import FLConfig, ScheduleConfig, ServerOptimConfig
-from fl_lib.fl.server_optim import LAMB, build_scheduler, build_server_optimizer, lr_factor
+from fl_lib.fl.server_optim import ADAM_BETAS, ADAM_EPS, LAMB, build_scheduler, build_server_optimizer, lr_factor
+from fl_lib.fl.strategies import build_strategy
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def step(opt_conf, grads, w0=1.0):
@@ -40,13 +45,6 @@ def test_lamb_trust_ratio():
     assert p.tolist() == pytest.approx([3.0 - 0.1 * trust, 4.0 - 0.1 * trust])
 
 
-def test_optimizer_options_that_do_nothing_are_errors():
-    with pytest.raises(ValueError, match="momentum"):
-        build_server_optimizer([torch.nn.Parameter(torch.zeros(1))], ServerOptimConfig(name="adam", momentum=0.9))
-    with pytest.raises(ValueError, match="unknown server_optim"):
-        build_server_optimizer([torch.nn.Parameter(torch.zeros(1))], ServerOptimConfig(name="rmsprop"))
-
-
 def test_warmup_then_step_and_exponential_decay():
     step_conf = ScheduleConfig(warmup_rounds=2, decay="step", step_size=2, gamma=0.5)
     assert [lr_factor(r, step_conf) for r in range(7)] == [0.5, 1.0, 1.0, 1.0, 0.5, 0.5, 0.25]
@@ -65,9 +63,86 @@ def test_warmup_then_step_and_exponential_decay():
 def test_config_yaml_overrides_and_unknown_keys(tmp_path):
     path = tmp_path / "fl.yaml"
     path.write_text("rounds: 3\nstrategy:\n  name: dga\n  beta: 1.0\n")
-    conf = FLConfig.from_yaml(path, ["strategy.beta=20", "server_optim.schedule.decay=step", "client.max_steps=7"])
-    assert (conf.rounds, conf.strategy.beta, conf.server_optim.schedule.decay, conf.client.max_steps) == (3, 20, "step", 7)
+    overrides = ["strategy.beta=20", "server_optim.schedule.decay=exponential", "server_optim.schedule.gamma=0.9", "client.max_steps=7"]
+    conf = FLConfig.from_yaml(path, overrides)
+    assert (conf.rounds, conf.strategy.beta, conf.server_optim.schedule.decay, conf.client.max_steps) == (3, 20, "exponential", 7)
     with pytest.raises(ValueError, match="unknown config key.*strategy.betta"):
         FLConfig.from_yaml(path, ["strategy.betta=2"])
     with pytest.raises(ValueError, match="key=value"):
         FLConfig.from_yaml(path, ["rounds"])
+
+
+def test_adam_and_lamb_defaults_when_betas_eps_not_given():
+    for name in ("adam", "lamb"):
+        group = build_server_optimizer([torch.nn.Parameter(torch.zeros(1))], ServerOptimConfig(name=name, lr=0.1)).param_groups[0]
+        assert (tuple(group["betas"]), group["eps"]) == (ADAM_BETAS, ADAM_EPS)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(name="sgd", betas=[0.9, 0.99]), r"server_optim 'sgd' does not use: betas \(those are adam/lamb options\)"),
+        (dict(name="sgd", eps=1e-6), "'sgd' does not use: eps"),
+        (dict(name="adam", momentum=0.9), r"'adam' does not use: momentum \(those are sgd options\)"),
+        (dict(name="lamb", momentum=0.9, nesterov=True), "'lamb' does not use: momentum, nesterov"),
+        (dict(name="rmsprop"), "unknown server_optim 'rmsprop'"),
+    ],
+)
+def test_options_of_another_optimizer_are_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ServerOptimConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(gamma=0.5), r"gamma=0.5 does nothing with decay: none"),
+        (dict(step_size=5), r"step_size is only used by decay: step, but decay is 'none'"),
+        (dict(decay="exponential", gamma=0.9, step_size=5), r"step_size is only used by decay: step, but decay is 'exponential'"),
+        (dict(decay="exponential"), r"decay: exponential needs a gamma > 0 other than 1.0 .*got 1.0"),
+        (dict(decay="exponential", gamma=1.0), r"decay: exponential needs a gamma > 0 other than 1.0"),
+        (dict(decay="step", step_size=2), r"decay: step needs a gamma > 0 other than 1.0"),
+        (dict(decay="step", gamma=0.0, step_size=2), r"got 0.0"),
+        (dict(decay="step", gamma=0.5), r"decay: step needs step_size >= 1 .*got None"),
+        (dict(decay="step", gamma=0.5, step_size=0), r"step_size >= 1 .*got 0"),
+        (dict(decay="step", gamma=0.5, step_size=-2), r"step_size >= 1 .*got -2"),
+        (dict(decay="cosine"), "unknown server_optim.schedule.decay 'cosine'"),
+        (dict(warmup_rounds=-1), "warmup_rounds must be >= 0"),
+    ],
+)
+def test_schedule_keys_that_do_nothing_are_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ScheduleConfig(**kwargs)
+
+
+def test_bad_step_size_fails_at_load_not_at_round_w():
+    """With warmup, a step_size of 0 used to divide by zero only in the first round after it."""
+    overrides = ["server_optim.schedule.warmup_rounds=3", "server_optim.schedule.decay=step", "server_optim.schedule.gamma=0.5"]
+    with pytest.raises(ValueError, match="step_size >= 1"):
+        FLConfig.from_yaml(None, [*overrides, "server_optim.schedule.step_size=0"])
+
+
+@pytest.mark.parametrize("key", ["keep_checkpoints", "validate_every", "clients_per_round"])
+def test_counts_below_one_are_errors(key):
+    with pytest.raises(ValueError, match=f"{key} must be >= 1, got 0"):
+        FLConfig.from_yaml(None, [f"{key}=0"])
+
+
+def shipped_configs():
+    """(name, config path, overrides) of every recipe FL config and every benchmark run."""
+    recipe = ROOT / "egs/librispeech_fl"
+    runs = [(p.name, p, []) for p in sorted((recipe / "conf").glob("fl_*.yaml"))]
+    bench = yaml.safe_load((ROOT / "bench/convergence.yaml").read_text())
+    common = [f"{k}={v}" for k, v in bench["common"].items()]
+    for method, spec in bench["methods"].items():
+        runs += [(f"bench-{method}-{lr}", recipe / spec["fl_config"], [*common, f"{spec['lr_key']}={lr}"]) for lr in spec["lrs"]]
+    return runs
+
+
+@pytest.mark.parametrize("name,path,overrides", shipped_configs(), ids=[r[0] for r in shipped_configs()])
+def test_shipped_configs_load_and_build(name, path, overrides):
+    conf = FLConfig.from_yaml(path, overrides)
+    strategy = build_strategy(conf.strategy)
+    opt = conf.server_optim
+    strategy.check_server_optimizer(opt.name, opt.lr, opt.momentum, opt.schedule)
+    build_scheduler(build_server_optimizer([torch.nn.Parameter(torch.zeros(1))], opt), opt.schedule)

@@ -1,6 +1,10 @@
 """Stage 3: federated feature statistics equal the central ones and load into ESPnet's GlobalMVN."""
 from __future__ import annotations
 
+import json
+import logging
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +12,7 @@ import yaml
 from lhotse import load_manifest_lazy
 
 from fl_lib.bin.compute_feats_stats import main as compute_feats_stats_cli
-from fl_lib.data.clients import load_clients
+from fl_lib.data.clients import load_clients, safe_file_name
 from fl_lib.data.dataset import load_speech
 from fl_lib.features.stats import (
     FeatsStats,
@@ -69,16 +73,49 @@ def test_global_mvn_normalizes(tiny_stats, central_feats):
     np.testing.assert_allclose(y[0].std(0, unbiased=False).numpy(), 1.0, atol=1e-3)
 
 
-def test_rerun_is_safe(tiny_stats, tiny_clients, tiny_asr_config, tmp_path):
+def test_rerun_is_safe(tiny_stats, tiny_clients, tiny_asr_config):
     mtime = tiny_stats.stat().st_mtime_ns
     assert federated_feats_stats(tiny_clients, tiny_asr_config, tiny_stats.parent) == tiny_stats
     assert tiny_stats.stat().st_mtime_ns == mtime
+
+
+def test_changed_inputs_are_recomputed(tiny_stats, tiny_clients, tiny_asr_config, tmp_path, caplog):
+    """Other client cuts (same clients.jsonl) or another frontend: old client sums are dropped, not mixed in."""
+    out, clients_dir = tmp_path / "stats", tmp_path / "clients"
+    shutil.copytree(tiny_stats.parent, out)
+    shutil.copytree(tiny_clients.parent, clients_dir)
+    clients = clients_dir / tiny_clients.name
+    stats = out / tiny_stats.name
+    mtime = stats.stat().st_mtime_ns
+    assert federated_feats_stats(clients, tiny_asr_config, out) == stats  # a copy of the same inputs
+    assert stats.stat().st_mtime_ns == mtime
+
+    a, b = load_clients(clients)[:2]
+    a.manifest.write_bytes(b.manifest.read_bytes())  # a re-run of stage 2 changed a's cuts only
+    caplog.set_level(logging.INFO)
+    federated_feats_stats(clients, tiny_asr_config, out)
+    assert "other clients or another frontend" in caplog.text and "recomputing" in caplog.text
+    count_a, count_b = (FeatsStats.load(tiny_stats.parent / "clients" / f"{c.id}.npz").count for c in (a, b))
+    assert FeatsStats.load(stats).count == FeatsStats.load(tiny_stats).count - count_a + count_b
+
     other = tmp_path / "asr.yaml"
     config = yaml.safe_load(tiny_asr_config.read_text())
     config["frontend_conf"]["n_mels"] = 40
     other.write_text(yaml.safe_dump(config))
-    with pytest.raises(RuntimeError, match="other clients or another frontend"):
-        federated_feats_stats(tiny_clients, other, tiny_stats.parent)
+    assert FeatsStats.load(federated_feats_stats(clients, other, out)).sum.shape == (40,)
+
+
+def test_client_ids_that_are_not_file_names(tiny_stats, tiny_clients, tiny_asr_config, tmp_path):
+    """Client stats files get the same safe names as the client manifests of stage 2."""
+    first = load_clients(tiny_clients)[0]
+    clients = tmp_path / "clients.jsonl"
+    row = {"num_cuts": first.num_cuts, "duration": first.duration, "manifest": str(first.manifest)}
+    clients.write_text("".join(json.dumps({"id": i, **row}) + "\n" for i in ("../up", "a/b")))
+    out = tmp_path / "stats"
+    total = FeatsStats.load(federated_feats_stats(clients, tiny_asr_config, out))
+    files = sorted(p.name for p in (out / "clients").iterdir())
+    assert files == sorted(f"{safe_file_name(i)}.npz" for i in ("../up", "a/b")) and not (out / "up.npz").exists()
+    assert total.count == 2 * FeatsStats.load(tiny_stats.parent / "clients" / f"{first.id}.npz").count
 
 
 def test_cli_resumes_partial_run(tiny_stats, tiny_clients, tiny_asr_config, tmp_path):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from fl_lib.fl.config import StrategyConfig
+from fl_lib.fl.config import ScheduleConfig, StrategyConfig
 from fl_lib.fl.strategies import BMUF, DGA, FedAvg, FedProx, build_strategy
 from fl_lib.fl.strategies.base import ClientResult, WeightedSum
 
@@ -87,6 +87,25 @@ def test_bmuf_rejects_other_server_optimizers():
         BMUF(0.9).check_server_optimizer("adam", 0.01, 0.0)
 
 
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        ScheduleConfig(warmup_rounds=2),
+        ScheduleConfig(decay="exponential", gamma=0.9),
+        ScheduleConfig(decay="step", step_size=3, gamma=0.5),
+    ],
+)
+def test_bmuf_rejects_a_server_lr_schedule(schedule):
+    """A warmup or decay of the server lr would scale every block update Δ_t."""
+    with pytest.raises(ValueError, match="bmuf needs a constant server lr 1"):
+        BMUF(0.9).check_server_optimizer("sgd", 1.0, 0.0, schedule)
+
+
+def test_bmuf_accepts_constant_lr_1():
+    BMUF(0.9).check_server_optimizer("sgd", 1.0, 0.0, ScheduleConfig())
+    BMUF(0.9).check_server_optimizer("sgd", 1.0, 0.0)  # the schedule is optional
+
+
 def test_fedprox_carries_mu():
     assert FedProx(mu=0.1).proximal_mu == 0.1
     assert FedAvg().proximal_mu == 0.0
@@ -99,6 +118,14 @@ def test_build_strategy_rejects_unused_options():
         build_strategy(StrategyConfig(name="dga"))
     with pytest.raises(ValueError, match="unknown strategy"):
         build_strategy(StrategyConfig(name="fedsgd"))
+
+
+def test_dga_uniform_needs_no_beta_and_rejects_one():
+    assert build_strategy(StrategyConfig(name="dga", weight_by="uniform")).weight_by == "uniform"
+    with pytest.raises(ValueError, match="weight_by 'uniform' does not use: beta"):
+        build_strategy(StrategyConfig(name="dga", weight_by="uniform", beta=2.0))
+    with pytest.raises(ValueError, match="needs 'beta'"):
+        build_strategy(StrategyConfig(name="dga", weight_by="grad_var"))
 
 
 def test_no_client_gives_no_aggregate():

@@ -1,6 +1,8 @@
 """Stage 4: sentencepiece + ESPnet token list, and ids that match ESPnet's own pipeline."""
 from __future__ import annotations
 
+import logging
+
 import sentencepiece as spm
 import pytest
 from lhotse import load_manifest_lazy
@@ -104,3 +106,23 @@ def test_cli(tiny_clients, tiny_tokens, tmp_path):
     train_tokenizer_cli(["--clients", str(tiny_clients), "--output_dir", str(tmp_path)])
     assert (tmp_path / "tokens.txt").read_text() == tiny_tokens[1].read_text()
     assert train_tokenizer_from_clients(tiny_clients, tmp_path)[1] == tmp_path / "tokens.txt"
+
+
+def test_rerun_skips_and_changed_clients_retrain(tiny_clients, tiny_tokens, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    clients = tmp_path / "clients.jsonl"
+    clients.write_text(tiny_clients.read_text())  # relative manifest paths: point them at the originals
+    (tmp_path / "cuts").symlink_to(tiny_clients.parent / "cuts")
+    bpemodel, token_list = train_tokenizer_from_clients(clients, tmp_path / "tokens")
+    assert token_list.read_text() == tiny_tokens[1].read_text()
+    mtime = bpemodel.stat().st_mtime_ns
+    assert train_tokenizer_from_clients(clients, tmp_path / "tokens") == (bpemodel, token_list)
+    assert "already in" in caplog.text and bpemodel.stat().st_mtime_ns == mtime
+
+    first = load_clients(clients)[0]
+    clients.write_text(clients.read_text().splitlines()[0] + "\n")  # a re-run of stage 2 kept one client
+    train_tokenizer_from_clients(clients, tmp_path / "tokens")
+    expected = train_tokenizer(client_transcripts(clients), tmp_path / "expected")[1].read_text()
+    assert token_list.read_text() == expected != tiny_tokens[1].read_text()
+    assert [c.id for c in load_clients(clients)] == [first.id]
+    assert train_tokenizer_from_clients(clients, tmp_path / "tokens", "bpe", 40)[1].read_text().count("\n") == 40

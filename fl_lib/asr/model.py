@@ -51,11 +51,16 @@ def build_asr_model(args: argparse.Namespace) -> torch.nn.Module:
     return asr_task().build_model(args).float()
 
 
+def espnet_config(args: argparse.Namespace) -> dict:
+    """Every ASR option as plain YAML-safe values: what `config.yaml` holds."""
+    return _plain(vars(args))
+
+
 def save_espnet_config(args: argparse.Namespace, path: Path) -> None:
-    """ESPnet's `config.yaml`: every ASR option, as `asr_train.py` writes it."""
+    """ESPnet's `config.yaml`, as `asr_train.py` writes it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(_plain(vars(args)), f, indent=4, sort_keys=False, allow_unicode=True)
+        yaml.safe_dump(espnet_config(args), f, indent=4, sort_keys=False, allow_unicode=True)
 
 
 def _plain(obj):

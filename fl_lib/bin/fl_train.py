@@ -12,12 +12,10 @@ Re-running the same command resumes from the last completed round.
 from __future__ import annotations
 
 import argparse
-import shlex
-import shutil
 import sys
 from pathlib import Path
-from fl_lib.log import setup_logging
 
+from fl_lib.log import setup_logging
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -44,14 +42,6 @@ def main(argv=None) -> None:
     from fl_lib.fl.train import train
 
     conf = FLConfig.from_yaml(args.fl_config, args.overrides)
-    out = args.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fl_train.sh").write_text(
-        "#!/usr/bin/env bash\n# The command that ran (and resumes) this experiment.\n"
-        + " ".join(shlex.quote(a) for a in [sys.executable, "-m", "fl_lib.bin.fl_train", *(argv or sys.argv[1:])])
-        + "\n"
-    )
-    shutil.copyfile(args.asr_config, out / "asr_config.yaml")
     train(
         conf,
         asr_config=args.asr_config,
@@ -60,10 +50,11 @@ def main(argv=None) -> None:
         token_list=args.token_list,
         bpemodel=args.bpemodel,
         feats_stats=args.feats_stats,
-        output_dir=out,
+        output_dir=args.output_dir,
         seed=args.seed,
         num_threads=args.num_threads,
         client_jobs=args.client_jobs,
+        command=[sys.executable, "-m", "fl_lib.bin.fl_train", *(argv or sys.argv[1:])],
     )
 
 

@@ -40,7 +40,6 @@ BASES: dict[str, VoiceBase] = {
         VoiceBase("flite:rms", "flite", "rms", "M", 100.0, "flite", 16000),
         VoiceBase("flite:awb", "flite", "awb", "M", 125.0, "flite", 16000),
         VoiceBase("flite:kal16", "flite", "kal16", "M", 91.0, "flite", 16000),
-        VoiceBase("flite:kal", "flite", "kal", "M", 90.0, "flite", 8000),
         VoiceBase("festival:kal_diphone", "festival", "kal_diphone", "M", 106.0, "festvox-kallpc16k", 16000),
         VoiceBase("festival:ked_diphone", "festival", "ked_diphone", "M", 107.0, "festvox-kdlpc16k", 16000),
         VoiceBase("festival:cmu_us_slt_arctic_hts", "festival", "cmu_us_slt_arctic_hts", "F", 177.0,
@@ -51,8 +50,8 @@ BASES: dict[str, VoiceBase] = {
         ),
     )
 }
-ENGINE_BINARY = {"flite": ("flite", "flite"), "festival": ("festival", "festival"),
-                 "espeak": ("espeak-ng", "espeak-ng")}
+# Each engine's binary, which is also the name of its Debian package.
+ENGINE_BINARY = {"flite": "flite", "festival": "festival", "espeak": "espeak-ng"}
 
 
 @dataclass(frozen=True)
@@ -94,9 +93,9 @@ def check_tools(bases: set[str]) -> None:
         if name not in BASES:
             raise ValueError(f"unknown voice base {name!r}; known: {sorted(BASES)}")
         voice = BASES[name]
-        binary, package = ENGINE_BINARY[voice.engine]
+        binary = ENGINE_BINARY[voice.engine]
         if shutil.which(binary) is None:
-            missing.append(package)
+            missing.append(binary)
         elif voice.engine == "flite":
             listed = subprocess.run(["flite", "-lv"], capture_output=True, text=True, check=True).stdout
             if voice.voice not in listed.split():

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from hashlib import sha1
 from pathlib import Path
 
+from fl_lib.data.markers import file_stamp, is_done, mark_done
+
 DONE_MARKER = ".split_clients.done"
 GZIP_LEVEL = 1  # speed over size: client manifests are small and written once
 
@@ -52,7 +54,7 @@ class _SpeakerWriters:
         self.pending_bytes = 0
 
     def path(self, speaker: str) -> Path:
-        return self.out_dir / f"{_file_name(speaker)}.jsonl.gz"
+        return self.out_dir / f"{safe_file_name(speaker)}.jsonl.gz"
 
     def write(self, speaker: str, line: bytes) -> None:
         buf = self.pending.get(speaker)
@@ -79,7 +81,7 @@ class _SpeakerWriters:
             f.write(member)
 
 
-def _file_name(speaker: str) -> str:
+def safe_file_name(speaker: str) -> str:
     """The speaker id if it is a safe file name, else a sanitized name with a hash suffix."""
     if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", speaker):
         return speaker
@@ -90,9 +92,9 @@ def _with_newline(line: bytes) -> bytes:
     return line if line.endswith(b"\n") else line + b"\n"
 
 
-def _speaker(cut: dict) -> str | None:
-    sups = cut.get("supervisions") or []
-    return (sups[0].get("speaker") or None) if sups else None
+def _speakers(cut: dict) -> set[str | None]:
+    """The distinct speakers of a cut's supervisions; None stands for a supervision without one."""
+    return {sup.get("speaker") or None for sup in cut.get("supervisions") or []}
 
 
 def _log_drops(what: str, kept: int, drops: Counter) -> None:
@@ -113,20 +115,20 @@ def split_clients(
 ) -> Path:
     """Write ``output_dir/cuts/<speaker>.jsonl.gz`` and ``output_dir/clients.jsonl``; return the latter.
 
-    Cuts outside [min_duration, max_duration] or without a speaker are dropped,
-    then clients with fewer than ``min_utts`` cuts; each drop is counted in the log.
+    Cuts outside [min_duration, max_duration], without a speaker or with several
+    speakers (no one client owns them) are dropped, then clients with fewer than
+    ``min_utts`` cuts; each drop is counted in the log.
     """
     cuts_path, output_dir = Path(cuts_path), Path(output_dir)
     clients_path = output_dir / "clients.jsonl"
     done = output_dir / DONE_MARKER
     stamp = {
-        "cuts": str(cuts_path.absolute()),
-        "mtime_ns": cuts_path.stat().st_mtime_ns,
+        "cuts": file_stamp(cuts_path),
         "min_utts": min_utts,
         "min_duration": min_duration,
         "max_duration": str(max_duration),
     }
-    if done.is_file() and json.loads(done.read_text()) == stamp and clients_path.is_file():
+    if is_done(done, stamp, [clients_path]):
         logging.info("Clients of %s already in %s (%s exists): skipping", cuts_path, output_dir, done)
         return clients_path
 
@@ -143,15 +145,18 @@ def split_clients(
             if not line.strip():
                 continue
             cut = json.loads(line)
-            speaker = _speaker(cut)
+            speakers = _speakers(cut)
             duration = cut["duration"]
-            if speaker is None:
+            if not speakers or None in speakers:
                 drops["no supervision or speaker"] += 1
+            elif len(speakers) > 1:
+                drops["several speakers"] += 1
             elif duration < min_duration:
                 drops[f"shorter than {min_duration} s"] += 1
             elif duration > max_duration:
                 drops[f"longer than {max_duration} s"] += 1
             else:
+                (speaker,) = speakers
                 writers.write(speaker, _with_newline(line))
                 entry = stats.setdefault(speaker, [0, 0.0])
                 entry[0] += 1
@@ -176,7 +181,7 @@ def split_clients(
             f.write(json.dumps({"id": speaker, "num_cuts": n, "duration": round(dur, 3), "manifest": str(rel)}) + "\n")
     os.replace(tmp, clients_path)
     logging.info("%d clients, %d cuts -> %s", len(stats) - len(few), kept - sum(stats[s][0] for s in few), clients_path)
-    done.write_text(json.dumps(stamp))
+    mark_done(done, stamp)
     return clients_path
 
 
@@ -195,9 +200,19 @@ def load_clients(path: Path) -> list[ClientInfo]:
 def filter_cuts(
     cuts_path: Path, output_path: Path, min_duration: float = 0.0, max_duration: float = math.inf
 ) -> Path:
-    """Copy the cuts within [min_duration, max_duration] that have a supervision; log what was dropped."""
+    """Copy the cuts within [min_duration, max_duration] that have a supervision; log what was dropped.
+
+    ``<output_path>.done`` records the input and the limits, so a re-run with both
+    unchanged returns at once and any change redoes the copy.
+    """
     cuts_path, output_path = Path(cuts_path), Path(output_path)
+    done = output_path.with_name(output_path.name + ".done")
+    stamp = {"cuts": file_stamp(cuts_path), "min_duration": min_duration, "max_duration": str(max_duration)}
+    if is_done(done, stamp, [output_path]):
+        logging.info("%s already filtered into %s (%s exists): skipping", cuts_path, output_path, done)
+        return output_path
     output_path.parent.mkdir(parents=True, exist_ok=True)
+    done.unlink(missing_ok=True)
     tmp = output_path.with_name(output_path.name + ".tmp")
     drops: Counter = Counter()
     kept = 0
@@ -217,4 +232,5 @@ def filter_cuts(
                 kept += 1
     os.replace(tmp, output_path)
     _log_drops(f"filter_cuts {cuts_path} -> {output_path}", kept, drops)
+    mark_done(done, stamp)
     return output_path

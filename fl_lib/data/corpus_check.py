@@ -2,7 +2,8 @@
 
 Lhotse's LibriSpeech recipe crashes on corrupt audio, empty transcripts and
 non-UTF-8 transcripts, ignores audio that no transcript names, and silently
-accepts audio at the wrong sample rate. This module finds all of those first,
+accepts audio at the wrong sample rate, with several channels, or truncated
+after a valid header. This module finds all of those first,
 so that stage 1 either stops with a message naming the file, or skips the
 utterance and reports it (nothing disappears silently).
 """
@@ -33,6 +34,7 @@ LIBRISPEECH_PARTS = (
 SAMPLE_RATE = 16000
 UNKNOWN_FRAMES = 2**63 - 1  # libsndfile reports this when a header has no length
 MAX_WARNINGS_PER_KIND = 20  # the rest are in bad_inputs.jsonl
+TAIL_SECONDS = 0.1  # read at the end of each file to detect truncation
 
 
 class CorpusError(Exception):
@@ -85,7 +87,37 @@ def check_corpus_layout(corpus_dir: Path) -> list[str]:
             f"{', '.join(LIBRISPEECH_PARTS)}; found: {found or 'nothing'}). "
             f"Pass the directory that holds the subsets, e.g. .../LibriSpeech."
         )
+    for part in parts:
+        _check_part_layout(corpus_dir / part)
     return parts
+
+
+def _check_part_layout(part_dir: Path) -> None:
+    """Raise CorpusLayoutError unless some SPK/CHAP/ holds SPK-CHAP.trans.txt and a SPK-CHAP-NNNN.flac.
+
+    Stops at the first such chapter, so a good part costs a few directory listings;
+    lhotse's recipe would otherwise find nothing, or fail, without saying why.
+    """
+    for speaker in (d for d in part_dir.iterdir() if d.is_dir()):
+        for chapter in (d for d in speaker.iterdir() if d.is_dir()):
+            name = f"{speaker.name}-{chapter.name}"
+            if (chapter / f"{name}.trans.txt").is_file() and next(chapter.glob(f"{name}-*.flac"), None):
+                return
+    flac = next(part_dir.rglob("*.flac"), None)
+    trans = next(part_dir.rglob("*.trans.txt"), None)
+    if flac is None and trans is None:
+        problem = "holds no .flac or .trans.txt file"
+    elif flac is None:
+        problem = f"holds no .flac file next to its transcripts (e.g. {trans.relative_to(part_dir)})"
+    elif trans is None:
+        problem = f"holds no SPEAKER-CHAPTER.trans.txt transcript (audio e.g. {flac.relative_to(part_dir)})"
+    else:
+        problem = (f"flac files not in SPEAKER/CHAPTER dirs next to a matching transcript "
+                   f"(e.g. {flac.relative_to(part_dir)}, {trans.relative_to(part_dir)})")
+    raise CorpusLayoutError(
+        f"{part_dir} {problem}; expected SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt and "
+        f"SPEAKER/CHAPTER/SPEAKER-CHAPTER-NNNN.flac as in LibriSpeech."
+    )
 
 
 def audio_path(part_dir: Path, utt_id: str) -> Path:
@@ -110,15 +142,35 @@ def read_transcript(path: Path) -> list[tuple[int, str]]:
 
 
 def _audio_problem(path: Path) -> tuple[str, str] | None:
-    """(problem, detail) when an audio file cannot be used, else None. Reads the header only."""
+    """(problem, detail) when an audio file cannot be used, else None. Reads the header and the last frames."""
     try:
-        info = sf.info(str(path))
+        with sf.SoundFile(str(path)) as f:
+            return _header_problem(f) or _tail_problem(f)
     except sf.LibsndfileError as err:
         return "corrupt_audio", str(err)
-    if not 0 < info.frames < UNKNOWN_FRAMES:
+
+
+def _header_problem(f: sf.SoundFile) -> tuple[str, str] | None:
+    """What the header alone shows: no samples, another sample rate, several channels."""
+    if not 0 < f.frames < UNKNOWN_FRAMES:
         return "empty_audio", "the header gives no samples (an empty FLAC, or a streamed one: re-encode it)"
-    if info.samplerate != SAMPLE_RATE:
-        return "wrong_sample_rate", f"{info.samplerate} Hz, expected {SAMPLE_RATE} Hz"
+    if f.samplerate != SAMPLE_RATE:
+        return "wrong_sample_rate", f"{f.samplerate} Hz, expected {SAMPLE_RATE} Hz"
+    if f.channels != 1:
+        return "not_mono", f"{f.channels} channels, expected 1"
+    return None
+
+
+def _tail_problem(f: sf.SoundFile) -> tuple[str, str] | None:
+    """A truncated file keeps a valid header; only reading its end shows that samples are missing."""
+    tail = min(f.frames, int(TAIL_SECONDS * f.samplerate))
+    try:
+        f.seek(f.frames - tail)
+        read = len(f.read(tail))
+    except sf.LibsndfileError as err:
+        return "truncated_audio", f"the last {tail} of the {f.frames} samples its header gives are unreadable ({err})"
+    if read < tail:
+        return "truncated_audio", f"only {read} of the last {tail} of the {f.frames} samples its header gives"
     return None
 
 

@@ -13,10 +13,18 @@ import json
 import logging
 import os
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
-from fl_lib.data.corpus_check import PartScan, audio_path, check_corpus_layout, scan_corpus, write_report
+from fl_lib.data.corpus_check import (
+    CorpusError,
+    PartScan,
+    audio_path,
+    check_corpus_layout,
+    scan_corpus,
+    write_report,
+)
+from fl_lib.data.markers import files_digest, is_done, mark_done
 
 DONE_MARKER = ".prepare_manifests.done"
 VIEW_DIR = "filtered_corpus"
@@ -31,29 +39,52 @@ def prepare_manifests(corpus_dir: Path, output_dir: Path, nj: int = 1) -> dict[s
     """Write recordings, supervisions and cuts manifests per subset; return {part: cuts path}.
 
     Skipped inputs are listed in ``output_dir/bad_inputs.jsonl``. A done-marker that
-    names the corpus makes a re-run return at once; without it every part is redone.
+    names the corpus and stamps its files makes a re-run return at once; without it,
+    or once the corpus changed, every part is redone.
     """
     corpus_dir = Path(corpus_dir).absolute()
     output_dir = Path(output_dir)
     parts = check_corpus_layout(corpus_dir)
     cuts = {part: manifest_path(output_dir, "cuts", part) for part in parts}
     done = output_dir / DONE_MARKER
-    stamp = {"corpus_dir": str(corpus_dir), "parts": parts}
-    if done.is_file() and json.loads(done.read_text()) == stamp and all(p.is_file() for p in cuts.values()):
+    stamp = {"corpus_dir": str(corpus_dir), "parts": {part: corpus_stamp(corpus_dir / part) for part in parts}}
+    if is_done(done, stamp, cuts.values()):
         logging.info("Manifests of %s already in %s (%s exists): skipping", corpus_dir, output_dir, done)
         return cuts
 
     output_dir.mkdir(parents=True, exist_ok=True)
     done.unlink(missing_ok=True)
     scans = scan_corpus(corpus_dir, nj)
-    write_report(scans, output_dir / "bad_inputs.jsonl")
+    report = output_dir / "bad_inputs.jsonl"
+    write_report(scans, report)
+    for scan in scans.values():
+        _check_usable(corpus_dir, scan, report)
     for part, scan in scans.items():
         for kind in ("recordings", "supervisions", "cuts"):
             manifest_path(output_dir, kind, part).unlink(missing_ok=True)  # lhotse would reuse stale ones
         _run_lhotse(corpus_dir, scan, output_dir, nj)
         _write_cuts(output_dir, part)
-    done.write_text(json.dumps(stamp))
+    mark_done(done, stamp)
     return cuts
+
+
+def corpus_stamp(part_dir: Path) -> str:
+    """Hash of (path, size, mtime) of every transcript and audio file of a part.
+
+    A stat per file, no reads: cheap next to stage 1 itself, and a re-synthesized
+    corpus or an in-place edit changes it, so stale manifests are never reused.
+    """
+    return files_digest(sorted(p for pattern in ("*.trans.txt", "*.flac") for p in part_dir.rglob(pattern)))
+
+
+def _check_usable(corpus_dir: Path, scan: PartScan, report: Path) -> None:
+    """Stop before lhotse when a part has no usable utterance: its recipe would fail an assertion."""
+    if not scan.good:
+        counts = dict(sorted(Counter(bad.problem for bad in scan.bad).items()))
+        raise CorpusError(
+            f"{corpus_dir / scan.part}: no usable utterance ({len(scan.bad)} skipped inputs: {counts}; "
+            f"details in {report}). Fix the inputs or remove the part."
+        )
 
 
 def _run_lhotse(corpus_dir: Path, scan: PartScan, output_dir: Path, nj: int) -> None:

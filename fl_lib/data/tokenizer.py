@@ -13,6 +13,9 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from fl_lib.data.markers import file_stamp, files_digest, is_done, mark_done
+
+DONE_MARKER = ".train_tokenizer.done"
 BLANK = "<blank>"
 UNK = "<unk>"
 SOS_EOS = "<sos/eos>"
@@ -102,8 +105,27 @@ def train_tokenizer_from_clients(
 
     The transcripts are the only client data the server sees in this stage, as
     in the federated ASR literature, where the output vocabulary is fixed beforehand.
+    ``output_dir/.train_tokenizer.done`` stamps the clients and settings: a re-run
+    with both unchanged returns at once, any change retrains.
     """
-    return train_tokenizer(client_transcripts(Path(clients_jsonl)), output_dir, token_type, vocab_size)
+    from fl_lib.data.clients import load_clients
+
+    clients_jsonl, output_dir = Path(clients_jsonl), Path(output_dir)
+    outputs = (output_dir / "bpe.model", output_dir / "tokens.txt")
+    done = output_dir / DONE_MARKER
+    stamp = {
+        "clients": file_stamp(clients_jsonl),
+        "manifests": files_digest(c.manifest for c in load_clients(clients_jsonl)),
+        "token_type": token_type,
+        "vocab_size": vocab_size,
+    }
+    if is_done(done, stamp, outputs):
+        logger.info("Tokenizer of %s already in %s (%s exists): skipping", clients_jsonl, output_dir, done)
+        return outputs
+    done.unlink(missing_ok=True)
+    result = train_tokenizer(client_transcripts(clients_jsonl), output_dir, token_type, vocab_size)
+    mark_done(done, stamp)
+    return result
 
 
 class Tokenizer:

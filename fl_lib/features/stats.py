@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import operator
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,10 +97,16 @@ def client_feats_stats(cuts: CutSet, frontend: torch.nn.Module) -> FeatsStats:
 
 
 def _inputs_signature(clients_jsonl: Path, asr_config: Path) -> dict:
-    """What the statistics depend on: the client list and the frontend settings."""
+    """What the statistics depend on: the client list, every client's cuts, and the frontend settings."""
+    from fl_lib.data.clients import load_clients
+
     config = yaml.safe_load(Path(asr_config).read_text(encoding="utf-8")) or {}
+    manifests = hashlib.sha256()
+    for client in load_clients(clients_jsonl):
+        manifests.update(client.manifest.read_bytes())
     return {
         "clients_sha256": hashlib.sha256(Path(clients_jsonl).read_bytes()).hexdigest(),
+        "manifests_sha256": manifests.hexdigest(),
         "frontend": config.get("frontend", "default"),
         "frontend_conf": config.get("frontend_conf") or {},
     }
@@ -109,10 +116,10 @@ def federated_feats_stats(clients_jsonl: Path, asr_config: Path, output_dir: Pat
     """Each client sums its own features into `clients/<id>.npz`; the server adds them.
 
     Returns `output_dir/feats_stats.npz`. Re-runs skip finished clients and the
-    whole stage once `.done` exists; an output_dir made from other inputs is an
-    error rather than silently mixed.
+    whole stage once `.done` exists; statistics made from other inputs are removed
+    and recomputed, never mixed with new ones.
     """
-    from fl_lib.data.clients import load_clients
+    from fl_lib.data.clients import load_clients, safe_file_name
 
     output_dir = Path(output_dir)
     stats_file = output_dir / "feats_stats.npz"
@@ -122,11 +129,13 @@ def federated_feats_stats(clients_jsonl: Path, asr_config: Path, output_dir: Pat
     if inputs.exists():
         previous = json.loads(inputs.read_text(encoding="utf-8"))
         if previous != signature:
-            raise RuntimeError(
-                f"{output_dir} holds statistics of other clients or another frontend "
-                f"({inputs}); remove it or choose another output_dir"
+            logger.warning(
+                "%s holds statistics of other clients or another frontend (%s): recomputing", output_dir, inputs
             )
-        if done.exists():
+            done.unlink(missing_ok=True)
+            stats_file.unlink(missing_ok=True)
+            shutil.rmtree(output_dir / "clients", ignore_errors=True)
+        elif done.exists():
             logger.info("Feature statistics already done: %s", stats_file)
             return stats_file
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +147,7 @@ def federated_feats_stats(clients_jsonl: Path, asr_config: Path, output_dir: Pat
     frontend = build_frontend(asr_config)
     client_files = []
     for client in tqdm(clients, desc="client feats stats", unit="client"):
-        path = output_dir / "clients" / f"{client.id}.npz"
+        path = output_dir / "clients" / f"{safe_file_name(client.id)}.npz"
         if not path.exists():
             client_feats_stats(load_manifest_lazy(client.manifest), frontend).save(path)
         client_files.append(path)

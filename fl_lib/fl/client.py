@@ -77,12 +77,12 @@ def pseudo_gradient(start: State, model: torch.nn.Module) -> tuple[State, dict, 
             continue
         d = start[name] - value
         delta[name] = d
+        finite = finite and bool(torch.isfinite(d).all())  # buffers too: BatchNorm stats get averaged
         if name in trainable:
             d64 = d.double()
             s1 += d64.sum().item()
             s2 += d64.square().sum().item()
             n += d.numel()
-            finite = finite and bool(torch.isfinite(d).all())
     mean = s1 / max(n, 1)
     stats = {"grad_mean": mean, "grad_rms": math.sqrt(s2 / max(n, 1)), "grad_var": max(s2 / max(n, 1) - mean * mean, 0.0)}
     return delta, stats, finite

@@ -6,6 +6,7 @@ silently does nothing is worse than a failed start.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -35,8 +36,26 @@ class ScheduleConfig:
 
     warmup_rounds: int = 0
     decay: str = "none"  # none | step | exponential
-    step_size: int = 10  # step decay: multiply by gamma every step_size rounds
-    gamma: float = 1.0
+    step_size: Optional[int] = None  # step decay only: multiply by gamma every step_size rounds
+    gamma: float = 1.0  # step / exponential decay factor; 1.0 means no decay
+
+    def __post_init__(self) -> None:
+        """Reject, before round 1, keys the chosen decay ignores and decays that do nothing."""
+        key = "server_optim.schedule"
+        if self.decay not in ("none", "step", "exponential"):
+            raise ValueError(f"unknown {key}.decay '{self.decay}'; choose none, step or exponential")
+        if self.warmup_rounds < 0:
+            raise ValueError(f"{key}.warmup_rounds must be >= 0, got {self.warmup_rounds}")
+        if self.step_size is not None and self.decay != "step":
+            raise ValueError(f"{key}.step_size is only used by decay: step, but decay is '{self.decay}'")
+        if self.decay == "none":
+            if self.gamma != 1.0:
+                raise ValueError(f"{key}.gamma={self.gamma} does nothing with decay: none; set decay: step or exponential")
+            return
+        if not (self.gamma > 0 and math.isfinite(self.gamma)) or self.gamma == 1.0:
+            raise ValueError(f"{key}.decay: {self.decay} needs a gamma > 0 other than 1.0 (1.0 never decays), got {self.gamma}")
+        if self.decay == "step" and not (isinstance(self.step_size, int) and self.step_size >= 1):
+            raise ValueError(f"{key}.decay: step needs step_size >= 1 (rounds between decays), got {self.step_size}")
 
 
 @dataclass
@@ -45,12 +64,25 @@ class ServerOptimConfig:
 
     name: str = "sgd"  # sgd | adam | lamb
     lr: float = 1.0
-    momentum: float = 0.0
-    nesterov: bool = False
-    betas: Sequence[float] = (0.9, 0.999)
-    eps: float = 1e-8
+    momentum: float = 0.0  # sgd only
+    nesterov: bool = False  # sgd only
+    betas: Optional[Sequence[float]] = None  # adam / lamb only; None: (0.9, 0.999)
+    eps: Optional[float] = None  # adam / lamb only; None: 1e-8
     weight_decay: float = 0.0
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self) -> None:
+        """Options of another optimizer would be silently ignored: reject them."""
+        if self.name not in ("sgd", "adam", "lamb"):
+            raise ValueError(f"unknown server_optim '{self.name}'; choose sgd, adam or lamb")
+        if self.name == "sgd":
+            unused = [k for k in ("betas", "eps") if getattr(self, k) is not None]
+            owner = "adam/lamb"
+        else:
+            unused = [k for k in ("momentum", "nesterov") if getattr(self, k)]
+            owner = "sgd"
+        if unused:
+            raise ValueError(f"server_optim '{self.name}' does not use: {', '.join(unused)} (those are {owner} options)")
 
 
 @dataclass
@@ -81,6 +113,12 @@ class FLConfig:
     validate_every: int = 1
     keep_checkpoints: int = 5  # last N <round>round.pth kept, for averaging
     dev_max_duration: float = 120.0
+
+    def __post_init__(self) -> None:
+        """Counts that would break the loop late (or delete every checkpoint) fail at load."""
+        for key in ("clients_per_round", "validate_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
 
     @classmethod
     def from_yaml(cls, path: Optional[Path], overrides: Sequence[str] = ()) -> "FLConfig":

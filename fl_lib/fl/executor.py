@@ -10,10 +10,13 @@ import argparse
 import logging
 import multiprocessing
 import traceback
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
 from .config import ClientConfig
 from .strategies.base import ClientResult, State
@@ -82,18 +85,23 @@ class SerialClients:
         pass
 
 
-_WORKER_TRAINER = None
-
-
-def _init_worker(espnet_args: argparse.Namespace, conf: ClientConfig, batches: BatchSpec, seed: int) -> None:
+def espnet_trainer(espnet_args: argparse.Namespace, conf: ClientConfig, batches: BatchSpec, seed: int):
+    """A worker's LocalTrainer on its own ESPnet model object, one torch thread."""
     import torch
 
     from ..asr.model import build_asr_model
     from .client import LocalTrainer
 
-    global _WORKER_TRAINER
     torch.set_num_threads(1)
-    _WORKER_TRAINER = LocalTrainer(build_asr_model(espnet_args), espnet_args, conf, batches, seed)
+    return LocalTrainer(build_asr_model(espnet_args), espnet_args, conf, batches, seed)
+
+
+_WORKER_TRAINER = None
+
+
+def _init_worker(make_trainer: Callable, args: tuple) -> None:
+    global _WORKER_TRAINER
+    _WORKER_TRAINER = make_trainer(*args)
 
 
 def _run_in_worker(task: Task) -> Outcome:
@@ -101,15 +109,51 @@ def _run_in_worker(task: Task) -> Outcome:
 
 
 class ProcessClients:
-    """`jobs` worker processes, each with its own ESPnet model object."""
+    """`jobs` worker processes, each with the trainer `make_trainer(*args)` builds.
 
-    def __init__(self, jobs: int, espnet_args: argparse.Namespace, conf: ClientConfig, batches: BatchSpec, seed: int) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.pool = ctx.Pool(jobs, initializer=_init_worker, initargs=(espnet_args, conf, batches, seed))
+    At most `jobs` clients are in flight, so at most that many results wait to be
+    aggregated. A worker that dies (out of memory, a segfault) fails the clients
+    it could not finish, reported with their ids; the pool is rebuilt and the
+    round goes on, instead of waiting forever on a lost result.
+    """
+
+    def __init__(self, jobs: int, make_trainer: Callable, *args) -> None:
+        self.jobs = jobs
+        self.initargs = (make_trainer, args)
+        self.pool: Optional[ProcessPoolExecutor] = None
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(
+                self.jobs, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker, initargs=self.initargs,
+            )
+        return self.pool
 
     def map(self, tasks: Iterable[Task]) -> Iterator[Outcome]:
-        return self.pool.imap(_run_in_worker, tasks)
+        tasks = iter(tasks)
+        in_flight: deque = deque()
+
+        def submit_next() -> None:
+            task = next(tasks, None)
+            if task is not None:
+                pool = self._pool()
+                in_flight.append((task.client_id, pool, pool.submit(_run_in_worker, task)))
+
+        for _ in range(self.jobs):
+            submit_next()
+        while in_flight:
+            client_id, pool, future = in_flight.popleft()
+            try:
+                outcome = future.result()
+            except BrokenProcessPool as e:
+                if pool is self.pool:
+                    self.close()  # the next submission starts a fresh pool
+                outcome = Outcome(client_id, None, f"a worker process died while client {client_id} was in flight: {e!r}")
+            submit_next()
+            yield outcome
 
     def close(self) -> None:
-        self.pool.terminate()
-        self.pool.join()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None

@@ -19,13 +19,22 @@ def derive_seed(*parts) -> int:
 
 
 class ClientSampler:
+    """`weighted` draws each pick ∝ client size, without replacement: with several clients per
+    round, inclusion is flatter than proportional (a large client can be drawn only once)."""
+
     def __init__(self, client_ids: Sequence[str], sizes: Sequence[int], per_round: int, mode: str = "uniform", seed: int = 0):
         if mode not in ("uniform", "weighted"):
             raise ValueError(f"sampler must be 'uniform' or 'weighted', got '{mode}'")
-        if not 0 < per_round <= len(client_ids):
-            raise ValueError(f"clients_per_round={per_round} but there are {len(client_ids)} clients")
+        if not 1 <= per_round <= len(client_ids):
+            raise ValueError(f"clients_per_round must be between 1 and the number of clients ({len(client_ids)}), got {per_round}")
+        if len(set(client_ids)) != len(client_ids) or len(sizes) != len(client_ids):
+            raise ValueError(
+                f"client ids must be unique, one size each: {len(client_ids)} ids, {len(set(client_ids))} distinct, {len(sizes)} sizes"
+            )
         self.client_ids = list(client_ids)
         sizes = np.asarray(sizes, dtype=np.float64)
+        if mode == "weighted" and not (sizes > 0).all():
+            raise ValueError("the weighted sampler needs every client size > 0 (a client of size 0 could never be drawn)")
         self.probs = sizes / sizes.sum() if mode == "weighted" else None
         self.per_round = per_round
         self.seed = seed

@@ -17,10 +17,11 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from ..asr.model import espnet_config
 from ..data.clients import ClientInfo
 from .checkpoint import atomic_copy, atomic_save, load_checkpoint, rng_states, set_rng_states
 from .client import LocalTrainer
-from .executor import BatchSpec, ProcessClients, SerialClients, Task
+from .executor import BatchSpec, ProcessClients, SerialClients, Task, espnet_trainer
 from .config import FLConfig
 from .sampling import ClientSampler
 from .server_optim import build_scheduler, build_server_optimizer
@@ -69,12 +70,14 @@ class FederatedServer:
         self.tokenizer = batches.tokenizer  # also decodes the CTC-greedy dev hypotheses
         self.output_dir = Path(output_dir)
         self.strategy = build_strategy(conf.strategy)
-        self.strategy.check_server_optimizer(conf.server_optim.name, conf.server_optim.lr, conf.server_optim.momentum)
+        self.strategy.check_server_optimizer(
+            conf.server_optim.name, conf.server_optim.lr, conf.server_optim.momentum, conf.server_optim.schedule
+        )
         self.sampler = ClientSampler(
             [c.id for c in clients], [c.num_cuts for c in clients], conf.clients_per_round, conf.sampler, seed
         )
         if client_jobs > 1:
-            self.clients_executor = ProcessClients(client_jobs, espnet_args, conf.client, batches, seed)
+            self.clients_executor = ProcessClients(client_jobs, espnet_trainer, espnet_args, conf.client, batches, seed)
         else:
             self.clients_executor = SerialClients(LocalTrainer(model, espnet_args, conf.client, batches, seed))
 
@@ -87,8 +90,15 @@ class FederatedServer:
             self.global_state[name] = p.data  # shared storage: optimizer steps update global_state
         self.optimizer = build_server_optimizer(list(self.server_params.values()), conf.server_optim)
         self.scheduler = build_scheduler(self.optimizer, conf.server_optim.schedule)
+        # What else must match for a resumed run to continue the same experiment.
+        self.run_identity = {
+            "seed": seed,
+            "espnet_config": espnet_config(espnet_args),
+            "clients": sorted(self.clients),
+        }
+        self.resume_checked = False
         self.round = 0  # rounds completed
-        self.best_acc = -math.inf
+        self.best_score = -math.inf  # dev acc, or -dev loss for models that report no accuracy
         self.writer = None
 
     # -- checkpointing -------------------------------------------------------
@@ -100,8 +110,9 @@ class FederatedServer:
             "scheduler": self.scheduler.state_dict(),
             "strategy": self.strategy.state_dict(),
             "rng": rng_states(),
-            "best_acc": self.best_acc,
+            "best_score": self.best_score,
             "fl_config": self.conf.to_dict(),
+            "run_identity": self.run_identity,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -112,20 +123,24 @@ class FederatedServer:
         self.strategy.load_state_dict(state["strategy"])
         set_rng_states(state["rng"])
         self.round = state["round"]
-        self.best_acc = state["best_acc"]
+        self.best_score = state["best_score"]
 
     def maybe_resume(self) -> None:
+        """Load checkpoint.pth if there is one, after checking it belongs to this experiment."""
+        self.resume_checked = True
         path = self.output_dir / CHECKPOINT
         if not path.exists():
             return
         state = load_checkpoint(path)
         saved, current = dict(state["fl_config"]), self.conf.to_dict()
         saved.pop("rounds"), current.pop("rounds")  # extending a finished run is fine
-        if saved != current:
+        differs = [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+        differs += [key for key, value in self.run_identity.items() if state["run_identity"].get(key) != value]
+        if differs:
             raise ValueError(
-                f"{path} was written with a different federated config; resume needs the same one. "
-                f"Use another --output_dir, or remove {path.parent} to start over.\n"
-                f"saved: {saved}\nnow:   {current}"
+                f"{path} belongs to another experiment: {', '.join(differs)} differ. Resume needs the same "
+                f"federated config, ESPnet config, seed and clients; use another --output_dir, "
+                f"or remove {path.parent} to start over."
             )
         self.load_state_dict(state)
         _truncate_metrics(self.output_dir / "metrics.jsonl", self.round)
@@ -194,7 +209,8 @@ class FederatedServer:
         from torch.utils.tensorboard import SummaryWriter
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.maybe_resume()
+        if not self.resume_checked:
+            self.maybe_resume()
         self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.round + 1)
         bar = tqdm(range(self.round, self.conf.rounds), initial=self.round, total=self.conf.rounds, desc="rounds", unit="round")
         try:
@@ -207,7 +223,7 @@ class FederatedServer:
             self.clients_executor.close()
             self.writer.close()
         if self.round >= self.conf.rounds:
-            logger.info(f"federated training finished: {self.round} rounds; best dev acc {_fmt(self.best_acc)}")
+            logger.info(f"federated training finished: {self.round} rounds; best dev score {_fmt(self.best_score)}")
 
     def _record(self, m: RoundMetrics) -> None:
         out = self.output_dir
@@ -222,8 +238,9 @@ class FederatedServer:
         round_file = out / f"{m.round}round.pth"
         atomic_save(self.global_state, round_file)  # serialized once, then copied
         atomic_copy(round_file, out / "latest.pth")
-        if m.dev_acc is not None and m.dev_acc > self.best_acc:
-            self.best_acc = m.dev_acc
+        score = _best_model_score(m)
+        if score is not None and score > self.best_score:
+            self.best_score = score
             atomic_copy(round_file, out / "valid.acc.best.pth")
         elif self.dev_batches is None or not (out / "valid.acc.best.pth").exists():
             # Without a dev set (or before the first validation) the best model is the latest.
@@ -251,6 +268,14 @@ class FederatedServer:
         w.add_scalar("server/lr", m.lr, step)
         w.add_scalar("time/seconds_per_round", m.seconds, step)
         w.flush()
+
+
+def _best_model_score(m: RoundMetrics) -> Optional[float]:
+    """Higher is better: dev accuracy, or minus the dev loss when the model reports no
+    accuracy (a CTC-only model), so that valid.acc.best.pth never freezes at round 1."""
+    if m.dev_acc is not None:
+        return m.dev_acc
+    return None if m.dev_loss is None else -m.dev_loss
 
 
 def _fmt(x: Optional[float]) -> str:

@@ -1,9 +1,11 @@
 """Wire data, model and federated server together: the Python API behind `fl_train`."""
 from __future__ import annotations
 
+import shlex
+import shutil
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import yaml
 
@@ -28,8 +30,12 @@ def train(
     seed: int = 0,
     num_threads: int = 1,
     client_jobs: int = 1,
+    command: Optional[Sequence[str]] = None,
 ) -> FederatedServer:
-    """Run (or resume) federated training; returns the server with the final global model."""
+    """Run (or resume) federated training; returns the server with the final global model.
+
+    `command`, the argv that runs this experiment, is saved as `fl_train.sh`.
+    """
     import torch
 
     output_dir = Path(output_dir)
@@ -40,15 +46,22 @@ def train(
     torch.manual_seed(seed)
     args = build_asr_args(asr_config, token_list, bpemodel, feats_stats)
     model = build_asr_model(args)
-    save_espnet_config(args, output_dir / "config.yaml")
-    with open(output_dir / "fl_config.yaml", "w") as f:
-        yaml.safe_dump(conf.to_dict(), f, sort_keys=False)
-
     batches = BatchSpec(bpemodel, token_list, conf.client.max_duration, conf.client.max_cuts)
     clients = load_clients(train_clients)
     dev = None
     if dev_cuts is not None:
         dev = partial(make_dataloader, dev_cuts, batches.tokenizer, max_duration=conf.dev_max_duration, shuffle=False)
     server = FederatedServer(model, args, conf, clients, batches, dev, output_dir, seed, client_jobs)
+    server.maybe_resume()  # refuses another experiment's output_dir before anything there is rewritten
+
+    save_espnet_config(args, output_dir / "config.yaml")
+    with open(output_dir / "fl_config.yaml", "w") as f:
+        yaml.safe_dump(conf.to_dict(), f, sort_keys=False)
+    shutil.copyfile(asr_config, output_dir / "asr_config.yaml")
+    if command is not None:
+        (output_dir / "fl_train.sh").write_text(
+            "#!/usr/bin/env bash\n# The command that ran (and resumes) this experiment.\n"
+            + " ".join(shlex.quote(a) for a in command) + "\n"
+        )
     server.fit()
     return server

@@ -26,6 +26,8 @@ def evaluate(model: torch.nn.Module, batches: Iterable, tokenizer) -> dict:
         for key in ("loss", "acc"):
             if stats.get(key) is not None:
                 sums[key] = sums.get(key, 0.0) + float(stats[key]) * w
+        if model.ctc is None:  # an attention-only model (ctc_weight 0) has no CTC head
+            continue
         enc, enc_lens = model.encode(batch["speech"], batch["speech_lengths"])
         best = model.ctc.argmax(enc)
         for ids, n, ref, ref_len in zip(best, enc_lens, batch["text"], batch["text_lengths"]):

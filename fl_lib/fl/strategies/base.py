@@ -14,6 +14,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..config import ScheduleConfig
+
 State = Dict[str, torch.Tensor]
 
 
@@ -111,8 +113,8 @@ class Strategy(ABC):
         """The weighted pseudo-gradient, or None if no client contributed."""
         return self._sum.result()
 
-    def check_server_optimizer(self, name: str, lr: float, momentum: float) -> None:
-        """Reject server-optimizer settings that would silently change the algorithm."""
+    def check_server_optimizer(self, name: str, lr: float, momentum: float, schedule: Optional[ScheduleConfig] = None) -> None:
+        """Reject server-optimizer settings (and LR schedules) that would silently change the algorithm."""
 
     def state_dict(self) -> dict:
         return {}

@@ -1,0 +1,87 @@
+"""Client side of a round on toy models: FedProx's proximal term and the pseudo-gradient statistics."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fl_lib.fl.client import LocalTrainer, ProximalModel, pseudo_gradient
+from fl_lib.fl.config import ClientConfig
+
+
+class Toy(torch.nn.Module):
+    """Loss ½‖w − target‖², the target read from the batch; `frozen` is not trained."""
+
+    def __init__(self, w) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(w))
+        self.frozen = torch.nn.Parameter(torch.tensor([5.0]), requires_grad=False)
+
+    def forward(self, speech, speech_lengths, **_):
+        loss = 0.5 * (self.w - speech[0]).square().sum()
+        return loss, {"loss": loss.detach()}, torch.tensor(1.0)
+
+
+def test_proximal_term_value_and_gradient_hand_computed():
+    mu, w, w_global, target = 0.2, [1.0, -2.0], [0.5, 1.0], [0.0, 0.0]
+    model = Toy(w)
+    anchor = {"w": torch.tensor(w_global), "frozen": torch.tensor([0.0])}  # frozen is 5 away: must not count
+    net = ProximalModel(model, anchor, mu)
+    batch = {"speech": torch.tensor([target]), "speech_lengths": torch.tensor([1])}
+    data_loss = 0.5 * (1.0**2 + 2.0**2)
+    prox = mu / 2 * ((1.0 - 0.5) ** 2 + (-2.0 - 1.0) ** 2)  # 0.1 · 9.25
+    for _ in range(2):  # each forward adds the term once, not once more per call
+        loss, stats, _ = net(**batch)
+        assert loss.item() == pytest.approx(data_loss + prox)
+        assert stats["loss"].item() == pytest.approx(data_loss)  # ESPnet's stats stay the data loss
+    model.zero_grad()
+    loss.backward()
+    # ∂/∂w = (w − target) + μ·(w − w_global)
+    assert model.w.grad.tolist() == pytest.approx([1.0 + mu * 0.5, -2.0 + mu * -3.0])
+    assert model.frozen.grad is None
+
+
+def test_fedprox_once_per_step_with_espnet_accum_grad():
+    """ESPnet divides every forward's loss by accum_grad: two forwards per step add μ/2‖·‖² once."""
+    from fl_lib.espnet_env import asr_task
+
+    w0, target, lr, mu = [1.0, -1.0], [3.0, 2.0], 0.5, 0.4
+    batch = {"speech": torch.tensor([target]), "speech_lengths": torch.tensor([160])}
+    conf = ClientConfig(optim="sgd", lr=lr, grad_clip=1e9, accum_grad=2, max_steps=2)
+    model = Toy(w0)
+    trainer = LocalTrainer(model, asr_task().get_parser().parse_args([]), conf, lambda manifest, seed: [(["u"], batch)] * 4, seed=0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    result = trainer.train("c", "toy", start, round_idx=0, proximal_mu=mu)
+    # Step 1 starts at w_global: no pull. w1 = w0 − lr·(w0 − t) = [2, 0.5]
+    # Step 2: g = (w1 − t) + μ·(w1 − w0) = [−1, −1.5] + [0.4, 0.6]; w2 = w1 − lr·g = [2.3, 0.95]
+    # (μ counted twice per step would give [2.1, 0.65]; not at all, [2.5, 1.25].)
+    assert model.w.tolist() == pytest.approx([2.3, 0.95])
+    assert result.delta["w"].tolist() == pytest.approx([1.0 - 2.3, -1.0 - 0.95])
+    assert (result.num_steps, result.num_utts, result.num_frames) == (4, 4, 4)
+
+
+def test_pseudo_gradient_and_statistics_hand_computed():
+    model = Toy([0.0, 0.0])
+    model.register_buffer("running", torch.tensor([2.0]))  # float buffer: in Δ, not in the statistics
+    model.register_buffer("count", torch.tensor(7))  # integer buffer: not averaged at all
+    start = {"w": torch.tensor([1.0, 3.0]), "frozen": torch.tensor([5.0]), "running": torch.tensor([10.0]), "count": torch.tensor(9)}
+    with torch.no_grad():
+        model.w.copy_(torch.tensor([2.0, -1.0]))
+        model.frozen.copy_(torch.tensor([4.0]))  # not trainable: in Δ, not in the statistics
+    delta, stats, finite = pseudo_gradient(start, model)
+    assert set(delta) == {"w", "frozen", "running"}
+    assert delta["w"].tolist() == [-1.0, 4.0] and delta["frozen"].tolist() == [1.0] and delta["running"].tolist() == [8.0]
+    d = np.array([-1.0, 4.0])
+    assert stats["grad_mean"] == pytest.approx(1.5)
+    assert stats["grad_rms"] == pytest.approx(math.sqrt(8.5))
+    assert stats["grad_var"] == pytest.approx(6.25) == pytest.approx(d.var())  # population variance, not FLUTE's 0
+    assert finite
+
+
+def test_pseudo_gradient_constant_delta_has_zero_variance_and_nan_is_flagged():
+    model = Toy([0.0, 0.0, 0.0])
+    start = {"w": torch.tensor([0.5, 0.5, 0.5]), "frozen": torch.tensor([5.0])}
+    _, stats, finite = pseudo_gradient(start, model)
+    assert (stats["grad_mean"], stats["grad_rms"], stats["grad_var"], finite) == (0.5, 0.5, 0.0, True)
+    start["w"][1] = math.nan
+    assert pseudo_gradient(start, model)[2] is False
