@@ -108,10 +108,7 @@ def child(opts: argparse.Namespace) -> None:
     clients = [ClientInfo(f"spk{i:04d}", 10, 0.0, tmp / f"spk{i:04d}.jsonl.gz") for i in range(opts.k)]
     server = FederatedServer(model, args, conf, clients, NoBatches(), None, tmp / "exp", 0)
     synthetic = SyntheticClients(opts.noise, seed=0, hold=opts.hold_results)
-    if hasattr(server, "clients_executor"):  # the serial executor calls trainer.train(*task)
-        server.clients_executor.trainer = synthetic
-    else:
-        server.local = synthetic
+    server.clients_executor.trainer = synthetic  # the serial executor calls trainer.train(*task)
     before_mb = common.peak_rss_mb()
     current_before = common.current_rss_mb()
     t0 = time.perf_counter()

@@ -123,27 +123,16 @@ def setup(opts):
     return data, args, model, tokenizer, clients, conf
 
 
-def make_batches_fn(data: dict, tokenizer, conf):
+def make_batches_fn(data: dict, conf):
     """What the server gets to batch a client's data, as `fl_lib.fl.train` builds it."""
-    try:
-        from fl_lib.fl.executor import BatchSpec
-    except ImportError:  # older fl_lib: a plain (manifest, seed) -> loader function
-        from fl_lib.data.dataset import make_dataloader
+    from fl_lib.fl.executor import BatchSpec
 
-        def make_batches(manifest, batch_seed):
-            return make_dataloader(
-                manifest, tokenizer, max_duration=conf.client.max_duration, max_cuts=conf.client.max_cuts,
-                shuffle=True, seed=batch_seed,
-            )
-
-        return make_batches
     return BatchSpec(data["bpemodel"], data["token_list"], conf.client.max_duration, conf.client.max_cuts)
 
 
 def local_trainer(server):
     """The server's in-process LocalTrainer (serial clients)."""
-    executor = getattr(server, "clients_executor", None)
-    return executor.trainer if executor is not None else server.local
+    return server.clients_executor.trainer
 
 
 def build_server(model, args, conf, clients, make_batches, out_dir, seed, timers: Timers):
@@ -264,7 +253,7 @@ def measure() -> dict:
         if opts.work_dir is None:
             opts.work_dir = str(tmp / "data")
         data, args, model, tokenizer, clients, conf = setup(opts)
-        opts.make_batches = make_batches_fn(data, tokenizer, conf)
+        opts.make_batches = make_batches_fn(data, conf)
         from lhotse import load_manifest
 
         opts.cuts_by_id = {cut.id: cut for c in clients for cut in load_manifest(c.manifest)}

@@ -137,6 +137,7 @@ def test_nj2_equals_nj1(tiny_exp, tmp_path):
     score = json.loads((out / "score.json").read_text())
     assert score["num_utts"] == 4 and set(score["per_speaker_wer"]) == {"slt", "rms"}
     assert score["wer"]["counts"]["Wrd"] == 14
+    assert score["wer"]["counts"]["Corr"] == 14, "the overfitted model must read all four utterances"
     assert "|dataset|Snt|Wrd|Corr|Sub|Del|Ins|Err|S.Err|" in (out / "result.txt").read_text()
 
 
@@ -165,7 +166,11 @@ def test_resolve_model_ranks_by_dev_acc(tmp_path):
     path = resolve_model(tmp_path, "valid.acc.ave_2best.pth")
     assert path == tmp_path / "valid.acc.ave_2best.pth"
     assert torch.load(path)["w"].item() == 10.0  # rounds 1 and 3
-    assert torch.load(resolve_model(tmp_path, "valid.acc.ave"))["w"].item() == 10.0
+    assert torch.load(resolve_model(tmp_path, "valid.acc.ave"))["w"].item() == 10.0  # all kept rounds
+    assert torch.load(resolve_model(tmp_path, "valid.acc.ave_1best.pth"))["w"].item() == 0.0
+    assert resolve_model(tmp_path, "ave") == tmp_path / "valid.acc.ave.pth"
+    (tmp_path / "latest.pth").write_bytes((tmp_path / "3round.pth").read_bytes())
+    assert resolve_model(tmp_path, "latest") == tmp_path / "latest.pth"
     assert resolve_model(tmp_path, "2round.pth") == tmp_path / "2round.pth"
     with pytest.raises(FileNotFoundError, match="available"):
         resolve_model(tmp_path, "missing.pth")

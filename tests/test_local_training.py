@@ -57,7 +57,7 @@ def test_fedprox_once_per_step_with_espnet_accum_grad():
     # (μ counted twice per step would give [2.1, 0.65]; not at all, [2.5, 1.25].)
     assert model.w.tolist() == pytest.approx([2.3, 0.95])
     assert result.delta["w"].tolist() == pytest.approx([1.0 - 2.3, -1.0 - 0.95])
-    assert (result.num_steps, result.num_utts, result.num_frames) == (4, 4, 4)
+    assert (result.num_steps, result.num_utts, result.num_frames) == (2, 4, 4)  # 4 batches, 2 optimizer steps
 
 
 def test_pseudo_gradient_and_statistics_hand_computed():
@@ -85,3 +85,13 @@ def test_pseudo_gradient_constant_delta_has_zero_variance_and_nan_is_flagged():
     assert (stats["grad_mean"], stats["grad_rms"], stats["grad_var"], finite) == (0.5, 0.5, 0.0, True)
     start["w"][1] = math.nan
     assert pseudo_gradient(start, model)[2] is False
+
+
+def test_asr_config_rejects_espnet_training_loop_keys(tmp_path):
+    """A stock asr.sh config's optimizer/batch keys would do nothing under the federated loop: an error."""
+    from fl_lib.asr.model import build_asr_args
+
+    conf = tmp_path / "train_asr.yaml"
+    conf.write_text("encoder: rnn\noptim: adam\noptim_conf: {lr: 0.002}\nbatch_bins: 1000000\n")
+    with pytest.raises(ValueError, match=r"batch_bins, optim, optim_conf configure ESPnet's own training loop"):
+        build_asr_args(conf, tmp_path / "tokens.txt", None, None)

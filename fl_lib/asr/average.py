@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 ROUND_CKPT = re.compile(r"^(\d+)round\.pth$")
 AVE_NAME = re.compile(r"^valid\.acc\.ave(?:_(\d+)best)?(?:\.pth)?$")
-DEFAULT_NBEST = 10  # ESPnet's --keep_nbest_models default
+ALIASES = {"best": "valid.acc.best.pth", "latest": "latest.pth", "ave": "valid.acc.ave.pth"}
 
 
 def round_checkpoints(exp_dir: Path) -> dict[int, Path]:
@@ -83,14 +83,16 @@ def average_state_dicts(paths: Sequence[Path]) -> dict[str, torch.Tensor]:
 def resolve_model(exp_dir: Path, model: str) -> Path:
     """Map run.sh's `--model` to a state_dict file, averaging when the name asks for it.
 
-    `valid.acc.ave` / `valid.acc.ave.pth` average up to 10 checkpoints,
-    `valid.acc.ave_<N>best.pth` up to N; the result is written into exp_dir
-    under the requested name (atomically, so parallel decodes may share it).
+    `best`, `latest` and `ave` stand for valid.acc.best.pth, latest.pth and
+    valid.acc.ave.pth. `valid.acc.ave[.pth]` averages every kept round checkpoint,
+    `valid.acc.ave_<N>best.pth` the N best; the result is written into exp_dir
+    under that name (atomically, so parallel decodes may share it).
     Any other name is a file in exp_dir, or a path.
     """
+    model = ALIASES.get(model, model)
     m = AVE_NAME.match(model)
     if m:
-        nbest = int(m.group(1)) if m.group(1) else DEFAULT_NBEST
+        nbest = int(m.group(1)) if m.group(1) else len(round_checkpoints(exp_dir))
         rounds = select_rounds(exp_dir, nbest)
         ckpts = round_checkpoints(exp_dir)
         out = exp_dir / (model if model.endswith(".pth") else model + ".pth")

@@ -16,6 +16,17 @@ import yaml
 from ..espnet_env import asr_task
 
 
+# ESPnet training-loop options of a stock asr.sh config: the federated loop (client
+# optimizer, local epochs, Lhotse batches, rounds) replaces them, so they would do nothing.
+TRAINING_LOOP_KEYS = frozenset({
+    "optim", "optim_conf", "scheduler", "scheduler_conf", "batch_type", "batch_size", "batch_bins",
+    "valid_batch_type", "valid_batch_size", "valid_batch_bins", "max_epoch", "accum_grad", "grad_clip",
+    "grad_clip_type", "grad_noise", "patience", "early_stopping_criterion", "best_model_criterion",
+    "keep_nbest_models", "nbest_averaging_interval", "num_iters_per_epoch", "use_amp", "num_workers",
+    "val_scheduler_criterion", "sort_in_batch", "sort_batch", "shuffle_within_batch", "resume", "ngpu",
+})
+
+
 def build_asr_args(
     asr_config: Path,
     token_list: Path,
@@ -30,6 +41,13 @@ def build_asr_args(
     unknown = sorted(k for k in conf if not hasattr(args, k))
     if unknown:
         raise ValueError(f"{asr_config}: not ESPnet ASR options: {', '.join(unknown)}")
+    replaced = sorted(set(conf) & TRAINING_LOOP_KEYS)
+    if replaced:
+        raise ValueError(
+            f"{asr_config}: {', '.join(replaced)} configure ESPnet's own training loop, which federated "
+            "training replaces; remove them and set the fl_config's client.optim, client.lr, client.grad_clip, "
+            "client.accum_grad, client.local_epochs / max_steps, client.max_duration and rounds instead"
+        )
     for key, value in conf.items():
         setattr(args, key, value)
     with open(token_list, encoding="utf-8") as f:

@@ -90,7 +90,7 @@ def client_stats(metrics: Sequence[dict[str, Any]]) -> list[ClientStats]:
 
 
 def plot_dev_curve(metrics: Sequence[dict[str, Any]], png: Path) -> None:
-    """Loss (train and dev) and dev accuracy against round, drawn without a display (Agg)."""
+    """Loss (train and dev), dev accuracy and CTC-greedy dev WER against round, drawn without a display (Agg)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -99,9 +99,9 @@ def plot_dev_curve(metrics: Sequence[dict[str, Any]], png: Path) -> None:
         pts = [(r["round"], r[key]) for r in metrics if r.get(key) is not None]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    fig = Figure(figsize=(6, 6))
+    fig = Figure(figsize=(6, 8))
     FigureCanvasAgg(fig)
-    loss, acc = fig.subplots(2, 1, sharex=True)
+    loss, acc, wer = fig.subplots(3, 1, sharex=True)
     loss.plot(*series("train_loss"), label="train loss", color="tab:gray")
     loss.plot(*series("dev_loss"), label="dev loss", marker="o", color="tab:blue")
     loss.set_ylabel("loss")
@@ -109,9 +109,13 @@ def plot_dev_curve(metrics: Sequence[dict[str, Any]], png: Path) -> None:
     loss.grid(alpha=0.3)
     acc.plot(*series("dev_acc"), marker="o", color="tab:green")
     acc.set_ylabel("dev accuracy")
-    acc.set_xlabel("round")
-    acc.xaxis.set_major_locator(MaxNLocator(integer=True))
     acc.grid(alpha=0.3)
+    rounds, wers = series("dev_wer")
+    wer.plot(rounds, [100 * w for w in wers], marker="o", color="tab:red")
+    wer.set_ylabel("dev WER % (CTC greedy)")
+    wer.set_xlabel("round")
+    wer.xaxis.set_major_locator(MaxNLocator(integer=True))
+    wer.grid(alpha=0.3)
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100, bbox_inches="tight")
 

@@ -16,8 +16,8 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--exp_dir", type=Path, required=True, help="holds config.yaml and the checkpoints")
     p.add_argument("--model", default="valid.acc.best.pth",
-                   help="valid.acc.best.pth, latest.pth, <N>round.pth, any file in exp_dir, or "
-                        "valid.acc.ave[_<N>best].pth to average the best kept round checkpoints")
+                   help="best (valid.acc.best.pth), latest, <N>round.pth, any file in exp_dir, or "
+                        "ave / valid.acc.ave[_<N>best].pth to average the (N best) kept round checkpoints")
     p.add_argument("--inference_config", type=Path, required=True, help="ESPnet decode yaml")
     p.add_argument("--cuts", type=Path, required=True, help="Lhotse CutSet manifest (jsonl.gz)")
     p.add_argument("--output_dir", type=Path, required=True)

@@ -37,17 +37,17 @@ class ProximalModel(torch.nn.Module):
 
 
 class _Counter:
-    """Counts utterances, frames and steps of the batches passing through to ESPnet."""
+    """Counts utterances, frames and batches passing through to ESPnet."""
 
     def __init__(self, batches: Iterable) -> None:
         self.batches = batches
-        self.utts = self.frames = self.steps = 0
+        self.utts = self.frames = self.batches_seen = 0
 
     def __iter__(self) -> Iterator:
         for utt_ids, batch in self.batches:
             self.utts += len(utt_ids)
             self.frames += int(batch["speech_lengths"].sum()) // FRAME_SHIFT_SAMPLES
-            self.steps += 1
+            self.batches_seen += 1
             yield utt_ids, batch
 
 
@@ -104,7 +104,7 @@ class LocalTrainer:
         args = argparse.Namespace(**vars(espnet_args))
         args.grad_clip = conf.grad_clip
         args.accum_grad = conf.accum_grad
-        args.log_interval = 10**9  # one log line per client from fl_lib, not per step
+        args.log_interval = 10**9  # the server logs one line per client, not per step
         self.options = Trainer.build_options(args)
         self.trainer = Trainer
         self.distributed = DistributedOption(distributed=False)
@@ -141,7 +141,7 @@ class LocalTrainer:
                 options=self.options,
                 distributed_option=self.distributed,
             )
-        if counter.steps == 0:
+        if counter.batches_seen == 0:
             raise RuntimeError(f"client {client_id}: no batch came out of {manifest}")
         train_loss = float(reporter.get_value("train", "loss"))
         delta, stats, finite = pseudo_gradient(start, self.model)
@@ -151,7 +151,7 @@ class LocalTrainer:
             num_utts=counter.utts,
             num_frames=counter.frames,
             train_loss=train_loss,
-            num_steps=counter.steps,
+            num_steps=counter.batches_seen // self.conf.accum_grad,  # ESPnet steps every accum_grad batches
             seconds=time.perf_counter() - t0,
             delta_finite=finite,
             **stats,

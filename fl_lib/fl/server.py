@@ -128,6 +128,8 @@ class FederatedServer:
     def maybe_resume(self) -> None:
         """Load checkpoint.pth if there is one, after checking it belongs to this experiment."""
         self.resume_checked = True
+        for stale in self.output_dir.glob(".*.tmp[0-9]*"):  # half-written by a killed run (atomic_save)
+            stale.unlink()
         path = self.output_dir / CHECKPOINT
         if not path.exists():
             return
@@ -163,6 +165,10 @@ class FederatedServer:
                 logger.warning(f"round {round_idx + 1}: client {cid} dropped: non-finite loss or pseudo-gradient (loss={result.train_loss})")
                 dropped.append(cid)
                 continue
+            logger.info(
+                f"round {round_idx + 1}: client {cid}: train_loss={result.train_loss:.4f} utts={result.num_utts} "
+                f"steps={result.num_steps} {result.seconds:.1f}s"
+            )
             self.strategy.add(result)
             losses.append(result.train_loss)
             del result
