@@ -75,23 +75,33 @@ def test_wer(exp: Path, recipe: Path, test_cuts: Path) -> float:
     return evaluate(model, make_dataloader(test_cuts, tok, max_duration=120.0), tok)["wer"]
 
 
-def summarize(fed: str, runs: dict, recipe: Path, test_cuts: Path) -> dict:
+def relative_weight(rows: list[dict], client_ids: set[str]) -> float | None:
+    """Mean aggregation weight of these clients when sampled, relative to a uniform 1/K."""
+    rel = [w * len(r["clients"]) for r in rows for c, w in zip(r["clients"], r["weights"]) if c in client_ids]
+    return sum(rel) / len(rel) if rel else None
+
+
+def summarize(fed: str, runs: dict, recipe: Path, test_cuts: Path, corrupted: set[str]) -> dict:
     """runs: method -> (lr, exp dir) of its best learning rate."""
     rows = {m: metrics(exp) for m, (_, exp) in runs.items()}
     final = {m: r[-1]["dev_wer"] for m, r in rows.items()}
     final_loss = {m: r[-1]["dev_loss"] for m, r in rows.items()}
     target, target_loss = final["fedavg"], final_loss["fedavg"]
-    base_rounds = rounds_to(rows["fedavg"], target)
+    # An untrained model outputs nothing: 100% WER. A target at or above that is
+    # "reached" in round 1 by every method and measures nothing.
+    wer_target_valid = target < 1.0
+    base_rounds = rounds_to(rows["fedavg"], target) if wer_target_valid else None
     base_rounds_loss = rounds_to(rows["fedavg"], target_loss, "dev_loss")
     test = {m: test_wer(exp, recipe, test_cuts) for m, (_, exp) in runs.items()}
-    out = {"federation": fed, "target_dev_wer": target, "target_dev_loss": target_loss, "rounds": len(rows["fedavg"]), "methods": {}}
+    out = {"federation": fed, "target_dev_wer": target, "wer_target_valid": wer_target_valid,
+           "target_dev_loss": target_loss, "rounds": len(rows["fedavg"]), "methods": {}}
     for m in runs:
-        reached = rounds_to(rows[m], target)
+        reached = rounds_to(rows[m], target) if wer_target_valid else None
         reached_loss = rounds_to(rows[m], target_loss, "dev_loss")
         out["methods"][m] = {
             "lr": runs[m][0],
             "rounds_to_target": reached,
-            "speedup": (base_rounds / reached) if reached else None,
+            "speedup": (base_rounds / reached) if reached and base_rounds else None,
             "rounds_to_target_loss": reached_loss,
             "speedup_loss": (base_rounds_loss / reached_loss) if reached_loss else None,
             "final_dev_loss": final_loss[m],
@@ -100,6 +110,7 @@ def summarize(fed: str, runs: dict, recipe: Path, test_cuts: Path) -> dict:
             "test_wer": test[m],
             "dev_werr": (target - final[m]) / target if target else None,
             "test_werr": (test["fedavg"] - test[m]) / test["fedavg"] if test["fedavg"] else None,
+            "corrupted_rel_weight": relative_weight(rows[m], corrupted),
         }
     return out, rows
 
@@ -127,20 +138,22 @@ def plot(curves: dict, png: Path) -> None:
 def markdown(summaries: list[dict]) -> str:
     lines = []
     for s in summaries:
+        unreachable = "" if s["wer_target_valid"] else " (not below the 100% of an empty output: no WER target)"
         lines += [
             f"### federation: {s['federation']} ({s['rounds']} rounds; targets = FedAvg's final dev WER "
-            f"{100 * s['target_dev_wer']:.1f}% and dev loss {s['target_dev_loss']:.2f})",
+            f"{100 * s['target_dev_wer']:.1f}%{unreachable} and dev loss {s['target_dev_loss']:.2f})",
             "",
-            "|method|lr|rounds to target WER|speed-up (WER)|rounds to target loss|speed-up (loss)|final dev loss|final dev acc %|final dev WER %|test WER %|dev WERR %|test WERR %|",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|method|lr|rounds to target WER|speed-up (WER)|rounds to target loss|speed-up (loss)|final dev loss|final dev acc %|final dev WER %|test WER %|dev WERR %|test WERR %|corrupted clients' weight ×uniform|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for m, v in s["methods"].items():
             f = lambda x, pct=True: "n/a" if x is None else (f"{100 * x:.1f}" if pct else f"{x:.2f}")
             lines.append(
-                f"|{m}|{v['lr']}|{v['rounds_to_target'] or 'not reached'}|{f(v['speedup'], False)}|"
+                f"|{m}|{v['lr']}|{v['rounds_to_target'] or ('not reached' if s['wer_target_valid'] else 'n/a')}|{f(v['speedup'], False)}|"
                 f"{v['rounds_to_target_loss'] or 'not reached'}|{f(v['speedup_loss'], False)}|"
                 f"{v['final_dev_loss']:.2f}|{f(v['final_dev_acc'])}|"
                 f"{f(v['final_dev_wer'])}|{f(v['test_wer'])}|{f(v['dev_werr'])}|{f(v['test_werr'])}|"
+                f"{f(v['corrupted_rel_weight'], False)}|"
             )
         lines.append("")
     return "\n".join(lines)
@@ -150,6 +163,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=ROOT / "bench/convergence.yaml")
     p.add_argument("--out", type=Path, default=ROOT / "bench/out/convergence")
+    p.add_argument("--report_only", action="store_true", help="summarize the runs already in --out, train nothing")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s")
     cfg = yaml.safe_load(args.config.read_text())
@@ -168,15 +182,18 @@ def main() -> None:
         return args.out / fed / f"{m}_lr{lr}"
 
     grid = [(m, lr) for m, spec in methods.items() for lr in spec["lrs"]]
-    run_all([(fl_train_command(cfg, recipe, corrupted, methods[m], lr, exp(fed_bad, m, lr)), exp(fed_bad, m, lr)) for m, lr in grid], cfg["parallel_jobs"])
+    if not args.report_only:
+        run_all([(fl_train_command(cfg, recipe, corrupted, methods[m], lr, exp(fed_bad, m, lr)), exp(fed_bad, m, lr)) for m, lr in grid], cfg["parallel_jobs"])
     # Best learning rate by final dev loss: within this budget the CTC-greedy WER of
     # most runs is still near 100%, where a model that outputs nothing scores best.
     best = {m: min(spec["lrs"], key=lambda lr: metrics(exp(fed_bad, m, lr))[-1]["dev_loss"]) for m, spec in methods.items()}
-    run_all([(fl_train_command(cfg, recipe, clean, methods[m], best[m], exp("clean", m, best[m])), exp("clean", m, best[m])) for m in methods], cfg["parallel_jobs"])
+    if not args.report_only:
+        run_all([(fl_train_command(cfg, recipe, clean, methods[m], best[m], exp("clean", m, best[m])), exp("clean", m, best[m])) for m in methods], cfg["parallel_jobs"])
 
+    bad_ids = set((corrupted.parent / "corrupted.txt").read_text().split())
     summaries, curves = [], {}
     for fed in (fed_bad, "clean"):
-        s, rows = summarize(fed, {m: (best[m], exp(fed, m, best[m])) for m in methods}, recipe, recipe / cfg["test_cuts"])
+        s, rows = summarize(fed, {m: (best[m], exp(fed, m, best[m])) for m in methods}, recipe, recipe / cfg["test_cuts"], bad_ids)
         summaries.append(s)
         curves[fed] = rows
     grid_table = {
