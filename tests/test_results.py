@@ -53,7 +53,7 @@ def test_make_results_cli(exp):
     text = (exp / "RESULTS.md").read_text()
     png = exp / "images" / "dev_curve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "![dev loss and accuracy per round](images/dev_curve.png)" in text
+    assert "![dev loss, accuracy and WER per round](images/dev_curve.png)" in text
     for needle in ("# RESULTS", "## Environments", "- pytorch version: `pytorch ", "- espnet version: `espnet ",
                    "- lhotse version:", "- Git hash:", "encoder: rnn", "name: dga", "### WER", "### CER",
                    "|dataset|Snt|Wrd|Corr|Sub|Del|Ins|Err|S.Err|",

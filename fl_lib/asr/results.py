@@ -174,7 +174,7 @@ def render(exp_dir: Path, decode_dirs: Sequence[Path], metrics: Sequence[dict[st
     lines += ["", "### Federated clients", "",
               "|client|rounds|mean weight|dropped|failed|", "|---|---|---|---|---|"]
     lines += [f"|{c.client}|{c.rounds}|{c.mean_weight:.4f}|{c.dropped}|{c.failed}|" for c in client_stats(metrics)]
-    lines += ["", "### Training curve", "", f"![dev loss and accuracy per round]({PLOT.as_posix()})", ""]
+    lines += ["", "### Training curve", "", f"![dev loss, accuracy and WER per round]({PLOT.as_posix()})", ""]
     return "\n".join(lines)
 
 
