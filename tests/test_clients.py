@@ -196,3 +196,19 @@ def test_tiny_clients_fixture_one_speaker_each(request):
         assert {c.supervisions[0].speaker for c in load_manifest_lazy(client.manifest)} == {client.id}
     for path in request.getfixturevalue("tiny_sets").values():
         assert path.is_file()
+
+
+def test_several_parts_make_one_federation(cuts_manifest, tmp_path):
+    """LibriSpeech 960 h: three training parts, one clients.jsonl; the CLI takes the parts as one --cuts list."""
+    other = tmp_path / "other.jsonl.gz"
+    CutSet.from_cuts([make_cut("D-2-0000", "D", 2.0), make_cut("B-2-0000", "B", 1.0), make_cut("D-2-0001", "D", 3.0)]).to_file(other)
+    out = tmp_path / "clients"
+    subprocess.run([sys.executable, "-m", "fl_lib.bin.split_clients", "--cuts", str(cuts_manifest), str(other),
+                    "--output_dir", str(out), "--min_utts", "2", "--min_duration", "0.5", "--max_duration", "20"],
+                   check=True, capture_output=True)
+    clients = {c.id: c for c in load_clients(out / "clients.jsonl")}
+    assert {k: (c.num_cuts, c.duration) for k, c in clients.items()} == {"A": (2, 7.0), "B": (4, 9.0), "D": (2, 5.0)}
+    assert [c.id for c in load_manifest_lazy(clients["B"].manifest)] == ["B-1-0000-0", "B-1-0001-0", "B-1-0002-0", "B-2-0000-0"]
+    CutSet.from_cuts([make_cut("D-2-0000", "D", 2.0)]).to_file(other)  # a changed part redoes the split
+    split_clients([cuts_manifest, other], out, min_utts=2, min_duration=0.5, max_duration=20.0)
+    assert "D" not in {c.id for c in load_clients(out / "clients.jsonl")}

@@ -20,7 +20,7 @@ nj=2
 seed=1234
 corpus_dir=                        # empty: synthesize the embedded corpus
 corpus_config=conf/corpus.yaml     # embedded corpus: speakers, voices, grammar size
-train_set=train-clean-100
+train_set=train-clean-100          # several parts make one federation: "train-clean-100 train-clean-360 train-other-500"
 dev_set=dev-clean
 test_sets="test-clean test-other"  # embedded: test-other holds the held-out voices
 min_utts=5                         # clients with fewer utterances are dropped (and logged)
@@ -47,6 +47,7 @@ log() {
 }
 
 manifests=$data/manifests
+train_dir=$data/clients/${train_set// /_}   # clients.jsonl and one cuts manifest per speaker
 if [ -z "$corpus_dir" ]; then
   corpus=$data/corpus/LibriSpeech
 else
@@ -80,10 +81,12 @@ if [ $stage -le 1 ] && [ $stop_stage -ge 1 ]; then
 fi
 
 if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
-  log "Stage 2: one client per speaker of $train_set; filtered dev/test sets"
-  python -m fl_lib.bin.split_clients \
-    --cuts "$manifests/librispeech_cuts_${train_set}.jsonl.gz" \
-    --output_dir "$data/clients/$train_set" \
+  log "Stage 2: one client per speaker of $train_set -> $train_dir; filtered dev/test sets"
+  train_cuts=()
+  for part in $train_set; do
+    train_cuts+=("$manifests/librispeech_cuts_${part}.jsonl.gz")
+  done
+  python -m fl_lib.bin.split_clients --cuts "${train_cuts[@]}" --output_dir "$train_dir" \
     --min_utts "$min_utts" --min_duration "$min_duration" --max_duration "$max_duration"
   for part in $dev_set $test_sets; do
     python -m fl_lib.bin.filter_cuts \
@@ -96,14 +99,14 @@ fi
 if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
   log "Stage 3: federated feature statistics (each client sums its own fbank)"
   python -m fl_lib.bin.compute_feats_stats \
-    --clients "$data/clients/$train_set/clients.jsonl" \
+    --clients "$train_dir/clients.jsonl" \
     --asr_config "$asr_config" --output_dir "$exp/asr_stats"
 fi
 
 if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
   log "Stage 4: sentencepiece ($token_type) and ESPnet token list -> $token_dir"
   python -m fl_lib.bin.train_tokenizer \
-    --clients "$data/clients/$train_set/clients.jsonl" \
+    --clients "$train_dir/clients.jsonl" \
     --token_type "$token_type" --vocab_size "$vocab_size" --output_dir "$token_dir"
 fi
 
@@ -112,7 +115,7 @@ if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
   # shellcheck disable=SC2086
   python -m fl_lib.bin.fl_train \
     --asr_config "$asr_config" --fl_config "$fl_config" \
-    --train_clients "$data/clients/$train_set/clients.jsonl" \
+    --train_clients "$train_dir/clients.jsonl" \
     --dev_cuts "$data/sets/${dev_set}.jsonl.gz" \
     --token_list "$token_dir/tokens.txt" --bpemodel "$token_dir/bpe.model" \
     --feats_stats "$exp/asr_stats/feats_stats.npz" --client_jobs "$client_jobs" \

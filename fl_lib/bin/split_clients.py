@@ -1,4 +1,7 @@
-"""Stage 2: split a cuts manifest into one federated client (cuts manifest) per speaker."""
+"""Stage 2: split cuts manifests into one federated client (cuts manifest) per speaker.
+
+Several --cuts manifests (e.g. LibriSpeech's three 960 h training parts) make one federation.
+"""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +15,7 @@ from fl_lib.log import setup_logging
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--cuts", type=Path, required=True, help="input cuts manifest (jsonl.gz)")
+    parser.add_argument("--cuts", type=Path, nargs="+", required=True, help="input cuts manifest(s) (jsonl.gz)")
     parser.add_argument("--output_dir", type=Path, required=True, help="gets clients.jsonl and cuts/<speaker>.jsonl.gz")
     parser.add_argument("--min_utts", type=int, default=1, help="drop clients with fewer cuts")
     parser.add_argument("--min_duration", type=float, default=0.0, help="drop shorter cuts (seconds)")

@@ -16,6 +16,7 @@ import re
 import shutil
 import zlib
 from collections import Counter, OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from hashlib import sha1
 from pathlib import Path
@@ -88,6 +89,13 @@ def safe_file_name(speaker: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", speaker) + "-" + sha1(speaker.encode()).hexdigest()[:8]
 
 
+def _lines(paths: Sequence[Path]) -> Iterator[bytes]:
+    """The raw lines of several gzipped jsonl manifests, in order, one file open at a time."""
+    for path in paths:
+        with gzip.open(path, "rb") as f:
+            yield from f
+
+
 def _with_newline(line: bytes) -> bytes:
     return line if line.endswith(b"\n") else line + b"\n"
 
@@ -105,7 +113,7 @@ def _log_drops(what: str, kept: int, drops: Counter) -> None:
 
 
 def split_clients(
-    cuts_path: Path,
+    cuts_paths: Path | Sequence[Path],
     output_dir: Path,
     min_utts: int = 1,
     min_duration: float = 0.0,
@@ -115,21 +123,27 @@ def split_clients(
 ) -> Path:
     """Write ``output_dir/cuts/<speaker>.jsonl.gz`` and ``output_dir/clients.jsonl``; return the latter.
 
+    Several cuts manifests (LibriSpeech's 960 h = three training parts) are read
+    one after the other in the same streaming pass and make one federation.
     Cuts outside [min_duration, max_duration], without a speaker or with several
     speakers (no one client owns them) are dropped, then clients with fewer than
     ``min_utts`` cuts; each drop is counted in the log.
     """
-    cuts_path, output_dir = Path(cuts_path), Path(output_dir)
+    cuts_paths = [Path(cuts_paths)] if isinstance(cuts_paths, (str, Path)) else [Path(p) for p in cuts_paths]
+    if not cuts_paths:
+        raise ValueError("split_clients needs at least one cuts manifest")
+    output_dir = Path(output_dir)
     clients_path = output_dir / "clients.jsonl"
     done = output_dir / DONE_MARKER
     stamp = {
-        "cuts": file_stamp(cuts_path),
+        "cuts": [file_stamp(p) for p in cuts_paths],
         "min_utts": min_utts,
         "min_duration": min_duration,
         "max_duration": str(max_duration),
     }
+    names = ", ".join(str(p) for p in cuts_paths)
     if is_done(done, stamp, [clients_path]):
-        logging.info("Clients of %s already in %s (%s exists): skipping", cuts_path, output_dir, done)
+        logging.info("Clients of %s already in %s (%s exists): skipping", names, output_dir, done)
         return clients_path
 
     done.unlink(missing_ok=True)
@@ -140,10 +154,8 @@ def split_clients(
     stats: dict[str, list] = {}  # speaker -> [num_cuts, duration]
     drops: Counter = Counter()
     kept = 0
-    with gzip.open(cuts_path, "rb") as f:
-        for line in f:
-            if not line.strip():
-                continue
+    for line in _lines(cuts_paths):
+        if line.strip():
             cut = json.loads(line)
             speakers = _speakers(cut)
             duration = cut["duration"]
@@ -163,7 +175,7 @@ def split_clients(
                 entry[1] += duration
                 kept += 1
     writers.close()
-    _log_drops(f"split_clients {cuts_path}", kept, drops)
+    _log_drops(f"split_clients {names}", kept, drops)
 
     few = sorted(s for s, (n, _) in stats.items() if n < min_utts)
     for speaker in few:
