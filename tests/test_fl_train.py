@@ -188,3 +188,5 @@ def test_stock_speech2text_loads_and_decodes(fl_data, tmp_path, tiny_sets):
     cut = next(iter(load_manifest_lazy(tiny_sets["test-clean"])))
     (text, tokens, token_ids, _hyp), *_ = s2t(torch.from_numpy(cut.load_audio()[0]))
     assert isinstance(text, str) and len(token_ids) == len(tokens)
+    saved, loaded = torch.load(tmp_path / "valid.acc.best.pth"), s2t.asr_model.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)  # our weights, unchanged
