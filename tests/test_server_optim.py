@@ -144,5 +144,5 @@ def test_shipped_configs_load_and_build(name, path, overrides):
     conf = FLConfig.from_yaml(path, overrides)
     strategy = build_strategy(conf.strategy)
     opt = conf.server_optim
-    strategy.check_server_optimizer(opt.name, opt.lr, opt.momentum, opt.schedule)
+    strategy.check_server_optimizer(opt)
     build_scheduler(build_server_optimizer([torch.nn.Parameter(torch.zeros(1))], opt), opt.schedule)

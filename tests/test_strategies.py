@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from fl_lib.fl.config import ScheduleConfig, StrategyConfig
+from fl_lib.fl.config import ScheduleConfig, ServerOptimConfig, StrategyConfig
 from fl_lib.fl.strategies import BMUF, DGA, FedAvg, FedProx, build_strategy
 from fl_lib.fl.strategies.base import ClientResult, WeightedSum
 
@@ -84,7 +84,7 @@ def test_bmuf_block_momentum_and_nesterov_hand_computed():
 
 def test_bmuf_rejects_other_server_optimizers():
     with pytest.raises(ValueError, match="bmuf"):
-        BMUF(0.9).check_server_optimizer("adam", 0.01, 0.0)
+        BMUF(0.9).check_server_optimizer(ServerOptimConfig(name="adam", lr=0.01))
 
 
 @pytest.mark.parametrize(
@@ -98,12 +98,12 @@ def test_bmuf_rejects_other_server_optimizers():
 def test_bmuf_rejects_a_server_lr_schedule(schedule):
     """A warmup or decay of the server lr would scale every block update Δ_t."""
     with pytest.raises(ValueError, match="bmuf needs a constant server lr 1"):
-        BMUF(0.9).check_server_optimizer("sgd", 1.0, 0.0, schedule)
+        BMUF(0.9).check_server_optimizer(ServerOptimConfig(schedule=schedule))
 
 
 def test_bmuf_accepts_constant_lr_1():
-    BMUF(0.9).check_server_optimizer("sgd", 1.0, 0.0, ScheduleConfig())
-    BMUF(0.9).check_server_optimizer("sgd", 1.0, 0.0)  # the schedule is optional
+    BMUF(0.9).check_server_optimizer(ServerOptimConfig(name="sgd", lr=1.0, schedule=ScheduleConfig()))
+    BMUF(0.9).check_server_optimizer(ServerOptimConfig())  # the defaults: sgd, constant lr 1
 
 
 def test_fedprox_carries_mu():

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -38,8 +38,9 @@ def _dev_acc_by_round(exp_dir: Path) -> dict[int, float]:
     return {r["round"]: r["dev_acc"] for r in rows if r.get("dev_acc") is not None}
 
 
-def select_rounds(exp_dir: Path, nbest: int) -> list[int]:
-    """The rounds to average: best dev_acc first, like ESPnet's nbest, else the latest."""
+def select_checkpoints(exp_dir: Path, nbest: Optional[int]) -> dict[int, Path]:
+    """{round: path} to average, in round order: the `nbest` kept rounds with the best
+    dev_acc, like ESPnet's nbest, else the latest; every kept round when nbest is None."""
     ckpts = round_checkpoints(exp_dir)
     if not ckpts:
         raise FileNotFoundError(f"no <N>round.pth checkpoints in {exp_dir} to average")
@@ -49,9 +50,9 @@ def select_rounds(exp_dir: Path, nbest: int) -> list[int]:
     else:
         logger.warning("metrics.jsonl lacks dev_acc for some kept rounds: averaging the latest ones")
         ranked = sorted(ckpts, reverse=True)
-    if nbest > len(ranked):
+    if nbest is not None and nbest > len(ranked):
         logger.warning("asked to average %d checkpoints, only %d kept", nbest, len(ranked))
-    return sorted(ranked[:nbest])
+    return {r: ckpts[r] for r in sorted(ranked[:nbest])}
 
 
 def average_state_dicts(paths: Sequence[Path]) -> dict[str, torch.Tensor]:
@@ -92,13 +93,11 @@ def resolve_model(exp_dir: Path, model: str) -> Path:
     model = ALIASES.get(model, model)
     m = AVE_NAME.match(model)
     if m:
-        nbest = int(m.group(1)) if m.group(1) else len(round_checkpoints(exp_dir))
-        rounds = select_rounds(exp_dir, nbest)
-        ckpts = round_checkpoints(exp_dir)
+        ckpts = select_checkpoints(exp_dir, int(m.group(1)) if m.group(1) else None)
         out = exp_dir / (model if model.endswith(".pth") else model + ".pth")
-        logger.info("averaging rounds %s -> %s", rounds, out)
+        logger.info("averaging rounds %s -> %s", list(ckpts), out)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        torch.save(average_state_dicts([ckpts[r] for r in rounds]), tmp)
+        torch.save(average_state_dicts(list(ckpts.values())), tmp)
         tmp.replace(out)
         return out
     for candidate in (exp_dir / model, Path(model)):

@@ -70,9 +70,7 @@ class FederatedServer:
         self.tokenizer = batches.tokenizer  # also decodes the CTC-greedy dev hypotheses
         self.output_dir = Path(output_dir)
         self.strategy = build_strategy(conf.strategy)
-        self.strategy.check_server_optimizer(
-            conf.server_optim.name, conf.server_optim.lr, conf.server_optim.momentum, conf.server_optim.schedule
-        )
+        self.strategy.check_server_optimizer(conf.server_optim)
         self.sampler = ClientSampler(
             [c.id for c in clients], [c.num_cuts for c in clients], conf.clients_per_round, conf.sampler, seed
         )

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..config import ScheduleConfig
+from ..config import ServerOptimConfig
 
 State = Dict[str, torch.Tensor]
 
@@ -113,7 +113,7 @@ class Strategy(ABC):
         """The weighted pseudo-gradient, or None if no client contributed."""
         return self._sum.result()
 
-    def check_server_optimizer(self, name: str, lr: float, momentum: float, schedule: Optional[ScheduleConfig] = None) -> None:
+    def check_server_optimizer(self, optim: ServerOptimConfig) -> None:
         """Reject server-optimizer settings (and LR schedules) that would silently change the algorithm."""
 
     def state_dict(self) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..config import ScheduleConfig
+from ..config import ServerOptimConfig
 from .base import Aggregate, ClientResult, State, Strategy
 
 
@@ -22,14 +22,15 @@ class BMUF(Strategy):
         self.nesterov = bool(nesterov)
         self.momentum_buffer: Optional[State] = None  # Δ_{t−1}
 
-    def check_server_optimizer(self, name: str, lr: float, momentum: float, schedule: Optional[ScheduleConfig] = None) -> None:
+    def check_server_optimizer(self, optim: ServerOptimConfig) -> None:
         """The server step must apply −Δ_t as is: any other optimizer, lr or schedule rescales the block update."""
-        if name != "sgd" or lr != 1.0 or momentum != 0.0:
+        if optim.name != "sgd" or optim.lr != 1.0 or optim.momentum != 0.0:
             raise ValueError(
                 "bmuf applies its own block momentum and learning rate: use server_optim "
-                f"name=sgd lr=1.0 momentum=0.0 (got {name} lr={lr} momentum={momentum})"
+                f"name=sgd lr=1.0 momentum=0.0 (got {optim.name} lr={optim.lr} momentum={optim.momentum})"
             )
-        if schedule is not None and (schedule.warmup_rounds or schedule.decay != "none"):
+        schedule = optim.schedule
+        if schedule.warmup_rounds or schedule.decay != "none":
             raise ValueError(
                 "bmuf needs a constant server lr 1: server_optim.schedule would scale each block update "
                 f"(got warmup_rounds={schedule.warmup_rounds} decay={schedule.decay}); tune strategy.block_lr instead"
