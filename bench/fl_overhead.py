@@ -40,45 +40,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-
-
-class Timers:
-    """Accumulated wall time per label."""
-
-    def __init__(self) -> None:
-        self.seconds = defaultdict(float)
-        self.steps: list[float] = []  # wall time of each training step (yield to next fetch)
-
-    @contextlib.contextmanager
-    def __call__(self, label: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[label] += time.perf_counter() - t0
-
-    def wrap(self, label: str, fn):
-        @functools.wraps(fn)
-        def timed(*a, **kw):
-            with self(label):
-                return fn(*a, **kw)
-
-        return timed
-
-    def iterate(self, label: str, iterable):
-        """Yield from `iterable`, timing only the fetches (data loading, batch construction)."""
-        it = iter(iterable)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                item = next(it)
-            except StopIteration:
-                self.seconds[label] += time.perf_counter() - t0
-                return
-            t1 = time.perf_counter()
-            self.seconds[label] += t1 - t0
-            yield item
-            self.steps.append(time.perf_counter() - t1)
+from common import Timers  # noqa: E402
 
 
 class TimedTrainer:

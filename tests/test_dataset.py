@@ -137,3 +137,36 @@ def test_espnet_train_one_epoch(client_cuts, tokenizer, tiny_tokens, tiny_stats,
     losses = [v.value for v in sub.stats["loss"]]
     assert len(losses) == num_batches and all(math.isfinite(v) for v in losses)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_audio_cache_gives_identical_batches(client_cuts, tokenizer):
+    """Cached epochs are bit-identical to uncached ones; the second epoch decodes nothing."""
+    from fl_lib.data.dataset import AudioCache
+
+    cache = AudioCache(max_mb=64)
+    num_cuts = len(list(client_cuts))
+    for epoch in (0, 1):
+        plain = list(make_dataloader(client_cuts, tokenizer, max_cuts=3, shuffle=True, seed=5, epoch=epoch))
+        cached = list(make_dataloader(client_cuts, tokenizer, max_cuts=3, shuffle=True, seed=5, epoch=epoch,
+                                      audio_cache=cache))
+        assert [ids for ids, _ in plain] == [ids for ids, _ in cached]
+        for (_, a), (_, b) in zip(plain, cached):
+            assert a.keys() == b.keys()
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (cache.misses, cache.hits) == (num_cuts, num_cuts)
+
+
+def test_audio_cache_evicts_least_recently_used(client_cuts):
+    from fl_lib.data.dataset import AudioCache
+
+    cuts = list(client_cuts)[:3]
+    sizes = [load_speech(c).nbytes for c in cuts]
+    cache = AudioCache(max_mb=(sizes[0] + sizes[2]) / 2**20)
+    cache.speech(cuts[0])
+    cache.speech(cuts[1])
+    cache.speech(cuts[0])  # cuts[1] is now the least recently used
+    cache.speech(cuts[2])
+    assert list(cache.items) == [cuts[0].id, cuts[2].id]
+    assert cache.bytes == sizes[0] + sizes[2] and (cache.hits, cache.misses) == (1, 3)
+    with pytest.raises(ValueError, match="> 0 MB"):
+        AudioCache(0)

@@ -5,6 +5,9 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "egs/librispeech_fl"
 
@@ -44,6 +47,15 @@ def test_run_sh_stages_0_to_6(tmp_path):
         assert score["wer"]["counts"]["Snt"] > 0
     assert "|Snt|Wrd|Corr|Sub|Del|Ins|Err|S.Err|" in results
     assert (exp / "smoke/images/dev_curve.png").exists()
-    # Re-running a finished stage is safe and quick (done markers / resume).
-    again = subprocess.run([*cmd[:2], "0", "--stop_stage", "5", *cmd[5:]], cwd=RECIPE, env=env, capture_output=True, text=True)
+    # Re-running finished stages is safe and quick (done markers / resume); --centralized true
+    # adds the centralized reference, trained for the federated run's training time, and decodes both.
+    again = [*cmd[:-2], "--centralized", "true", "--inference_model", "valid.acc.best.pth"]
+    again = subprocess.run(again, cwd=RECIPE, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-4000:]
+    assert "Stage 5: centralized reference" in again.stdout + again.stderr
+    central = exp / "centralized_train_asr_conformer_ctc"
+    fl_minutes = sum(r["train_seconds"] for r in rows) / 60
+    budget = yaml.safe_load((central / "centralized_config.yaml").read_text())["budget_minutes"]
+    assert budget == pytest.approx(fl_minutes)
+    for d in (exp / "smoke", central):
+        assert "test-other" in (d / "RESULTS.md").read_text()

@@ -9,8 +9,9 @@ from fl_lib.fl.strategies import BMUF, DGA, FedAvg, FedProx, build_strategy
 from fl_lib.fl.strategies.base import ClientResult, WeightedSum
 
 
-def result(cid, delta, num_utts=1, num_frames=1, loss=1.0, mean=0.0, rms=0.0, var=0.0):
-    return ClientResult(cid, {"w": torch.tensor(delta, dtype=torch.float32)}, num_utts, num_frames, loss, mean, rms, var)
+def result(cid, delta, num_utts=1, num_frames=1, loss=1.0, mean=0.0, rms=0.0, var=0.0, tokens=1):
+    return ClientResult(cid, {"w": torch.tensor(delta, dtype=torch.float32)}, num_utts, num_frames, loss, mean, rms, var,
+                        num_tokens=tokens)
 
 
 def run(strategy, results):
@@ -40,7 +41,26 @@ def test_dga_softmax_of_negative_beta_loss():
     assert agg.pseudo_grad["w"].item() == pytest.approx(sum(w * i for i, w in enumerate(expect)), rel=1e-6)
 
 
-@pytest.mark.parametrize("quantity,field", [("grad_mean", "mean"), ("grad_rms", "rms"), ("grad_var", "var")])
+def test_dga_loss_per_token_hand_computed():
+    """q_k = loss per utterance × utterances / tokens: a client with long transcripts is not penalized."""
+    # a: 2 utts of 10 tokens, utterance loss 20 -> 2.0/token; b: 4 utts of 2 tokens, loss 6 -> 3.0/token.
+    a = result("a", [1.0], num_utts=2, loss=20.0, tokens=20)
+    b = result("b", [0.0], num_utts=4, loss=6.0, tokens=8)
+    assert (a.loss_per_token, b.loss_per_token) == (2.0, 3.0)
+    agg = run(DGA("loss_per_token", 1.0), [a, b])
+    assert agg.weights["a"] == pytest.approx(1 / (1 + math.exp(-1.0)))  # e^-2 / (e^-2 + e^-3)
+    # By the per-utterance loss the long-transcript client would have been all but dropped.
+    assert run(DGA("train_loss", 1.0), [a, b]).weights["a"] < 1e-6
+
+
+def test_dga_rejects_signed_gradient_mean():
+    with pytest.raises(ValueError, match="sign"):
+        DGA("grad_mean", 1.0)
+    with pytest.raises(ValueError, match="no target tokens"):
+        run(DGA("loss_per_token", 1.0), [result("a", [1.0], tokens=0)])
+
+
+@pytest.mark.parametrize("quantity,field", [("grad_rms", "rms"), ("grad_var", "var")])
 def test_dga_gradient_statistics(quantity, field):
     agg = run(DGA(quantity, 1.0), [result("a", [1.0], **{field: 0.0}), result("b", [0.0], **{field: math.log(3)})])
     assert agg.weights["a"] == pytest.approx(0.75)  # e^0 / (e^0 + e^-ln3) = 1 / (1 + 1/3)

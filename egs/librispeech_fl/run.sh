@@ -28,13 +28,15 @@ min_duration=0.5
 max_duration=20.0
 token_type=char                    # sentencepiece model type: char, bpe or unigram
 vocab_size=0                       # 0: whatever the model type needs (char)
-asr_config=conf/train_asr_rnn_small.yaml
+asr_config=conf/train_asr_conformer_ctc.yaml
 fl_config=conf/fl_dga_sgd.yaml
 fl_args=                           # key=value overrides of fl_config, e.g. "rounds=5 strategy.beta=2"
 tag=                               # experiment name; default from the configs
-inference_config=conf/decode_asr.yaml
+inference_config=conf/decode_asr_ctc.yaml
 inference_model=valid.acc.best.pth
 client_jobs=2                      # processes that train a round's clients in parallel
+centralized=false                  # true: also train the centralized reference for the same time (stage 5), decode it (stage 6)
+centralized_config=conf/centralized.yaml
 data=data                          # where manifests, clients and token lists go
 exp=exp                            # where statistics and experiments go
 
@@ -62,6 +64,11 @@ if [ -z "$tag" ]; then
   tag=$(basename "${fl_config%.*}")_$(basename "${asr_config%.*}")
 fi
 expdir=$exp/$tag
+central_expdir=$exp/centralized_$(basename "${asr_config%.*}")
+decode_expdirs=$expdir
+if [ "$centralized" = true ]; then
+  decode_expdirs="$expdir $central_expdir"
+fi
 
 if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
   if [ -z "$corpus_dir" ]; then
@@ -120,17 +127,29 @@ if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
     --token_list "$token_dir/tokens.txt" --bpemodel "$token_dir/bpe.model" \
     --feats_stats "$exp/asr_stats/feats_stats.npz" --client_jobs "$client_jobs" \
     --seed "$seed" --output_dir "$expdir" $fl_args
+  if [ "$centralized" = true ]; then
+    log "Stage 5: centralized reference on the pooled clients, for $expdir's training time -> $central_expdir"
+    python -m fl_lib.bin.train_centralized \
+      --asr_config "$asr_config" --config "$centralized_config" \
+      --train_clients "$train_dir/clients.jsonl" \
+      --dev_cuts "$data/sets/${dev_set}.jsonl.gz" \
+      --token_list "$token_dir/tokens.txt" --bpemodel "$token_dir/bpe.model" \
+      --feats_stats "$exp/asr_stats/feats_stats.npz" --num_threads "$client_jobs" \
+      --seed "$seed" --budget_from "$expdir" --output_dir "$central_expdir"
+  fi
 fi
 
 if [ $stage -le 6 ] && [ $stop_stage -ge 6 ]; then
-  log "Stage 6: decode and score $dev_set $test_sets with $inference_model"
-  for part in $dev_set $test_sets; do
-    python -m fl_lib.bin.decode --exp_dir "$expdir" --model "$inference_model" \
-      --inference_config "$inference_config" \
-      --cuts "$data/sets/${part}.jsonl.gz" --nj "$nj" \
-      --output_dir "$expdir/decode_${inference_model%.pth}/$part"
+  for dir in $decode_expdirs; do
+    log "Stage 6: decode and score $dev_set $test_sets of $dir with $inference_model"
+    for part in $dev_set $test_sets; do
+      python -m fl_lib.bin.decode --exp_dir "$dir" --model "$inference_model" \
+        --inference_config "$inference_config" \
+        --cuts "$data/sets/${part}.jsonl.gz" --nj "$nj" \
+        --output_dir "$dir/decode_${inference_model%.pth}/$part"
+    done
+    python -m fl_lib.bin.make_results --exp_dir "$dir" \
+      --decode_dir "$dir/decode_${inference_model%.pth}"
+    log "Results: $dir/RESULTS.md"
   done
-  python -m fl_lib.bin.make_results --exp_dir "$expdir" \
-    --decode_dir "$expdir/decode_${inference_model%.pth}"
-  log "Results: $expdir/RESULTS.md"
 fi

@@ -95,8 +95,10 @@ def plot_dev_curve(metrics: Sequence[dict[str, Any]], png: Path) -> None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
+    unit = _unit(metrics)
+
     def series(key: str) -> tuple[list[int], list[float]]:
-        pts = [(r["round"], r[key]) for r in metrics if r.get(key) is not None]
+        pts = [(r[unit], r[key]) for r in metrics if r.get(key) is not None]
         return [p[0] for p in pts], [p[1] for p in pts]
 
     fig = Figure(figsize=(6, 8))
@@ -113,11 +115,16 @@ def plot_dev_curve(metrics: Sequence[dict[str, Any]], png: Path) -> None:
     rounds, wers = series("dev_wer")
     wer.plot(rounds, [100 * w for w in wers], marker="o", color="tab:red")
     wer.set_ylabel("dev WER % (CTC greedy)")
-    wer.set_xlabel("round")
+    wer.set_xlabel(unit)
     wer.xaxis.set_major_locator(MaxNLocator(integer=True))
     wer.grid(alpha=0.3)
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100, bbox_inches="tight")
+
+
+def _unit(metrics: Sequence[dict[str, Any]]) -> str:
+    """What one metrics row is: a federated round, or an epoch of the centralized reference."""
+    return "round" if all("round" in r for r in metrics) else "epoch"
 
 
 def collect_scores(decode_dirs: Sequence[Path]) -> dict[str, dict[str, Any]]:
@@ -149,15 +156,20 @@ def render(exp_dir: Path, decode_dirs: Sequence[Path], metrics: Sequence[dict[st
     commit_date = env.pop("Commit date")
     lines += [f"- {k}: `{v}`" for k, v in env.items()] + [f"  - Commit date: `{commit_date}`", ""]
 
+    unit = _unit(metrics)
+    if unit == "round":
+        minutes = sum(r.get("seconds", 0.0) for r in metrics) / 60
+    else:  # the centralized reference's rows carry the cumulative training time
+        minutes = metrics[-1]["train_seconds"] / 60 if metrics else 0.0
     lines += [f"## {exp_dir.name}", "",
               f"- experiment: `{exp_dir}`",
-              f"- rounds: {len(metrics)}, training time: {sum(r.get('seconds', 0.0) for r in metrics) / 60:.1f} min"]
+              f"- {unit}s: {len(metrics)}, training time: {minutes:.1f} min"]
     accs = [r for r in metrics if r.get("dev_acc") is not None]
     if accs:
         best = max(accs, key=lambda r: r["dev_acc"])
-        lines.append(f"- best dev accuracy: {best['dev_acc']:.4f} (round {best['round']})")
+        lines.append(f"- best dev accuracy: {best['dev_acc']:.4f} ({unit} {best[unit]})")
     lines += ["", "### Configs", "", _config_block(exp_dir / "asr_config.yaml", exp_dir / "config.yaml"), "",
-              _config_block(exp_dir / "fl_config.yaml"), ""]
+              _config_block(exp_dir / "fl_config.yaml", exp_dir / "centralized_config.yaml"), ""]
 
     lines += ["### Decoding", "", "|dataset|model|utts|hours|RTF|inference config|", "|---|---|---|---|---|---|"]
     for name, s in scores.items():
@@ -171,10 +183,11 @@ def render(exp_dir: Path, decode_dirs: Sequence[Path], metrics: Sequence[dict[st
         rows = {spk: ErrorStats.from_dict(d) for spk, d in s["per_speaker_wer"].items()}
         lines += ["", f"#### {name}", "", format_table(rows, "speaker")]
 
-    lines += ["", "### Federated clients", "",
-              "|client|rounds|mean weight|dropped|failed|", "|---|---|---|---|---|"]
-    lines += [f"|{c.client}|{c.rounds}|{c.mean_weight:.4f}|{c.dropped}|{c.failed}|" for c in client_stats(metrics)]
-    lines += ["", "### Training curve", "", f"![dev loss, accuracy and WER per round]({PLOT.as_posix()})", ""]
+    if unit == "round":
+        lines += ["", "### Federated clients", "",
+                  "|client|rounds|mean weight|dropped|failed|", "|---|---|---|---|---|"]
+        lines += [f"|{c.client}|{c.rounds}|{c.mean_weight:.4f}|{c.dropped}|{c.failed}|" for c in client_stats(metrics)]
+    lines += ["", "### Training curve", "", f"![dev loss, accuracy and WER per {unit}]({PLOT.as_posix()})", ""]
     return "\n".join(lines)
 
 

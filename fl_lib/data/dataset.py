@@ -8,7 +8,9 @@ padded with -1 (the decoder's and CTC's ignore_id).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -32,6 +34,39 @@ def load_speech(cut: Cut) -> np.ndarray:
     if audio.ndim != 2 or audio.shape[0] != 1:
         raise ValueError(f"cut {cut.id}: expected mono audio, got shape {audio.shape}")
     return audio[0].astype(np.float32, copy=False)
+
+
+class AudioCache:
+    """Decoded audio of the cuts a client process has already read, up to `max_mb`.
+
+    A client reads the same utterances in every local epoch and every round it is
+    sampled; decoding them once is enough. The cache lives in the process that
+    trains the client (its "device") and holds the very arrays `load_speech`
+    returned, so cached and uncached batches are identical. Least recently used
+    cuts are evicted first.
+    """
+
+    def __init__(self, max_mb: float) -> None:
+        if max_mb <= 0:
+            raise ValueError(f"audio cache size must be > 0 MB, got {max_mb}")
+        self.max_bytes = int(max_mb * 2**20)
+        self.bytes = 0
+        self.items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def speech(self, cut: Cut) -> np.ndarray:
+        audio = self.items.get(cut.id)
+        if audio is not None:
+            self.hits += 1
+            self.items.move_to_end(cut.id)
+            return audio
+        self.misses += 1
+        audio = load_speech(cut)  # batches copy it into their padded tensor, never change it
+        self.items[cut.id] = audio
+        self.bytes += audio.nbytes
+        while self.bytes > self.max_bytes and len(self.items) > 1:
+            self.bytes -= self.items.popitem(last=False)[1].nbytes
+        return audio
 
 
 def cut_text(cut: Cut) -> str:
@@ -60,8 +95,9 @@ class AsrBatchDataset(torch.utils.data.Dataset):
     descending lengths.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, audio_cache: Optional[AudioCache] = None) -> None:
         self.tokenizer = tokenizer
+        self.load = load_speech if audio_cache is None else audio_cache.speech
 
     def __getitem__(self, cuts: CutSet) -> Batch:
         items = []
@@ -70,7 +106,7 @@ class AsrBatchDataset(torch.utils.data.Dataset):
             ids = self.tokenizer.encode(text)
             if not ids:
                 raise ValueError(f"cut {cut.id}: transcript {text!r} encodes to no tokens")
-            items.append((cut.id, load_speech(cut), np.asarray(ids, dtype=np.int64)))
+            items.append((cut.id, self.load(cut), np.asarray(ids, dtype=np.int64)))
         if not items:
             raise ValueError("empty batch")
         items.sort(key=lambda item: (-len(item[1]), item[0]))
@@ -95,14 +131,18 @@ def make_dataloader(
     seed: int = 0,
     epoch: int = 0,
     num_workers: int = 0,
+    audio_cache: Optional[AudioCache] = None,
 ) -> torch.utils.data.DataLoader:
     """Batches of `cuts` (a CutSet or a manifest path, read lazily) for `Trainer.train_one_epoch`.
 
     The batches depend only on (cuts, max_duration, max_cuts, shuffle, seed,
     epoch): Lhotse shuffles with `random.Random(seed + epoch)`, so a federated
     round can reproduce a client's batches from (seed, round). Each iteration
-    over the returned loader yields the same batches.
+    over the returned loader yields the same batches. `audio_cache` (in-process
+    only: not with `num_workers`) keeps decoded audio for the next epochs.
     """
+    if audio_cache is not None and num_workers:
+        raise ValueError("an audio cache lives in one process; use num_workers=0 with it")
     if max_duration is None and max_cuts is None:
         raise ValueError("set max_duration (seconds per batch) and/or max_cuts")
     if not isinstance(cuts, CutSet):
@@ -112,7 +152,7 @@ def make_dataloader(
     )
     sampler.set_epoch(epoch)
     return torch.utils.data.DataLoader(
-        AsrBatchDataset(tokenizer),
+        AsrBatchDataset(tokenizer, audio_cache),
         sampler=sampler,
         batch_size=None,
         num_workers=num_workers,

@@ -37,15 +37,16 @@ class ProximalModel(torch.nn.Module):
 
 
 class _Counter:
-    """Counts utterances, frames and batches passing through to ESPnet."""
+    """Counts utterances, frames, target tokens and batches passing through to ESPnet."""
 
     def __init__(self, batches: Iterable) -> None:
         self.batches = batches
-        self.utts = self.frames = self.batches_seen = 0
+        self.utts = self.frames = self.tokens = self.batches_seen = 0
 
     def __iter__(self) -> Iterator:
         for utt_ids, batch in self.batches:
             self.utts += len(utt_ids)
+            self.tokens += int(batch["text_lengths"].sum())
             self.frames += int(batch["speech_lengths"].sum()) // FRAME_SHIFT_SAMPLES
             self.batches_seen += 1
             yield utt_ids, batch
@@ -150,6 +151,7 @@ class LocalTrainer:
             delta=delta,
             num_utts=counter.utts,
             num_frames=counter.frames,
+            num_tokens=counter.tokens,
             train_loss=train_loss,
             num_steps=counter.batches_seen // self.conf.accum_grad,  # ESPnet steps every accum_grad batches
             seconds=time.perf_counter() - t0,

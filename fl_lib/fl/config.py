@@ -28,6 +28,11 @@ class ClientConfig:
     max_duration: Optional[float] = 60.0  # seconds of audio per batch (Lhotse sampler)
     max_cuts: Optional[int] = None  # utterances per batch
     accum_grad: int = 1
+    audio_cache_mb: Optional[float] = None  # keep decoded audio across epochs and rounds (per worker process)
+
+    def __post_init__(self) -> None:
+        if self.audio_cache_mb is not None and self.audio_cache_mb <= 0:
+            raise ValueError(f"client.audio_cache_mb must be > 0 (or null: no cache), got {self.audio_cache_mb}")
 
 
 @dataclass

@@ -32,6 +32,7 @@ class BatchSpec:
     token_list: Path
     max_duration: Optional[float]
     max_cuts: Optional[int]
+    audio_cache_mb: Optional[float] = None  # decoded audio kept by the process that trains clients
 
     @cached_property
     def tokenizer(self):
@@ -39,16 +40,24 @@ class BatchSpec:
 
         return Tokenizer(self.bpemodel, self.token_list)
 
+    @cached_property
+    def audio_cache(self):
+        from ..data.dataset import AudioCache
+
+        return None if self.audio_cache_mb is None else AudioCache(self.audio_cache_mb)
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state.pop("tokenizer", None)  # rebuilt on first use in the worker
+        state.pop("audio_cache", None)  # each worker process caches what its clients read
         return state
 
     def __call__(self, manifest: Path, seed: int) -> Iterable:
         from ..data.dataset import make_dataloader
 
         return make_dataloader(
-            manifest, self.tokenizer, max_duration=self.max_duration, max_cuts=self.max_cuts, shuffle=True, seed=seed
+            manifest, self.tokenizer, max_duration=self.max_duration, max_cuts=self.max_cuts, shuffle=True, seed=seed,
+            audio_cache=self.audio_cache,
         )
 
 

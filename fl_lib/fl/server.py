@@ -46,7 +46,8 @@ class RoundMetrics:
     dropped: list
     failed: list
     lr: float
-    seconds: float
+    seconds: float  # the whole round
+    train_seconds: float  # clients, aggregation and server step: the round without validation
 
 
 class FederatedServer:
@@ -180,6 +181,7 @@ class FederatedServer:
             weights = aggregate.weights
         self.scheduler.step()
         used = [cid for cid in sampled if cid in weights]
+        train_seconds = time.perf_counter() - t0
         dev = {}
         if self.dev_batches is not None and ((round_idx + 1) % self.conf.validate_every == 0 or round_idx + 1 == self.conf.rounds):
             self.model.load_state_dict(self.global_state)
@@ -196,6 +198,7 @@ class FederatedServer:
             failed=failed,
             lr=lr,
             seconds=time.perf_counter() - t0,
+            train_seconds=train_seconds,
         )
 
     @torch.no_grad()
@@ -259,6 +262,7 @@ class FederatedServer:
             w.add_scalar("train/loss", m.train_loss, step)
         if m.dev_loss is not None:
             w.add_scalar("dev/loss", m.dev_loss, step)
+        if m.dev_acc is not None:  # a CTC-only model reports no accuracy
             w.add_scalar("dev/acc", m.dev_acc, step)
         if m.dev_wer is not None:
             w.add_scalar("dev/wer_ctc_greedy", m.dev_wer, step)

@@ -17,7 +17,7 @@ from .executor import BatchSpec
 from .server import FederatedServer
 
 
-def train(
+def build_server(
     conf: FLConfig,
     *,
     asr_config: Path,
@@ -32,7 +32,7 @@ def train(
     client_jobs: int = 1,
     command: Optional[Sequence[str]] = None,
 ) -> FederatedServer:
-    """Run (or resume) federated training; returns the server with the final global model.
+    """The federated server of this experiment, resumed from `output_dir` if it holds one.
 
     `command`, the argv that runs this experiment, is saved as `fl_train.sh`.
     """
@@ -46,7 +46,7 @@ def train(
     torch.manual_seed(seed)
     args = build_asr_args(asr_config, token_list, bpemodel, feats_stats)
     model = build_asr_model(args)
-    batches = BatchSpec(bpemodel, token_list, conf.client.max_duration, conf.client.max_cuts)
+    batches = BatchSpec(bpemodel, token_list, conf.client.max_duration, conf.client.max_cuts, conf.client.audio_cache_mb)
     clients = load_clients(train_clients)
     dev = None
     if dev_cuts is not None:
@@ -63,5 +63,14 @@ def train(
             "#!/usr/bin/env bash\n# The command that ran (and resumes) this experiment.\n"
             + " ".join(shlex.quote(a) for a in command) + "\n"
         )
+    return server
+
+
+def train(conf: FLConfig, **kwargs) -> FederatedServer:
+    """Run (or resume) federated training; returns the server with the final global model.
+
+    Takes `build_server`'s arguments.
+    """
+    server = build_server(conf, **kwargs)
     server.fit()
     return server

@@ -19,7 +19,7 @@ def build_strategy(conf: StrategyConfig) -> Strategy:
         return FedProx(mu=require(conf.mu, "mu", name), weight_by=conf.weight_by or "num_utts")
     if name == "dga":
         reject(name, block_momentum=conf.block_momentum, block_lr=conf.block_lr, nesterov=conf.nesterov, mu=conf.mu)
-        weight_by = conf.weight_by or "train_loss"
+        weight_by = conf.weight_by or "loss_per_token"
         if weight_by == "uniform":
             if conf.beta is not None:
                 raise ValueError("strategy 'dga' with weight_by 'uniform' does not use: beta (equal weights: nothing to scale)")

@@ -34,6 +34,16 @@ class ClientResult:
     num_steps: int = 0
     seconds: float = 0.0
     delta_finite: bool = True
+    num_tokens: int = 0  # target tokens trained on
+
+    @property
+    def loss_per_token(self) -> float:
+        """The local training loss per target token: a quality measure that does not grow with
+        transcript length. ESPnet's loss (`length_normalized_loss: false`) is the mean over
+        utterances of each utterance's summed loss, so the total is `train_loss · num_utts`."""
+        if self.num_tokens <= 0:
+            raise ValueError(f"client {self.client_id}: no target tokens counted, no loss per token")
+        return self.train_loss * self.num_utts / self.num_tokens
 
     def is_finite(self) -> bool:
         stats = (self.train_loss, self.grad_mean, self.grad_rms, self.grad_var)

@@ -1,0 +1,60 @@
+"""The centralized reference: the federated run's ESPnet model trained on the pooled clients' data.
+
+    python -m fl_lib.bin.train_centralized --asr_config conf/train_asr_conformer_small.yaml \\
+        --config conf/centralized.yaml --train_clients data/clients/train-clean-100/clients.jsonl \\
+        --dev_cuts data/sets/dev-clean.jsonl.gz --token_list data/token_list/char/tokens.txt \\
+        --bpemodel data/token_list/char/bpe.model --feats_stats exp/asr_stats/feats_stats.npz \\
+        --budget_from exp/fl_dga_sgd_train_asr_conformer_small --output_dir exp/centralized
+
+`--budget_from EXP` sets budget_minutes to that federated run's training time, so
+both are compared at equal wall-clock training time. Trailing `key=value`
+arguments override the config.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from fl_lib.log import setup_logging
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--asr_config", type=Path, required=True, help="ESPnet ASR training YAML (model)")
+    p.add_argument("--config", type=Path, default=None, help="centralized training YAML (lr, warmup, budget)")
+    p.add_argument("--train_clients", type=Path, required=True, help="clients.jsonl from stage 2; their cuts are pooled")
+    p.add_argument("--dev_cuts", type=Path, default=None)
+    p.add_argument("--token_list", type=Path, required=True)
+    p.add_argument("--bpemodel", type=Path, required=True)
+    p.add_argument("--feats_stats", type=Path, default=None, help="feats_stats.npz from stage 3 (global_mvn)")
+    p.add_argument("--budget_from", type=Path, default=None, help="a federated exp dir whose training time is the budget")
+    p.add_argument("--output_dir", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_threads", type=int, default=2, help="torch intra-op threads (the cores FL's client_jobs use)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    return p
+
+
+def main(argv=None) -> None:
+    args = get_parser().parse_args(argv)
+    setup_logging()
+    from fl_lib.asr.centralized import CentralizedConfig, federated_training_minutes, train_centralized
+
+    overrides = list(args.overrides)
+    if args.budget_from is not None:
+        if any(o.startswith("budget_minutes=") for o in overrides):
+            raise ValueError("give either --budget_from or budget_minutes=, not both")
+        minutes = federated_training_minutes(args.budget_from)
+        logging.getLogger(__name__).info(f"budget: {minutes:.2f} min, the training time of {args.budget_from}")
+        overrides.append(f"budget_minutes={minutes}")
+    conf = CentralizedConfig.from_yaml(args.config, overrides)
+    train_centralized(
+        conf, asr_config=args.asr_config, train_clients=args.train_clients, dev_cuts=args.dev_cuts,
+        token_list=args.token_list, bpemodel=args.bpemodel, feats_stats=args.feats_stats,
+        output_dir=args.output_dir, seed=args.seed, num_threads=args.num_threads,
+    )
+
+
+if __name__ == "__main__":
+    main()
