@@ -19,7 +19,7 @@ import torch
 
 from fl_lib.fl.config import FLConfig
 
-FAST = ["clients_per_round=2", "client.max_steps=2", "client.max_duration=15", "keep_checkpoints=2"]
+FAST = ["clients_per_round=2", "client.max_steps=2", "client.max_duration=15", "keep_checkpoints=2", "validate_every=1"]
 CONF_DIR = Path(__file__).resolve().parents[1] / "egs/librispeech_fl/conf"
 
 
