@@ -46,7 +46,7 @@ def test_fedprox_once_per_step_with_espnet_accum_grad():
     from fl_lib.espnet_env import asr_task
 
     w0, target, lr, mu = [1.0, -1.0], [3.0, 2.0], 0.5, 0.4
-    batch = {"speech": torch.tensor([target]), "speech_lengths": torch.tensor([160])}
+    batch = {"speech": torch.tensor([target]), "speech_lengths": torch.tensor([160]), "text_lengths": torch.tensor([3])}
     conf = ClientConfig(optim="sgd", lr=lr, grad_clip=1e9, accum_grad=2, max_steps=2)
     model = Toy(w0)
     trainer = LocalTrainer(model, asr_task().get_parser().parse_args([]), conf, lambda manifest, seed: [(["u"], batch)] * 4, seed=0)
@@ -58,6 +58,7 @@ def test_fedprox_once_per_step_with_espnet_accum_grad():
     assert model.w.tolist() == pytest.approx([2.3, 0.95])
     assert result.delta["w"].tolist() == pytest.approx([1.0 - 2.3, -1.0 - 0.95])
     assert (result.num_steps, result.num_utts, result.num_frames) == (2, 4, 4)  # 4 batches, 2 optimizer steps
+    assert result.num_tokens == 12  # 3 target tokens in each of the 4 batches
 
 
 def test_pseudo_gradient_and_statistics_hand_computed():

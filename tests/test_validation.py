@@ -1,6 +1,8 @@
 """Per-round validation: one encoder pass per dev batch, and the same numbers as two separate passes."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,11 +13,21 @@ from fl_lib.data.tokenizer import Tokenizer
 from fl_lib.fl.validation import evaluate
 
 
+CONFORMER = Path(__file__).resolve().parents[1] / "egs/librispeech_fl/conf/train_asr_conformer_ctc.yaml"
+
+
 @pytest.fixture(scope="module")
-def model_and_data(tiny_tokens, tiny_stats, tiny_asr_config, tiny_sets):
+def model_and_data(tiny_tokens, tiny_clients, tiny_sets, tmp_path_factory):
+    """The recipe's conformer: ESPnet's BiGRU encoder (RNNP) applies dropout even in eval mode
+    (`F.dropout` without `training=`), so two forwards of it never agree."""
+    from fl_lib.features.stats import federated_feats_stats
+
     bpemodel, token_list = tiny_tokens
+    stats = federated_feats_stats(tiny_clients, CONFORMER, tmp_path_factory.mktemp("stats40"))
     torch.manual_seed(0)
-    model = build_asr_model(build_asr_args(tiny_asr_config, token_list, bpemodel, tiny_stats))
+    model = build_asr_model(build_asr_args(CONFORMER, token_list, bpemodel, stats))
+    with torch.no_grad():  # an untrained CTC head outputs only blanks; a sharp random one outputs varied text
+        model.ctc.ctc_lo.weight.mul_(50.0)
     tokenizer = Tokenizer(bpemodel, token_list)
     return model, tokenizer, list(make_dataloader(tiny_sets["dev-clean"], tokenizer, max_cuts=2))
 
@@ -42,5 +54,6 @@ def test_one_encoder_pass_per_batch_and_same_result_as_two_passes(model_and_data
                 hyps.append(tokenizer.decode(torch.unique_consecutive(ids[: int(n)]).tolist()))
                 refs.append(tokenizer.decode(ref[: int(m)].tolist()))
     stats = score(refs, hyps)
+    assert any(hyps) and stats.err > 0
     assert out["wer"] == stats.err / stats.wrd
     assert out["loss"] == pytest.approx(loss / weight, rel=1e-6)
