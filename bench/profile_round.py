@@ -3,8 +3,8 @@
 Runs `--rounds` real rounds of `FederatedServer` with in-process clients (one torch
 thread, as each `--client_jobs` worker has) and times, by hooks and wrappers:
 
-- `data`: fetching a batch (audio loading or cached features, tokenization, padding),
-  of which `audio_load` is `load_speech` (FLAC decoding) and `feats_cache` the cache reads;
+- `data`: fetching a batch (tokenization, padding, cache lookups), apart from
+  `audio_load`, the time in `load_speech` (FLAC decoding of cuts not cached yet);
 - `frontend` (STFT + fbank), `normalize_specaug`, `encoder_fwd`, `decoder_fwd`, `ctc_fwd`:
   forward hooks on the ESPnet model's modules;
 - `backward`: `Tensor.backward` (all modules together), and `optimizer`: the client steps;
@@ -92,16 +92,11 @@ def _patched(timers, server, model):
     trainer = server.clients_executor.trainer
     make_batches = trainer.make_batches
     trainer.make_batches = lambda *a: timers.iterate("data", make_batches(*a))
-    cache = getattr(dataset_mod, "load_cached_feats", None)
-    if cache is not None:
-        dataset_mod.load_cached_feats = timers.wrap("feats_cache", cache)
     try:
         yield
     finally:
         dataset_mod.load_speech, torch.Tensor.backward = saved_load, saved_backward
         client_mod.build_client_optimizer, server_mod.evaluate = saved_build, saved_eval
-        if cache is not None:
-            dataset_mod.load_cached_feats = cache
 
 
 def state_transfer_seconds(state) -> float:
@@ -141,9 +136,8 @@ def main() -> None:
     clients = sum(len(server.sampler.sample(r)) for r in range(opts.rounds))
     sec["state_transfer"] = state_transfer_seconds(server.global_state) * clients
     parts = {
-        "data": sec.get("data", 0.0) - sec.get("audio_load", 0.0) - sec.get("feats_cache", 0.0),
+        "data": sec.get("data", 0.0) - sec.get("audio_load", 0.0),
         "audio_load": sec.get("audio_load", 0.0),
-        "feats_cache": sec.get("feats_cache", 0.0),
         **{k: sec.get(k, 0.0) for k in ("frontend", "encoder_fwd", "decoder_fwd", "ctc_fwd")},
         "backward": sec.get("backward", 0.0),
         "optimizer": sec.get("optimizer", 0.0),

@@ -24,7 +24,7 @@ from ..data.clients import load_clients
 from ..data.dataset import make_dataloader
 from ..data.tokenizer import Tokenizer
 from ..fl.checkpoint import atomic_copy, atomic_save
-from ..fl.config import from_dict, parse_override, set_dotted
+from ..fl.config import load_config
 from ..fl.validation import evaluate
 from .model import build_asr_args, build_asr_model, save_espnet_config
 
@@ -52,12 +52,7 @@ class CentralizedConfig:
 
     @classmethod
     def from_yaml(cls, path: Optional[Path], overrides: Sequence[str] = ()) -> "CentralizedConfig":
-        data = {}
-        if path is not None:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        for item in overrides:
-            set_dotted(data, *parse_override(item))
-        return from_dict(cls, data)
+        return load_config(cls, path, overrides)
 
 
 class _Budget:

@@ -127,17 +127,22 @@ class FLConfig:
 
     @classmethod
     def from_yaml(cls, path: Optional[Path], overrides: Sequence[str] = ()) -> "FLConfig":
-        data = {}
-        if path is not None:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        for item in overrides:
-            key, value = parse_override(item)
-            set_dotted(data, key, value)
-        return from_dict(cls, data)
+        return load_config(cls, path, overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def load_config(cls, path: Optional[Path], overrides: Sequence[str] = ()):
+    """Dataclass `cls` from a YAML file (None: defaults) and dotted `key=value` overrides."""
+    data = {}
+    if path is not None:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(data, key, value)
+    return from_dict(cls, data)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
