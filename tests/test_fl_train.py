@@ -156,7 +156,7 @@ def test_fedprox_pulls_each_step_back_by_mu(fl_data, conformer_config, tmp_path)
     from fl_lib.fl.client import LocalTrainer
 
     lr, mu = 0.05, 0.5
-    overrides = ["client.optim=sgd", f"client.lr={lr}", "client.grad_clip=1.0e9", "client.max_steps=2", f"strategy.mu={mu}"]
+    overrides = ["client.optim=sgd", f"client.lr={lr}", "client.grad_clip=1000000000.0", "client.max_steps=2", f"strategy.mu={mu}"]
     server = build_server(fl_data, tmp_path, "fl_fedprox.yaml", overrides, asr_config=conformer_config)
     trainer = server.clients_executor.trainer
     one_step = LocalTrainer(build_asr_model(server.args), server.args, replace(server.conf.client, max_steps=1), trainer.make_batches, trainer.seed)
@@ -165,9 +165,11 @@ def test_fedprox_pulls_each_step_back_by_mu(fl_data, conformer_config, tmp_path)
     prox = trainer.train(cid, manifest, w0, 0, server.strategy.proximal_mu).delta
     plain = trainer.train(cid, manifest, w0, 0, 0.0).delta
     first = one_step.train(cid, manifest, w0, 0, 0.0).delta  # Δ₁ = w₀ − w₁
-    for k in server.param_names:
-        torch.testing.assert_close(prox[k] - plain[k], -lr * mu * first[k], rtol=1e-3, atol=1e-7)
-    assert any(first[k].abs().max() > 0 for k in server.param_names)
+    got = torch.cat([(prox[k] - plain[k]).flatten() for k in server.param_names])
+    expected = torch.cat([-lr * mu * first[k].flatten() for k in server.param_names])
+    # Exact but for float32 rounding of the weights (~1e-7 per entry), far below the pull itself.
+    assert torch.linalg.norm(got - expected) < 1e-3 * torch.linalg.norm(expected)
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-6)
 
 
 def test_resume_after_kill_is_bitwise_identical(fl_data, tmp_path):
@@ -429,7 +431,7 @@ def test_init_param_and_freeze_param_apply_as_in_espnet(fl_data, conformer_confi
     asr_config.write_text(yaml.safe_dump(conf))
 
     server = build_server(fl_data, tmp_path / "exp", "fl_fedavg.yaml", ["rounds=1"], asr_config=asr_config)
-    start = _floats(server.global_state)
+    start = _copy(server.global_state)
     encoder = [k for k in seed_model if k.startswith("encoder.")]
     assert encoder and all(torch.equal(start[k], seed_model[k]) for k in encoder)
     assert not all(torch.equal(start[k], seed_model[k]) for k in start if k.startswith("decoder."))  # default init

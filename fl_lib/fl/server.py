@@ -140,7 +140,8 @@ class FederatedServer:
         return {
             "seed": self.seed,
             "espnet_config": espnet_config(self.args),
-            "clients": {cid: content_digest(c.manifest) for cid, c in sorted(self.clients.items())},
+            # A missing manifest is a client that fails each round it is sampled, not a start-up error.
+            "clients": {cid: content_digest(c.manifest) if c.manifest.exists() else None for cid, c in sorted(self.clients.items())},
         }
 
     def state_dict(self) -> dict:
