@@ -1,8 +1,11 @@
 """Federated training on the tiny embedded corpus with a real ESPnet model.
 
-Covers: a multi-round run per strategy, resume after `kill -9` (bitwise equal to
-an uninterrupted run), dropping a NaN client, surviving a failing client, and
-loading the result with ESPnet's stock `Speech2Text`.
+Covers: every strategy's aggregate on a BatchNorm model against its formula,
+FedProx's pull, resume after `kill -9` (bitwise equal to an uninterrupted run) and
+what may change on resume, parallel workers bitwise equal to serial, dropping NaN and
+all-steps-invalid clients, rounds that do not count and the run they stop, the N
+best rounds kept, init_param/freeze_param, and loading the result with ESPnet's
+stock `Speech2Text`.
 """
 from __future__ import annotations
 
@@ -237,6 +240,9 @@ def test_resume_accepts_harmless_keys_and_refuses_other_client_data(fl_data, con
     harmless = ["validate_every=2", "keep_checkpoints=3", "dev_max_duration=60", "max_failed_rounds=5"]
     run_inprocess(data, out, "fl_fedavg.yaml", ["rounds=2", *harmless], **kw)
     assert [r["round"] for r in metrics(out)] == [1, 2]
+    for name in ("config.yaml", "fl_config.yaml", "latest.pth", "valid.acc.best.pth", "checkpoint.pth", "2round.pth"):
+        assert (out / name).exists(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
     manifest = tmp_path / f"{clients[0].id}.jsonl.gz"
     lines = gzip.open(manifest, "rt").read().splitlines(keepends=True)
