@@ -27,3 +27,20 @@ def test_corrupt_two_clients_shuffles_their_words_only(tiny_clients, tmp_path):
             assert [len(t.split()) for t in old_text] == [len(t.split()) for t in new_text]
         else:
             assert new_text == old_text
+
+
+def test_client_ids_that_are_not_file_names_stay_in_the_output_dir(tiny_clients, tmp_path):
+    """An id like `../x` must not write outside output_dir/cuts: the stage-2 safe name is used."""
+    import json
+
+    from fl_lib.data.clients import safe_file_name
+
+    first = load_clients(tiny_clients)[0]
+    listing = tmp_path / "clients.jsonl"
+    row = {"num_cuts": first.num_cuts, "duration": first.duration, "manifest": str(first.manifest)}
+    listing.write_text("".join(json.dumps({"id": i, **row}) + "\n" for i in ("../escaped", "a/b")))
+    out = tmp_path / "out"
+    corrupted = load_clients(corrupt_clients(listing, out, num_corrupted=2, seed=0))
+    assert not (out / "escaped.jsonl.gz").exists()
+    assert sorted(c.manifest.name for c in corrupted) == sorted(f"{safe_file_name(i)}.jsonl.gz" for i in ("../escaped", "a/b"))
+    assert all(c.manifest.parent == (out / "cuts").resolve() for c in corrupted)

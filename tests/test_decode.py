@@ -181,6 +181,18 @@ def test_resolve_model_ranks_by_dev_acc(tmp_path):
         resolve_model(tmp_path, "missing.pth")
 
 
+def test_ctc_only_rounds_rank_by_dev_loss_as_the_best_model_does(tmp_path):
+    """A CTC-only model reports no accuracy: averaging ranks by −dev_loss, the criterion that
+    picks valid.acc.best.pth, not by recency."""
+    for r, value in ((1, 0.0), (2, 10.0), (3, 20.0)):
+        torch.save({"w": torch.tensor([value])}, tmp_path / f"{r}round.pth")
+    rows = [{"round": 1, "dev_loss": 30.0, "dev_acc": None}, {"round": 2, "dev_loss": 10.0, "dev_acc": None},
+            {"round": 3, "dev_loss": 20.0, "dev_acc": None}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert torch.load(resolve_model(tmp_path, "valid.acc.ave_2best.pth"))["w"].item() == 15.0  # rounds 2 and 3
+    assert torch.load(resolve_model(tmp_path, "valid.acc.ave_1best.pth"))["w"].item() == 10.0
+
+
 def test_inference_config(tmp_path):
     conf = load_inference_config(CONF / "decode_asr.yaml")
     assert 4 <= conf["beam_size"] <= 10 and 0.3 <= conf["ctc_weight"] <= 0.5 and conf["nbest"] == 1

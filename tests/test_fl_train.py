@@ -1,8 +1,11 @@
 """Federated training on the tiny embedded corpus with a real ESPnet model.
 
-Covers: a multi-round run per strategy, resume after `kill -9` (bitwise equal to
-an uninterrupted run), dropping a NaN client, surviving a failing client, and
-loading the result with ESPnet's stock `Speech2Text`.
+Covers: every strategy's aggregate on a BatchNorm model against its formula,
+FedProx's pull, resume after `kill -9` (bitwise equal to an uninterrupted run) and
+what may change on resume, parallel workers bitwise equal to serial, dropping NaN and
+all-steps-invalid clients, rounds that do not count and the run they stop, the N
+best rounds kept, init_param/freeze_param, and loading the result with ESPnet's
+stock `Speech2Text`.
 """
 from __future__ import annotations
 
@@ -47,21 +50,129 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("conf_name", ["fl_dga.yaml", "fl_fedavg.yaml", "fl_bmuf.yaml", "fl_fedprox.yaml"])
-def test_two_rounds_each_strategy(fl_data, tmp_path, conf_name):
-    run_inprocess(fl_data, tmp_path, conf_name, ["rounds=2"])
-    rows = metrics(tmp_path)
-    assert [r["round"] for r in rows] == [1, 2]
-    for r in rows:
-        assert len(r["clients"]) == 2 and not r["dropped"] and not r["failed"]
-        assert sum(r["weights"]) == pytest.approx(1.0)
-        assert r["train_loss"] > 0 and 0.0 <= r["dev_acc"] <= 1.0
-    for name in ("config.yaml", "latest.pth", "valid.acc.best.pth", "1round.pth", "2round.pth", "checkpoint.pth"):
-        assert (tmp_path / name).exists(), name
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    start = torch.load(tmp_path / "1round.pth")
-    end = torch.load(tmp_path / "2round.pth")
-    assert any(not torch.equal(start[k], end[k]) for k in start if start[k].is_floating_point())
+@pytest.fixture(scope="module")
+def conformer_config(tmp_path_factory, tiny_asr_config) -> Path:
+    """A tiny conformer: its convolution module has BatchNorm, whose float buffers are aggregated too."""
+    import yaml
+
+    conf = yaml.safe_load(tiny_asr_config.read_text())
+    conf["encoder"] = "conformer"
+    conf["encoder_conf"] = dict(
+        output_size=32, attention_heads=2, linear_units=64, num_blocks=1, input_layer="conv2d",
+        use_cnn_module=True, cnn_module_kernel=3, macaron_style=False, dropout_rate=0.1,
+    )
+    conf["decoder_conf"] = dict(attention_heads=2, linear_units=64, num_blocks=1)
+    conf["model_conf"] = dict(ctc_weight=0.5)
+    path = tmp_path_factory.mktemp("conformer") / "train_asr_conformer_tiny.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+def build_server(fl_data, out: Path, conf_name: str, overrides=(), asr_config=None, seed=7, client_jobs=1):
+    """What `train()` builds, without fitting it: a test drives the rounds and inspects the server."""
+    from fl_lib.asr.model import build_asr_args, build_asr_model
+    from fl_lib.data.clients import load_clients
+    from fl_lib.fl.executor import BatchSpec
+    from fl_lib.fl.server import FederatedServer
+
+    conf = FLConfig.from_yaml(CONF_DIR / conf_name, [*FAST, *overrides])
+    torch.manual_seed(seed)
+    args = build_asr_args(asr_config or fl_data["asr_config"], fl_data["token_list"], fl_data["bpemodel"], fl_data["feats_stats"])
+    batches = BatchSpec(fl_data["bpemodel"], fl_data["token_list"], conf.client.max_duration, conf.client.max_cuts)
+    clients = load_clients(fl_data["train_clients"])
+    return FederatedServer(build_asr_model(args), args, conf, clients, batches, None, out, seed, client_jobs)
+
+
+def _floats(state) -> dict:
+    return {k: v.detach().clone() for k, v in state.items() if v.is_floating_point()}
+
+
+def _copy(state) -> dict:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _expected_weights(conf_name: str, results, beta: float) -> list[float]:
+    """Each strategy's client weights, computed here from the clients' own results."""
+    if conf_name == "fl_dga_sgd.yaml":
+        z = torch.tensor([-beta * r.train_loss for r in results], dtype=torch.float64)
+        return torch.softmax(z, 0).tolist()
+    if conf_name == "fl_bmuf.yaml":
+        return [1.0 / len(results)] * len(results)
+    total = sum(r.num_utts for r in results)  # fedavg, fedprox: by utterances
+    return [r.num_utts / total for r in results]
+
+
+@pytest.mark.parametrize("conf_name", ["fl_fedavg.yaml", "fl_fedprox.yaml", "fl_dga_sgd.yaml", "fl_bmuf.yaml"])
+def test_each_strategy_on_a_batchnorm_model(fl_data, conformer_config, tmp_path, conf_name):
+    """Two rounds of every strategy on a conformer (BatchNorm), checked against the strategy's formula.
+
+    The clients are replayed on a second model object from the same start weights
+    and seeds; the server's new global state must be the formula applied to those
+    results, BatchNorm buffers included. Under BMUF, buffers take the plain client
+    mean and no look-ahead, so the running variance stays a variance.
+    """
+    from fl_lib.asr.model import build_asr_model
+    from fl_lib.fl.client import LocalTrainer
+
+    server = build_server(fl_data, tmp_path, conf_name, ["clients_per_round=3"], asr_config=conformer_config)
+    params = set(server.param_names)
+    buffers = {k for k, v in server.global_state.items() if v.is_floating_point()} - params
+    assert any(k.endswith("running_var") for k in buffers), "the model has no BatchNorm"
+    serial = server.clients_executor.trainer
+    replay = LocalTrainer(build_asr_model(server.args), server.args, server.conf.client, serial.make_batches, serial.seed)
+    eta, zeta = server.conf.strategy.block_momentum, server.conf.strategy.block_lr
+    block = {k: torch.zeros_like(server.global_state[k]) for k in params}  # BMUF's Δ_{t−1}
+    for draw in range(2):
+        w = _floats(server.global_state)
+        start = _copy(server.strategy.broadcast(server.global_state))
+        if conf_name == "fl_bmuf.yaml":  # Nesterov look-ahead on parameters only
+            assert all(torch.equal(start[k], w[k]) for k in buffers)
+            assert all(torch.allclose(start[k], w[k] + eta * block[k]) for k in params)
+        results = [
+            replay.train(cid, server.clients[cid].manifest, start, draw, server.strategy.proximal_mu)
+            for cid in server.sampler.sample(draw)
+        ]
+        m = server.run_round(draw)
+        server.draws, server.round = draw + 1, draw + 1
+        a = _expected_weights(conf_name, results, server.conf.strategy.beta or 0.0)
+        assert m.clients == [r.client_id for r in results] and m.weights == pytest.approx(a, rel=1e-6)
+        for k in w:
+            mean = sum(ak * r.delta[k] for ak, r in zip(a, results))
+            if conf_name == "fl_bmuf.yaml" and k in params:
+                block[k] = eta * block[k] - zeta * mean
+                expected = w[k] + block[k]
+            else:  # every other strategy with server SGD lr 1, and BMUF's buffers: w − Σ a_k Δ_k
+                expected = start[k] - mean
+            assert torch.allclose(server.global_state[k], expected, rtol=1e-5, atol=1e-6), k
+        assert all((server.global_state[k] > 0).all() for k in buffers if k.endswith("running_var"))
+
+
+def test_fedprox_pulls_each_step_back_by_mu(fl_data, conformer_config, tmp_path):
+    """With client SGD (lr η), FedProx's second step differs from FedAvg's by exactly −η·μ·(w₁ − w₀).
+
+    Replaces a test that only checked a constructor kept its argument: this one
+    fails if μ is not applied, applied twice per step, or applied with the wrong sign.
+    """
+    from dataclasses import replace
+
+    from fl_lib.asr.model import build_asr_model
+    from fl_lib.fl.client import LocalTrainer
+
+    lr, mu = 0.05, 0.5
+    overrides = ["client.optim=sgd", f"client.lr={lr}", "client.grad_clip=1000000000.0", "client.max_steps=2", f"strategy.mu={mu}"]
+    server = build_server(fl_data, tmp_path, "fl_fedprox.yaml", overrides, asr_config=conformer_config)
+    trainer = server.clients_executor.trainer
+    one_step = LocalTrainer(build_asr_model(server.args), server.args, replace(server.conf.client, max_steps=1), trainer.make_batches, trainer.seed)
+    cid = server.sampler.sample(0)[0]
+    manifest, w0 = server.clients[cid].manifest, _copy(server.global_state)
+    prox = trainer.train(cid, manifest, w0, 0, server.strategy.proximal_mu).delta
+    plain = trainer.train(cid, manifest, w0, 0, 0.0).delta
+    first = one_step.train(cid, manifest, w0, 0, 0.0).delta  # Δ₁ = w₀ − w₁
+    got = torch.cat([(prox[k] - plain[k]).flatten() for k in server.param_names])
+    expected = torch.cat([-lr * mu * first[k].flatten() for k in server.param_names])
+    # Exact but for float32 rounding of the weights (~1e-7 per entry), far below the pull itself.
+    assert torch.linalg.norm(got - expected) < 1e-3 * torch.linalg.norm(expected)
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-6)
 
 
 def test_resume_after_kill_is_bitwise_identical(fl_data, tmp_path):
@@ -88,9 +199,9 @@ def test_resume_after_kill_is_bitwise_identical(fl_data, tmp_path):
     done = torch.load(ckpt, weights_only=False)["round"]
     assert done < 3, "the run finished before it could be killed; nothing was resumed"
 
-    (killed / ".latest.pth.tmp99999").write_bytes(b"half-written")  # what a kill during atomic_save leaves
+    (killed / ".tmp99999.latest.pth").write_bytes(b"half-written")  # what a kill during atomic_save leaves
     resumed = subprocess.run([*args, "--output_dir", str(killed)], check=True, env=env, capture_output=True, text=True)
-    assert not list(killed.glob(".*.tmp*"))
+    assert not list(killed.glob(".tmp*"))
     assert f"resumed from {ckpt}: {done} of 3 rounds done" in resumed.stderr
     a, b = torch.load(straight / "latest.pth"), torch.load(killed / "latest.pth")
     assert a.keys() == b.keys()
@@ -110,10 +221,63 @@ def test_resume_refuses_another_experiment(fl_data, tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
-def test_parallel_client_jobs_match_serial_bitwise(fl_data, tmp_path):
-    serial = run_inprocess(fl_data, tmp_path / "serial", "fl_dga.yaml", ["rounds=1"])
-    parallel = run_inprocess(fl_data, tmp_path / "parallel", "fl_dga.yaml", ["rounds=1"], client_jobs=2)
-    assert metrics(tmp_path / "serial")[0]["weights"] == metrics(tmp_path / "parallel")[0]["weights"]
+def test_resume_accepts_harmless_keys_and_refuses_other_client_data(fl_data, conformer_config, tmp_path):
+    """validate_every, keep_checkpoints, dev_max_duration and max_failed_rounds never change what a
+    round computes; a client manifest with other content (same ids) is another experiment."""
+    import gzip
+    import shutil
+
+    from fl_lib.data.clients import load_clients
+
+    clients = load_clients(fl_data["train_clients"])
+    listing = tmp_path / "clients.jsonl"
+    with open(listing, "w") as f:
+        for c in clients:
+            copy = shutil.copy(c.manifest, tmp_path / f"{c.id}.jsonl.gz")
+            f.write(json.dumps({"id": c.id, "num_cuts": c.num_cuts, "duration": c.duration, "manifest": str(copy)}) + "\n")
+    data, out, kw = {**fl_data, "train_clients": listing}, tmp_path / "exp", dict(asr_config=conformer_config)
+    run_inprocess(data, out, "fl_fedavg.yaml", ["rounds=1"], **kw)
+    harmless = ["validate_every=2", "keep_checkpoints=3", "dev_max_duration=60", "max_failed_rounds=5"]
+    run_inprocess(data, out, "fl_fedavg.yaml", ["rounds=2", *harmless], **kw)
+    assert [r["round"] for r in metrics(out)] == [1, 2]
+    for name in ("config.yaml", "fl_config.yaml", "latest.pth", "valid.acc.best.pth", "checkpoint.pth", "2round.pth"):
+        assert (out / name).exists(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+    manifest = tmp_path / f"{clients[0].id}.jsonl.gz"
+    lines = gzip.open(manifest, "rt").read().splitlines(keepends=True)
+    with gzip.open(manifest, "wt") as f:  # what stage 2 with a stricter filter leaves: one cut fewer
+        f.writelines(lines[:-1])
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match="belongs to another experiment: clients differ"):
+        run_inprocess(data, out, "fl_fedavg.yaml", ["rounds=3", *harmless], **kw)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_parallel_client_jobs_match_serial_bitwise(fl_data, conformer_config, tmp_path, caplog):
+    """Each of 2 workers trains >= 2 clients over 2 rounds, accum_grad=2, clients with an odd
+    number of batches: a gradient left over from one client would reach the next one's first step."""
+    import logging
+    import re
+    from collections import Counter
+
+    from fl_lib.data.clients import load_clients
+
+    max_cuts = 2
+    sizes = [c.num_cuts for c in load_clients(fl_data["train_clients"])]
+    assert any(-(-n // max_cuts) % 2 == 1 for n in sizes), "no client has an odd number of batches"
+    overrides = [
+        "rounds=2", f"clients_per_round={len(sizes)}", "client.max_steps=null", "client.max_duration=null",
+        f"client.max_cuts={max_cuts}", "client.accum_grad=2", "client.local_epochs=1",
+    ]
+    kw = dict(asr_config=conformer_config)
+    serial = run_inprocess(fl_data, tmp_path / "serial", "fl_dga.yaml", overrides, **kw)
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="fl_lib.fl.server")
+    parallel = run_inprocess(fl_data, tmp_path / "parallel", "fl_dga.yaml", overrides, client_jobs=2, **kw)
+    workers = Counter(re.findall(r"client \S+: train_loss=.* pid=(\d+)", caplog.text))
+    assert len(workers) == 2 and min(workers.values()) >= 2, workers
+    assert [r["weights"] for r in metrics(tmp_path / "serial")] == [r["weights"] for r in metrics(tmp_path / "parallel")]
     assert all(torch.equal(serial.global_state[k], parallel.global_state[k]) for k in serial.global_state)
 
 
@@ -142,20 +306,79 @@ def test_nan_client_is_dropped_and_failing_client_reported(fl_data, tmp_path, ca
     assert f"client {broken_id} failed" in caplog.text
 
 
-def test_all_clients_dropped_leaves_model_unchanged(fl_data, tmp_path, caplog):
+def _listing(tmp_path: Path, fl_data, broken: set) -> Path:
+    """A copy of the client listing whose `broken` clients point at a manifest that does not exist."""
     from fl_lib.data.clients import load_clients
 
-    clients = load_clients(fl_data["train_clients"])[:2]
     listing = tmp_path / "clients.jsonl"
     listing.write_text("".join(
-        json.dumps({"id": c.id, "num_cuts": c.num_cuts, "duration": c.duration, "manifest": str(tmp_path / "missing.jsonl.gz")}) + "\n"
-        for c in clients
+        json.dumps({"id": c.id, "num_cuts": c.num_cuts, "duration": c.duration,
+                    "manifest": str(tmp_path / "missing.jsonl.gz" if c.id in broken else c.manifest)}) + "\n"
+        for c in load_clients(fl_data["train_clients"])
     ))
-    server = run_inprocess({**fl_data, "train_clients": listing}, tmp_path / "exp", "fl_dga.yaml", ["rounds=1"])
-    assert "the model stays unchanged" in caplog.text
-    init = torch.load(tmp_path / "exp" / "1round.pth")
-    assert metrics(tmp_path / "exp")[0]["clients"] == []
-    assert all(torch.equal(init[k], server.global_state[k]) for k in init)
+    return listing
+
+
+def test_rounds_below_min_clients_do_not_count_and_stop_the_run(fl_data, conformer_config, tmp_path):
+    """One client of each of two draws fails; min_clients_per_round=3, so no round counts: after
+    max_failed_rounds the run stops, and model, server Adam and LR schedule are as they started."""
+    from fl_lib.data.clients import load_clients
+    from fl_lib.fl.sampling import ClientSampler
+    from fl_lib.fl.server import RoundsFailedError
+
+    ids = [c.id for c in load_clients(fl_data["train_clients"])]
+    sampler = ClientSampler(ids, [1] * len(ids), 3, "uniform", seed=7)
+    broken = sorted(set(sampler.sample(0)) & set(sampler.sample(1)))[0]  # two draws of 3 of 4 clients share one
+    listing = _listing(tmp_path, fl_data, {broken})
+    overrides = ["rounds=1", "clients_per_round=3", "min_clients_per_round=3", "max_failed_rounds=2"]
+    server = build_server({**fl_data, "train_clients": listing}, tmp_path / "exp", "fl_fedadam.yaml", overrides, asr_config=conformer_config)
+    assert server.sampler.sample(0) == sampler.sample(0)
+    before = _floats(server.global_state)
+    optimizer, scheduler = server.optimizer.state_dict(), server.scheduler.state_dict()
+    with pytest.raises(RoundsFailedError) as error:
+        server.fit()
+    message = str(error.value)
+    assert "2 sampled rounds in a row had fewer than min_clients_per_round=3" in message
+    assert message.count(f"failed ['{broken}']") == 2 and f"first traceback (draw 1, client {broken})" in message
+    assert "missing.jsonl.gz" in message  # the traceback itself
+    assert server.round == 0 and server.draws == 2
+    assert all(torch.equal(before[k], server.global_state[k]) for k in before)
+    assert server.optimizer.state_dict() == optimizer and server.scheduler.state_dict() == scheduler
+    assert not (tmp_path / "exp" / "checkpoint.pth").exists() and not (tmp_path / "exp" / "metrics.jsonl").exists()
+
+
+def test_cli_exits_non_zero_when_no_round_counts(fl_data, tmp_path):
+    """Every client fails: fl_train exits non-zero naming the clients and the first traceback."""
+    from fl_lib.bin.fl_train import main
+    from fl_lib.data.clients import load_clients
+
+    ids = {c.id for c in load_clients(fl_data["train_clients"])}
+    listing = _listing(tmp_path, fl_data, ids)
+    argv = [
+        "--asr_config", fl_data["asr_config"], "--fl_config", CONF_DIR / "fl_fedavg.yaml", "--train_clients", listing,
+        "--token_list", fl_data["token_list"], "--bpemodel", fl_data["bpemodel"], "--feats_stats", fl_data["feats_stats"],
+        "--output_dir", tmp_path / "exp", *FAST, "rounds=2", f"clients_per_round={len(ids)}", "max_failed_rounds=3",
+    ]
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in argv])
+    message = str(exit_.value.code)  # a string code: Python prints it and exits with status 1
+    assert message.startswith("fl_train: 3 sampled rounds in a row")
+    assert "Traceback" in message and all(cid in message for cid in ids)
+    assert not (tmp_path / "exp" / "1round.pth").exists()
+
+
+def test_clients_whose_every_step_is_invalid_are_dropped(fl_data, conformer_config, tmp_path):
+    """ESPnet skips a step whose gradient norm is not finite; a client with no valid step has Δ = 0
+    and a finite loss, and must be dropped and counted, not aggregated at full weight."""
+    from fl_lib.fl.server import RoundsFailedError
+
+    server = build_server(fl_data, tmp_path, "fl_fedavg.yaml", ["max_failed_rounds=1"], asr_config=conformer_config)
+    for p in server.model.parameters():  # serial mode trains on this object: every gradient becomes inf
+        p.register_hook(lambda g: torch.full_like(g, float("inf")))
+    before = _floats(server.global_state)
+    with pytest.raises(RoundsFailedError, match=r"used \[\], failed \[\], dropped \(non-finite\) \['"):
+        server.fit()
+    assert all(torch.equal(before[k], server.global_state[k]) for k in before)
 
 
 def _nan_audio_manifest(src: Path, dst: Path) -> Path:
@@ -173,6 +396,61 @@ def _nan_audio_manifest(src: Path, dst: Path) -> Path:
         cuts.append(replace(cut, recording=Recording.from_file(wav, recording_id=cut.recording_id)))
     CutSet.from_cuts(cuts).to_file(dst)
     return dst
+
+
+def test_the_n_best_rounds_by_dev_score_are_kept(fl_data, conformer_config, tmp_path):
+    """As ESPnet's keep_nbest_models: round checkpoints are kept by dev accuracy, not recency."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from fl_lib.fl.server import RoundMetrics
+
+    server = build_server(fl_data, tmp_path, "fl_fedavg.yaml", ["keep_checkpoints=2"], asr_config=conformer_config)
+    server.writer = SummaryWriter(str(tmp_path / "tensorboard"))
+    server.dev_batches = list  # rounds carry dev scores: valid.acc.best.pth follows them
+    for r, acc in enumerate([0.5, 0.2, 0.4, 0.1], 1):
+        server.round = r
+        with torch.no_grad():
+            next(iter(server.server_params.values())).fill_(r)  # tells the round checkpoints apart
+        server._record(RoundMetrics(r, 1.0, 2.0, acc, 0.9, ["a"], [1.0], [], [], 1.0, 0.1, 0.1))
+    server.writer.close()
+    assert sorted(p.name for p in tmp_path.glob("*round.pth")) == ["1round.pth", "3round.pth"]
+    name = next(iter(server.server_params))
+    assert torch.load(tmp_path / "valid.acc.best.pth")[name].flatten()[0].item() == 1.0
+    assert torch.load(tmp_path / "latest.pth")[name].flatten()[0].item() == 4.0
+
+
+def test_init_param_and_freeze_param_apply_as_in_espnet(fl_data, conformer_config, tmp_path):
+    """init_param loads a seed model (ESPnet's load_pretrained_model, here `path:encoder:encoder`);
+    freeze_param keeps the frozen parameters where the seed put them through a federated round."""
+    import yaml
+
+    from fl_lib.asr.model import build_asr_args, build_asr_model
+
+    args = build_asr_args(conformer_config, fl_data["token_list"], fl_data["bpemodel"], fl_data["feats_stats"])
+    torch.manual_seed(123)
+    seed_model = build_asr_model(args).state_dict()
+    torch.save(seed_model, tmp_path / "seed.pth")
+    conf = yaml.safe_load(conformer_config.read_text())
+    conf["init_param"] = [f"{tmp_path / 'seed.pth'}:encoder:encoder"]
+    conf["freeze_param"] = ["encoder.embed"]
+    asr_config = tmp_path / "transfer.yaml"
+    asr_config.write_text(yaml.safe_dump(conf))
+
+    server = build_server(fl_data, tmp_path / "exp", "fl_fedavg.yaml", ["rounds=1"], asr_config=asr_config)
+    start = _copy(server.global_state)
+    encoder = [k for k in seed_model if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(start[k], seed_model[k]) for k in encoder)
+    assert not all(torch.equal(start[k], seed_model[k]) for k in start if k.startswith("decoder."))  # default init
+    frozen = [k for k in start if k.startswith("encoder.embed.")]
+    assert frozen and not set(frozen) & set(server.param_names)
+    server.fit()
+    end = server.global_state
+    assert all(torch.equal(end[k], seed_model[k]) for k in frozen)
+    assert not all(torch.equal(end[k], start[k]) for k in server.param_names if k.startswith("encoder."))
+    with pytest.raises(ValueError, match="freeze_param 'encoder.nothing' matches no parameter"):
+        conf["freeze_param"] = ["encoder.nothing"]
+        asr_config.write_text(yaml.safe_dump(conf))
+        build_asr_model(build_asr_args(asr_config, fl_data["token_list"], fl_data["bpemodel"], fl_data["feats_stats"]))
 
 
 def test_stock_speech2text_loads_and_decodes(fl_data, tmp_path, tiny_sets):

@@ -96,3 +96,67 @@ def test_asr_config_rejects_espnet_training_loop_keys(tmp_path):
     conf.write_text("encoder: rnn\noptim: adam\noptim_conf: {lr: 0.002}\nbatch_bins: 1000000\n")
     with pytest.raises(ValueError, match=r"batch_bins, optim, optim_conf configure ESPnet's own training loop"):
         build_asr_args(conf, tmp_path / "tokens.txt", None, None)
+
+
+def _toy_trainer(model, conf, batches):
+    from fl_lib.espnet_env import asr_task
+
+    return LocalTrainer(model, asr_task().get_parser().parse_args([]), conf, lambda manifest, seed: batches[manifest], seed=0)
+
+
+def test_no_gradient_leaks_into_the_next_client():
+    """accum_grad=2 and 3 batches: ESPnet leaves the third batch's gradient unstepped. The next
+    client on the same model object must train exactly as it would on a fresh one."""
+    conf = ClientConfig(optim="sgd", lr=0.5, grad_clip=1e9, accum_grad=2)
+
+    def batch(target):
+        return (["u"], {"speech": torch.tensor([target]), "speech_lengths": torch.tensor([160]), "text_lengths": torch.tensor([1])})
+
+    batches = {"a": [batch([9.0, -9.0])] * 3, "b": [batch([1.0, 2.0])] * 2}
+    start = {"w": torch.tensor([0.0, 0.0]), "frozen": torch.tensor([5.0])}
+    shared = _toy_trainer(Toy([0.0, 0.0]), conf, batches)
+    shared.train("a", "a", start, round_idx=0)
+    after_a = shared.train("b", "b", start, round_idx=0)
+    alone = _toy_trainer(Toy([0.0, 0.0]), conf, batches).train("b", "b", start, round_idx=0)
+    # One step on b from w = 0: g = w − t = −[1, 2] (averaged over 2 batches), w = [0.5, 1]
+    assert alone.delta["w"].tolist() == pytest.approx([-0.5, -1.0])
+    assert torch.equal(after_a.delta["w"], alone.delta["w"])
+
+
+def test_a_client_whose_every_step_is_invalid_is_flagged():
+    """ESPnet skips each step with a non-finite gradient norm; the client then returns Δ = 0 with a
+    finite loss, which only ESPnet's `all_steps_are_invalid` tells apart from a converged client."""
+    conf = ClientConfig(optim="sgd", lr=0.5, accum_grad=1)
+    batches = {"c": [(["u"], {"speech": torch.tensor([[1.0, 1.0]]), "speech_lengths": torch.tensor([160]), "text_lengths": torch.tensor([1])})] * 2}
+    model = Toy([0.0, 0.0])
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = _toy_trainer(model, conf, batches)
+    assert not trainer.train("c", "c", start, round_idx=0).all_steps_invalid
+    model.w.register_hook(lambda g: torch.full_like(g, math.inf))
+    result = trainer.train("c", "c", start, round_idx=0)
+    assert result.all_steps_invalid and result.is_finite() and result.delta["w"].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["train_dtype: float16", "cleaner: tacotron", "speech_volume_normalize: 0.9", "rir_scp: data/rirs.scp", "use_preprocessor: false", "seed: 3"],
+)
+def test_asr_config_rejects_keys_only_espnet_main_worker_applies(tmp_path, line):
+    """ESPnet applies these only in AbsTask.main_worker or its data pipeline, which never run here."""
+    from fl_lib.asr.model import build_asr_args
+
+    conf = tmp_path / "train_asr.yaml"
+    conf.write_text(f"encoder: rnn\n{line}\n")
+    key = line.split(":")[0]
+    with pytest.raises(ValueError, match=rf"{key} take effect only inside ESPnet's AbsTask.main_worker"):
+        build_asr_args(conf, tmp_path / "tokens.txt", None, None)
+
+
+def test_asr_config_keys_at_espnet_defaults_are_harmless(tmp_path):
+    """ESPnet's own config.yaml lists every key; one at its default value changes nothing."""
+    from fl_lib.asr.model import build_asr_args
+
+    conf = tmp_path / "train_asr.yaml"
+    conf.write_text("encoder: rnn\ncleaner: null\ntrain_dtype: float32\n")
+    (tmp_path / "tokens.txt").write_text("<blank>\n<unk>\na\n<sos/eos>\n")
+    assert build_asr_args(conf, tmp_path / "tokens.txt", None, None).encoder == "rnn"

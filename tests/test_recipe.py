@@ -19,6 +19,19 @@ def test_every_phony_makefile_target_has_a_rule():
     assert phony and set(phony) <= rules, set(phony) - rules
 
 
+def test_run_sh_help_lists_every_option_with_its_default():
+    """`./run.sh --help` prints each option and its default, as ESPnet's asr.sh does."""
+    script = (RECIPE / "run.sh").read_text()
+    defaults = [(n, v.strip('"')) for n, v in re.findall(r'^([a-z_]+)=("[^"]*"|\S*)', script.split("help_message=", 1)[0], re.M)]
+    proc = subprocess.run(["./run.sh", "--help"], cwd=RECIPE, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert len(defaults) > 20
+    for name, value in defaults:
+        line = re.search(rf"^  --{name} .*$", proc.stderr, re.M)
+        assert line, name
+        assert line.group(0).endswith(f'(default="{value}")'), line.group(0)
+
+
 def test_run_sh_stages_0_to_6(tmp_path):
     data, exp = tmp_path / "data", tmp_path / "exp"
     cmd = [
@@ -43,10 +56,11 @@ def test_run_sh_stages_0_to_6(tmp_path):
     results = (exp / "smoke/RESULTS.md").read_text()
     for part in ("dev-clean", "test-clean", "test-other"):
         assert part in results
-        score = json.loads((exp / f"smoke/decode_valid.acc.ave/{part}/score.json").read_text())
+        score = json.loads((exp / f"smoke/decode_asr_valid.acc.ave/{part}/score.json").read_text())
         assert score["wer"]["counts"]["Snt"] > 0
     assert "|Snt|Wrd|Corr|Sub|Del|Ins|Err|S.Err|" in results
     assert (exp / "smoke/images/dev_curve.png").exists()
+    assert "federated training finished: 2 rounds" in (exp / "smoke/train.log").read_text()
     # Re-running finished stages is safe and quick (done markers / resume); --centralized true
     # adds the centralized reference, trained for the federated run's training time, and decodes both.
     again = [*cmd[:-2], "--centralized", "true", "--inference_model", "valid.acc.best.pth"]

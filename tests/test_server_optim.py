@@ -37,12 +37,30 @@ def test_adam_first_step_moves_by_lr():
 
 def test_lamb_trust_ratio():
     # First step: m_hat = g, v_hat = g^2 -> update = sign(g) = [1, 1]; ||w|| = 5, ||u|| = sqrt(2)
-    p = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    p = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))
     opt = LAMB([p], lr=0.1, eps=0.0)
-    p.grad = torch.tensor([0.5, 2.0])
+    p.grad = torch.tensor([[0.5, 2.0]])
     opt.step()
     trust = 5.0 / math.sqrt(2.0)
-    assert p.tolist() == pytest.approx([3.0 - 0.1 * trust, 4.0 - 0.1 * trust])
+    assert p.flatten().tolist() == pytest.approx([3.0 - 0.1 * trust, 4.0 - 0.1 * trust])
+
+
+def test_lamb_trust_ratio_is_bounded():
+    """‖w‖ = 500 against ‖u‖ = √2 would scale the step by 354; the bound keeps it at 10."""
+    p = torch.nn.Parameter(torch.tensor([[300.0, 400.0]]))
+    opt = LAMB([p], lr=0.1, eps=0.0)
+    p.grad = torch.tensor([[0.5, 2.0]])
+    opt.step()
+    assert p.flatten().tolist() == pytest.approx([300.0 - 0.1 * 10, 400.0 - 0.1 * 10])
+
+
+def test_lamb_biases_and_norms_take_the_plain_adam_step():
+    """1-D tensors (biases, LayerNorm/BatchNorm parameters): no trust ratio and no weight decay."""
+    bias = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    opt = LAMB([bias], lr=0.1, eps=0.0, weight_decay=0.5)
+    bias.grad = torch.tensor([0.5, -2.0])
+    opt.step()
+    assert bias.tolist() == pytest.approx([3.0 - 0.1, 4.0 + 0.1])  # Adam's first step: lr·sign(g)
 
 
 def test_warmup_then_step_and_exponential_decay():
@@ -122,10 +140,15 @@ def test_bad_step_size_fails_at_load_not_at_round_w():
         FLConfig.from_yaml(None, [*overrides, "server_optim.schedule.step_size=0"])
 
 
-@pytest.mark.parametrize("key", ["keep_checkpoints", "validate_every", "clients_per_round"])
+@pytest.mark.parametrize("key", ["keep_checkpoints", "validate_every", "clients_per_round", "min_clients_per_round", "max_failed_rounds"])
 def test_counts_below_one_are_errors(key):
     with pytest.raises(ValueError, match=f"{key} must be >= 1, got 0"):
         FLConfig.from_yaml(None, [f"{key}=0"])
+
+
+def test_min_clients_per_round_above_clients_per_round_is_an_error():
+    with pytest.raises(ValueError, match="min_clients_per_round=5 exceeds clients_per_round=4: no round could count"):
+        FLConfig.from_yaml(None, ["clients_per_round=4", "min_clients_per_round=5"])
 
 
 def shipped_configs():
@@ -145,4 +168,5 @@ def test_shipped_configs_load_and_build(name, path, overrides):
     strategy = build_strategy(conf.strategy)
     opt = conf.server_optim
     strategy.check_server_optimizer(opt)
+    strategy.check_sampler(conf.sampler)
     build_scheduler(build_server_optimizer([torch.nn.Parameter(torch.zeros(1))], opt), opt.schedule)

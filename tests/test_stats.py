@@ -34,11 +34,28 @@ def central_feats(tiny_clients, tiny_asr_config) -> np.ndarray:
     return np.concatenate(feats).astype(np.float64)
 
 
-def test_federated_equals_central(tiny_stats, central_feats):
-    stats = FeatsStats.load(tiny_stats)
-    assert stats.count == len(central_feats)
-    np.testing.assert_allclose(stats.sum, central_feats.sum(0), rtol=1e-5)
-    np.testing.assert_allclose(stats.sum_square, (central_feats**2).sum(0), rtol=1e-5)
+def test_federated_equals_espnet_collect_stats(tiny_stats, tiny_clients, tiny_asr_config, tiny_tokens, tmp_path):
+    """ESPnet's own statistics collection (asr.sh stage 10: `collect_stats` over the model's
+    `collect_feats`) on all clients' audio pooled gives the federated sum of per-client statistics."""
+    from espnet2.main_funcs.collect_stats import collect_stats
+
+    from fl_lib.asr.model import build_asr_args, build_asr_model
+    from fl_lib.data.dataset import make_dataloader
+    from fl_lib.data.tokenizer import Tokenizer
+
+    bpemodel, token_list = tiny_tokens
+    args = build_asr_args(tiny_asr_config, token_list, bpemodel, tiny_stats)
+    args.normalize = None  # ESPnet collects statistics before any exist
+    model = build_asr_model(args).eval()
+    tokenizer = Tokenizer(bpemodel, token_list)
+    # One utterance per batch: padding a batch changes the STFT's reflect-padded last frames.
+    pooled = [b for c in load_clients(tiny_clients) for b in make_dataloader(c.manifest, tokenizer, max_cuts=1)]
+    # ESPnet also collects a valid set; one batch is enough, only train/ is compared.
+    collect_stats(model=model, train_iter=pooled, valid_iter=pooled[:1], output_dir=tmp_path, ngpu=0, log_interval=None, write_collected_feats=False)
+    espnet, federated = FeatsStats.load(tmp_path / "train" / "feats_stats.npz"), FeatsStats.load(tiny_stats)
+    assert federated.count == espnet.count > 0
+    np.testing.assert_allclose(federated.sum, espnet.sum, rtol=1e-5)
+    np.testing.assert_allclose(federated.sum_square, espnet.sum_square, rtol=1e-5)
 
 
 def test_client_files_sum_to_total(tiny_stats, tiny_clients):

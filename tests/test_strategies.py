@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fl_lib.fl.config import ScheduleConfig, ServerOptimConfig, StrategyConfig
-from fl_lib.fl.strategies import BMUF, DGA, FedAvg, FedProx, build_strategy
+from fl_lib.fl.strategies import BMUF, DGA, FedAvg, build_strategy
 from fl_lib.fl.strategies.base import ClientResult, WeightedSum
 
 
@@ -84,6 +84,7 @@ def test_streaming_log_sum_exp_survives_huge_scores():
 def test_bmuf_block_momentum_and_nesterov_hand_computed():
     eta, zeta = 0.5, 1.0
     bmuf = BMUF(block_momentum=eta, block_lr=zeta, nesterov=True)
+    bmuf.bind(["w"])
     w0 = {"w": torch.tensor([10.0])}
     # Round 1: broadcast is w0; clients end at 8 and 6 -> mean 7 -> G = -3; Δ1 = -3.
     assert bmuf.broadcast(w0)["w"].item() == 10.0
@@ -126,9 +127,48 @@ def test_bmuf_accepts_constant_lr_1():
     BMUF(0.9).check_server_optimizer(ServerOptimConfig())  # the defaults: sgd, constant lr 1
 
 
-def test_fedprox_carries_mu():
-    assert FedProx(mu=0.1).proximal_mu == 0.1
-    assert FedAvg().proximal_mu == 0.0
+def test_bmuf_averages_float_buffers_plainly():
+    """A BatchNorm running variance takes the plain client mean: no block momentum, no look-ahead.
+    Extrapolated like a weight (w + η·Δ), the variance below would go negative."""
+    eta = 0.9
+    bmuf = BMUF(block_momentum=eta, block_lr=1.0, nesterov=True)
+    with pytest.raises(RuntimeError, match="bind"):
+        run(bmuf, [result("a", [1.0])])
+    bmuf.bind(["w"])
+
+    def client(cid, dw, dvar):
+        return ClientResult(cid, {"w": torch.tensor([dw]), "bn.running_var": torch.tensor([dvar])}, 1, 1, 1.0, 0.0, 0.0, 0.0)
+
+    state = {"w": torch.tensor([10.0]), "bn.running_var": torch.tensor([1.0])}
+    for deltas in ([(2.0, 0.8), (4.0, 0.6)], [(1.0, -0.1), (1.0, 0.1)]):
+        start = bmuf.broadcast(state)
+        assert start["bn.running_var"] is state["bn.running_var"]  # never looked ahead
+        agg = run(bmuf, [client(c, dw, dv) for c, (dw, dv) in zip("ab", deltas)])
+        mean_dvar = sum(dv for _, dv in deltas) / 2
+        assert agg.pseudo_grad["bn.running_var"].item() == pytest.approx(mean_dvar)  # the server subtracts it
+        state = {k: start[k] - agg.pseudo_grad[k] for k in state}
+    assert state["bn.running_var"].item() == pytest.approx(0.3)  # 1 − 0.7, then the mean of 0.3 ± 0.1
+    assert set(bmuf.momentum_buffer) == {"w"}
+
+
+def test_bmuf_rejects_server_weight_decay():
+    with pytest.raises(ValueError, match="weight_decay=0.0 .*weight_decay=0.01"):
+        BMUF(0.9).check_server_optimizer(ServerOptimConfig(weight_decay=0.01))
+
+
+def test_weighted_sampler_with_size_weights_is_rejected():
+    """Drawing clients ∝ n_k and weighting them ∝ n_k again gives weights ∝ n_k²."""
+    for weight_by in ("num_utts", "num_frames"):
+        with pytest.raises(ValueError, match="effective weight ∝ size²"):
+            FedAvg(weight_by).check_sampler("weighted")
+        with pytest.raises(ValueError, match="effective weight ∝ size²"):
+            build_strategy(StrategyConfig(name="fedprox", mu=0.1, weight_by=weight_by)).check_sampler("weighted")
+        FedAvg(weight_by).check_sampler("uniform")
+    unbiased = build_strategy(StrategyConfig(name="fedavg", weight_by="uniform"))
+    unbiased.check_sampler("weighted")
+    agg = run(unbiased, [result("a", [1.0], num_utts=1), result("b", [3.0], num_utts=100)])
+    assert agg.weights == pytest.approx({"a": 0.5, "b": 0.5})
+    DGA("train_loss", 1.0).check_sampler("weighted")  # not weighted by size: nothing counted twice
 
 
 def test_build_strategy_rejects_unused_options():

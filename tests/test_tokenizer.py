@@ -126,3 +126,14 @@ def test_rerun_skips_and_changed_clients_retrain(tiny_clients, tiny_tokens, tmp_
     assert token_list.read_text() == expected != tiny_tokens[1].read_text()
     assert [c.id for c in load_clients(clients)] == [first.id]
     assert train_tokenizer_from_clients(clients, tmp_path / "tokens", "bpe", 40)[1].read_text().count("\n") == 40
+
+
+def test_empty_transcripts_are_counted_and_reported(transcripts, tmp_path, caplog):
+    """Dropping empty transcripts silently hides a data problem (a bad stage 2 filter, a broken corpus)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="fl_lib.data.tokenizer")
+    train_tokenizer([*transcripts, "", "   "], tmp_path, "char")
+    n = len(transcripts) + 2
+    assert f"2 of {n} transcripts are empty: the tokenizer is trained without them" in caplog.text
+    assert f"from {len(transcripts)} sentences (2 empty ones skipped)" in caplog.text

@@ -40,6 +40,38 @@ centralized_config=conf/centralized.yaml
 data=data                          # where manifests, clients and token lists go
 exp=exp                            # where statistics and experiments go
 
+help_message=$(cat <<EOF
+Usage: $0 [--option value] ...
+
+Options:
+  --stage              # first stage to run (default="${stage}")
+  --stop_stage         # last stage to run (default="${stop_stage}")
+  --nj                 # parallel jobs of the data stages and of decoding (default="${nj}")
+  --seed               # corpus synthesis and training seed (default="${seed}")
+  --corpus_dir         # LibriSpeech root; empty: synthesize the embedded corpus (default="${corpus_dir}")
+  --corpus_config      # embedded corpus: speakers, voices, grammar size (default="${corpus_config}")
+  --train_set          # training part(s), one federation; several in quotes (default="${train_set}")
+  --dev_set            # validation part (default="${dev_set}")
+  --test_sets          # decoded parts (default="${test_sets}")
+  --min_utts           # clients with fewer utterances are dropped (default="${min_utts}")
+  --min_duration       # shortest utterance kept, seconds (default="${min_duration}")
+  --max_duration       # longest utterance kept, seconds (default="${max_duration}")
+  --token_type         # sentencepiece model type: char, bpe or unigram (default="${token_type}")
+  --vocab_size         # 0: whatever the model type needs (char) (default="${vocab_size}")
+  --asr_config         # ESPnet ASR model config (default="${asr_config}")
+  --fl_config          # federated config: rounds, strategy, optimizers (default="${fl_config}")
+  --fl_args            # key=value overrides of fl_config, in quotes (default="${fl_args}")
+  --tag                # experiment name; empty: from the configs (default="${tag}")
+  --inference_config   # ESPnet decoding config (default="${inference_config}")
+  --inference_model    # file in exp/<tag>, or best, latest, valid.acc.ave[_<N>best].pth (default="${inference_model}")
+  --client_jobs        # processes that train a round's clients in parallel (default="${client_jobs}")
+  --centralized        # true: also train the centralized reference for the federated run's training time, and decode it (default="${centralized}")
+  --centralized_config # centralized reference: lr, warmup, batch size (default="${centralized_config}")
+  --data               # where manifests, clients and token lists go (default="${data}")
+  --exp                # where statistics and experiments go (default="${exp}")
+EOF
+)
+
 . ./path.sh
 . utils/parse_options.sh
 
@@ -118,7 +150,8 @@ if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
 fi
 
 if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
-  log "Stage 5: federated training -> $expdir"
+  log "Stage 5: federated training -> $expdir (log: $expdir/train.log)"
+  mkdir -p "$expdir"
   # shellcheck disable=SC2086
   python -m fl_lib.bin.fl_train \
     --asr_config "$asr_config" --fl_config "$fl_config" \
@@ -126,30 +159,32 @@ if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
     --dev_cuts "$data/sets/${dev_set}.jsonl.gz" \
     --token_list "$token_dir/tokens.txt" --bpemodel "$token_dir/bpe.model" \
     --feats_stats "$exp/asr_stats/feats_stats.npz" --client_jobs "$client_jobs" \
-    --seed "$seed" --output_dir "$expdir" $fl_args
+    --seed "$seed" --output_dir "$expdir" $fl_args 2>&1 | tee -a "$expdir/train.log"
   if [ "$centralized" = true ]; then
-    log "Stage 5: centralized reference on the pooled clients, for $expdir's training time -> $central_expdir"
+    log "Stage 5: centralized reference on the pooled clients, for $expdir's training time -> $central_expdir (log: $central_expdir/train.log)"
+    mkdir -p "$central_expdir"
     python -m fl_lib.bin.train_centralized \
       --asr_config "$asr_config" --config "$centralized_config" \
       --train_clients "$train_dir/clients.jsonl" \
       --dev_cuts "$data/sets/${dev_set}.jsonl.gz" \
       --token_list "$token_dir/tokens.txt" --bpemodel "$token_dir/bpe.model" \
       --feats_stats "$exp/asr_stats/feats_stats.npz" --num_threads "$client_jobs" \
-      --seed "$seed" --budget_from "$expdir" --output_dir "$central_expdir"
+      --seed "$seed" --budget_from "$expdir" --output_dir "$central_expdir" 2>&1 | tee -a "$central_expdir/train.log"
   fi
 fi
 
 if [ $stage -le 6 ] && [ $stop_stage -ge 6 ]; then
+  # Named after the decoding config and the model, as in ESPnet: two decode configs never share a directory.
+  inference_tag=$(basename "${inference_config%.*}")_$(basename "${inference_model%.pth}")
   for dir in $decode_expdirs; do
-    log "Stage 6: decode and score $dev_set $test_sets of $dir with $inference_model"
+    log "Stage 6: decode and score $dev_set $test_sets of $dir with $inference_model -> $dir/$inference_tag"
     for part in $dev_set $test_sets; do
       python -m fl_lib.bin.decode --exp_dir "$dir" --model "$inference_model" \
         --inference_config "$inference_config" \
         --cuts "$data/sets/${part}.jsonl.gz" --nj "$nj" \
-        --output_dir "$dir/decode_${inference_model%.pth}/$part"
+        --output_dir "$dir/$inference_tag/$part"
     done
-    python -m fl_lib.bin.make_results --exp_dir "$dir" \
-      --decode_dir "$dir/decode_${inference_model%.pth}"
+    python -m fl_lib.bin.make_results --exp_dir "$dir" --decode_dir "$dir/$inference_tag"
     log "Results: $dir/RESULTS.md"
   done
 fi

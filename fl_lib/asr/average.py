@@ -1,20 +1,29 @@
 """Checkpoint averaging, the federated counterpart of ESPnet's `valid.acc.ave`.
 
-ESPnet averages the N epoch checkpoints with the best validation accuracy into
-`valid.acc.ave_<N>best.pth`. The federated trainer keeps the last few
-`<N>round.pth`; among those, the N with the best `dev_acc` in metrics.jsonl are
-averaged (the N latest when the rounds carry no dev accuracy).
+As ESPnet's `keep_nbest_models`, the trainer keeps the `<N>round.pth` of the N best
+rounds by the dev criterion (`round_score`), and averaging takes the N best of those.
+The criterion is the one `valid.acc.best.pth` is chosen by: dev accuracy, or minus
+the dev loss for a model that reports no accuracy (CTC-only), so "best" and
+"average" never disagree on what good means.
+
+Why not ESPnet's own `average_nbest_models`: it ranks the `<N>epoch.pth` files of a
+`Reporter` that holds the whole training history in memory, writes its output in
+place (two decode jobs averaging the same model would read a half-written file),
+averages in float32, and sums integer buffers (BatchNorm's num_batches_tracked)
+across checkpoints. Here the history is metrics.jsonl, sums are float64, and
+every write is atomic.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
+
+from ..atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -29,30 +38,41 @@ def round_checkpoints(exp_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def _dev_acc_by_round(exp_dir: Path) -> dict[int, float]:
+def round_score(row: dict) -> Optional[float]:
+    """Higher is better: dev accuracy, or minus the dev loss when the model reports no
+    accuracy (CTC-only); None for a round that was not validated."""
+    if row.get("dev_acc") is not None:
+        return row["dev_acc"]
+    return None if row.get("dev_loss") is None else -row["dev_loss"]
+
+
+def round_scores(exp_dir: Path) -> dict[int, float]:
+    """{round: round_score} of the validated rounds in exp_dir/metrics.jsonl."""
     path = exp_dir / "metrics.jsonl"
     if not path.exists():
         return {}
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return {r["round"]: r["dev_acc"] for r in rows if r.get("dev_acc") is not None}
+    return {r["round"]: s for r in rows if (s := round_score(r)) is not None}
+
+
+def rank_rounds(rounds: Iterable[int], scores: dict[int, float]) -> list[int]:
+    """Best first; rounds without a dev score after every scored one, the newest first."""
+    return sorted(rounds, key=lambda r: (r in scores, scores.get(r, 0.0), r), reverse=True)
 
 
 def select_checkpoints(exp_dir: Path, nbest: Optional[int]) -> dict[int, Path]:
     """{round: path} to average, in round order: the `nbest` kept rounds with the best
-    dev_acc, like ESPnet's nbest, else the latest; every kept round when nbest is None."""
+    `round_score`; every kept round when nbest is None."""
     ckpts = round_checkpoints(exp_dir)
     if not ckpts:
         raise FileNotFoundError(f"no <N>round.pth checkpoints in {exp_dir} to average")
-    acc = _dev_acc_by_round(exp_dir)
-    if all(r in acc for r in ckpts):
-        ranked = sorted(ckpts, key=lambda r: (-acc[r], -r))
-    else:
-        logger.warning("metrics.jsonl lacks dev_acc for some kept rounds: averaging the latest ones")
-        ranked = sorted(ckpts, reverse=True)
-    if nbest is not None and nbest > len(ranked):
-        logger.warning("asked to average %d checkpoints, only %d kept", nbest, len(ranked))
-    return {r: ckpts[r] for r in sorted(ranked[:nbest])}
+    scores = round_scores(exp_dir)
+    if not all(r in scores for r in ckpts):
+        logger.warning("metrics.jsonl has no dev score for some kept rounds: they rank after the validated ones")
+    if nbest is not None and nbest > len(ckpts):
+        logger.warning("asked to average %d checkpoints, only %d kept", nbest, len(ckpts))
+    return {r: ckpts[r] for r in sorted(rank_rounds(ckpts, scores)[:nbest])}
 
 
 def average_state_dicts(paths: Sequence[Path]) -> dict[str, torch.Tensor]:
@@ -96,9 +116,8 @@ def resolve_model(exp_dir: Path, model: str) -> Path:
         ckpts = select_checkpoints(exp_dir, int(m.group(1)) if m.group(1) else None)
         out = exp_dir / (model if model.endswith(".pth") else model + ".pth")
         logger.info("averaging rounds %s -> %s", list(ckpts), out)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        torch.save(average_state_dicts(list(ckpts.values())), tmp)
-        tmp.replace(out)
+        with atomic_path(out) as tmp:
+            torch.save(average_state_dicts(list(ckpts.values())), tmp)
         return out
     for candidate in (exp_dir / model, Path(model)):
         if candidate.is_file():

@@ -26,6 +26,15 @@ TRAINING_LOOP_KEYS = frozenset({
     "val_scheduler_criterion", "sort_in_batch", "sort_batch", "shuffle_within_batch", "resume", "ngpu",
 })
 
+# What ASRTask.build_model reads (token_list, token_type and bpemodel come from stage 4),
+# plus the keys `build_asr_model` applies the way AbsTask.main_worker does.
+MODEL_KEYS = frozenset({
+    "frontend", "frontend_conf", "specaug", "specaug_conf", "normalize", "normalize_conf", "model", "model_conf",
+    "preencoder", "preencoder_conf", "encoder", "encoder_conf", "postencoder", "postencoder_conf", "decoder",
+    "decoder_conf", "ctc_conf", "joint_net_conf", "init", "input_size", "token_list", "token_type", "bpemodel",
+})
+APPLIED_KEYS = frozenset({"init_param", "ignore_init_mismatch", "freeze_param"})
+
 
 def build_asr_args(
     asr_config: Path,
@@ -48,6 +57,15 @@ def build_asr_args(
             "training replaces; remove them and set the fl_config's client.optim, client.lr, client.grad_clip, "
             "client.accum_grad, client.local_epochs / max_steps, client.max_duration and rounds instead"
         )
+    ignored = sorted(
+        k for k in set(conf) - TRAINING_LOOP_KEYS - MODEL_KEYS - APPLIED_KEYS if conf[k] != getattr(args, k)
+    )
+    if ignored:
+        raise ValueError(
+            f"{asr_config}: {', '.join(ignored)} take effect only inside ESPnet's AbsTask.main_worker or its "
+            "data pipeline (preprocessor, iterators, dtype, distributed set-up), which federated training does "
+            "not run; remove them (the seed is fl_train --seed)"
+        )
     for key, value in conf.items():
         setattr(args, key, value)
     with open(token_list, encoding="utf-8") as f:
@@ -64,9 +82,26 @@ def build_asr_args(
 
 
 def build_asr_model(args: argparse.Namespace) -> torch.nn.Module:
-    """ESPnet's model, all in float32: global_mvn loads float64 stats, which would
-    otherwise make the pseudo-gradient of its buffers pure rounding noise."""
-    return asr_task().build_model(args).float()
+    """ESPnet's model, all in float32, with `init_param` loaded and `freeze_param` frozen.
+
+    float32: global_mvn loads float64 stats, which would otherwise make the
+    pseudo-gradient of its buffers pure rounding noise. `init_param` and
+    `freeze_param` are applied as AbsTask.main_worker applies them (ESPnet's own
+    `load_pretrained_model`, prefix match), because that function never runs here:
+    federated transfer learning and session adaptation start from a seed model.
+    """
+    from espnet2.torch_utils.load_pretrained_model import load_pretrained_model
+
+    model = asr_task().build_model(args).float()
+    for init in args.init_param:
+        load_pretrained_model(init_param=init, model=model, ignore_init_mismatch=args.ignore_init_mismatch, map_location="cpu")
+    for prefix in args.freeze_param:
+        frozen = [p for name, p in model.named_parameters() if name == prefix or name.startswith(prefix + ".")]
+        if not frozen:
+            raise ValueError(f"freeze_param '{prefix}' matches no parameter of the model")
+        for p in frozen:
+            p.requires_grad = False
+    return model
 
 
 def espnet_config(args: argparse.Namespace) -> dict:

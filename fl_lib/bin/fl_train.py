@@ -39,23 +39,27 @@ def main(argv=None) -> None:
     args = get_parser().parse_args(argv)
     setup_logging()
     from fl_lib.fl.config import FLConfig
+    from fl_lib.fl.server import RoundsFailedError
     from fl_lib.fl.train import train
 
     conf = FLConfig.from_yaml(args.fl_config, args.overrides)
-    train(
-        conf,
-        asr_config=args.asr_config,
-        train_clients=args.train_clients,
-        dev_cuts=args.dev_cuts,
-        token_list=args.token_list,
-        bpemodel=args.bpemodel,
-        feats_stats=args.feats_stats,
-        output_dir=args.output_dir,
-        seed=args.seed,
-        num_threads=args.num_threads,
-        client_jobs=args.client_jobs,
-        command=[sys.executable, "-m", "fl_lib.bin.fl_train", *(argv or sys.argv[1:])],
-    )
+    try:
+        train(
+            conf,
+            asr_config=args.asr_config,
+            train_clients=args.train_clients,
+            dev_cuts=args.dev_cuts,
+            token_list=args.token_list,
+            bpemodel=args.bpemodel,
+            feats_stats=args.feats_stats,
+            output_dir=args.output_dir,
+            seed=args.seed,
+            num_threads=args.num_threads,
+            client_jobs=args.client_jobs,
+            command=[sys.executable, "-m", "fl_lib.bin.fl_train", *(argv or sys.argv[1:])],
+        )
+    except RoundsFailedError as e:  # exit 1 naming the clients and the first traceback, not the server's stack
+        raise SystemExit(f"fl_train: {e}") from None
 
 
 if __name__ == "__main__":

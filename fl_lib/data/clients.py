@@ -11,7 +11,6 @@ import gzip
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import zlib
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from hashlib import sha1
 from pathlib import Path
 
+from fl_lib.atomic import atomic_path
 from fl_lib.data.markers import file_stamp, is_done, mark_done
 
 DONE_MARKER = ".split_clients.done"
@@ -185,13 +185,11 @@ def split_clients(
             "Dropped %d clients with fewer than %d utterances (%d cuts): %s%s",
             len(few), min_utts, sum(stats[s][0] for s in few), few[:10], " ..." if len(few) > 10 else "",
         )
-    tmp = clients_path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(clients_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for speaker in sorted(set(stats) - set(few)):
             n, dur = stats[speaker]
             rel = writers.path(speaker).relative_to(output_dir)
             f.write(json.dumps({"id": speaker, "num_cuts": n, "duration": round(dur, 3), "manifest": str(rel)}) + "\n")
-    os.replace(tmp, clients_path)
     logging.info("%d clients, %d cuts -> %s", len(stats) - len(few), kept - sum(stats[s][0] for s in few), clients_path)
     mark_done(done, stamp)
     return clients_path
@@ -225,10 +223,13 @@ def filter_cuts(
         return output_path
     output_path.parent.mkdir(parents=True, exist_ok=True)
     done.unlink(missing_ok=True)
-    tmp = output_path.with_name(output_path.name + ".tmp")
     drops: Counter = Counter()
     kept = 0
-    with gzip.open(cuts_path, "rb") as src, gzip.open(tmp, "wb", compresslevel=GZIP_LEVEL) as dst:
+    with (
+        atomic_path(output_path) as tmp,
+        gzip.open(cuts_path, "rb") as src,
+        gzip.open(tmp, "wb", compresslevel=GZIP_LEVEL) as dst,
+    ):
         for line in src:
             if not line.strip():
                 continue
@@ -242,7 +243,6 @@ def filter_cuts(
             else:
                 dst.write(_with_newline(line))
                 kept += 1
-    os.replace(tmp, output_path)
     _log_drops(f"filter_cuts {cuts_path} -> {output_path}", kept, drops)
     mark_done(done, stamp)
     return output_path

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from lhotse import CutSet, load_manifest_lazy
 
-from .clients import ClientInfo, load_clients
+from .clients import ClientInfo, load_clients, safe_file_name
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def corrupt_clients(clients_jsonl: Path, output_dir: Path, num_corrupted: int, s
     listing: list[ClientInfo] = []
     for c in clients:
         if c.id in chosen:
-            manifest = shuffle_client_words(c.manifest, output_dir / "cuts" / f"{c.id}.jsonl.gz", seed)
+            manifest = shuffle_client_words(c.manifest, output_dir / "cuts" / f"{safe_file_name(c.id)}.jsonl.gz", seed)
             c = replace(c, manifest=manifest.resolve())
         listing.append(c)
     _write_listing(listing, output_dir / "clients.jsonl")

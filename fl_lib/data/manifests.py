@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
 import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -24,6 +23,7 @@ from fl_lib.data.corpus_check import (
     scan_corpus,
     write_report,
 )
+from fl_lib.atomic import atomic_path
 from fl_lib.data.markers import files_digest, is_done, mark_done
 
 DONE_MARKER = ".prepare_manifests.done"
@@ -118,16 +118,18 @@ def _build_view(corpus_dir: Path, scan: PartScan, view: Path) -> None:
 
 def _rebase_recordings(path: Path, view: Path, corpus_dir: Path) -> None:
     """Point recording sources inside the filtered view back at the real corpus files."""
-    tmp = path.with_name(path.name + ".tmp")
     prefix = str(view)
-    with gzip.open(path, "rt", encoding="utf-8") as src, gzip.open(tmp, "wt", encoding="utf-8") as dst:
+    with (
+        atomic_path(path) as tmp,
+        gzip.open(path, "rt", encoding="utf-8") as src,
+        gzip.open(tmp, "wt", encoding="utf-8") as dst,
+    ):
         for line in src:
             rec = json.loads(line)
             for source in rec["sources"]:
                 if source["source"].startswith(prefix):
                     source["source"] = str(corpus_dir) + source["source"][len(prefix):]
             dst.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _write_cuts(output_dir: Path, part: str) -> None:
@@ -135,10 +137,9 @@ def _write_cuts(output_dir: Path, part: str) -> None:
     from lhotse import CutSet, load_manifest_lazy
 
     path = manifest_path(output_dir, "cuts", part)
-    tmp = path.with_name(path.name.replace(".jsonl.gz", ".tmp.jsonl.gz"))
     recordings = load_manifest_lazy(manifest_path(output_dir, "recordings", part))
     supervisions = load_manifest_lazy(manifest_path(output_dir, "supervisions", part))
     cuts = CutSet.from_manifests(recordings=recordings.to_eager(), supervisions=supervisions.to_eager())
-    cuts.to_file(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        cuts.to_file(tmp)
     logging.info("%s: %d cuts -> %s", part, len(cuts), path)

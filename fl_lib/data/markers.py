@@ -25,6 +25,19 @@ def files_digest(paths: Iterable[Path]) -> str:
     return digest.hexdigest()
 
 
+def content_digest(path: Path) -> str:
+    """Hash of a manifest's content, gunzipped: a gzip header holds a write time, so an
+    identical re-run of a stage would otherwise look like other data."""
+    import gzip
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def is_done(marker: Path, stamp: dict, outputs: Iterable[Path]) -> bool:
     """True when ``marker`` holds ``stamp`` and every output exists; log why a stale marker is ignored."""
     if not marker.is_file():

@@ -42,10 +42,13 @@ def train_tokenizer(
         raise ValueError(f"token_type must be one of {TOKEN_TYPES}, got {token_type!r}")
     if token_type != "char" and vocab_size <= 0:
         raise ValueError(f"token_type={token_type!r} needs vocab_size > 0, got {vocab_size}")
-    sentences = [t.strip() for t in texts]
-    sentences = [t for t in sentences if t]
+    stripped = [t.strip() for t in texts]
+    sentences = [t for t in stripped if t]
     if not sentences:
         raise ValueError("no non-empty transcripts to train the tokenizer on")
+    empty = len(stripped) - len(sentences)
+    if empty:
+        logger.warning("%d of %d transcripts are empty: the tokenizer is trained without them", empty, len(stripped))
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -77,8 +80,8 @@ def train_tokenizer(
     token_list = output_dir / "tokens.txt"
     token_list.write_text("\n".join([BLANK, UNK, *pieces, SOS_EOS]) + "\n", encoding="utf-8")
     logger.info(
-        "%s tokenizer from %d sentences: %d tokens -> %s",
-        token_type, len(sentences), len(pieces) + 3, token_list,
+        "%s tokenizer from %d sentences (%d empty ones skipped): %d tokens -> %s",
+        token_type, len(sentences), empty, len(pieces) + 3, token_list,
     )
     return bpemodel, token_list
 

@@ -22,6 +22,7 @@ import yaml
 from lhotse import CutSet, load_manifest_lazy
 from tqdm import tqdm
 
+from fl_lib.atomic import atomic_path
 from fl_lib.data.dataset import load_speech
 
 logger = logging.getLogger(__name__)
@@ -46,9 +47,8 @@ class FeatsStats:
         """Write ESPnet's `feats_stats.npz` (keys count, sum, sum_square), atomically."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, count=np.int64(self.count), sum=self.sum, sum_square=self.sum_square)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            np.savez(tmp, count=np.int64(self.count), sum=self.sum, sum_square=self.sum_square)
         return path
 
     @classmethod

@@ -1,11 +1,10 @@
 """Atomic checkpoints of everything a federated run needs to continue bit-for-bit.
 
-A checkpoint is written to a temporary file and renamed over the old one, so a
-`kill -9` at any moment leaves either the previous round's or this round's.
+A checkpoint is written through `atomic_path`, so a `kill -9` at any moment
+leaves either the previous round's or this round's.
 """
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from pathlib import Path
@@ -14,18 +13,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import atomic_path
+
 
 def atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
     """Publish an already-serialized file under another name, atomically."""
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def rng_states() -> dict:

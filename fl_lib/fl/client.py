@@ -126,12 +126,15 @@ class LocalTrainer:
         t0 = time.perf_counter()
         torch.manual_seed(derive_seed(self.seed, "torch", round_idx, client_id))
         self.model.load_state_dict(start)
+        # ESPnet zeroes gradients only after an optimizer step: with accum_grad > 1 the
+        # last client's unstepped batches would otherwise flow into this client's first step.
+        self.model.zero_grad(set_to_none=True)
         optimizer = build_client_optimizer(self.model.parameters(), self.conf)
         net = ProximalModel(self.model, start, proximal_mu) if proximal_mu > 0 else self.model
         counter = _Counter(self._batches(manifest, round_idx, client_id))
         reporter = Reporter()
         with reporter.observe("train", 1) as sub:
-            self.trainer.train_one_epoch(
+            all_steps_invalid = self.trainer.train_one_epoch(
                 model=net,
                 iterator=counter,
                 optimizers=[optimizer],
@@ -156,5 +159,6 @@ class LocalTrainer:
             num_steps=counter.batches_seen // self.conf.accum_grad,  # ESPnet steps every accum_grad batches
             seconds=time.perf_counter() - t0,
             delta_finite=finite,
+            all_steps_invalid=all_steps_invalid,
             **stats,
         )

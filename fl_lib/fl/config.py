@@ -96,7 +96,7 @@ class StrategyConfig:
 
     name: str = "fedavg"  # fedavg | dga | bmuf | fedprox
     # fedavg / fedprox
-    weight_by: Optional[str] = None  # fedavg: num_utts | num_frames; dga: train_loss | grad_mean | grad_rms | grad_var | uniform
+    weight_by: Optional[str] = None  # fedavg: num_utts | num_frames | uniform; dga: train_loss | grad_mean | grad_rms | grad_var | uniform
     # dga
     beta: Optional[float] = None
     # bmuf
@@ -111,19 +111,27 @@ class StrategyConfig:
 class FLConfig:
     rounds: int = 10
     clients_per_round: int = 4
-    sampler: str = "uniform"  # uniform | weighted (by number of utterances)
+    # A round counts only if at least this many of its clients were aggregated; one
+    # that does not leaves the model, the server optimizer and the schedule untouched.
+    min_clients_per_round: int = 1
+    max_failed_rounds: int = 3  # stop (non-zero exit) after this many uncounted rounds in a row
+    sampler: str = "uniform"  # uniform | weighted (by number of utterances; fedavg then needs weight_by: uniform)
     client: ClientConfig = field(default_factory=ClientConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     server_optim: ServerOptimConfig = field(default_factory=ServerOptimConfig)
     validate_every: int = 1
-    keep_checkpoints: int = 5  # last N <round>round.pth kept, for averaging
+    keep_checkpoints: int = 5  # <round>round.pth of the N best rounds by dev score kept, for averaging
     dev_max_duration: float = 120.0
 
     def __post_init__(self) -> None:
         """Counts that would break the loop late (or delete every checkpoint) fail at load."""
-        for key in ("clients_per_round", "validate_every", "keep_checkpoints"):
+        for key in ("clients_per_round", "min_clients_per_round", "max_failed_rounds", "validate_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.min_clients_per_round > self.clients_per_round:
+            raise ValueError(
+                f"min_clients_per_round={self.min_clients_per_round} exceeds clients_per_round={self.clients_per_round}: no round could count"
+            )
 
     @classmethod
     def from_yaml(cls, path: Optional[Path], overrides: Sequence[str] = ()) -> "FLConfig":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
+import os
 import traceback
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -73,13 +74,14 @@ class Outcome(NamedTuple):
     client_id: str
     result: Optional[ClientResult]
     error: Optional[str]  # the traceback of a client that raised
+    worker: Optional[int] = None  # pid of the process that trained the client
 
 
 def _run(trainer, task: Task) -> Outcome:
     try:
-        return Outcome(task.client_id, trainer.train(*task), None)
+        return Outcome(task.client_id, trainer.train(*task), None, os.getpid())
     except Exception:  # reported with the client id by the server; never swallowed
-        return Outcome(task.client_id, None, traceback.format_exc())
+        return Outcome(task.client_id, None, traceback.format_exc(), os.getpid())
 
 
 class SerialClients:
@@ -94,14 +96,19 @@ class SerialClients:
         pass
 
 
-def espnet_trainer(espnet_args: argparse.Namespace, conf: ClientConfig, batches: BatchSpec, seed: int):
-    """A worker's LocalTrainer on its own ESPnet model object, one torch thread."""
+def espnet_trainer(espnet_args: argparse.Namespace, conf: ClientConfig, batches: BatchSpec, seed: int, num_threads: int):
+    """A worker's LocalTrainer on its own ESPnet model object.
+
+    `num_threads` is the server's torch thread count: a different count changes
+    the order of float reductions, and parallel results would no longer be bitwise
+    those of a serial run.
+    """
     import torch
 
     from ..asr.model import build_asr_model
     from .client import LocalTrainer
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(num_threads)
     return LocalTrainer(build_asr_model(espnet_args), espnet_args, conf, batches, seed)
 
 

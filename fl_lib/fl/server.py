@@ -11,14 +11,18 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from tqdm import tqdm
 
+from ..asr.average import rank_rounds, round_checkpoints, round_score, round_scores
 from ..asr.model import espnet_config
+from ..atomic import TMP_GLOB
 from ..data.clients import ClientInfo
+from ..data.markers import content_digest
 from .checkpoint import atomic_copy, atomic_save, load_checkpoint, rng_states, set_rng_states
 from .client import LocalTrainer
 from .executor import BatchSpec, ProcessClients, SerialClients, Task, espnet_trainer
@@ -32,6 +36,9 @@ from .validation import evaluate
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pth"
+# Federated-config keys that change when or how results are recorded, never what a
+# round computes: a resumed run may change them (`rounds` extends a finished run).
+RESUME_MAY_CHANGE = ("rounds", "validate_every", "keep_checkpoints", "dev_max_duration", "max_failed_rounds")
 
 
 @dataclass
@@ -48,6 +55,32 @@ class RoundMetrics:
     lr: float
     seconds: float  # the whole round
     train_seconds: float  # clients, aggregation and server step: the round without validation
+
+
+@dataclass
+class FailedRound:
+    """A sampled round with fewer usable clients than `min_clients_per_round`."""
+
+    draw: int
+    used: list
+    dropped: list
+    failed: list
+    errors: dict  # client id -> traceback
+
+
+class RoundsFailedError(RuntimeError):
+    """Too many rounds in a row did not count: training cannot make progress."""
+
+    def __init__(self, failures: Sequence[FailedRound], min_clients: int) -> None:
+        lines = [f"{len(failures)} sampled rounds in a row had fewer than min_clients_per_round={min_clients} usable clients:"]
+        for f in failures:
+            lines.append(f"  draw {f.draw + 1}: used {f.used}, failed {f.failed}, dropped (non-finite) {f.dropped}")
+        first = next(((f.draw, cid, tb) for f in failures for cid, tb in f.errors.items()), None)
+        if first is None:
+            lines.append("no client raised: every unusable client had a non-finite loss, gradient or pseudo-gradient")
+        else:
+            lines.append(f"first traceback (draw {first[0] + 1}, client {first[1]}):\n{first[2]}")
+        super().__init__("\n".join(lines))
 
 
 class FederatedServer:
@@ -72,38 +105,50 @@ class FederatedServer:
         self.output_dir = Path(output_dir)
         self.strategy = build_strategy(conf.strategy)
         self.strategy.check_server_optimizer(conf.server_optim)
+        self.strategy.check_sampler(conf.sampler)
         self.sampler = ClientSampler(
             [c.id for c in clients], [c.num_cuts for c in clients], conf.clients_per_round, conf.sampler, seed
         )
         if client_jobs > 1:
-            self.clients_executor = ProcessClients(client_jobs, espnet_trainer, espnet_args, conf.client, batches, seed)
+            self.clients_executor = ProcessClients(
+                client_jobs, espnet_trainer, espnet_args, conf.client, batches, seed, torch.get_num_threads()
+            )
         else:
             self.clients_executor = SerialClients(LocalTrainer(model, espnet_args, conf.client, batches, seed))
 
         # The global weights: parameters are server-side nn.Parameters the server
         # optimizer steps on; float buffers move by the plain aggregate.
         self.param_names = [name for name, p in model.named_parameters() if p.requires_grad]
+        self.strategy.bind(self.param_names)
         self.global_state: State = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.server_params = {name: torch.nn.Parameter(self.global_state[name]) for name in self.param_names}
         for name, p in self.server_params.items():
             self.global_state[name] = p.data  # shared storage: optimizer steps update global_state
         self.optimizer = build_server_optimizer(list(self.server_params.values()), conf.server_optim)
         self.scheduler = build_scheduler(self.optimizer, conf.server_optim.schedule)
-        # What else must match for a resumed run to continue the same experiment.
-        self.run_identity = {
-            "seed": seed,
-            "espnet_config": espnet_config(espnet_args),
-            "clients": sorted(self.clients),
-        }
+        self.seed = seed
         self.resume_checked = False
-        self.round = 0  # rounds completed
+        self.round = 0  # rounds completed (counted)
+        self.draws = 0  # rounds sampled, counted or not: the sampling and client-seed index
         self.best_score = -math.inf  # dev acc, or -dev loss for models that report no accuracy
         self.writer = None
 
     # -- checkpointing -------------------------------------------------------
+    @cached_property
+    def run_identity(self) -> dict:
+        """What else must match for a resumed run to continue the same experiment: the
+        clients' data by content, so a stage 2 re-run with other filters is refused."""
+        return {
+            "seed": self.seed,
+            "espnet_config": espnet_config(self.args),
+            # A missing manifest is a client that fails each round it is sampled, not a start-up error.
+            "clients": {cid: content_digest(c.manifest) if c.manifest.exists() else None for cid, c in sorted(self.clients.items())},
+        }
+
     def state_dict(self) -> dict:
         return {
             "round": self.round,
+            "draws": self.draws,
             "model": self.global_state,
             "server_optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -122,25 +167,27 @@ class FederatedServer:
         self.strategy.load_state_dict(state["strategy"])
         set_rng_states(state["rng"])
         self.round = state["round"]
+        self.draws = state["draws"]
         self.best_score = state["best_score"]
 
     def maybe_resume(self) -> None:
         """Load checkpoint.pth if there is one, after checking it belongs to this experiment."""
         self.resume_checked = True
-        for stale in self.output_dir.glob(".*.tmp[0-9]*"):  # half-written by a killed run (atomic_save)
+        for stale in self.output_dir.glob(TMP_GLOB):  # half-written by a killed run (atomic_save)
             stale.unlink()
         path = self.output_dir / CHECKPOINT
         if not path.exists():
             return
         state = load_checkpoint(path)
         saved, current = dict(state["fl_config"]), self.conf.to_dict()
-        saved.pop("rounds"), current.pop("rounds")  # extending a finished run is fine
+        for key in RESUME_MAY_CHANGE:
+            saved.pop(key, None), current.pop(key)
         differs = [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
         differs += [key for key, value in self.run_identity.items() if state["run_identity"].get(key) != value]
         if differs:
             raise ValueError(
                 f"{path} belongs to another experiment: {', '.join(differs)} differ. Resume needs the same "
-                f"federated config, ESPnet config, seed and clients; use another --output_dir, "
+                f"federated config, ESPnet config, seed and clients (ids and manifest content); use another --output_dir, "
                 f"or remove {path.parent} to start over."
             )
         self.load_state_dict(state)
@@ -148,52 +195,66 @@ class FederatedServer:
         logger.info(f"resumed from {path}: {self.round} of {self.conf.rounds} rounds done")
 
     # -- one round -----------------------------------------------------------
-    def run_round(self, round_idx: int) -> RoundMetrics:
+    def run_round(self, draw: int) -> RoundMetrics | FailedRound:
+        """Train the clients of the `draw`-th sample; aggregate and step only if enough of them are usable.
+
+        `draw` counts every sampled round, counted or not, so a round that did not
+        count is followed by a fresh sample rather than the same clients again.
+        """
         t0 = time.perf_counter()
-        sampled = self.sampler.sample(round_idx)
+        label = f"round {self.round + 1}" + (f" (draw {draw + 1})" if draw != self.round else "")
+        sampled = self.sampler.sample(draw)
         start = self.strategy.broadcast(self.global_state)
         self.strategy.begin_round()
-        losses, dropped, failed = [], [], []
-        tasks = (Task(cid, self.clients[cid].manifest, start, round_idx, self.strategy.proximal_mu) for cid in sampled)
-        for cid, result, error in self.clients_executor.map(tasks):
+        losses, used, dropped, failed, errors = [], [], [], [], {}
+        tasks = (Task(cid, self.clients[cid].manifest, start, draw, self.strategy.proximal_mu) for cid in sampled)
+        for cid, result, error, worker in self.clients_executor.map(tasks):
             if error is not None:
-                logger.error(f"round {round_idx + 1}: client {cid} failed; the round goes on without it\n{error}")
+                logger.error(f"{label}: client {cid} failed; the round goes on without it\n{error}")
                 failed.append(cid)
+                errors[cid] = error
+                continue
+            if result.all_steps_invalid:
+                logger.warning(f"{label}: client {cid} dropped: every local step had a non-finite gradient norm (Δ = 0)")
+                dropped.append(cid)
                 continue
             if not result.is_finite():
-                logger.warning(f"round {round_idx + 1}: client {cid} dropped: non-finite loss or pseudo-gradient (loss={result.train_loss})")
+                logger.warning(f"{label}: client {cid} dropped: non-finite loss or pseudo-gradient (loss={result.train_loss})")
                 dropped.append(cid)
                 continue
             logger.info(
-                f"round {round_idx + 1}: client {cid}: train_loss={result.train_loss:.4f} utts={result.num_utts} "
-                f"steps={result.num_steps} {result.seconds:.1f}s"
+                f"{label}: client {cid}: train_loss={result.train_loss:.4f} utts={result.num_utts} "
+                f"steps={result.num_steps} {result.seconds:.1f}s pid={worker}"
             )
             self.strategy.add(result)
             losses.append(result.train_loss)
+            used.append(cid)
             del result
+        if len(used) < self.conf.min_clients_per_round:
+            # Checked before aggregate(): a stateful strategy (BMUF) must not see this round either.
+            logger.error(
+                f"{label}: only {len(used)} of {len(sampled)} clients usable, min_clients_per_round is "
+                f"{self.conf.min_clients_per_round}: the round does not count (model, optimizer and schedule unchanged)"
+            )
+            return FailedRound(draw, used, dropped, failed, errors)
         aggregate = self.strategy.aggregate()
         lr = self.optimizer.param_groups[0]["lr"]
-        if aggregate is None:
-            logger.warning(f"round {round_idx + 1}: every client was dropped or failed; the model stays unchanged")
-            weights = {}
-        else:
-            self._server_step(aggregate.pseudo_grad)
-            weights = aggregate.weights
+        self._server_step(aggregate.pseudo_grad)
         self.scheduler.step()
-        used = [cid for cid in sampled if cid in weights]
         train_seconds = time.perf_counter() - t0
+        round_no = self.round + 1
         dev = {}
-        if self.dev_batches is not None and ((round_idx + 1) % self.conf.validate_every == 0 or round_idx + 1 == self.conf.rounds):
+        if self.dev_batches is not None and (round_no % self.conf.validate_every == 0 or round_no == self.conf.rounds):
             self.model.load_state_dict(self.global_state)
             dev = evaluate(self.model, self.dev_batches(), self.tokenizer)
         return RoundMetrics(
-            round=round_idx + 1,
-            train_loss=sum(losses) / len(losses) if losses else None,
+            round=round_no,
+            train_loss=sum(losses) / len(losses),
             dev_loss=dev.get("loss"),
             dev_acc=dev.get("acc"),
             dev_wer=dev.get("wer"),
             clients=used,
-            weights=[weights[c] for c in used],
+            weights=[aggregate.weights[c] for c in used],
             dropped=dropped,
             failed=failed,
             lr=lr,
@@ -213,24 +274,35 @@ class FederatedServer:
 
     # -- the loop ------------------------------------------------------------
     def fit(self) -> None:
+        """Run rounds until `conf.rounds` have counted; raise `RoundsFailedError` after
+        `max_failed_rounds` uncounted rounds in a row, so a broken run never exits 0."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if not self.resume_checked:
             self.maybe_resume()
         self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.round + 1)
-        bar = tqdm(range(self.round, self.conf.rounds), initial=self.round, total=self.conf.rounds, desc="rounds", unit="round")
+        bar = tqdm(initial=self.round, total=self.conf.rounds, desc="rounds", unit="round")
+        failures: list[FailedRound] = []
         try:
-            for r in bar:
-                m = self.run_round(r)
-                self.round = r + 1
+            while self.round < self.conf.rounds:
+                m = self.run_round(self.draws)
+                self.draws += 1
+                if isinstance(m, FailedRound):
+                    failures.append(m)
+                    if len(failures) >= self.conf.max_failed_rounds:
+                        raise RoundsFailedError(failures, self.conf.min_clients_per_round)
+                    continue
+                failures.clear()
+                self.round += 1
                 self._record(m)
+                bar.update(1)
                 bar.set_postfix(train_loss=_fmt(m.train_loss), dev_acc=_fmt(m.dev_acc), dev_wer=_fmt(m.dev_wer))
         finally:
+            bar.close()
             self.clients_executor.close()
             self.writer.close()
-        if self.round >= self.conf.rounds:
-            logger.info(f"federated training finished: {self.round} rounds; best dev score {_fmt(self.best_score)}")
+        logger.info(f"federated training finished: {self.round} rounds; best dev score {_fmt(self.best_score)}")
 
     def _record(self, m: RoundMetrics) -> None:
         out = self.output_dir
@@ -245,15 +317,16 @@ class FederatedServer:
         round_file = out / f"{m.round}round.pth"
         atomic_save(self.global_state, round_file)  # serialized once, then copied
         atomic_copy(round_file, out / "latest.pth")
-        score = _best_model_score(m)
+        score = round_score(m.__dict__)
         if score is not None and score > self.best_score:
             self.best_score = score
             atomic_copy(round_file, out / "valid.acc.best.pth")
         elif self.dev_batches is None or not (out / "valid.acc.best.pth").exists():
             # Without a dev set (or before the first validation) the best model is the latest.
             atomic_copy(round_file, out / "valid.acc.best.pth")
-        for old in range(1, m.round - self.conf.keep_checkpoints + 1):
-            (out / f"{old}round.pth").unlink(missing_ok=True)
+        # ESPnet's keep_nbest_models: the best rounds by the dev criterion, not the latest.
+        for worse in rank_rounds(round_checkpoints(out), round_scores(out))[self.conf.keep_checkpoints :]:
+            (out / f"{worse}round.pth").unlink()
         atomic_save(self.state_dict(), out / CHECKPOINT)
 
     def _tensorboard(self, m: RoundMetrics) -> None:
@@ -276,14 +349,6 @@ class FederatedServer:
         w.add_scalar("server/lr", m.lr, step)
         w.add_scalar("time/seconds_per_round", m.seconds, step)
         w.flush()
-
-
-def _best_model_score(m: RoundMetrics) -> Optional[float]:
-    """Higher is better: dev accuracy, or minus the dev loss when the model reports no
-    accuracy (a CTC-only model), so that valid.acc.best.pth never freezes at round 1."""
-    if m.dev_acc is not None:
-        return m.dev_acc
-    return None if m.dev_loss is None else -m.dev_loss
 
 
 def _fmt(x: Optional[float]) -> str:

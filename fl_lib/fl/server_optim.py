@@ -15,12 +15,26 @@ from .config import ScheduleConfig, ServerOptimConfig
 
 class LAMB(torch.optim.Optimizer):
     """Layer-wise adaptive moments (You et al., 2020): an Adam step rescaled per tensor
-    by the trust ratio ‖w‖ / ‖update‖, so layers of very different scale move alike."""
+    by the trust ratio ‖w‖ / ‖update‖, so layers of very different scale move alike.
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0):
+    As in the paper (its φ clips the weight norm) and common implementations:
+    - the trust ratio is bounded by `max_trust_ratio`: a tensor whose update is
+      tiny next to its weights would otherwise take a step of any size;
+    - one-dimensional tensors (biases, LayerNorm/BatchNorm scales and shifts) take
+      the plain Adam step, with neither trust ratio nor weight decay: their norm
+      says nothing about the layer's scale, and decaying a norm scale shrinks the
+      layer's output rather than regularizing it.
+    """
+
+    def __init__(
+        self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
+        max_trust_ratio: float = 10.0,
+    ):
         if lr <= 0:
             raise ValueError(f"LAMB lr must be > 0, got {lr}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        if max_trust_ratio <= 0:
+            raise ValueError(f"LAMB max_trust_ratio must be > 0, got {max_trust_ratio}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, max_trust_ratio=max_trust_ratio))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -42,10 +56,13 @@ class LAMB(torch.optim.Optimizer):
                 m_hat = m / (1 - beta1 ** state["step"])
                 v_hat = v / (1 - beta2 ** state["step"])
                 update = m_hat / (v_hat.sqrt() + group["eps"])
-                if group["weight_decay"]:
-                    update.add_(p, alpha=group["weight_decay"])
-                w_norm, u_norm = p.norm().item(), update.norm().item()
-                trust = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+                trust = 1.0
+                if p.dim() > 1:  # weight matrices and kernels; biases and norm parameters are 1-D
+                    if group["weight_decay"]:
+                        update.add_(p, alpha=group["weight_decay"])
+                    w_norm, u_norm = p.norm().item(), update.norm().item()
+                    if w_norm > 0 and u_norm > 0:
+                        trust = min(w_norm / u_norm, group["max_trust_ratio"])
                 p.add_(update, alpha=-group["lr"] * trust)
         return loss
 

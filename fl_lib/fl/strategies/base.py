@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 
@@ -34,6 +34,7 @@ class ClientResult:
     num_steps: int = 0
     seconds: float = 0.0
     delta_finite: bool = True
+    all_steps_invalid: bool = False  # ESPnet skipped every step (non-finite gradient norm): Δ = 0
     num_tokens: int = 0  # target tokens trained on
 
     @property
@@ -104,6 +105,13 @@ class Strategy(ABC):
 
     #: FedProx's μ; the client adds μ/2·‖w − w_global‖² to its loss when > 0.
     proximal_mu: float = 0.0
+    #: Names of the trainable parameters, set by `bind`; every other key of Δ is a
+    #: float buffer (BatchNorm statistics) or a frozen parameter.
+    parameter_names: Optional[frozenset] = None
+
+    def bind(self, parameter_names: Iterable[str]) -> None:
+        """Tell the strategy which keys of Δ are trainable parameters (the server does, once)."""
+        self.parameter_names = frozenset(parameter_names)
 
     def broadcast(self, global_state: State) -> State:
         """The weights clients start the round from (BMUF-Nesterov looks ahead)."""
@@ -125,6 +133,9 @@ class Strategy(ABC):
 
     def check_server_optimizer(self, optim: ServerOptimConfig) -> None:
         """Reject server-optimizer settings (and LR schedules) that would silently change the algorithm."""
+
+    def check_sampler(self, sampler: str) -> None:
+        """Reject a client sampler that would bias this strategy's weights."""
 
     def state_dict(self) -> dict:
         return {}

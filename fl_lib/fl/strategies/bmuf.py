@@ -4,6 +4,10 @@ Per block (round) t, with w̄ the mean of the client models and b the broadcast 
     G_t = w̄ − b,   Δ_t = η·Δ_{t−1} + ζ·G_t,   w_t = w_{t−1} + Δ_t
 and with Nesterov-style block momentum the next block starts from w_t + η·Δ_t.
 The strategy returns −Δ_t as pseudo-gradient, so a server SGD with lr 1 applies it.
+
+Only trainable parameters get block momentum and the look-ahead. Float buffers
+(BatchNorm's running mean and variance) are statistics, not weights: extrapolated
+by η·Δ a running variance can go below zero, so they take the plain client mean.
 """
 from __future__ import annotations
 
@@ -24,10 +28,11 @@ class BMUF(Strategy):
 
     def check_server_optimizer(self, optim: ServerOptimConfig) -> None:
         """The server step must apply −Δ_t as is: any other optimizer, lr or schedule rescales the block update."""
-        if optim.name != "sgd" or optim.lr != 1.0 or optim.momentum != 0.0:
+        if optim.name != "sgd" or optim.lr != 1.0 or optim.momentum != 0.0 or optim.weight_decay != 0.0:
             raise ValueError(
-                "bmuf applies its own block momentum and learning rate: use server_optim "
-                f"name=sgd lr=1.0 momentum=0.0 (got {optim.name} lr={optim.lr} momentum={optim.momentum})"
+                "bmuf applies its own block momentum and learning rate: use server_optim name=sgd lr=1.0 "
+                f"momentum=0.0 weight_decay=0.0 (got {optim.name} lr={optim.lr} momentum={optim.momentum} "
+                f"weight_decay={optim.weight_decay})"
             )
         schedule = optim.schedule
         if schedule.warmup_rounds or schedule.decay != "none":
@@ -48,17 +53,23 @@ class BMUF(Strategy):
         return 0.0  # w̄ is the plain mean of the client models
 
     def aggregate(self) -> Optional[Aggregate]:
+        if self.parameter_names is None:
+            raise RuntimeError("bmuf.bind(parameter_names) must be called first: buffers are averaged, not extrapolated")
         mean = super().aggregate()  # mean_k(b − w_k) = −G_t: the Δ_k were taken against b
         if mean is None:
             return None
-        block = {}
+        block, pseudo_grad = {}, {}
         for k, neg_g in mean.pseudo_grad.items():
+            if k not in self.parameter_names:
+                pseudo_grad[k] = neg_g  # buffers: the server moves them to the plain client mean
+                continue
             d = -self.block_lr * neg_g
             if self.momentum_buffer is not None:
                 d.add_(self.momentum_buffer[k], alpha=self.block_momentum)
             block[k] = d
+            pseudo_grad[k] = -d
         self.momentum_buffer = {k: v.clone() for k, v in block.items()}
-        return Aggregate({k: -v for k, v in block.items()}, mean.weights)
+        return Aggregate(pseudo_grad, mean.weights)
 
     def state_dict(self) -> dict:
         return {"momentum_buffer": self.momentum_buffer}
