@@ -94,7 +94,7 @@ def _copy(state) -> dict:
 def _expected_weights(conf_name: str, results, beta: float) -> list[float]:
     """Each strategy's client weights, computed here from the clients' own results."""
     if conf_name == "fl_dga_sgd.yaml":
-        z = torch.tensor([-beta * r.train_loss for r in results], dtype=torch.float64)
+        z = torch.tensor([-beta * r.loss_per_token for r in results], dtype=torch.float64)
         return torch.softmax(z, 0).tolist()
     if conf_name == "fl_bmuf.yaml":
         return [1.0 / len(results)] * len(results)

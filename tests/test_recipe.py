@@ -56,7 +56,7 @@ def test_run_sh_stages_0_to_6(tmp_path):
     results = (exp / "smoke/RESULTS.md").read_text()
     for part in ("dev-clean", "test-clean", "test-other"):
         assert part in results
-        score = json.loads((exp / f"smoke/decode_asr_valid.acc.ave/{part}/score.json").read_text())
+        score = json.loads((exp / f"smoke/decode_asr_ctc_valid.acc.ave/{part}/score.json").read_text())
         assert score["wer"]["counts"]["Snt"] > 0
     assert "|Snt|Wrd|Corr|Sub|Del|Ins|Err|S.Err|" in results
     assert (exp / "smoke/images/dev_curve.png").exists()
