@@ -26,6 +26,7 @@ from ..data.tokenizer import Tokenizer
 from ..fl.checkpoint import atomic_copy, atomic_save
 from ..fl.config import load_config
 from ..fl.validation import evaluate
+from .average import round_score
 from .model import build_asr_args, build_asr_model, save_espnet_config
 
 logger = logging.getLogger(__name__)
@@ -151,8 +152,9 @@ def train_centralized(
         path = output_dir / f"{epoch}epoch.pth"
         atomic_save(model.state_dict(), path)
         atomic_copy(path, output_dir / "latest.pth")
-        # Dev accuracy, else minus the dev loss (CTC-only), else the latest epoch (no dev set).
-        score = next((s for s in (row.get("dev_acc"), _neg(row.get("dev_loss"))) if s is not None), epoch)
+        # The federated run's dev criterion; without a dev set, the latest epoch is the best.
+        score = round_score(row)
+        score = epoch if score is None else score
         if score > best:
             best = score
             atomic_copy(path, output_dir / "valid.acc.best.pth")
@@ -161,10 +163,6 @@ def train_centralized(
             logger.info(f"training budget of {conf.budget_minutes} min spent after {epoch} epochs")
             break
     return rows
-
-
-def _neg(x: Optional[float]) -> Optional[float]:
-    return None if x is None else -x
 
 
 def federated_training_minutes(exp_dir: Path) -> float:
