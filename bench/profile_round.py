@@ -5,8 +5,8 @@ thread, as each `--client_jobs` worker has) and times, by hooks and wrappers:
 
 - `data`: fetching a batch (tokenization, padding, cache lookups), apart from
   `audio_load`, the time in `load_speech` (FLAC decoding of cuts not cached yet);
-- `frontend` (STFT + fbank), `normalize_specaug`, `encoder_fwd`, `decoder_fwd`, `ctc_fwd`:
-  forward hooks on the ESPnet model's modules;
+- `frontend` (STFT + fbank), `encoder_fwd`, `decoder_fwd`, `ctc_fwd`: forward hooks on
+  the ESPnet model's modules (normalization and SpecAugment fall under `other`);
 - `backward`: `Tensor.backward` (all modules together), and `optimizer`: the client steps;
 - `state_transfer`: pickling and unpickling the start weights and one Δ, what moving a
   client's state to and from a worker process costs per client;
@@ -68,7 +68,7 @@ def _hook_forward(timers, module, label: str) -> None:
 
 
 @contextlib.contextmanager
-def _patched(timers, server, model):
+def _patched(timers, server):
     """Time data fetches, audio decoding, backward passes, optimizer steps, validation and records."""
     import torch
 
@@ -129,7 +129,7 @@ def main() -> None:
                               ("decoder_fwd", model.decoder), ("ctc_fwd", model.ctc)]:
             _hook_forward(timers, module, label)
         t0 = time.perf_counter()
-        with _patched(timers, server, model):
+        with _patched(timers, server):
             server.fit()
         total = time.perf_counter() - t0
     sec = dict(timers.seconds)
