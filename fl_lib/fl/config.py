@@ -94,11 +94,22 @@ class ServerOptimConfig:
 class StrategyConfig:
     """Aggregation strategy; keys not used by the chosen strategy are rejected by it."""
 
-    name: str = "fedavg"  # fedavg | dga | bmuf | fedprox
+    name: str = "fedavg"  # fedavg | dga | rl_dga | bmuf | fedprox
     # fedavg / fedprox
-    weight_by: Optional[str] = None  # fedavg: num_utts | num_frames | uniform; dga: train_loss | grad_mean | grad_rms | grad_var | uniform
-    # dga
+    weight_by: Optional[str] = None  # fedavg: num_utts | num_frames | uniform; dga, rl_dga: loss_per_token | train_loss | grad_rms | grad_var | uniform
+    # dga; rl_dga's softmax-DGA reference
     beta: Optional[float] = None
+    # rl_dga: the agent (see strategies/rl_dga.py)
+    held_out_utts: Optional[int] = None  # server-side held-out utterances, carved from the dev set (which loses them)
+    temperature: Optional[float] = None  # weights = softmax(q / temperature): smaller trusts the agent's values more
+    explore_std: Optional[float] = None  # std of the Gaussian noise on the scores in round 1
+    explore_decay: Optional[float] = None  # ... multiplied by this every round
+    explore_min: Optional[float] = None  # ... never below this
+    agent_hidden: Optional[int] = None  # width of the agent's two hidden layers
+    agent_lr: Optional[float] = None  # Adam learning rate of the agent
+    memory_size: Optional[int] = None  # rounds kept in the replay memory
+    batch_rounds: Optional[int] = None  # rounds per replay minibatch
+    updates_per_round: Optional[int] = None  # agent optimizer steps after each round
     # bmuf
     block_momentum: Optional[float] = None
     block_lr: Optional[float] = None

@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -28,10 +28,10 @@ from .client import LocalTrainer
 from .executor import BatchSpec, ProcessClients, SerialClients, Task, espnet_trainer
 from .config import FLConfig
 from .sampling import ClientSampler
-from .server_optim import build_scheduler, build_server_optimizer
+from .server_optim import build_scheduler, build_server_optimizer, trial_step
 from .strategies import build_strategy
 from .strategies.base import State, weights_entropy
-from .validation import evaluate
+from .validation import evaluate, held_out_loss
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class RoundMetrics:
     lr: float
     seconds: float  # the whole round
     train_seconds: float  # clients, aggregation and server step: the round without validation
+    strategy: dict = field(default_factory=dict)  # what the strategy decided (rl_dga: reward, agent weights, ...)
 
 
 @dataclass
@@ -95,6 +96,7 @@ class FederatedServer:
         output_dir: Path,
         seed: int,
         client_jobs: int = 1,
+        held_out_batches: Optional[Callable[[], Iterable]] = None,
     ) -> None:
         self.model = model
         self.args = espnet_args
@@ -103,7 +105,12 @@ class FederatedServer:
         self.dev_batches = dev_batches
         self.tokenizer = batches.tokenizer  # also decodes the CTC-greedy dev hypotheses
         self.output_dir = Path(output_dir)
-        self.strategy = build_strategy(conf.strategy)
+        self.strategy = build_strategy(conf.strategy, seed)
+        self.held_out_batches = held_out_batches
+        if self.strategy.needs_judge:
+            if held_out_batches is None:
+                raise ValueError(f"strategy '{conf.strategy.name}' scores candidate updates on a server-side held-out set: none was given")
+            self.strategy.judge = self._held_out_loss
         self.strategy.check_server_optimizer(conf.server_optim)
         self.strategy.check_sampler(conf.sampler)
         self.sampler = ClientSampler(
@@ -260,7 +267,15 @@ class FederatedServer:
             lr=lr,
             seconds=time.perf_counter() - t0,
             train_seconds=train_seconds,
+            strategy=self.strategy.round_metrics(),
         )
+
+    def _held_out_loss(self, pseudo_grad: State) -> float:
+        """Held-out loss of the model one server step on `pseudo_grad` would give. The global state
+        and the server optimizer are untouched: the candidate is built by `trial_step` on copies."""
+        candidate = trial_step(self.optimizer, self.server_params, self.global_state, pseudo_grad)
+        self.model.load_state_dict(candidate)
+        return held_out_loss(self.model, self.held_out_batches())
 
     @torch.no_grad()
     def _server_step(self, pseudo_grad: State) -> None:
@@ -348,6 +363,12 @@ class FederatedServer:
         w.add_scalar("clients/dropped", len(m.dropped) + len(m.failed), step)
         w.add_scalar("server/lr", m.lr, step)
         w.add_scalar("time/seconds_per_round", m.seconds, step)
+        for key, value in m.strategy.items():
+            if isinstance(value, dict):  # per client, e.g. rl_dga's agent_weights
+                for cid, v in value.items():
+                    w.add_scalar(f"strategy/{key}/{cid}", v, step)
+            elif isinstance(value, (int, float)):
+                w.add_scalar(f"strategy/{key}", value, step)
         w.flush()
 
 

@@ -6,7 +6,8 @@ FedAvg; momentum, Adam (FedAdam) and LAMB give adaptive server updates.
 """
 from __future__ import annotations
 
-from typing import Iterable
+import copy
+from typing import Dict, Iterable
 
 import torch
 
@@ -100,3 +101,31 @@ def build_scheduler(optimizer: torch.optim.Optimizer, conf: ScheduleConfig) -> t
     """Stepped once per round; `lr_factor(0)` applies to the first round. `conf` was
     validated when it was built, so a bad step_size or gamma never reaches round W."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda r: lr_factor(r, conf))
+
+
+@torch.no_grad()
+def trial_step(
+    optimizer: torch.optim.Optimizer, params: Dict[str, torch.nn.Parameter], state: Dict[str, torch.Tensor],
+    pseudo_grad: Dict[str, torch.Tensor],
+) -> Dict[str, torch.Tensor]:
+    """The model state one server step on `pseudo_grad` would give, computed on copies.
+
+    A candidate update (rl_dga's) is judged by the model it would really produce, Adam
+    moments and the scheduled lr included. `optimizer` must hold exactly `params` (in
+    order) in one group; it, `params`, `state` and `pseudo_grad` are left untouched, so
+    the real step happens once, later. Float buffers move by the plain aggregate, as
+    in the server's own step.
+    """
+    scratch = {name: torch.nn.Parameter(p.detach().clone()) for name, p in params.items()}
+    copy_ = type(optimizer)(list(scratch.values()), **optimizer.defaults)
+    copy_.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # loading alone would share the moment tensors
+    out = dict(state)
+    for name, g in pseudo_grad.items():
+        if name in scratch:
+            scratch[name].grad = g.clone()
+        else:
+            out[name] = state[name] - g
+    copy_.step()
+    for name, p in scratch.items():
+        out[name] = p.detach()
+    return out

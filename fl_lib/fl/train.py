@@ -11,10 +11,15 @@ import yaml
 
 from ..asr.model import build_asr_args, build_asr_model, save_espnet_config
 from ..data.clients import load_clients
+from ..data.held_out import split_held_out
 from ..data.dataset import make_dataloader
 from .config import FLConfig
 from .executor import BatchSpec
 from .server import FederatedServer
+
+# Fixed, unlike dev_max_duration (which a resumed run may change): the batching of the
+# held-out set changes its loss in the last bits, and with it rl_dga's choices.
+HELD_OUT_MAX_DURATION = 120.0
 
 
 def build_server(
@@ -34,7 +39,9 @@ def build_server(
 ) -> FederatedServer:
     """The federated server of this experiment, resumed from `output_dir` if it holds one.
 
-    `command`, the argv that runs this experiment, is saved as `fl_train.sh`.
+    `command`, the argv that runs this experiment, is saved as `fl_train.sh`. With
+    `strategy.held_out_utts` (rl_dga), that many dev utterances become the server's
+    held-out set (`held_out.jsonl.gz` in `output_dir`) and validation uses the rest.
     """
     import torch
 
@@ -48,10 +55,15 @@ def build_server(
     model = build_asr_model(args)
     batches = BatchSpec(bpemodel, token_list, conf.client.max_duration, conf.client.max_cuts, conf.client.audio_cache_mb)
     clients = load_clients(train_clients)
-    dev = None
+    dev = held_out = None
+    if conf.strategy.held_out_utts is not None:
+        if dev_cuts is None:
+            raise ValueError("strategy.held_out_utts carves the server's held-out set out of the dev set: give --dev_cuts")
+        held_out_cuts, dev_cuts = split_held_out(dev_cuts, conf.strategy.held_out_utts, seed, output_dir)
+        held_out = partial(make_dataloader, held_out_cuts, batches.tokenizer, max_duration=HELD_OUT_MAX_DURATION, shuffle=False)
     if dev_cuts is not None:
         dev = partial(make_dataloader, dev_cuts, batches.tokenizer, max_duration=conf.dev_max_duration, shuffle=False)
-    server = FederatedServer(model, args, conf, clients, batches, dev, output_dir, seed, client_jobs)
+    server = FederatedServer(model, args, conf, clients, batches, dev, output_dir, seed, client_jobs, held_out)
     server.maybe_resume()  # refuses another experiment's output_dir before anything there is rewritten
 
     save_espnet_config(args, output_dir / "config.yaml")

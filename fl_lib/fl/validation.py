@@ -53,3 +53,18 @@ def _greedy(model, enc, enc_lens, batch, tokenizer, refs: list, hyps: list) -> N
         collapsed = torch.unique_consecutive(ids[: int(n)]).tolist()
         hyps.append(tokenizer.decode(collapsed))
         refs.append(tokenizer.decode(ref[: int(ref_len)].tolist()))
+
+
+@torch.no_grad()
+def held_out_loss(model: torch.nn.Module, batches: Iterable) -> float:
+    """The model's loss on held-out batches (ESPnet's `loss`, weighted as in `evaluate`), no decoding:
+    rl_dga scores two candidate models with it every round, so it must stay cheap."""
+    model.eval()
+    total = weight_sum = 0.0
+    for _utt_ids, batch in batches:
+        _loss, stats, weight = model(**batch)
+        total += float(stats["loss"]) * float(weight)
+        weight_sum += float(weight)
+    if weight_sum == 0:
+        raise ValueError("the held-out set gave no batch: nothing to score the candidate updates on")
+    return total / weight_sum

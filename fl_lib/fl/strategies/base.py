@@ -108,6 +108,10 @@ class Strategy(ABC):
     #: Names of the trainable parameters, set by `bind`; every other key of Δ is a
     #: float buffer (BatchNorm statistics) or a frozen parameter.
     parameter_names: Optional[frozenset] = None
+    #: Whether `aggregate` scores candidate updates on the server's held-out set (rl_dga): the
+    #: server then sets `judge`, a function from a pseudo-gradient to the held-out loss of the
+    #: model one server step on it would give.
+    needs_judge: bool = False
 
     def bind(self, parameter_names: Iterable[str]) -> None:
         """Tell the strategy which keys of Δ are trainable parameters (the server does, once)."""
@@ -136,6 +140,10 @@ class Strategy(ABC):
 
     def check_sampler(self, sampler: str) -> None:
         """Reject a client sampler that would bias this strategy's weights."""
+
+    def round_metrics(self) -> dict:
+        """What the strategy decided in the last aggregated round, for metrics.jsonl and TensorBoard."""
+        return {}
 
     def state_dict(self) -> dict:
         return {}
