@@ -238,7 +238,7 @@ class RLDGA(Strategy):
             self.agent_optimizer.zero_grad()
             loss.backward()
             self.agent_optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         return sum(losses) / len(losses)
 
     def _update_statistics(self, raw: torch.Tensor) -> None:
