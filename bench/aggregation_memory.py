@@ -27,7 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-FL_CONFS = {"dga": "fl_dga.yaml", "fedavg": "fl_fedavg.yaml", "bmuf": "fl_bmuf.yaml", "fedprox": "fl_fedprox.yaml"}
+FL_CONFS = {
+    "dga": "fl_dga.yaml", "rl_dga": "fl_rl_dga.yaml", "fedavg": "fl_fedavg.yaml", "bmuf": "fl_bmuf.yaml", "fedprox": "fl_fedprox.yaml",
+}
 
 
 class SyntheticClients:
@@ -66,6 +68,7 @@ class SyntheticClients:
             client_id=client_id,
             delta=delta,
             num_utts=10 + self.calls % 7,
+            num_tokens=300 + 11 * (self.calls % 5),
             num_frames=10_000 + 37 * self.calls,
             train_loss=50.0 + (self.calls % 5),
             grad_mean=mean,
@@ -73,6 +76,22 @@ class SyntheticClients:
             grad_var=s2 / n - mean * mean,
             num_steps=1,
         )
+
+
+def synthetic_held_out(vocab: int, utts: int = 4, seconds: float = 2.0):
+    """rl_dga's held-out set for the bench: noise audio with random transcripts (the bench
+    measures memory and time, not accuracy). Fixed by a seed, as real held-out data is."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    n = int(16000 * seconds)
+    batch = {
+        "speech": torch.randn(utts, n, generator=g) * 0.1,
+        "speech_lengths": torch.full((utts,), n),
+        "text": torch.randint(2, vocab - 1, (utts, 12), generator=g),
+        "text_lengths": torch.full((utts,), 12),
+    }
+    return lambda: [([f"utt{i}" for i in range(utts)], batch)]
 
 
 class NoBatches:
@@ -106,7 +125,8 @@ def child(opts: argparse.Namespace) -> None:
         common.CONF_DIR / FL_CONFS[opts.strategy], [f"clients_per_round={opts.k}", f"rounds={opts.rounds}"]
     )
     clients = [ClientInfo(f"spk{i:04d}", 10, 0.0, tmp / f"spk{i:04d}.jsonl.gz") for i in range(opts.k)]
-    server = FederatedServer(model, args, conf, clients, NoBatches(), None, tmp / "exp", 0)
+    held_out = synthetic_held_out(len(args.token_list)) if opts.strategy == "rl_dga" else None
+    server = FederatedServer(model, args, conf, clients, NoBatches(), None, tmp / "exp", 0, held_out_batches=held_out)
     synthetic = SyntheticClients(opts.noise, seed=0, hold=opts.hold_results)
     server.clients_executor.trainer = synthetic  # the serial executor calls trainer.train(*task)
     before_mb = common.peak_rss_mb()
