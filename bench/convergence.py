@@ -81,6 +81,17 @@ def relative_weight(rows: list[dict], client_ids: set[str]) -> float | None:
     return sum(rel) / len(rel) if rel else None
 
 
+def agent_relative_weight(rows: list[dict], client_ids: set[str]) -> float | None:
+    """rl_dga: the same for the weights its agent proposed, applied or not (None for other strategies)."""
+    rel = [w * len(r["clients"]) for r in rows for c, w in r.get("strategy", {}).get("agent_weights", {}).items() if c in client_ids]
+    return sum(rel) / len(rel) if rel else None
+
+
+def held_out_utts(exp: Path) -> int | None:
+    """Dev utterances an rl_dga run moved to its held-out set: its dev metrics are on the rest."""
+    return yaml.safe_load((exp / "fl_config.yaml").read_text())["strategy"].get("held_out_utts")
+
+
 def summarize(fed: str, runs: dict, recipe: Path, test_cuts: Path, corrupted: set[str]) -> dict:
     """runs: method -> (lr, exp dir) of its best learning rate."""
     rows = {m: metrics(exp) for m, (_, exp) in runs.items()}
@@ -111,6 +122,8 @@ def summarize(fed: str, runs: dict, recipe: Path, test_cuts: Path, corrupted: se
             "dev_werr": (target - final[m]) / target if target else None,
             "test_werr": (test["fedavg"] - test[m]) / test["fedavg"] if test["fedavg"] else None,
             "corrupted_rel_weight": relative_weight(rows[m], corrupted),
+            "corrupted_agent_rel_weight": agent_relative_weight(rows[m], corrupted),
+            "dev_held_out_utts": held_out_utts(runs[m][1]),
         }
     return out, rows
 
@@ -143,8 +156,8 @@ def markdown(summaries: list[dict]) -> str:
             f"### federation: {s['federation']} ({s['rounds']} rounds; targets = FedAvg's final dev WER "
             f"{100 * s['target_dev_wer']:.1f}%{unreachable} and dev loss {s['target_dev_loss']:.2f})",
             "",
-            "|method|lr|rounds to target WER|speed-up (WER)|rounds to target loss|speed-up (loss)|final dev loss|final dev acc %|final dev WER %|test WER %|dev WERR %|test WERR %|corrupted clients' weight ×uniform|",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|method|lr|rounds to target WER|speed-up (WER)|rounds to target loss|speed-up (loss)|final dev loss|final dev acc %|final dev WER %|test WER %|dev WERR %|test WERR %|corrupted clients' weight ×uniform|rl_dga agent's own weight for them ×uniform|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for m, v in s["methods"].items():
             f = lambda x, pct=True: "n/a" if x is None else (f"{100 * x:.1f}" if pct else f"{x:.2f}")
@@ -153,8 +166,11 @@ def markdown(summaries: list[dict]) -> str:
                 f"{v['rounds_to_target_loss'] or 'not reached'}|{f(v['speedup_loss'], False)}|"
                 f"{v['final_dev_loss']:.2f}|{f(v['final_dev_acc'])}|"
                 f"{f(v['final_dev_wer'])}|{f(v['test_wer'])}|{f(v['dev_werr'])}|{f(v['test_werr'])}|"
-                f"{f(v['corrupted_rel_weight'], False)}|"
+                f"{f(v['corrupted_rel_weight'], False)}|{f(v['corrupted_agent_rel_weight'], False)}|"
             )
+        held = {m: v["dev_held_out_utts"] for m, v in s["methods"].items() if v["dev_held_out_utts"]}
+        for m, n in held.items():
+            lines.append(f"\n{m}: dev metrics are on dev minus the {n} utterances it holds out to score its candidates; test WER is on the same test set as every method.")
         lines.append("")
     return "\n".join(lines)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Convergence benchmark: FedAvg, FedAvg+server Adam, DGA+server Adam and BMUF on the
+# Convergence benchmark: FedAvg, FedAvg+server Adam, DGA+server Adam, RL-DGA+server Adam and BMUF on the
 # embedded federation (2 clients with shuffled transcripts, then a clean rerun).
 # Needs stages 0-4 of egs/librispeech_fl; results in bench/out/convergence/.
 set -euo pipefail
