@@ -325,6 +325,7 @@ class FederatedServer:
             f"round {m.round}/{self.conf.rounds}: train_loss={_fmt(m.train_loss)} dev_loss={_fmt(m.dev_loss)} "
             f"dev_acc={_fmt(m.dev_acc)} dev_wer={_fmt(m.dev_wer)} clients={len(m.clients)} dropped={len(m.dropped)} failed={len(m.failed)} "
             f"lr={m.lr:.3g} {m.seconds:.1f}s"
+            + "".join(f" {k}={v:.4g}" if isinstance(v, float) else f" {k}={v}" for k, v in m.strategy.items() if not isinstance(v, dict))
         )
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(m.__dict__) + "\n")
