@@ -139,10 +139,12 @@ def test_reward_sign_and_apply_rule():
         assert agg.weights == pytest.approx(m["agent_weights"] if agent_better else reference)
 
 
-def test_trial_step_leaves_server_state_alone_and_matches_the_real_step():
-    """Server Adam with a scheduled lr: the trial gives bitwise the weights of the real step,
-    and the parameters, the Adam moments and the step count are untouched by it."""
-    conf = ServerOptimConfig(name="adam", lr=0.1)
+@pytest.mark.parametrize("conf", [
+    ServerOptimConfig(name="adam", lr=0.1), ServerOptimConfig(name="lamb", lr=0.1), ServerOptimConfig(momentum=0.9),
+], ids=["adam", "lamb", "sgd-momentum"])
+def test_trial_step_leaves_server_state_alone_and_matches_the_real_step(conf):
+    """A stateful server optimizer with a scheduled lr: the trial gives bitwise the weights of the
+    real step, and the parameters and the optimizer state (moments, step count) are untouched by it."""
     params = {"w": torch.nn.Parameter(torch.tensor([1.0, -2.0])), "v": torch.nn.Parameter(torch.tensor([[0.5]]))}
     state = {k: p.data for k, p in params.items()} | {"bn.running_var": torch.tensor([1.0])}
     opt = build_server_optimizer(list(params.values()), conf)
@@ -152,17 +154,24 @@ def test_trial_step_leaves_server_state_alone_and_matches_the_real_step():
         p.grad = g1[k].clone()
     opt.step(), sched.step()
     before_state = {k: v.clone() for k, v in state.items()}
-    before_opt = {i: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()} for i, s in opt.state_dict()["state"].items()}
+    before_opt = copy.deepcopy(opt.state_dict())
     g2 = {"w": torch.tensor([-0.1, 0.4]), "v": torch.tensor([[0.3]]), "bn.running_var": torch.tensor([0.5])}
     trial = trial_step(opt, params, state, g2)
     assert all(torch.equal(state[k], before_state[k]) for k in state)
-    after_opt = opt.state_dict()["state"]
-    assert all(torch.equal(after_opt[i][k], before_opt[i][k]) for i in before_opt for k in before_opt[i])
+    assert _same_optimizer_state(opt.state_dict(), before_opt)
     assert trial["bn.running_var"].item() == pytest.approx(0.5)
     for k, p in params.items():
         p.grad = g2[k].clone()
     opt.step()
     assert all(torch.equal(trial[k], state[k]) for k in params)
+
+
+def _same_optimizer_state(a: dict, b: dict) -> bool:
+    def same(x, y):
+        return torch.equal(x, y) if torch.is_tensor(x) else x == y
+
+    return a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys() and all(
+        same(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i])
 
 
 def test_single_client_round_applies_it_without_judging():
@@ -289,11 +298,6 @@ def test_candidates_leave_the_server_alone_and_one_step_applies_the_chosen(fl_da
     held_out = {c.id for c in load_manifest_lazy(tmp_path / "held_out.jsonl.gz")}
     dev = {c.id for c in load_manifest_lazy(tmp_path / "dev_model_selection.jsonl.gz")}
     assert len(held_out) == 3 and dev and not held_out & dev
-
-
-def _same_optimizer_state(a: dict, b: dict) -> bool:
-    return a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys() and all(
-        torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i])
 
 
 def test_resume_with_agent_state_is_bitwise_identical(fl_data, tmp_path):
