@@ -43,6 +43,14 @@ client's own result and what the federation knew before the round:
   stands in for cos with this round's mean Δ, which is unknown until then. It is 0
   in round 1.
 The K × 6 feature floats of the round are kept for learning.
+
+Edge cases:
+- A round with one client applies that client's Δ, with no trial and no experience.
+- A client with a non-finite feature is an error that names it. The server has
+  already dropped clients with a non-finite loss or Δ.
+- K may change from round to round.
+- The held-out set is never empty: `held_out_utts` >= 1 is checked when the config
+  is built, and `held_out_loss` raises on an empty set.
 """
 from __future__ import annotations
 
