@@ -29,7 +29,7 @@ def fl_train_command(cfg: dict, recipe: Path, clients: Path, method: dict, lr: f
     overrides = [f"{k}={v}" for k, v in cfg["common"].items()] + [f"{method['lr_key']}={lr}"]
     return [
         sys.executable, "-m", "fl_lib.bin.fl_train",
-        "--asr_config", str(recipe / "conf/train_asr_rnn_small.yaml"),
+        "--asr_config", str(recipe / cfg["asr_config"]),
         "--fl_config", str(recipe / method["fl_config"]),
         "--train_clients", str(clients),
         "--dev_cuts", str(recipe / cfg["dev_cuts"]),
