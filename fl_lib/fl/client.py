@@ -52,14 +52,31 @@ class _Counter:
             yield utt_ids, batch
 
 
-def build_client_optimizer(params, conf: ClientConfig) -> torch.optim.Optimizer:
+def build_client_optimizer(params, conf: ClientConfig, lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """The round's client optimizer at LR `conf.lr * lr_scale` (the per-round schedule's factor)."""
+    lr = conf.lr * lr_scale
     if conf.optim == "sgd":
-        return torch.optim.SGD(params, lr=conf.lr, momentum=conf.momentum, weight_decay=conf.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=conf.momentum, weight_decay=conf.weight_decay)
     if conf.optim == "adam":
         if conf.momentum:
             raise ValueError("client.momentum is an sgd option; adam does not use it")
-        return torch.optim.Adam(params, lr=conf.lr, weight_decay=conf.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=conf.weight_decay)
     raise ValueError(f"unknown client.optim '{conf.optim}'; choose sgd or adam")
+
+
+def build_local_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int):
+    """LR × min(1, (s+1)/warmup_steps) at local step s; stepped by ESPnet after each optimizer step.
+
+    None without warmup. It is an ESPnet batch-step scheduler so `train_one_epoch` steps it.
+    """
+    if warmup_steps == 0:
+        return None
+    from espnet2.schedulers.abs_scheduler import AbsBatchStepScheduler
+
+    class LocalWarmupLR(torch.optim.lr_scheduler.LambdaLR, AbsBatchStepScheduler):
+        pass
+
+    return LocalWarmupLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
 
 
 def pseudo_gradient(start: State, model: torch.nn.Module) -> tuple[State, dict, bool]:
@@ -120,7 +137,9 @@ class LocalTrainer:
             batches = itertools.islice(batches, self.conf.max_steps * self.conf.accum_grad)
         return batches
 
-    def train(self, client_id: str, manifest, start: State, round_idx: int, proximal_mu: float = 0.0) -> ClientResult:
+    def train(
+        self, client_id: str, manifest, start: State, round_idx: int, proximal_mu: float = 0.0, lr_scale: float = 1.0
+    ) -> ClientResult:
         from espnet2.train.reporter import Reporter
 
         t0 = time.perf_counter()
@@ -129,7 +148,8 @@ class LocalTrainer:
         # ESPnet zeroes gradients only after an optimizer step: with accum_grad > 1 the
         # last client's unstepped batches would otherwise flow into this client's first step.
         self.model.zero_grad(set_to_none=True)
-        optimizer = build_client_optimizer(self.model.parameters(), self.conf)
+        optimizer = build_client_optimizer(self.model.parameters(), self.conf, lr_scale)
+        warmup = build_local_warmup(optimizer, self.conf.warmup_steps)
         net = ProximalModel(self.model, start, proximal_mu) if proximal_mu > 0 else self.model
         counter = _Counter(self._batches(manifest, round_idx, client_id))
         reporter = Reporter()
@@ -138,7 +158,7 @@ class LocalTrainer:
                 model=net,
                 iterator=counter,
                 optimizers=[optimizer],
-                schedulers=[None],
+                schedulers=[warmup],
                 scaler=None,
                 reporter=sub,
                 summary_writer=None,

@@ -28,7 +28,7 @@ from .client import LocalTrainer
 from .executor import BatchSpec, ProcessClients, SerialClients, Task, espnet_trainer
 from .config import FLConfig
 from .sampling import ClientSampler
-from .server_optim import build_scheduler, build_server_optimizer
+from .server_optim import build_scheduler, build_server_optimizer, lr_factor
 from .strategies import build_strategy
 from .strategies.base import State, weights_entropy
 from .validation import evaluate
@@ -52,7 +52,8 @@ class RoundMetrics:
     weights: list
     dropped: list
     failed: list
-    lr: float
+    lr: float  # the server optimizer's
+    client_lr: float  # client.lr times the client schedule's factor
     seconds: float  # the whole round
     train_seconds: float  # clients, aggregation and server step: the round without validation
 
@@ -207,7 +208,8 @@ class FederatedServer:
         start = self.strategy.broadcast(self.global_state)
         self.strategy.begin_round()
         losses, used, dropped, failed, errors = [], [], [], [], {}
-        tasks = (Task(cid, self.clients[cid].manifest, start, draw, self.strategy.proximal_mu) for cid in sampled)
+        lr_scale = lr_factor(self.round, self.conf.client.schedule)
+        tasks = (Task(cid, self.clients[cid].manifest, start, draw, self.strategy.proximal_mu, lr_scale) for cid in sampled)
         for cid, result, error, worker in self.clients_executor.map(tasks):
             if error is not None:
                 logger.error(f"{label}: client {cid} failed; the round goes on without it\n{error}")
@@ -258,6 +260,7 @@ class FederatedServer:
             dropped=dropped,
             failed=failed,
             lr=lr,
+            client_lr=self.conf.client.lr * lr_scale,
             seconds=time.perf_counter() - t0,
             train_seconds=train_seconds,
         )
@@ -309,7 +312,7 @@ class FederatedServer:
         logger.info(
             f"round {m.round}/{self.conf.rounds}: train_loss={_fmt(m.train_loss)} dev_loss={_fmt(m.dev_loss)} "
             f"dev_acc={_fmt(m.dev_acc)} dev_wer={_fmt(m.dev_wer)} clients={len(m.clients)} dropped={len(m.dropped)} failed={len(m.failed)} "
-            f"lr={m.lr:.3g} {m.seconds:.1f}s"
+            f"lr={m.lr:.3g} client_lr={m.client_lr:.3g} {m.seconds:.1f}s"
         )
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(m.__dict__) + "\n")
@@ -347,6 +350,7 @@ class FederatedServer:
         w.add_scalar("clients/used", len(m.clients), step)
         w.add_scalar("clients/dropped", len(m.dropped) + len(m.failed), step)
         w.add_scalar("server/lr", m.lr, step)
+        w.add_scalar("client/lr", m.client_lr, step)
         w.add_scalar("time/seconds_per_round", m.seconds, step)
         w.flush()
 
