@@ -13,6 +13,7 @@ import time
 from typing import Iterable, Iterator
 
 import torch
+from espnet2.schedulers.abs_scheduler import AbsBatchStepScheduler
 
 from .config import ClientConfig
 from .sampling import derive_seed
@@ -64,19 +65,12 @@ def build_client_optimizer(params, conf: ClientConfig, lr_scale: float = 1.0) ->
     raise ValueError(f"unknown client.optim '{conf.optim}'; choose sgd or adam")
 
 
-def build_local_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int):
-    """LR × min(1, (s+1)/warmup_steps) at local step s; stepped by ESPnet after each optimizer step.
+class LocalWarmupLR(torch.optim.lr_scheduler.LambdaLR, AbsBatchStepScheduler):
+    """LR × min(1, (s+1)/warmup_steps) at local step s. An ESPnet batch-step scheduler,
+    so `train_one_epoch` steps it after each optimizer step."""
 
-    None without warmup. It is an ESPnet batch-step scheduler so `train_one_epoch` steps it.
-    """
-    if warmup_steps == 0:
-        return None
-    from espnet2.schedulers.abs_scheduler import AbsBatchStepScheduler
-
-    class LocalWarmupLR(torch.optim.lr_scheduler.LambdaLR, AbsBatchStepScheduler):
-        pass
-
-    return LocalWarmupLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int) -> None:
+        super().__init__(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
 
 
 def pseudo_gradient(start: State, model: torch.nn.Module) -> tuple[State, dict, bool]:
@@ -149,7 +143,7 @@ class LocalTrainer:
         # last client's unstepped batches would otherwise flow into this client's first step.
         self.model.zero_grad(set_to_none=True)
         optimizer = build_client_optimizer(self.model.parameters(), self.conf, lr_scale)
-        warmup = build_local_warmup(optimizer, self.conf.warmup_steps)
+        warmup = LocalWarmupLR(optimizer, self.conf.warmup_steps) if self.conf.warmup_steps else None
         net = ProximalModel(self.model, start, proximal_mu) if proximal_mu > 0 else self.model
         counter = _Counter(self._batches(manifest, round_idx, client_id))
         reporter = Reporter()
