@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Convergence benchmark: FedAvg, FedAvg+server Adam, DGA+server Adam, RL-DGA+server Adam and BMUF on the
-# embedded federation (2 clients with shuffled transcripts, then a clean rerun).
+# Convergence benchmark: FedAvg, FedAvg+server Adam, DGA+server Adam, RL-DGA+server Adam, DGA+server SGD and BMUF,
+# tuned on dev, reported on test-clean, on a clean federation and one with 2 corrupted clients.
 # Needs stages 0-4 of egs/librispeech_fl; results in bench/out/convergence/.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

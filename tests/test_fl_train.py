@@ -109,12 +109,14 @@ def test_each_strategy_on_a_batchnorm_model(fl_data, conformer_config, tmp_path,
     The clients are replayed on a second model object from the same start weights
     and seeds; the server's new global state must be the formula applied to those
     results, BatchNorm buffers included. Under BMUF, buffers take the plain client
-    mean and no look-ahead, so the running variance stays a variance.
+    mean and no look-ahead, so the running variance stays a variance. The client LR
+    halves each round (client.schedule): the replay gets the halved LR explicitly.
     """
     from fl_lib.asr.model import build_asr_model
     from fl_lib.fl.client import LocalTrainer
 
-    server = build_server(fl_data, tmp_path, conf_name, ["clients_per_round=3"], asr_config=conformer_config)
+    halving = ["client.schedule.decay=exponential", "client.schedule.gamma=0.5"]
+    server = build_server(fl_data, tmp_path, conf_name, ["clients_per_round=3", *halving], asr_config=conformer_config)
     params = set(server.param_names)
     buffers = {k for k, v in server.global_state.items() if v.is_floating_point()} - params
     assert any(k.endswith("running_var") for k in buffers), "the model has no BatchNorm"
@@ -129,10 +131,11 @@ def test_each_strategy_on_a_batchnorm_model(fl_data, conformer_config, tmp_path,
             assert all(torch.equal(start[k], w[k]) for k in buffers)
             assert all(torch.allclose(start[k], w[k] + eta * block[k]) for k in params)
         results = [
-            replay.train(cid, server.clients[cid].manifest, start, draw, server.strategy.proximal_mu)
+            replay.train(cid, server.clients[cid].manifest, start, draw, server.strategy.proximal_mu, lr_scale=0.5**draw)
             for cid in server.sampler.sample(draw)
         ]
         m = server.run_round(draw)
+        assert m.client_lr == server.conf.client.lr * 0.5**draw
         server.draws, server.round = draw + 1, draw + 1
         a = _expected_weights(conf_name, results, server.conf.strategy.beta or 0.0)
         assert m.clients == [r.client_id for r in results] and m.weights == pytest.approx(a, rel=1e-6)
@@ -411,7 +414,7 @@ def test_the_n_best_rounds_by_dev_score_are_kept(fl_data, conformer_config, tmp_
         server.round = r
         with torch.no_grad():
             next(iter(server.server_params.values())).fill_(r)  # tells the round checkpoints apart
-        server._record(RoundMetrics(r, 1.0, 2.0, acc, 0.9, ["a"], [1.0], [], [], 1.0, 0.1, 0.1))
+        server._record(RoundMetrics(r, 1.0, 2.0, acc, 0.9, ["a"], [1.0], [], [], 1.0, 1e-3, 0.1, 0.1))
     server.writer.close()
     assert sorted(p.name for p in tmp_path.glob("*round.pth")) == ["1round.pth", "3round.pth"]
     name = next(iter(server.server_params))

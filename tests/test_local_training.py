@@ -160,3 +160,43 @@ def test_asr_config_keys_at_espnet_defaults_are_harmless(tmp_path):
     conf.write_text("encoder: rnn\ncleaner: null\ntrain_dtype: float32\n")
     (tmp_path / "tokens.txt").write_text("<blank>\n<unk>\na\n<sos/eos>\n")
     assert build_asr_args(conf, tmp_path / "tokens.txt", None, None).encoder == "rnn"
+
+
+def test_client_lr_warmup_and_round_scale_hand_computed():
+    """SGD on ½‖w − t‖² from w = 0, t = [4, 8]: each step moves w by lr_s·(t − w).
+    warmup_steps=2 gives lr_s = lr·[½, 1, 1]; lr_scale multiplies every step."""
+    def batch():
+        return (["u"], {"speech": torch.tensor([[4.0, 8.0]]), "speech_lengths": torch.tensor([160]), "text_lengths": torch.tensor([1])})
+
+    start = {"w": torch.tensor([0.0, 0.0]), "frozen": torch.tensor([5.0])}
+
+    def final_w(warmup_steps, lr_scale):
+        conf = ClientConfig(optim="sgd", lr=0.5, grad_clip=1e9, warmup_steps=warmup_steps)
+        trainer = _toy_trainer(Toy([0.0, 0.0]), conf, {"c": [batch()] * 3})
+        return (-trainer.train("c", "c", start, round_idx=0, lr_scale=lr_scale).delta["w"]).tolist()
+
+    def by_hand(lrs):
+        w = np.zeros(2)
+        for lr in lrs:
+            w = w + lr * (np.array([4.0, 8.0]) - w)
+        return w.tolist()
+
+    assert final_w(0, 1.0) == pytest.approx(by_hand([0.5, 0.5, 0.5]))
+    assert final_w(2, 1.0) == pytest.approx(by_hand([0.25, 0.5, 0.5]))
+    assert final_w(2, 0.5) == pytest.approx(by_hand([0.125, 0.25, 0.25]))
+    # Each client round starts its warmup afresh: a second round on the same trainer repeats it.
+    conf = ClientConfig(optim="sgd", lr=0.5, grad_clip=1e9, warmup_steps=2)
+    trainer = _toy_trainer(Toy([0.0, 0.0]), conf, {"c": [batch()] * 3})
+    first = trainer.train("c", "c", start, round_idx=0).delta["w"]
+    assert torch.equal(trainer.train("c", "c", start, round_idx=1).delta["w"], first)
+
+
+def test_client_schedule_errors_name_the_client_key():
+    from fl_lib.fl.config import FLConfig
+
+    with pytest.raises(ValueError, match=r"client.schedule.gamma=0.5 does nothing with decay: none"):
+        FLConfig.from_yaml(None, ["client.schedule.gamma=0.5"])
+    with pytest.raises(ValueError, match=r"client.warmup_steps must be >= 0"):
+        FLConfig.from_yaml(None, ["client.warmup_steps=-1"])
+    conf = FLConfig.from_yaml(None, ["client.schedule.decay=exponential", "client.schedule.gamma=0.9"])
+    assert conf.client.schedule.gamma == 0.9

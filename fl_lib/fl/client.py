@@ -13,6 +13,7 @@ import time
 from typing import Iterable, Iterator
 
 import torch
+from espnet2.schedulers.abs_scheduler import AbsBatchStepScheduler
 
 from .config import ClientConfig
 from .sampling import derive_seed
@@ -52,14 +53,24 @@ class _Counter:
             yield utt_ids, batch
 
 
-def build_client_optimizer(params, conf: ClientConfig) -> torch.optim.Optimizer:
+def build_client_optimizer(params, conf: ClientConfig, lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """The round's client optimizer at LR `conf.lr * lr_scale` (the per-round schedule's factor)."""
+    lr = conf.lr * lr_scale
     if conf.optim == "sgd":
-        return torch.optim.SGD(params, lr=conf.lr, momentum=conf.momentum, weight_decay=conf.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=conf.momentum, weight_decay=conf.weight_decay)
     if conf.optim == "adam":
         if conf.momentum:
             raise ValueError("client.momentum is an sgd option; adam does not use it")
-        return torch.optim.Adam(params, lr=conf.lr, weight_decay=conf.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=conf.weight_decay)
     raise ValueError(f"unknown client.optim '{conf.optim}'; choose sgd or adam")
+
+
+class LocalWarmupLR(torch.optim.lr_scheduler.LambdaLR, AbsBatchStepScheduler):
+    """LR × min(1, (s+1)/warmup_steps) at local step s. An ESPnet batch-step scheduler,
+    so `train_one_epoch` steps it after each optimizer step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int) -> None:
+        super().__init__(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
 
 
 def pseudo_gradient(start: State, model: torch.nn.Module) -> tuple[State, dict, bool]:
@@ -120,7 +131,9 @@ class LocalTrainer:
             batches = itertools.islice(batches, self.conf.max_steps * self.conf.accum_grad)
         return batches
 
-    def train(self, client_id: str, manifest, start: State, round_idx: int, proximal_mu: float = 0.0) -> ClientResult:
+    def train(
+        self, client_id: str, manifest, start: State, round_idx: int, proximal_mu: float = 0.0, lr_scale: float = 1.0
+    ) -> ClientResult:
         from espnet2.train.reporter import Reporter
 
         t0 = time.perf_counter()
@@ -129,7 +142,8 @@ class LocalTrainer:
         # ESPnet zeroes gradients only after an optimizer step: with accum_grad > 1 the
         # last client's unstepped batches would otherwise flow into this client's first step.
         self.model.zero_grad(set_to_none=True)
-        optimizer = build_client_optimizer(self.model.parameters(), self.conf)
+        optimizer = build_client_optimizer(self.model.parameters(), self.conf, lr_scale)
+        warmup = LocalWarmupLR(optimizer, self.conf.warmup_steps) if self.conf.warmup_steps else None
         net = ProximalModel(self.model, start, proximal_mu) if proximal_mu > 0 else self.model
         counter = _Counter(self._batches(manifest, round_idx, client_id))
         reporter = Reporter()
@@ -138,7 +152,7 @@ class LocalTrainer:
                 model=net,
                 iterator=counter,
                 optimizers=[optimizer],
-                schedulers=[None],
+                schedulers=[warmup],
                 scaler=None,
                 reporter=sub,
                 summary_writer=None,

@@ -9,9 +9,45 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import yaml
+
+
+@dataclass
+class ScheduleConfig:
+    """Per-round learning-rate schedule: a factor on the base LR, by counted round."""
+
+    KEY: ClassVar[str] = "server_optim.schedule"  # where it sits in the config, for error messages
+    warmup_rounds: int = 0
+    decay: str = "none"  # none | step | exponential
+    step_size: Optional[int] = None  # step decay only: multiply by gamma every step_size rounds
+    gamma: float = 1.0  # step / exponential decay factor; 1.0 means no decay
+
+    def __post_init__(self) -> None:
+        """Reject, before round 1, keys the chosen decay ignores and decays that do nothing."""
+        key = self.KEY
+        if self.decay not in ("none", "step", "exponential"):
+            raise ValueError(f"unknown {key}.decay '{self.decay}'; choose none, step or exponential")
+        if self.warmup_rounds < 0:
+            raise ValueError(f"{key}.warmup_rounds must be >= 0, got {self.warmup_rounds}")
+        if self.step_size is not None and self.decay != "step":
+            raise ValueError(f"{key}.step_size is only used by decay: step, but decay is '{self.decay}'")
+        if self.decay == "none":
+            if self.gamma != 1.0:
+                raise ValueError(f"{key}.gamma={self.gamma} does nothing with decay: none; set decay: step or exponential")
+            return
+        if not (self.gamma > 0 and math.isfinite(self.gamma)) or self.gamma == 1.0:
+            raise ValueError(f"{key}.decay: {self.decay} needs a gamma > 0 other than 1.0 (1.0 never decays), got {self.gamma}")
+        if self.decay == "step" and not (isinstance(self.step_size, int) and self.step_size >= 1):
+            raise ValueError(f"{key}.decay: step needs step_size >= 1 (rounds between decays), got {self.step_size}")
+
+
+@dataclass
+class ClientScheduleConfig(ScheduleConfig):
+    """The clients' LR per round (client.lr times the factor), as the server's schedule."""
+
+    KEY: ClassVar[str] = "client.schedule"
 
 
 @dataclass
@@ -29,38 +65,17 @@ class ClientConfig:
     max_cuts: Optional[int] = None  # utterances per batch
     accum_grad: int = 1
     audio_cache_mb: Optional[float] = None  # keep decoded audio across epochs and rounds (per worker process)
+    # The client optimizer starts afresh each round: a fresh Adam's first steps move every
+    # weight by about lr whatever its gradient's scale. Ramping the LR linearly over the
+    # round's first warmup_steps local steps lets its moment estimates settle first.
+    warmup_steps: int = 0
+    schedule: ClientScheduleConfig = field(default_factory=ClientScheduleConfig)  # client.lr by round
 
     def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ValueError(f"client.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.audio_cache_mb is not None and self.audio_cache_mb <= 0:
             raise ValueError(f"client.audio_cache_mb must be > 0 (or null: no cache), got {self.audio_cache_mb}")
-
-
-@dataclass
-class ScheduleConfig:
-    """Per-round learning-rate schedule of the server optimizer."""
-
-    warmup_rounds: int = 0
-    decay: str = "none"  # none | step | exponential
-    step_size: Optional[int] = None  # step decay only: multiply by gamma every step_size rounds
-    gamma: float = 1.0  # step / exponential decay factor; 1.0 means no decay
-
-    def __post_init__(self) -> None:
-        """Reject, before round 1, keys the chosen decay ignores and decays that do nothing."""
-        key = "server_optim.schedule"
-        if self.decay not in ("none", "step", "exponential"):
-            raise ValueError(f"unknown {key}.decay '{self.decay}'; choose none, step or exponential")
-        if self.warmup_rounds < 0:
-            raise ValueError(f"{key}.warmup_rounds must be >= 0, got {self.warmup_rounds}")
-        if self.step_size is not None and self.decay != "step":
-            raise ValueError(f"{key}.step_size is only used by decay: step, but decay is '{self.decay}'")
-        if self.decay == "none":
-            if self.gamma != 1.0:
-                raise ValueError(f"{key}.gamma={self.gamma} does nothing with decay: none; set decay: step or exponential")
-            return
-        if not (self.gamma > 0 and math.isfinite(self.gamma)) or self.gamma == 1.0:
-            raise ValueError(f"{key}.decay: {self.decay} needs a gamma > 0 other than 1.0 (1.0 never decays), got {self.gamma}")
-        if self.decay == "step" and not (isinstance(self.step_size, int) and self.step_size >= 1):
-            raise ValueError(f"{key}.decay: step needs step_size >= 1 (rounds between decays), got {self.step_size}")
 
 
 @dataclass

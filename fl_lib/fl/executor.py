@@ -68,6 +68,7 @@ class Task(NamedTuple):
     start: State
     round_idx: int
     proximal_mu: float
+    lr_scale: float = 1.0  # the client LR schedule's factor for this round
 
 
 class Outcome(NamedTuple):

@@ -28,7 +28,7 @@ from .client import LocalTrainer
 from .executor import BatchSpec, ProcessClients, SerialClients, Task, espnet_trainer
 from .config import FLConfig
 from .sampling import ClientSampler
-from .server_optim import build_scheduler, build_server_optimizer, trial_step
+from .server_optim import build_scheduler, build_server_optimizer, lr_factor, trial_step
 from .strategies import build_strategy
 from .strategies.base import State, weights_entropy
 from .validation import evaluate, held_out_loss
@@ -52,7 +52,8 @@ class RoundMetrics:
     weights: list
     dropped: list
     failed: list
-    lr: float
+    lr: float  # the server optimizer's
+    client_lr: float  # client.lr times the client schedule's factor
     seconds: float  # the whole round
     train_seconds: float  # clients, aggregation and server step: the round without validation
     strategy: dict = field(default_factory=dict)  # what the strategy decided (rl_dga: reward, agent weights, ...)
@@ -214,7 +215,8 @@ class FederatedServer:
         start = self.strategy.broadcast(self.global_state)
         self.strategy.begin_round()
         losses, used, dropped, failed, errors = [], [], [], [], {}
-        tasks = (Task(cid, self.clients[cid].manifest, start, draw, self.strategy.proximal_mu) for cid in sampled)
+        lr_scale = lr_factor(self.round, self.conf.client.schedule)
+        tasks = (Task(cid, self.clients[cid].manifest, start, draw, self.strategy.proximal_mu, lr_scale) for cid in sampled)
         for cid, result, error, worker in self.clients_executor.map(tasks):
             if error is not None:
                 logger.error(f"{label}: client {cid} failed; the round goes on without it\n{error}")
@@ -265,6 +267,7 @@ class FederatedServer:
             dropped=dropped,
             failed=failed,
             lr=lr,
+            client_lr=self.conf.client.lr * lr_scale,
             seconds=time.perf_counter() - t0,
             train_seconds=train_seconds,
             strategy=self.strategy.round_metrics(),
@@ -324,7 +327,7 @@ class FederatedServer:
         logger.info(
             f"round {m.round}/{self.conf.rounds}: train_loss={_fmt(m.train_loss)} dev_loss={_fmt(m.dev_loss)} "
             f"dev_acc={_fmt(m.dev_acc)} dev_wer={_fmt(m.dev_wer)} clients={len(m.clients)} dropped={len(m.dropped)} failed={len(m.failed)} "
-            f"lr={m.lr:.3g} {m.seconds:.1f}s"
+            f"lr={m.lr:.3g} client_lr={m.client_lr:.3g} {m.seconds:.1f}s"
             + "".join(f" {k}={v:.4g}" if isinstance(v, float) else f" {k}={v}" for k, v in m.strategy.items() if not isinstance(v, dict))
         )
         with open(out / "metrics.jsonl", "a") as f:
@@ -363,6 +366,7 @@ class FederatedServer:
         w.add_scalar("clients/used", len(m.clients), step)
         w.add_scalar("clients/dropped", len(m.dropped) + len(m.failed), step)
         w.add_scalar("server/lr", m.lr, step)
+        w.add_scalar("client/lr", m.client_lr, step)
         w.add_scalar("time/seconds_per_round", m.seconds, step)
         for key, value in m.strategy.items():
             if isinstance(value, dict):  # per client, e.g. rl_dga's agent_weights
