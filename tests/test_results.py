@@ -72,3 +72,12 @@ def test_missing_inputs_are_clear(exp, tmp_path):
     (exp / "fl_config.yaml").unlink()
     with pytest.raises(FileNotFoundError, match="fl_config.yaml missing"):
         make_results(exp, [exp / "decode_valid.acc.best"])
+
+
+def test_dev_curve_has_an_accuracy_panel_only_when_the_model_reports_accuracy():
+    from fl_lib.asr.results import dev_curve_figure
+
+    rows = [{"round": r, "train_loss": 5.0 - r, "dev_loss": 6.0 - r, "dev_acc": None, "dev_wer": 0.9 - 0.1 * r} for r in (1, 2)]
+    assert [ax.get_ylabel() for ax in dev_curve_figure(rows).axes] == ["loss", "dev WER % (CTC greedy)"]
+    rows[1]["dev_acc"] = 0.4
+    assert [ax.get_ylabel() for ax in dev_curve_figure(rows).axes] == ["loss", "dev accuracy", "dev WER % (CTC greedy)"]

@@ -90,7 +90,14 @@ def client_stats(metrics: Sequence[dict[str, Any]]) -> list[ClientStats]:
 
 
 def plot_dev_curve(metrics: Sequence[dict[str, Any]], png: Path) -> None:
-    """Loss (train and dev), dev accuracy and CTC-greedy dev WER against round, drawn without a display (Agg)."""
+    png.parent.mkdir(parents=True, exist_ok=True)
+    dev_curve_figure(metrics).savefig(png, dpi=100, bbox_inches="tight")
+
+
+def dev_curve_figure(metrics: Sequence[dict[str, Any]]):
+    """Loss (train and dev), dev accuracy and CTC-greedy dev WER against round, drawn without a display (Agg).
+
+    A CTC-only model reports no accuracy: its figure has no accuracy panel."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -101,25 +108,27 @@ def plot_dev_curve(metrics: Sequence[dict[str, Any]], png: Path) -> None:
         pts = [(r[unit], r[key]) for r in metrics if r.get(key) is not None]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    fig = Figure(figsize=(6, 8))
+    has_acc = bool(series("dev_acc")[0])
+    fig = Figure(figsize=(6, 8 if has_acc else 5.5))
     FigureCanvasAgg(fig)
-    loss, acc, wer = fig.subplots(3, 1, sharex=True)
+    panels = fig.subplots(3 if has_acc else 2, 1, sharex=True)
+    loss, wer = panels[0], panels[-1]
     loss.plot(*series("train_loss"), label="train loss", color="tab:gray")
     loss.plot(*series("dev_loss"), label="dev loss", marker="o", color="tab:blue")
     loss.set_ylabel("loss")
     loss.legend()
     loss.grid(alpha=0.3)
-    acc.plot(*series("dev_acc"), marker="o", color="tab:green")
-    acc.set_ylabel("dev accuracy")
-    acc.grid(alpha=0.3)
+    if has_acc:
+        panels[1].plot(*series("dev_acc"), marker="o", color="tab:green")
+        panels[1].set_ylabel("dev accuracy")
+        panels[1].grid(alpha=0.3)
     rounds, wers = series("dev_wer")
     wer.plot(rounds, [100 * w for w in wers], marker="o", color="tab:red")
     wer.set_ylabel("dev WER % (CTC greedy)")
     wer.set_xlabel(unit)
     wer.xaxis.set_major_locator(MaxNLocator(integer=True))
     wer.grid(alpha=0.3)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100, bbox_inches="tight")
+    return fig
 
 
 def _unit(metrics: Sequence[dict[str, Any]]) -> str:
