@@ -41,7 +41,7 @@ class SyntheticClients:
         self.calls = 0
         self.held = [] if hold else None  # negative control: a server that keeps every result
 
-    def train(self, client_id, manifest, start, round_idx, proximal_mu=0.0):
+    def train(self, client_id, manifest, start, round_idx, proximal_mu=0.0, lr_scale=1.0):
         import torch
 
         from fl_lib.fl.strategies.base import ClientResult

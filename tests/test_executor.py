@@ -12,7 +12,7 @@ class ToyTrainer:
     def __init__(self, scale: int) -> None:
         self.scale = scale
 
-    def train(self, client_id, manifest, start, round_idx, proximal_mu):
+    def train(self, client_id, manifest, start, round_idx, proximal_mu, lr_scale):
         if client_id.startswith("crash"):
             os._exit(3)  # what an OOM kill or a segfault looks like to the pool
         if client_id.startswith("raise"):
