@@ -138,3 +138,20 @@ def test_two_ranks_resume_with_one(fl_data, tmp_path):
     assert max_abs_diff(straight / "latest.pth", resumed / "latest.pth") <= TOLERANCE
     state = torch.load(resumed / "checkpoint.pth", weights_only=False)
     assert state["round"] == 2 and state["strategy"]["momentum_buffer"] is not None
+
+
+def test_rl_dga_refuses_several_ranks(fl_data, tmp_path):
+    """rl_dga's client scores need state only rank 0 keeps: several ranks are an error, before any collective."""
+    from fl_lib.asr.model import build_asr_args, build_asr_model
+    from fl_lib.data.clients import load_clients
+    from fl_lib.fl.config import FLConfig
+    from fl_lib.fl.distributed import Ranks
+    from fl_lib.fl.executor import BatchSpec
+    from fl_lib.fl.server import FederatedServer
+
+    conf = FLConfig.from_yaml(CONF_DIR / "fl_rl_dga.yaml", FAST)
+    args = build_asr_args(fl_data["asr_config"], fl_data["token_list"], fl_data["bpemodel"], fl_data["feats_stats"])
+    batches = BatchSpec(fl_data["bpemodel"], fl_data["token_list"], 15.0, None)
+    with pytest.raises(ValueError, match="strategy 'rl_dga' runs in one process only .* not with 2 ranks"):
+        FederatedServer(build_asr_model(args), args, conf, load_clients(fl_data["train_clients"]), batches, None,
+                        tmp_path, 7, ranks=Ranks(1, 2, 1))
