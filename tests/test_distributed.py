@@ -126,6 +126,27 @@ def test_a_rank_that_raises_fails_the_job_with_its_error(fl_data, tmp_path):
     assert [r["round"] for r in metrics(tmp_path / "exp")] == [1]  # round 1 was recorded, round 2 never was
 
 
+def test_a_rank_that_hangs_fails_the_job_within_the_collective_timeout(fl_data, tmp_path):
+    """Rank 1 stops answering in round 2: rank 0's collective times out after --dist_timeout and the job fails."""
+    script = tmp_path / "rank1_hangs.py"
+    script.write_text(
+        "import os, time\n"
+        "from fl_lib.bin.fl_train import main\n"
+        "from fl_lib.fl.server import FederatedServer\n"
+        "run_round = FederatedServer.run_round\n"
+        "def hanging(self, draw):\n"
+        "    if os.environ['RANK'] == '1' and draw == 1:\n"
+        "        time.sleep(3600)\n"
+        "    return run_round(self, draw)\n"
+        "FederatedServer.run_round = hanging\n"
+        "main()\n"
+    )
+    argv = fl_train_argv(fl_data, "fl_fedavg.yaml", tmp_path / "exp", DIST, ["--dist_timeout", "20"])
+    proc = torchrun(2, argv, script, timeout=400)  # a hang would end in subprocess.TimeoutExpired
+    assert proc.returncode != 0
+    assert re.search(r"rank\s*:\s*0", proc.stderr) and "timed out" in proc.stderr.lower(), proc.stderr[-3000:]
+
+
 def test_two_ranks_resume_with_one(fl_data, tmp_path):
     """Round 1 with 2 ranks, round 2 resumed in one process: the model of an uninterrupted 1-process run."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
