@@ -45,3 +45,4 @@ bench: install
 	$(VENV)/bin/python bench/split_clients.py
 	$(VENV)/bin/python bench/aggregation_memory.py
 	$(VENV)/bin/python bench/fl_overhead.py
+	$(VENV)/bin/python bench/distributed.py

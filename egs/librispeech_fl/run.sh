@@ -10,6 +10,8 @@
 #   ./run.sh --stage 0 --stop_stage 6
 #   ./run.sh --corpus_dir /data/LibriSpeech --asr_config conf/train_asr_conformer_librispeech.yaml
 #   ./run.sh --stage 5 --stop_stage 5 --fl_config conf/fl_fedavg.yaml --fl_args "rounds=20 server_optim.lr=1.0"
+#   ./run.sh --stage 5 --stop_stage 5 --nproc 2 --client_jobs 1     # torchrun: 2 ranks share each round's clients
+#   ./run.sh --nproc 8 --ngpu 1 --dist_args "--nnodes 2 --node_rank 0 --rdzv_backend c10d --rdzv_endpoint host0:29400"
 #
 # Everything under data/ and exp/ can be removed and regenerated.
 set -euo pipefail
@@ -34,7 +36,10 @@ fl_args=                           # key=value overrides of fl_config, e.g. "rou
 tag=                               # experiment name; default from the configs
 inference_config=conf/decode_asr_ctc.yaml
 inference_model=valid.acc.best.pth
-client_jobs=2                      # processes that train a round's clients in parallel
+client_jobs=2                      # processes that train a round's clients in parallel (per rank)
+nproc=1                            # torchrun ranks on this machine (> 1: fl_train runs under torchrun)
+dist_args=                         # more torchrun options, for several machines: "--nnodes 2 --rdzv_backend c10d ..."
+ngpu=0                             # 1: training (one GPU per rank) and decoding on CUDA; an error without a GPU
 centralized=false                  # true: also train the centralized reference for the same time (stage 5), decode it (stage 6)
 centralized_config=conf/centralized.yaml
 data=data                          # where manifests, clients and token lists go
@@ -64,7 +69,10 @@ Options:
   --tag                # experiment name; empty: from the configs (default="${tag}")
   --inference_config   # ESPnet decoding config (default="${inference_config}")
   --inference_model    # file in exp/<tag>, or best, latest, valid.acc.ave[_<N>best].pth (default="${inference_model}")
-  --client_jobs        # processes that train a round's clients in parallel (default="${client_jobs}")
+  --client_jobs        # processes that train a round's clients in parallel, per rank (default="${client_jobs}")
+  --nproc              # torchrun ranks on this machine; > 1 runs fl_train under torchrun (default="${nproc}")
+  --dist_args          # more torchrun options, in quotes, e.g. --nnodes / --rdzv_* across machines (default="${dist_args}")
+  --ngpu               # 1: train (one GPU per rank) and decode on CUDA; an error without a GPU (default="${ngpu}")
   --centralized        # true: also train the centralized reference for the federated run's training time, and decode it (default="${centralized}")
   --centralized_config # centralized reference: lr, warmup, batch size (default="${centralized_config}")
   --data               # where manifests, clients and token lists go (default="${data}")
@@ -79,6 +87,11 @@ log() {
   local fname=${BASH_SOURCE[1]##*/}
   echo -e "$(date '+%Y-%m-%d %H:%M:%S') (${fname}:${BASH_LINENO[0]}:${FUNCNAME[1]}) $*"
 }
+
+if [ "$ngpu" -gt 0 ] && [ "$centralized" = true ]; then
+  echo "$0: --ngpu applies to federated training and decoding; the centralized reference runs on the CPU only" >&2
+  exit 1
+fi
 
 manifests=$data/manifests
 train_dir=$data/clients/${train_set// /_}   # clients.jsonl and one cuts manifest per speaker
@@ -152,13 +165,18 @@ fi
 if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
   log "Stage 5: federated training -> $expdir (log: $expdir/train.log)"
   mkdir -p "$expdir"
+  launcher="python"
+  if [ "$nproc" -gt 1 ] || [ -n "$dist_args" ]; then
+    # torchrun; --standalone picks a free local port when no rendezvous is given
+    launcher="python -m torch.distributed.run --nproc_per_node $nproc ${dist_args:---standalone}"
+  fi
   # shellcheck disable=SC2086
-  python -m fl_lib.bin.fl_train \
+  $launcher -m fl_lib.bin.fl_train \
     --asr_config "$asr_config" --fl_config "$fl_config" \
     --train_clients "$train_dir/clients.jsonl" \
     --dev_cuts "$data/sets/${dev_set}.jsonl.gz" \
     --token_list "$token_dir/tokens.txt" --bpemodel "$token_dir/bpe.model" \
-    --feats_stats "$exp/asr_stats/feats_stats.npz" --client_jobs "$client_jobs" \
+    --feats_stats "$exp/asr_stats/feats_stats.npz" --client_jobs "$client_jobs" --ngpu "$ngpu" \
     --seed "$seed" --output_dir "$expdir" $fl_args 2>&1 | tee -a "$expdir/train.log"
   if [ "$centralized" = true ]; then
     log "Stage 5: centralized reference on the pooled clients, for $expdir's training time -> $central_expdir (log: $central_expdir/train.log)"
@@ -181,7 +199,7 @@ if [ $stage -le 6 ] && [ $stop_stage -ge 6 ]; then
     for part in $dev_set $test_sets; do
       python -m fl_lib.bin.decode --exp_dir "$dir" --model "$inference_model" \
         --inference_config "$inference_config" \
-        --cuts "$data/sets/${part}.jsonl.gz" --nj "$nj" \
+        --cuts "$data/sets/${part}.jsonl.gz" --nj "$nj" --ngpu "$ngpu" \
         --output_dir "$dir/$inference_tag/$part"
     done
     python -m fl_lib.bin.make_results --exp_dir "$dir" --decode_dir "$dir/$inference_tag"

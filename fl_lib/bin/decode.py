@@ -22,7 +22,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuts", type=Path, required=True, help="Lhotse CutSet manifest (jsonl.gz)")
     p.add_argument("--output_dir", type=Path, required=True)
     p.add_argument("--nj", type=int, default=1, help="parallel decoding processes")
-    p.add_argument("--device", default="cpu", help="torch device of every worker, e.g. cuda")
+    p.add_argument("--ngpu", type=int, default=0, help="0: decode on the CPU; 1: every worker on the GPU (an error without CUDA)")
     p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -31,9 +31,14 @@ def main(argv: list[str] | None = None) -> None:
     args = get_parser().parse_args(argv)
     setup_logging(args.log_level)
     from fl_lib.asr.decode import decode_cuts
+    from fl_lib.fl.distributed import resolve_device
 
+    try:
+        device = resolve_device(args.ngpu)
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"decode: {e}") from None
     decode_cuts(args.exp_dir, args.model, args.inference_config, args.cuts, args.output_dir,
-                nj=args.nj, device=args.device)
+                nj=args.nj, device=str(device))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,21 @@
 
 Trailing `key=value` arguments override the federated config (dotted keys).
 Re-running the same command resumes from the last completed round.
+
+Under `torchrun --nproc_per_node N` (or `--nnodes`/`--rdzv_*` across machines)
+each rank trains a share of every round's clients; rank 0 writes the results.
+A rank that raises fails the job: torchrun stops the others and reports its error.
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from pathlib import Path
+
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from fl_lib.log import setup_logging
 
@@ -31,18 +40,30 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--client_jobs", type=int, default=1, help="worker processes that train a round's clients in parallel")
+    p.add_argument("--ngpu", type=int, default=0, help="GPUs per process, 0 or 1; 1 without CUDA is an error")
+    p.add_argument("--dist_timeout", type=float, default=1800.0,
+                   help="seconds a torchrun rank waits in a collective (ranks meet once per round) before failing")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the federated config")
     return p
 
 
+@record
 def main(argv=None) -> None:
     args = get_parser().parse_args(argv)
     setup_logging()
     from fl_lib.fl.config import FLConfig
+    from fl_lib.fl.distributed import init_from_env, resolve_device
     from fl_lib.fl.server import RoundsFailedError
     from fl_lib.fl.train import train
 
     conf = FLConfig.from_yaml(args.fl_config, args.overrides)
+    try:
+        resolve_device(args.ngpu, int(os.environ.get("LOCAL_RANK", "0")))  # before joining a process group: no NCCL without a GPU
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"fl_train: {e}") from None
+    ranks = init_from_env(args.ngpu, args.dist_timeout)
+    if not ranks.is_main:  # rank 0 logs the run; the others only their warnings and errors
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         train(
             conf,
@@ -56,10 +77,15 @@ def main(argv=None) -> None:
             seed=args.seed,
             num_threads=args.num_threads,
             client_jobs=args.client_jobs,
+            ngpu=args.ngpu,
+            ranks=ranks,
             command=[sys.executable, "-m", "fl_lib.bin.fl_train", *(argv or sys.argv[1:])],
         )
     except RoundsFailedError as e:  # exit 1 naming the clients and the first traceback, not the server's stack
         raise SystemExit(f"fl_train: {e}") from None
+    finally:
+        if ranks.distributed:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

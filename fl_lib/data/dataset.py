@@ -147,8 +147,10 @@ def make_dataloader(
         raise ValueError("set max_duration (seconds per batch) and/or max_cuts")
     if not isinstance(cuts, CutSet):
         cuts = load_manifest_lazy(cuts)
+    # world_size=1: under torchrun Lhotse would split these cuts across ranks; a rank trains whole
+    # clients (and rank 0 validates on all of dev), so each loader reads all of its cuts.
     sampler = SimpleCutSampler(
-        cuts, max_duration=max_duration, max_cuts=max_cuts, shuffle=shuffle, seed=seed
+        cuts, max_duration=max_duration, max_cuts=max_cuts, shuffle=shuffle, seed=seed, world_size=1, rank=0
     )
     sampler.set_epoch(epoch)
     return torch.utils.data.DataLoader(

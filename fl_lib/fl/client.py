@@ -117,6 +117,7 @@ class LocalTrainer:
         args.grad_clip = conf.grad_clip
         args.accum_grad = conf.accum_grad
         args.log_interval = 10**9  # the server logs one line per client, not per step
+        args.ngpu = int(next(model.parameters()).is_cuda)  # ESPnet moves each batch to "cuda" when > 0
         self.options = Trainer.build_options(args)
         self.trainer = Trainer
         self.distributed = DistributedOption(distributed=False)

@@ -1,7 +1,13 @@
 """The federated round loop: sample, train locally, aggregate, server step, validate, checkpoint.
 
 Each step is delegated (sampling.py, client.py, strategies/, server_optim.py,
-checkpoint.py); this module only orders them and records what happened.
+checkpoint.py, distributed.py); this module only orders them and records what happened.
+
+Under torchrun every rank runs this loop on its share of each round's clients
+(`assign_clients`); the strategy's sums are combined with all_reduce. Rank 0
+alone resumes, steps the server optimizer, validates and writes checkpoints,
+metrics and TensorBoard; each round starts by broadcasting its start weights
+from rank 0, so the other ranks keep no server state.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from .checkpoint import atomic_copy, atomic_save, load_checkpoint, rng_states, s
 from .client import LocalTrainer
 from .executor import BatchSpec, ProcessClients, SerialClients, Task, espnet_trainer
 from .config import FLConfig
+from .distributed import Ranks, all_gather_objects, assign_clients, broadcast_state
 from .sampling import ClientSampler
 from .server_optim import build_scheduler, build_server_optimizer, lr_factor, trial_step
 from .strategies import build_strategy
@@ -98,15 +105,22 @@ class FederatedServer:
         seed: int,
         client_jobs: int = 1,
         held_out_batches: Optional[Callable[[], Iterable]] = None,
+        ranks: Ranks = Ranks(),
     ) -> None:
         self.model = model
+        self.ranks = ranks
         self.args = espnet_args
         self.conf = conf
-        self.clients = {c.id: c for c in clients}
+        self.clients = {c.id: c for c in clients}  # ids, sizes and paths: each rank opens only its own clients' manifests
         self.dev_batches = dev_batches
         self.tokenizer = batches.tokenizer  # also decodes the CTC-greedy dev hypotheses
         self.output_dir = Path(output_dir)
         self.strategy = build_strategy(conf.strategy, seed)
+        if ranks.distributed and not self.strategy.ranks_reducible:
+            raise ValueError(
+                f"strategy '{conf.strategy.name}' runs in one process only (its client scores need state that only "
+                f"rank 0 keeps); run it without torchrun, not with {ranks.world_size} ranks"
+            )
         self.held_out_batches = held_out_batches
         if self.strategy.needs_judge:
             if held_out_batches is None:
@@ -179,8 +193,12 @@ class FederatedServer:
         self.best_score = state["best_score"]
 
     def maybe_resume(self) -> None:
-        """Load checkpoint.pth if there is one, after checking it belongs to this experiment."""
+        """Load checkpoint.pth if there is one, after checking it belongs to this experiment.
+
+        Rank 0 only: the other ranks get the round counters in `fit` and the weights each round."""
         self.resume_checked = True
+        if not self.ranks.is_main:
+            return
         for stale in self.output_dir.glob(TMP_GLOB):  # half-written by a killed run (atomic_save)
             stale.unlink()
         path = self.output_dir / CHECKPOINT
@@ -203,20 +221,26 @@ class FederatedServer:
         logger.info(f"resumed from {path}: {self.round} of {self.conf.rounds} rounds done")
 
     # -- one round -----------------------------------------------------------
-    def run_round(self, draw: int) -> RoundMetrics | FailedRound:
+    def run_round(self, draw: int) -> RoundMetrics | FailedRound | None:
         """Train the clients of the `draw`-th sample; aggregate and step only if enough of them are usable.
 
         `draw` counts every sampled round, counted or not, so a round that did not
         count is followed by a fresh sample rather than the same clients again.
+        Under torchrun a rank other than 0 returns None for a round that counted:
+        rank 0 stepped and records it.
         """
         t0 = time.perf_counter()
         label = f"round {self.round + 1}" + (f" (draw {draw + 1})" if draw != self.round else "")
         sampled = self.sampler.sample(draw)
-        start = self.strategy.broadcast(self.global_state)
+        start = self._round_start()
+        mine = sampled
+        if self.ranks.distributed:
+            seconds = [self.clients[cid].duration for cid in sampled]
+            mine = assign_clients(sampled, seconds, self.ranks.world_size)[self.ranks.rank]
         self.strategy.begin_round()
-        losses, used, dropped, failed, errors = [], [], [], [], {}
+        losses, used, dropped, failed, errors = {}, [], [], [], {}
         lr_scale = lr_factor(self.round, self.conf.client.schedule)
-        tasks = (Task(cid, self.clients[cid].manifest, start, draw, self.strategy.proximal_mu, lr_scale) for cid in sampled)
+        tasks = (Task(cid, self.clients[cid].manifest, start, draw, self.strategy.proximal_mu, lr_scale) for cid in mine)
         for cid, result, error, worker in self.clients_executor.map(tasks):
             if error is not None:
                 logger.error(f"{label}: client {cid} failed; the round goes on without it\n{error}")
@@ -236,9 +260,11 @@ class FederatedServer:
                 f"steps={result.num_steps} {result.seconds:.1f}s pid={worker}"
             )
             self.strategy.add(result)
-            losses.append(result.train_loss)
+            losses[cid] = result.train_loss
             used.append(cid)
             del result
+        if self.ranks.distributed:
+            used, dropped, failed, errors, losses = _merge(all_gather_objects((used, dropped, failed, errors, losses)), sampled)
         if len(used) < self.conf.min_clients_per_round:
             # Checked before aggregate(): a stateful strategy (BMUF) must not see this round either.
             logger.error(
@@ -246,6 +272,10 @@ class FederatedServer:
                 f"{self.conf.min_clients_per_round}: the round does not count (model, optimizer and schedule unchanged)"
             )
             return FailedRound(draw, used, dropped, failed, errors)
+        if self.ranks.distributed:
+            self.strategy.all_reduce(self.global_state)
+            if not self.ranks.is_main:
+                return None
         aggregate = self.strategy.aggregate()
         lr = self.optimizer.param_groups[0]["lr"]
         self._server_step(aggregate.pseudo_grad)
@@ -258,7 +288,7 @@ class FederatedServer:
             dev = evaluate(self.model, self.dev_batches(), self.tokenizer)
         return RoundMetrics(
             round=round_no,
-            train_loss=sum(losses) / len(losses),
+            train_loss=sum(losses[c] for c in used) / len(used),
             dev_loss=dev.get("loss"),
             dev_acc=dev.get("acc"),
             dev_wer=dev.get("wer"),
@@ -272,6 +302,19 @@ class FederatedServer:
             train_seconds=train_seconds,
             strategy=self.strategy.round_metrics(),
         )
+
+    def _round_start(self) -> State:
+        """The weights the round's clients start from: the strategy's, broadcast from rank 0 under torchrun.
+
+        The other ranks receive them into their `global_state`, which they use for nothing else."""
+        if not self.ranks.distributed:
+            return self.strategy.broadcast(self.global_state)
+        if self.ranks.is_main:
+            start = dict(self.strategy.broadcast(self.global_state))
+            broadcast_state(start)
+            return start
+        broadcast_state(self.global_state)
+        return self.global_state
 
     def _held_out_loss(self, pseudo_grad: State) -> float:
         """Held-out loss of the model one server step on `pseudo_grad` would give. The global state
@@ -296,11 +339,17 @@ class FederatedServer:
         `max_failed_rounds` uncounted rounds in a row, so a broken run never exits 0."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        main = self.ranks.is_main
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
         if not self.resume_checked:
             self.maybe_resume()
-        self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.round + 1)
-        bar = tqdm(initial=self.round, total=self.conf.rounds, desc="rounds", unit="round")
+        if self.ranks.distributed:  # where rank 0 resumed from
+            counters = [self.round, self.draws]
+            torch.distributed.broadcast_object_list(counters, 0)
+            self.round, self.draws = counters
+        self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.round + 1) if main else None
+        bar = tqdm(initial=self.round, total=self.conf.rounds, desc="rounds", unit="round", disable=not main)
         failures: list[FailedRound] = []
         try:
             while self.round < self.conf.rounds:
@@ -313,13 +362,16 @@ class FederatedServer:
                     continue
                 failures.clear()
                 self.round += 1
+                if m is None:  # another rank's view of a round rank 0 records
+                    continue
                 self._record(m)
                 bar.update(1)
                 bar.set_postfix(train_loss=_fmt(m.train_loss), dev_acc=_fmt(m.dev_acc), dev_wer=_fmt(m.dev_wer))
         finally:
             bar.close()
             self.clients_executor.close()
-            self.writer.close()
+            if self.writer is not None:
+                self.writer.close()
         logger.info(f"federated training finished: {self.round} rounds; best dev score {_fmt(self.best_score)}")
 
     def _record(self, m: RoundMetrics) -> None:
@@ -379,6 +431,20 @@ class FederatedServer:
 
 def _fmt(x: Optional[float]) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.4f}"
+
+
+def _merge(per_rank: list, sampled: list) -> tuple:
+    """The ranks' (used, dropped, failed, errors, losses) as one process would have them: in sampling order."""
+    order = {cid: i for i, cid in enumerate(sampled)}
+    used, dropped, failed, errors, losses = [], [], [], {}, {}
+    for u, d, f, e, l in per_rank:
+        used += u
+        dropped += d
+        failed += f
+        errors.update(e)
+        losses.update(l)
+    by_order = lambda ids: sorted(ids, key=order.__getitem__)  # noqa: E731
+    return by_order(used), by_order(dropped), by_order(failed), {c: errors[c] for c in by_order(errors)}, losses
 
 
 def _truncate_metrics(path: Path, rounds_done: int) -> None:

@@ -15,9 +15,12 @@ def evaluate(model: torch.nn.Module, batches: Iterable, tokenizer) -> dict:
     hypotheses. The WER needs no beam search, so it is cheap enough to track every
     round; stage 6 gives the real (beam-search) WER of the final model.
     """
+    from espnet2.torch_utils.device_funcs import to_device
+
     from ..asr.scoring import score
 
     model.eval()
+    device = next(model.parameters()).device
     sums: dict = {}
     total_weight = 0.0
     refs, hyps = [], []
@@ -26,7 +29,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable, tokenizer) -> dict:
     try:
         for _utt_ids, batch in batches:
             seen.clear()
-            _loss, stats, weight = model(**batch)
+            _loss, stats, weight = model(**to_device(batch, device))
             w = float(weight)
             total_weight += w
             for key in ("loss", "acc"):
@@ -59,10 +62,13 @@ def _greedy(model, enc, enc_lens, batch, tokenizer, refs: list, hyps: list) -> N
 def held_out_loss(model: torch.nn.Module, batches: Iterable) -> float:
     """The model's loss on held-out batches (ESPnet's `loss`, weighted as in `evaluate`), no decoding:
     rl_dga scores two candidate models with it every round, so it must stay cheap."""
+    from espnet2.torch_utils.device_funcs import to_device
+
     model.eval()
+    device = next(model.parameters()).device
     total = weight_sum = 0.0
     for _utt_ids, batch in batches:
-        _loss, stats, weight = model(**batch)
+        _loss, stats, weight = model(**to_device(batch, device))
         total += float(stats["loss"]) * float(weight)
         weight_sum += float(weight)
     if weight_sum == 0:

@@ -92,6 +92,43 @@ class WeightedSum:
         self.norm += w
         self.scores[client_id] = score
 
+    def all_reduce(self, like: State) -> None:
+        """Combine every rank's sum into the sum over all ranks' clients, on every rank.
+
+        The log-sum-exp normalizer is reduced first: the global maximum score (MAX),
+        to which each rank rescales its sum and norm, then one SUM over the
+        flattened accumulator and norm, so the weights are the single-process
+        softmax. A rank without a usable client adds zeros shaped as `like`.
+        """
+        import torch.distributed as dist
+
+        from ..distributed import all_gather_objects
+
+        device = next(iter(like.values())).device
+        top = torch.tensor([self.max_score], dtype=torch.float64, device=device)
+        dist.all_reduce(top, dist.ReduceOp.MAX)
+        global_max = float(top)
+        if global_max == -math.inf:
+            return  # no rank has a client: result() stays None
+        keys = [k for k, v in like.items() if v.is_floating_point()]
+        if self.acc is None:
+            self.acc = {k: torch.zeros_like(like[k], dtype=torch.float32) for k in keys}
+            scale = 0.0
+        else:
+            scale = math.exp(self.max_score - global_max)
+        flat = torch.cat([self.acc[k].reshape(-1) for k in keys]).mul_(scale)
+        norm = torch.tensor([self.norm * scale], dtype=torch.float64, device=device)
+        dist.all_reduce(flat)
+        dist.all_reduce(norm)
+        offset = 0
+        for k in keys:
+            t = self.acc[k]
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        self.norm, self.max_score = float(norm), global_max
+        for scores in all_gather_objects(self.scores):
+            self.scores.update(scores)
+
     def result(self) -> Optional[Aggregate]:
         if self.acc is None:
             return None
@@ -112,6 +149,9 @@ class Strategy(ABC):
     #: server then sets `judge`, a function from a pseudo-gradient to the held-out loss of the
     #: model one server step on it would give.
     needs_judge: bool = False
+    #: Whether the ranks of a torchrun job can each fold their clients and combine the sums with
+    #: `all_reduce`; a strategy whose per-client scores need state only rank 0 keeps says no.
+    ranks_reducible: bool = True
 
     def bind(self, parameter_names: Iterable[str]) -> None:
         """Tell the strategy which keys of Δ are trainable parameters (the server does, once)."""
@@ -134,6 +174,10 @@ class Strategy(ABC):
     def aggregate(self) -> Optional[Aggregate]:
         """The weighted pseudo-gradient, or None if no client contributed."""
         return self._sum.result()
+
+    def all_reduce(self, like: State) -> None:
+        """Under torch.distributed: combine the ranks' round sums before `aggregate` (on every rank)."""
+        self._sum.all_reduce(like)
 
     def check_server_optimizer(self, optim: ServerOptimConfig) -> None:
         """Reject server-optimizer settings (and LR schedules) that would silently change the algorithm."""

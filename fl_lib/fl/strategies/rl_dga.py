@@ -102,6 +102,9 @@ def relative_improvement(loss_agent: float, loss_reference: float) -> Optional[f
 
 class RLDGA(Strategy):
     needs_judge = True
+    # One process only: a client's features use g_{t−1} and the running feature statistics, which
+    # only rank 0 keeps, and the K × 6 features of the round would have to be gathered to it.
+    ranks_reducible = False
 
     def __init__(
         self, *, weight_by: str, beta: float, seed: int, temperature: float = 0.05, explore_std: float = 1.0,
