@@ -200,3 +200,9 @@ def test_client_schedule_errors_name_the_client_key():
         FLConfig.from_yaml(None, ["client.warmup_steps=-1"])
     conf = FLConfig.from_yaml(None, ["client.schedule.decay=exponential", "client.schedule.gamma=0.9"])
     assert conf.client.schedule.gamma == 0.9
+
+
+def test_mixed_precision_on_the_cpu_is_an_error():
+    """client.use_amp is GPU mixed precision; on a CPU model it must stop, not run in fp32 silently."""
+    with pytest.raises(ValueError, match="client.use_amp is mixed precision on the GPU: it needs --ngpu 1"):
+        _toy_trainer(Toy([0.0, 0.0]), ClientConfig(use_amp=True), {})

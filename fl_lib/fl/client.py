@@ -118,6 +118,8 @@ class LocalTrainer:
         args.accum_grad = conf.accum_grad
         args.log_interval = 10**9  # the server logs one line per client, not per step
         args.ngpu = int(next(model.parameters()).is_cuda)  # ESPnet moves each batch to "cuda" when > 0
+        if conf.use_amp and not args.ngpu:
+            raise ValueError("client.use_amp is mixed precision on the GPU: it needs --ngpu 1 (the model is on the CPU)")
         self.options = Trainer.build_options(args)
         self.trainer = Trainer
         self.distributed = DistributedOption(distributed=False)
@@ -154,7 +156,8 @@ class LocalTrainer:
                 iterator=counter,
                 optimizers=[optimizer],
                 schedulers=[warmup],
-                scaler=None,
+                # ESPnet autocasts the forward pass (bf16 where supported) exactly when a scaler is given.
+                scaler=torch.amp.GradScaler("cuda") if self.conf.use_amp else None,
                 reporter=sub,
                 summary_writer=None,
                 options=self.options,

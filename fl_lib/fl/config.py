@@ -70,6 +70,7 @@ class ClientConfig:
     # round's first warmup_steps local steps lets its moment estimates settle first.
     warmup_steps: int = 0
     schedule: ClientScheduleConfig = field(default_factory=ClientScheduleConfig)  # client.lr by round
+    use_amp: bool = False  # mixed precision on the GPU (--ngpu 1): ESPnet's autocast with a GradScaler
 
     def __post_init__(self) -> None:
         if self.warmup_steps < 0:
