@@ -73,7 +73,7 @@ def test_session_adapt_stages_0_to_8_and_the_truth_is_never_read(seed_exp, tmp_p
     assert "FALLING BACK" not in out  # the k2 environment ran stage 5
     sessions = [json.loads(line) for line in (data / "sessions/test-other/sessions.jsonl").read_text().splitlines()]
     assert len(sessions) == 3
-    confidence = (exp / "smoke/gen1/labels/confidence.jsonl").read_text().splitlines()
+    confidence = (exp / "smoke/gen1/confidence.jsonl").read_text().splitlines()
     assert {json.loads(line)["method"] for line in confidence} == {"k2"}
     results = (exp / "smoke/RESULTS.md").read_text()
     assert "|session|adapt utts|test utts|seed WER|adapted WER|WERR %|" in results
@@ -94,7 +94,7 @@ def test_session_adapt_stages_0_to_8_and_the_truth_is_never_read(seed_exp, tmp_p
                      "--tag", "smoke", *ADAPT])
     assert proc.returncode == 0, out[-4000:]
     assert "GARBAGE" in (tmp_path / "data2/sessions/test-other/truth/adapt_text").read_text()
-    hyps = [(exp / "smoke/gen1/labels/hyps.jsonl"), (tmp_path / "exp2/smoke/gen1/labels/hyps.jsonl")]
+    hyps = [e / "seed/decode_asr_ctc/labels_test-other/hyps.jsonl" for e in (exp, tmp_path / "exp2")]
     texts = [[(r["utt_id"], r["text"]) for r in map(json.loads, h.read_text().splitlines())] for h in hyps]
     assert texts[0] == texts[1]
     models = [torch.load(e / "smoke/gen1/fl/latest.pth", map_location="cpu") for e in (exp, tmp_path / "exp2")]

@@ -84,7 +84,7 @@ if [ -z "$tag" ]; then
   tag=$(basename "${adapt_config%.*}")_$(basename "${fl_config%.*}")
 fi
 expdir=$exp/$tag
-inference_tag=decode_$(basename "${inference_config%.*}")
+inference_tag=$(basename "${inference_config%.*}")
 
 if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
   if [ -z "$corpus_dir" ]; then
@@ -123,26 +123,28 @@ if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
   for gen in $(seq 1 "$generations"); do
     gendir=$expdir/gen$gen
     if [ "$gen" = 1 ]; then
-      teacher_dir=$seed_dir; teacher_model=model.pth
+      # The seed's labels are the same for every run on these sessions: labelled once, shared.
+      teacher_dir=$seed_dir; teacher_model=model.pth; labels_dir=$seed_dir/$inference_tag/labels_$session_part
     else
-      teacher_dir=$expdir/gen$((gen - 1))/fl; teacher_model=latest.pth
+      teacher_dir=$expdir/gen$((gen - 1))/fl; teacher_model=latest.pth; labels_dir=$gendir/labels
     fi
     if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
       if [ "$labels" = oracle ]; then
         log "Stage 4 (generation $gen): labels: oracle, nothing to decode"
       else
-        log "Stage 4 (generation $gen): pseudo-label the adaptation parts with $teacher_dir/$teacher_model -> $gendir/labels"
+        log "Stage 4 (generation $gen): pseudo-label the adaptation parts with $teacher_dir/$teacher_model -> $labels_dir"
         python -m fl_lib.bin.pseudo_label --sessions "$sessions" --exp_dir "$teacher_dir" --model "$teacher_model" \
-          --inference_config "$inference_config" --nj "$nj" --output_dir "$gendir/labels"
+          --inference_config "$inference_config" --nj "$nj" --output_dir "$labels_dir"
       fi
     fi
     if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
       if [ "$confidence" = None ]; then
         log "Stage 5 (generation $gen): no filter, no confidence to compute"
       else
-        log "Stage 5 (generation $gen): $confidence confidence of the pseudo-labels -> $gendir/labels/confidence.jsonl"
-        python -m fl_lib.bin.confidence --method "$confidence" --hyps "$gendir/labels/hyps.jsonl" \
-          --logp_scp "$gendir/labels/logp.scp" --output "$gendir/labels/confidence.jsonl"
+        log "Stage 5 (generation $gen): $confidence confidence of the pseudo-labels -> $gendir/confidence.jsonl"
+        mkdir -p "$gendir"
+        python -m fl_lib.bin.confidence --method "$confidence" --hyps "$labels_dir/hyps.jsonl" \
+          --logp_scp "$labels_dir/logp.scp" --output "$gendir/confidence.jsonl"
       fi
     fi
     if [ $stage -le 6 ] && [ $stop_stage -ge 6 ]; then
@@ -150,9 +152,9 @@ if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
       if [ "$labels" = oracle ]; then
         inputs=(--oracle_text "$sessions_dir/truth/adapt_text")
       elif [ "$confidence" = None ]; then
-        inputs=(--hyps "$gendir/labels/hyps.jsonl")
+        inputs=(--hyps "$labels_dir/hyps.jsonl")
       else
-        inputs=(--hyps "$gendir/labels/hyps.jsonl" --confidence "$gendir/labels/confidence.jsonl")
+        inputs=(--hyps "$labels_dir/hyps.jsonl" --confidence "$gendir/confidence.jsonl")
       fi
       # shellcheck disable=SC2086
       python -m fl_lib.bin.select_labels --sessions "$sessions" --config "$adapt_config" "${inputs[@]}" \

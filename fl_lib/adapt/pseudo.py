@@ -80,7 +80,8 @@ def pseudo_label(sessions_path: Path, exp_dir: Path, model: str, inference_confi
                 len(cuts), len(sessions), model_path, nj)
     rows = []
     start = time.perf_counter()
-    with kaldiio.WriteHelper(f"ark,scp:{output_dir / 'logp.ark'},{output_dir / 'logp.scp'}") as writer:
+    ark = output_dir.resolve() / "logp.ark"  # absolute in the scp, so the table reads from anywhere
+    with kaldiio.WriteHelper(f"ark,scp:{ark},{output_dir / 'logp.scp'}") as writer:
         for row, logp in tqdm(decode_iter(list(cuts), settings, nj, task=_label_cut), total=len(cuts),
                               desc="pseudo-label"):
             writer(row["utt_id"], logp)

@@ -32,12 +32,12 @@ def _pct(x: Optional[float]) -> str:
 
 def label_wer(gen_dir: Path, truth: dict[str, str]) -> dict:
     """WER of a generation's pseudo-labels against the truth: all of them, and the kept ones."""
+    selection = json.loads((gen_dir / "clients" / "selection.json").read_text())
     hyps = {}
-    for line in (gen_dir / "labels" / "hyps.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in Path(selection["hyps"]).read_text(encoding="utf-8").splitlines():
         if line.strip():
             row = json.loads(line)
             hyps[row["utt_id"]] = row["text"]
-    selection = json.loads((gen_dir / "clients" / "selection.json").read_text())
     kept = sorted(u for s in selection["sessions"].values() for u in s["kept_ids"])
     everything = sorted(hyps)
     before = score([truth[u] for u in everything], [hyps[u] for u in everything])

@@ -117,7 +117,8 @@ def select_labels(sessions_path: Path, conf: AdaptConfig, output_dir: Path, hyps
     with atomic_path(clients_path) as tmp:
         tmp.write_text("".join(json.dumps(c) + "\n" for c in clients), encoding="utf-8")
     (output_dir / "selection.json").write_text(json.dumps(
-        {"config": conf.to_dict(), "sessions": summary, "skipped_sessions": skipped}, indent=2) + "\n")
+        {"config": conf.to_dict(), "hyps": None if hyps is None else str(Path(hyps).resolve()),
+         "sessions": summary, "skipped_sessions": skipped}, indent=2) + "\n")
     logger.info("%d clients, %d utterances -> %s", len(clients), sum(c["num_cuts"] for c in clients), clients_path)
     mark_done(done, stamp)
     return clients_path
