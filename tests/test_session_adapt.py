@@ -161,3 +161,30 @@ def test_pseudo_labels_never_take_the_truth_and_oracle_takes_only_the_truth(tmp_
     for row in map(json.loads, clients.read_text().splitlines()):
         for c in _read(tmp_path / "oracle" / row["manifest"]):
             assert c["supervisions"][0]["text"].startswith(f"WORDS OF {row['id']}")
+
+
+def test_werr_and_the_per_session_table(tmp_path):
+    """WERR = (seed - adapted) / seed per session; the mean is over sessions; the table lists each session."""
+    from fl_lib.adapt.results import make_session_results, render_ablation, werr
+    from fl_lib.asr.scoring import ErrorStats
+
+    assert werr(50.0, 40.0) == pytest.approx(20.0)
+    assert werr(0.0, 10.0) is None
+    sessions = split_sessions(_corpus(tmp_path), tmp_path / "sessions", 0.7, seed=0)
+
+    def score_json(path, errors):
+        per = {spk: ErrorStats(snt=3, wrd=100, corr=100 - e, sub=e).to_dict() for spk, e in errors.items()}
+        path.write_text(json.dumps({"per_speaker_wer": per}))
+        return path
+
+    seed = score_json(tmp_path / "seed.json", {"2001": 50, "2002": 20})
+    adapted = score_json(tmp_path / "adapted.json", {"2001": 40, "2002": 22})
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "adapt_config.json").write_text(json.dumps(AdaptConfig(labels="oracle").to_dict()))
+    text = make_session_results(sessions, seed, adapted, exp, wall_seconds=90).read_text()
+    assert "|2001|7|3|50.0|40.0|20.0|" in text and "|2002|7|3|20.0|22.0|-10.0|" in text
+    assert "|**mean over sessions**|||35.0|31.0|**5.0**|" in text
+    assert "|pooled words|||35.0|31.0|11.4|" in text
+    table = render_ablation([exp])
+    assert "|exp|oracle transcripts|n/a|all|0.0 (truth)|35.0|31.0|5.0|11.4|1.5|" in table
