@@ -34,6 +34,7 @@ inference_config=conf/decode_asr_ctc.yaml
 adapt_config=conf/adapt.yaml      # labels, confidence, filter, generations
 adapt_args=                       # key=value overrides of adapt_config, e.g. "top_fraction=0.3"
 fl_config=conf/fl_adapt.yaml      # rounds, DGA, client and server optimizers
+student_config=                   # empty: the seed's model config; e.g. conf/student_specaug.yaml: a noisy student
 fl_args=                          # key=value overrides of fl_config, e.g. "rounds=20"
 client_jobs=2                     # processes that train a round's clients in parallel
 tag=                              # experiment name; default from the configs
@@ -61,6 +62,7 @@ Options:
   --adapt_args       # key=value overrides of adapt_config, in quotes (default="${adapt_args}")
   --fl_config        # federated adaptation: rounds, strategy, optimizers (default="${fl_config}")
   --fl_args          # key=value overrides of fl_config, in quotes (default="${fl_args}")
+  --student_config   # training-only noise (SpecAugment) for the adapting model; empty: none (default="${student_config}")
   --client_jobs      # processes that train a round's clients in parallel (default="${client_jobs}")
   --tag              # experiment name; empty: from the configs (default="${tag}")
   --data             # where corpus, manifests and sessions go (default="${data}")
@@ -163,9 +165,15 @@ if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
     if [ $stage -le 7 ] && [ $stop_stage -ge 7 ]; then
       log "Stage 7 (generation $gen): federated adaptation from the seed -> $gendir/fl (log: $gendir/fl/train.log)"
       mkdir -p "$gendir/fl"
+      asr_config=$seed_dir/adapt_asr_config.yaml
+      if [ -n "$student_config" ]; then
+        asr_config=$expdir/asr_config.yaml
+        python -m fl_lib.bin.student_config --seed_dir "$seed_dir" --student_config "$student_config" \
+          --output "$asr_config"
+      fi
       # shellcheck disable=SC2086
       python -m fl_lib.bin.fl_train \
-        --asr_config "$seed_dir/adapt_asr_config.yaml" --fl_config "$fl_config" \
+        --asr_config "$asr_config" --fl_config "$fl_config" \
         --train_clients "$gendir/clients/clients.jsonl" \
         --token_list "$seed_dir/tokens.txt" --bpemodel "$seed_dir/bpe.model" \
         --feats_stats "$seed_dir/feats_stats.npz" --client_jobs "$client_jobs" \

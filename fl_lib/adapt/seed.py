@@ -124,3 +124,30 @@ def import_seed(seed_exp: Optional[Path], model: str, output_dir: Path) -> Path:
     logger.info("seed %s (%d tokens) -> %s", model_path, len(token_list), output_dir)
     mark_done(done, stamp)
     return output_dir
+
+
+# Keys a student config may add: they act in training only, so the seed's weights load unchanged.
+STUDENT_KEYS = frozenset({"specaug", "specaug_conf"})
+
+
+def student_asr_config(seed_dir: Path, student_config: Path, output: Path) -> Path:
+    """The seed's adaptation config plus ``student_config``'s training-only keys (e.g. SpecAugment).
+
+    The noise of a noisy student: a student that sees its teacher's labels on
+    perturbed input learns more from them than a copy of the teacher would.
+    """
+    student = yaml.safe_load(Path(student_config).read_text()) or {}
+    changes_model = sorted(set(student) - STUDENT_KEYS)
+    if changes_model:
+        raise SeedError(f"{student_config}: {changes_model} would change the seed's model; a student config "
+                        f"may set only {sorted(STUDENT_KEYS)}")
+    if not student:
+        raise SeedError(f"{student_config} is empty: it would do nothing")
+    config = yaml.safe_load((Path(seed_dir) / "adapt_asr_config.yaml").read_text())
+    config.update(student)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output) as tmp:
+        tmp.write_text(f"# The seed's adaptation config plus {student_config}.\n" + yaml.safe_dump(config, sort_keys=False),
+                       encoding="utf-8")
+    return output
