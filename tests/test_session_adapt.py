@@ -188,3 +188,20 @@ def test_werr_and_the_per_session_table(tmp_path):
     assert "|pooled words|||35.0|31.0|11.4|" in text
     table = render_ablation([exp])
     assert "|exp|oracle transcripts|n/a|all|0.0 (truth)|35.0|31.0|5.0|11.4|1.5|" in table
+
+
+def test_student_config_adds_training_only_noise_and_nothing_else(tmp_path):
+    import yaml
+
+    from fl_lib.adapt.seed import SeedError, student_asr_config
+
+    (tmp_path / "adapt_asr_config.yaml").write_text(yaml.safe_dump({"encoder": "conformer", "init_param": ["s.pth"]}))
+    recipe = Path(__file__).resolve().parents[1] / "egs/session_adapt/conf/student_specaug.yaml"
+    out = yaml.safe_load(student_asr_config(tmp_path, recipe, tmp_path / "student.yaml").read_text())
+    assert out["specaug"] == "specaug" and out["init_param"] == ["s.pth"] and out["encoder"] == "conformer"
+    (tmp_path / "bad.yaml").write_text("encoder: transformer\n")
+    with pytest.raises(SeedError, match="would change the seed's model"):
+        student_asr_config(tmp_path, tmp_path / "bad.yaml", tmp_path / "x.yaml")
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(SeedError, match="would do nothing"):
+        student_asr_config(tmp_path, tmp_path / "empty.yaml", tmp_path / "y.yaml")
