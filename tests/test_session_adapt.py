@@ -34,6 +34,9 @@ def _read(path: Path) -> list:
 
 def _corpus(tmp_path: Path, text=lambda spk, i: f"WORDS OF {spk} NUMBER {i}") -> Path:
     cuts = [_cut(f"{spk}-1-{i:04d}", spk, text(spk, i)) for spk in ("2001", "2002") for i in range(10)]
+    for cut in cuts:  # a word alignment spells the transcript as well
+        words = cut["supervisions"][0]["text"].split()
+        cut["supervisions"][0]["alignment"] = {"word": [[w, 0.1 * k, 0.1, 1.0] for k, w in enumerate(words)]}
     return _write(tmp_path / "cuts.jsonl.gz", cuts)
 
 
@@ -48,7 +51,7 @@ def test_adaptation_parts_hold_no_transcripts_and_do_not_depend_on_them(tmp_path
         with gzip.open(s_real.adapt, "rb") as a, gzip.open(s_garbage.adapt, "rb") as b:
             assert a.read() == b.read()
         for cut in _read(s_real.adapt):
-            assert all("text" not in sup for sup in cut["supervisions"])
+            assert all("text" not in sup and "alignment" not in sup for sup in cut["supervisions"])
     truth = (tmp_path / "a/out/truth/adapt_text").read_text()
     assert "WORDS OF 2001" in truth and "GARBAGE" in (tmp_path / "b/out/truth/adapt_text").read_text()
 

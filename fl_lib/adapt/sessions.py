@@ -58,10 +58,14 @@ def load_sessions(path: Path) -> list[Session]:
     return out
 
 
+TRANSCRIPT_FIELDS = ("text", "alignment")  # a word alignment spells the transcript too
+
+
 def _without_text(cut: dict) -> dict:
-    """The cut with no transcript left in any supervision."""
+    """The cut with no transcript (text or word alignment) left in any supervision."""
     cut = dict(cut)
-    cut["supervisions"] = [{k: v for k, v in sup.items() if k != "text"} for sup in cut["supervisions"]]
+    cut["supervisions"] = [{k: v for k, v in sup.items() if k not in TRANSCRIPT_FIELDS}
+                           for sup in cut["supervisions"]]
     return cut
 
 
