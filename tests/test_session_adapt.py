@@ -191,6 +191,8 @@ def test_werr_and_the_per_session_table(tmp_path):
     assert "|pooled words|||35.0|31.0|11.4|" in text
     table = render_ablation([exp])
     assert "|exp|oracle transcripts|n/a|all|0.0 (truth)|35.0|31.0|5.0|11.4|1.5|" in table
+    make_session_results(sessions, seed, adapted, exp, student_config="conf/student_specaug.yaml")
+    assert "|exp|oracle transcripts + student student_specaug|" in render_ablation([exp])
 
 
 def test_student_config_adds_training_only_noise_and_nothing_else(tmp_path):

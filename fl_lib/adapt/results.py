@@ -47,7 +47,7 @@ def label_wer(gen_dir: Path, truth: dict[str, str]) -> dict:
 
 
 def summarize(sessions_path: Path, seed_score: Path, adapted_score: Path, exp_dir: Path,
-              wall_seconds: Optional[float] = None) -> dict:
+              wall_seconds: Optional[float] = None, student_config: Optional[str] = None) -> dict:
     """Per-session seed/adapted WER and WERR, their averages, and per-generation pseudo-label WER."""
     sessions = load_sessions(sessions_path)
     seed = json.loads(Path(seed_score).read_text())["per_speaker_wer"]
@@ -73,25 +73,27 @@ def summarize(sessions_path: Path, seed_score: Path, adapted_score: Path, exp_di
         "mean_seed_wer": mean("seed_wer"), "mean_adapted_wer": mean("adapted_wer"), "mean_werr": mean("werr"),
         "pooled_seed_wer": pooled_seed, "pooled_adapted_wer": pooled_adapted,
         "pooled_werr": werr(pooled_seed, pooled_adapted), "pseudo_labels": gens, "wall_seconds": wall_seconds,
+        "student_config": student_config,
     }
 
 
-def run_name(conf: dict) -> str:
-    """A short description of a run's labels, for the ablation table."""
+def run_name(conf: dict, student_config: Optional[str] = None) -> str:
+    """A short description of a run's labels (and student noise), for the ablation table."""
+    student = f" + student {Path(student_config).stem}" if student_config else ""
     if conf["labels"] == "oracle":
-        return "oracle transcripts"
+        return "oracle transcripts" + student
     if conf["filter"] == "none":
-        return "no filtering"
+        return "no filtering" + student
     rule = f"top {conf['top_fraction']:.0%}" if conf["filter"] == "top_fraction" else f">= {conf['threshold']}"
     gens = f", {conf['generations']} generations" if conf["generations"] > 1 else ""
-    return f"{conf['confidence']} confidence, {rule}{gens}"
+    return f"{conf['confidence']} confidence, {rule}{gens}{student}"
 
 
 def render(summary: dict) -> str:
     lines = [GENERATED, "# RESULTS: session adaptation", "", "## Environments"]
     env = environment()
     lines += [f"- {k}: `{v}`" for k, v in env.items()] + [""]
-    lines += [f"## {Path(summary['exp_dir']).name}: {run_name(summary['adapt_config'])}", "",
+    lines += [f"## {Path(summary['exp_dir']).name}: {run_name(summary['adapt_config'], summary['student_config'])}", "",
               f"- adaptation config: `{json.dumps(summary['adapt_config'])}`"]
     if summary["wall_seconds"] is not None:
         lines.append(f"- wall time of this run.sh invocation: {summary['wall_seconds'] / 60:.1f} min")
@@ -113,9 +115,9 @@ def render(summary: dict) -> str:
 
 
 def make_session_results(sessions_path: Path, seed_score: Path, adapted_score: Path, exp_dir: Path,
-                         wall_seconds: Optional[float] = None) -> Path:
+                         wall_seconds: Optional[float] = None, student_config: Optional[str] = None) -> Path:
     """Write exp_dir/summary.json and exp_dir/RESULTS.md; return the latter."""
-    summary = summarize(sessions_path, seed_score, adapted_score, exp_dir, wall_seconds)
+    summary = summarize(sessions_path, seed_score, adapted_score, exp_dir, wall_seconds, student_config)
     (Path(exp_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     out = Path(exp_dir) / "RESULTS.md"
     out.write_text(render(summary), encoding="utf-8")
@@ -124,15 +126,15 @@ def make_session_results(sessions_path: Path, seed_score: Path, adapted_score: P
 
 def render_ablation(exp_dirs: Sequence[Path]) -> str:
     """One row per run (its summary.json): labels, pseudo-label WER before/after filtering, mean WERR."""
-    lines = [GENERATED.replace("session_results", "session_ablation"), "# Session adaptation: ablation", "",
-             "|run|labels|pseudo-label WER all|kept|pseudo-label WER kept|mean seed WER|mean adapted WER|"
-             "mean WERR %|pooled WERR %|wall min|", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [GENERATED.replace("session_results", "session_results --ablation"), "# Session adaptation: ablation",
+             "", "|run|labels|pseudo-label WER all|kept|pseudo-label WER kept|mean seed WER|mean adapted WER|"
+             "mean WERR %|pooled WERR %|wall min (last invocation)|", "|---|---|---|---|---|---|---|---|---|---|"]
     for d in exp_dirs:
         s = json.loads((Path(d) / "summary.json").read_text())
         last = s["pseudo_labels"][-1] if s["pseudo_labels"] else None
         wall = "n/a" if s["wall_seconds"] is None else f"{s['wall_seconds'] / 60:.1f}"
         lines.append(
-            f"|{Path(d).name}|{run_name(s['adapt_config'])}|"
+            f"|{Path(d).name}|{run_name(s['adapt_config'], s.get('student_config'))}|"
             f"{_pct(last['all']['percent']['Err']) if last else 'n/a'}|{last['num_kept'] if last else 'all'}|"
             f"{_pct(last['kept']['percent']['Err']) if last else '0.0 (truth)'}|{_pct(s['mean_seed_wer'])}|"
             f"{_pct(s['mean_adapted_wer'])}|{_pct(s['mean_werr'])}|{_pct(s['pooled_werr'])}|{wall}|")

@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adapted_score", type=Path, help="score.json of the adapted model on the test parts")
     p.add_argument("--exp_dir", type=Path, help="the adaptation experiment (gets summary.json, RESULTS.md)")
     p.add_argument("--wall_seconds", type=float, default=None, help="wall time of the run, for the record")
+    p.add_argument("--student_config", default="", help="the run's student config, for the record (empty: none)")
     p.add_argument("--ablation", type=Path, nargs="+", default=None, help="experiment dirs to tabulate")
     p.add_argument("--output", type=Path, default=None, help="--ablation: the markdown file to write")
     args = p.parse_args(argv)
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     missing = [k for k in ("sessions", "seed_score", "adapted_score", "exp_dir") if getattr(args, k) is None]
     if missing:
         p.error(f"missing {', '.join('--' + k for k in missing)}")
-    out = make_session_results(args.sessions, args.seed_score, args.adapted_score, args.exp_dir, args.wall_seconds)
+    out = make_session_results(args.sessions, args.seed_score, args.adapted_score, args.exp_dir, args.wall_seconds,
+                               args.student_config or None)
     logging.info("wrote %s", out)
 
 
