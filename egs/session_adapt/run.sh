@@ -197,6 +197,7 @@ if [ $stage -le 8 ] && [ $stop_stage -ge 8 ]; then
     --output_dir "$expdir/$inference_tag/$session_part"
   python -m fl_lib.bin.session_results --sessions "$sessions" \
     --seed_score "$seed_score" \
-    --adapted_score "$expdir/$inference_tag/$session_part/score.json" --exp_dir "$expdir" --wall_seconds "$SECONDS"
+    --adapted_score "$expdir/$inference_tag/$session_part/score.json" --exp_dir "$expdir" --wall_seconds "$SECONDS" \
+    --student_config "$student_config"
   log "Results: $expdir/RESULTS.md"
 fi
