@@ -1,4 +1,6 @@
 """One log format for every fl_lib tool: time, module:line, level (as ESPnet's tools print)."""
+from __future__ import annotations
+
 import logging
 
 LOG_FORMAT = "%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s"

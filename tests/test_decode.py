@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,97 +15,6 @@ from fl_lib.asr.decode import decode_cuts, load_inference_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "egs/librispeech_fl/conf"
-UTTS = {  # speaker: (voice, sentences)
-    "slt": ("slt", ["TURN ON THE LIGHTS", "OPEN THE DOOR"]),
-    "rms": ("rms", ["TURN OFF THE RADIO", "CLOSE THE DOOR"]),
-}
-
-
-def _cuts(tmp: Path) -> Path:
-    """Four flite utterances from two voices as a Lhotse CutSet manifest."""
-    from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
-
-    recs, sups = [], []
-    for spk, (voice, sentences) in UTTS.items():
-        for i, text in enumerate(sentences):
-            utt = f"{spk}-0-{i:04d}"
-            wav = tmp / f"{utt}.wav"
-            subprocess.run(["flite", "-voice", voice, "-t", text, "-o", str(wav)], check=True)
-            rec = Recording.from_file(wav, recording_id=utt)
-            recs.append(rec)
-            sups.append(SupervisionSegment(id=utt, recording_id=utt, start=0.0, duration=rec.duration,
-                                           text=text, speaker=spk))
-    path = tmp / "cuts.jsonl.gz"
-    CutSet.from_manifests(recordings=RecordingSet.from_recordings(recs),
-                          supervisions=SupervisionSet.from_segments(sups)).to_file(path)
-    return path
-
-
-def _tiny_exp(exp: Path, cuts_path: Path) -> None:
-    """A shrunken copy of the recipe's small model, overfitted a few steps, saved as the trainer does."""
-    from lhotse import load_manifest
-
-    from fl_lib.espnet_env import asr_task
-
-    task = asr_task()
-    args = task.get_parser().parse_args([])
-    conf = yaml.safe_load((CONF / "train_asr_rnn_small.yaml").read_text())
-    conf["normalize"] = None
-    conf["encoder_conf"].update(num_layers=2, hidden_size=48, output_size=48, subsample=[2, 2])
-    conf["decoder"], conf["decoder_conf"] = "transformer", {"attention_heads": 2, "linear_units": 96, "num_blocks": 1}
-    conf["frontend_conf"]["n_mels"] = 40
-    vars(args).update(conf)
-    chars = sorted({c for _, s in UTTS.values() for t in s for c in t if c != " "})
-    args.token_list = ["<blank>", "<unk>", "<space>", *chars, "<sos/eos>"]
-    args.token_type, args.bpemodel = "char", None
-    torch.manual_seed(0)
-    model = task.build_model(args)
-
-    cuts = list(load_manifest(cuts_path))
-    cuts.sort(key=lambda c: -c.duration)  # ESPnet's RNN encoder wants longest first
-    wavs = [torch.from_numpy(c.load_audio()[0]) for c in cuts]
-    ids = [[args.token_list.index("<space>" if ch == " " else ch) for ch in c.supervisions[0].text] for c in cuts]
-    batch = {
-        "speech": torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True),
-        "speech_lengths": torch.tensor([len(w) for w in wavs]),
-        "text": torch.nn.utils.rnn.pad_sequence([torch.tensor(i) for i in ids], batch_first=True, padding_value=-1),
-        "text_lengths": torch.tensor([len(i) for i in ids]),
-    }
-    exp.mkdir(parents=True, exist_ok=True)
-    (exp / "config.yaml").write_text(yaml.safe_dump(vars(args)))
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    model.train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 OpenMP threads on 2 busy cores run ~10x slower
-    # Overfitted until CTC alone reads all four utterances: a barely trained
-    # model's beams are near-ties that last-bit float differences between
-    # processes can flip, and then nj=1 and nj=2 would disagree.
-    for step in range(1, 241):
-        loss = model(**batch)[0]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 80 == 0:
-            torch.save(model.state_dict(), exp / f"{step // 80}round.pth")
-    model.eval()
-    with torch.no_grad():
-        enc, enc_lens = model.encode(batch["speech"], batch["speech_lengths"])
-        best = model.ctc.argmax(enc)
-    for cut, path, n in zip(cuts, best, enc_lens):
-        tokens = [args.token_list[i] for i in torch.unique_consecutive(path[:n]).tolist() if i]
-        assert "".join(tokens).replace("<space>", " ") == cut.supervisions[0].text, "tiny model did not fit"
-    torch.set_num_threads(threads)
-    shutil.copy(exp / "3round.pth", exp / "valid.acc.best.pth")
-
-
-@pytest.fixture(scope="module")
-def tiny_exp(tmp_path_factory) -> tuple[Path, Path]:
-    """(exp_dir, cuts manifest) with a real ESPnet model that has learned a little."""
-    assert shutil.which("flite"), "flite is missing: run `make install`"
-    tmp = tmp_path_factory.mktemp("decode")
-    cuts = _cuts(tmp)
-    _tiny_exp(tmp / "exp", cuts)
-    return tmp / "exp", cuts
 
 
 def test_nj2_equals_nj1(tiny_exp, tmp_path):

@@ -1,25 +1,74 @@
 #!/usr/bin/env bash
-# Session adaptation data: one federated client per held-out session (speaker).
+# Unsupervised federated session adaptation: a seed model adapts to each session's own
+# unlabeled audio. One federated client per session (a voice the seed never heard).
 #
-# The held-out voices of the embedded corpus (test-other) play the sessions that a
-# seed model trained in egs/librispeech_fl has never heard; stage 2 writes one
-# client manifest per session. The unsupervised stages (pseudo-labelling with the
-# seed model, confidence filtering, federated adaptation) build on these manifests
-# and are not part of this recipe yet.
+# Without --corpus_dir, stage 0 synthesizes the sessions: held-out voices of the embedded
+# corpus (conf/corpus.yaml, test-other). With --corpus_dir /path/to/LibriSpeech, any part
+# (--session_part) serves, one session per speaker.
+# The seed model comes from the librispeech_fl recipe (--seed_exp); stage 3 says what to
+# run when there is none. Each session's audio is split, seeded, into an adaptation part,
+# written without transcripts, and a test part; the adaptation truth sits in
+# data/sessions/<part>/truth/ and only stage 8 (and the oracle ablation) reads it.
 #
-#   ./run.sh --stage 0 --stop_stage 2
+#   ./run.sh --seed_exp ../librispeech_fl/exp/fl_dga_sgd_train_asr_conformer_ctc
+#   ./run.sh --stage 4 --seed_exp ... --adapt_config conf/adapt_beam.yaml     # an ablation run
+#   ./run.sh --stage 4 --seed_exp ... --adapt_args "top_fraction=0.3" --fl_args "rounds=20"
+#
+# Stages 4-7 run once per generation (adapt config: generations). Everything under
+# data/ and exp/ can be removed and regenerated.
 set -euo pipefail
 
 stage=0
-stop_stage=2
+stop_stage=8
 nj=2
 seed=1234
-corpus_dir=                       # empty: reuse/synthesize the embedded corpus
-corpus_config=conf/corpus.yaml
-session_part=test-other
+corpus_dir=                       # empty: synthesize the sessions
+corpus_config=conf/corpus.yaml    # embedded sessions: voices, utterances per session
+session_part=test-other           # the part whose speakers are the sessions
+adapt_fraction=0.7                # share of each session's utterances to adapt on; the rest is its test part
 min_duration=0.5
 max_duration=20.0
+seed_exp=                         # the seed's experiment dir, e.g. ../librispeech_fl/exp/fl_dga_sgd_train_asr_conformer_ctc
+seed_model=valid.acc.best.pth     # weights in seed_exp
+inference_config=conf/decode_asr_ctc.yaml
+adapt_config=conf/adapt.yaml      # labels, confidence, filter, generations
+adapt_args=                       # key=value overrides of adapt_config, e.g. "top_fraction=0.3"
+fl_config=conf/fl_adapt.yaml      # rounds, DGA, client and server optimizers
+student_config=                   # empty: the seed's model config; e.g. conf/student_specaug.yaml: a noisy student
+fl_args=                          # key=value overrides of fl_config, e.g. "rounds=20"
+client_jobs=2                     # processes that train a round's clients in parallel
+tag=                              # experiment name; default from the configs
 data=data
+exp=exp
+
+help_message=$(cat <<HELP
+Usage: $0 [--option value] ...
+
+Options:
+  --stage            # first stage to run (default="${stage}")
+  --stop_stage       # last stage to run (default="${stop_stage}")
+  --nj               # parallel jobs of the data stages and of decoding (default="${nj}")
+  --seed             # corpus synthesis, session split and training seed (default="${seed}")
+  --corpus_dir       # LibriSpeech root; empty: synthesize the sessions (default="${corpus_dir}")
+  --corpus_config    # embedded sessions: voices, utterances per session (default="${corpus_config}")
+  --session_part     # the part whose speakers are the sessions (default="${session_part}")
+  --adapt_fraction   # share of each session's utterances to adapt on (default="${adapt_fraction}")
+  --min_duration     # shortest usable utterance, seconds (default="${min_duration}")
+  --max_duration     # longest usable utterance, seconds (default="${max_duration}")
+  --seed_exp         # the seed model's experiment dir (default="${seed_exp}")
+  --seed_model       # weights in seed_exp (default="${seed_model}")
+  --inference_config # ESPnet decoding config, for labelling and testing (default="${inference_config}")
+  --adapt_config     # labels, confidence, filter, generations (default="${adapt_config}")
+  --adapt_args       # key=value overrides of adapt_config, in quotes (default="${adapt_args}")
+  --fl_config        # federated adaptation: rounds, strategy, optimizers (default="${fl_config}")
+  --fl_args          # key=value overrides of fl_config, in quotes (default="${fl_args}")
+  --student_config   # training-only noise (SpecAugment) for the adapting model; empty: none (default="${student_config}")
+  --client_jobs      # processes that train a round's clients in parallel (default="${client_jobs}")
+  --tag              # experiment name; empty: from the configs (default="${tag}")
+  --data             # where corpus, manifests and sessions go (default="${data}")
+  --exp              # where the seed copy and experiments go (default="${exp}")
+HELP
+)
 
 . ./path.sh
 . utils/parse_options.sh
@@ -30,10 +79,18 @@ log() {
 }
 
 corpus=${corpus_dir:-$data/corpus/LibriSpeech}
+sessions_dir=$data/sessions/$session_part
+sessions=$sessions_dir/sessions.jsonl
+seed_dir=$exp/seed
+if [ -z "$tag" ]; then
+  tag=$(basename "${adapt_config%.*}")_$(basename "${fl_config%.*}")
+fi
+expdir=$exp/$tag
+inference_tag=$(basename "${inference_config%.*}")
 
 if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
   if [ -z "$corpus_dir" ]; then
-    log "Stage 0: synthesize the embedded corpus into $corpus"
+    log "Stage 0: synthesize the sessions into $corpus"
     python -m fl_lib.bin.synthesize_corpus --config "$corpus_config" --output_dir "$corpus" --seed "$seed" --nj "$nj"
   else
     log "Stage 0: check the LibriSpeech layout of $corpus_dir"
@@ -47,9 +104,100 @@ if [ $stage -le 1 ] && [ $stop_stage -ge 1 ]; then
 fi
 
 if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
-  log "Stage 2: one client per session of $session_part"
-  python -m fl_lib.bin.split_clients \
-    --cuts "$data/manifests/librispeech_cuts_${session_part}.jsonl.gz" \
-    --output_dir "$data/sessions/$session_part" \
-    --min_utts 1 --min_duration "$min_duration" --max_duration "$max_duration"
+  log "Stage 2: one client per session of $session_part: adaptation part (no transcripts) and test part -> $sessions_dir"
+  python -m fl_lib.bin.split_sessions \
+    --cuts "$data/manifests/librispeech_cuts_${session_part}.jsonl.gz" --output_dir "$sessions_dir" \
+    --adapt_fraction "$adapt_fraction" --seed "$seed" --min_duration "$min_duration" --max_duration "$max_duration"
+fi
+
+if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
+  log "Stage 3: check the seed model $seed_exp/$seed_model and copy it into $seed_dir"
+  python -m fl_lib.bin.import_seed --seed_exp "$seed_exp" --model "$seed_model" --output_dir "$seed_dir"
+fi
+
+if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
+  # Checked before any decoding; saved into the experiment for stage 8.
+  # shellcheck disable=SC2086
+  generations=$(python -m fl_lib.bin.adapt_config --config "$adapt_config" --save "$expdir/adapt_config.json" \
+    --get generations $adapt_args)
+  labels=$(python -m fl_lib.bin.adapt_config --config "$adapt_config" --get labels $adapt_args)
+  confidence=$(python -m fl_lib.bin.adapt_config --config "$adapt_config" --get confidence $adapt_args)
+  for gen in $(seq 1 "$generations"); do
+    gendir=$expdir/gen$gen
+    if [ "$gen" = 1 ]; then
+      # The seed's labels are the same for every run on these sessions: labelled once, shared.
+      teacher_dir=$seed_dir; teacher_model=model.pth; labels_dir=$seed_dir/$inference_tag/labels_$session_part
+    else
+      teacher_dir=$expdir/gen$((gen - 1))/fl; teacher_model=latest.pth; labels_dir=$gendir/labels
+    fi
+    if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
+      if [ "$labels" = oracle ]; then
+        log "Stage 4 (generation $gen): labels: oracle, nothing to decode"
+      else
+        log "Stage 4 (generation $gen): pseudo-label the adaptation parts with $teacher_dir/$teacher_model -> $labels_dir"
+        python -m fl_lib.bin.pseudo_label --sessions "$sessions" --exp_dir "$teacher_dir" --model "$teacher_model" \
+          --inference_config "$inference_config" --nj "$nj" --output_dir "$labels_dir"
+      fi
+    fi
+    if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
+      if [ "$confidence" = None ]; then
+        log "Stage 5 (generation $gen): no filter, no confidence to compute"
+      else
+        log "Stage 5 (generation $gen): $confidence confidence of the pseudo-labels -> $gendir/confidence.jsonl"
+        mkdir -p "$gendir"
+        python -m fl_lib.bin.confidence --method "$confidence" --hyps "$labels_dir/hyps.jsonl" \
+          --logp_scp "$labels_dir/logp.scp" --output "$gendir/confidence.jsonl"
+      fi
+    fi
+    if [ $stage -le 6 ] && [ $stop_stage -ge 6 ]; then
+      log "Stage 6 (generation $gen): filter the labels into one client per session -> $gendir/clients"
+      if [ "$labels" = oracle ]; then
+        inputs=(--oracle_text "$sessions_dir/truth/adapt_text")
+      elif [ "$confidence" = None ]; then
+        inputs=(--hyps "$labels_dir/hyps.jsonl")
+      else
+        inputs=(--hyps "$labels_dir/hyps.jsonl" --confidence "$gendir/confidence.jsonl")
+      fi
+      # shellcheck disable=SC2086
+      python -m fl_lib.bin.select_labels --sessions "$sessions" --config "$adapt_config" "${inputs[@]}" \
+        --output_dir "$gendir/clients" $adapt_args
+    fi
+    if [ $stage -le 7 ] && [ $stop_stage -ge 7 ]; then
+      log "Stage 7 (generation $gen): federated adaptation from the seed -> $gendir/fl (log: $gendir/fl/train.log)"
+      mkdir -p "$gendir/fl"
+      asr_config=$seed_dir/adapt_asr_config.yaml
+      if [ -n "$student_config" ]; then
+        asr_config=$expdir/asr_config.yaml
+        python -m fl_lib.bin.student_config --seed_dir "$seed_dir" --student_config "$student_config" \
+          --output "$asr_config"
+      fi
+      # shellcheck disable=SC2086
+      python -m fl_lib.bin.fl_train \
+        --asr_config "$asr_config" --fl_config "$fl_config" \
+        --train_clients "$gendir/clients/clients.jsonl" \
+        --token_list "$seed_dir/tokens.txt" --bpemodel "$seed_dir/bpe.model" \
+        --feats_stats "$seed_dir/feats_stats.npz" --client_jobs "$client_jobs" \
+        --seed "$seed" --output_dir "$gendir/fl" $fl_args 2>&1 | tee -a "$gendir/fl/train.log"
+    fi
+  done
+fi
+
+if [ $stage -le 8 ] && [ $stop_stage -ge 8 ]; then
+  generations=$(python -m fl_lib.bin.adapt_config --config "$expdir/adapt_config.json" --get generations)
+  log "Stage 8: decode the sessions' test parts with the seed and with $expdir/gen$generations/fl; score"
+  seed_score=$seed_dir/$inference_tag/$session_part/score.json
+  if [ -f "$seed_score" ] && [ "$seed_score" -nt "$seed_dir/model.pth" ] && [ "$seed_score" -nt "$sessions" ]; then
+    log "Stage 8: $seed_score is newer than the seed and the sessions: not decoding the seed again"
+  else
+    python -m fl_lib.bin.decode --exp_dir "$seed_dir" --model model.pth --inference_config "$inference_config" \
+      --cuts "$sessions_dir/test.jsonl.gz" --nj "$nj" --output_dir "$seed_dir/$inference_tag/$session_part"
+  fi
+  python -m fl_lib.bin.decode --exp_dir "$expdir/gen$generations/fl" --model latest.pth \
+    --inference_config "$inference_config" --cuts "$sessions_dir/test.jsonl.gz" --nj "$nj" \
+    --output_dir "$expdir/$inference_tag/$session_part"
+  python -m fl_lib.bin.session_results --sessions "$sessions" \
+    --seed_score "$seed_score" \
+    --adapted_score "$expdir/$inference_tag/$session_part/score.json" --exp_dir "$expdir" --wall_seconds "$SECONDS" \
+    --student_config "$student_config"
+  log "Results: $expdir/RESULTS.md"
 fi

@@ -72,7 +72,8 @@ def _init_worker(settings: dict[str, Any], log_level: int) -> None:
     _WORKER["settings"] = settings
 
 
-def _speech2text():
+def worker_model():
+    """(Speech2Text, sampling rate) of this decoding worker, built on first use."""
     if "s2t" not in _WORKER:
         from fl_lib.espnet_env import quiet_nltk
 
@@ -97,7 +98,7 @@ def _speech2text():
 def _decode_cut(cut) -> Hypothesis:
     import torch
 
-    s2t, fs = _speech2text()
+    s2t, fs = worker_model()
     if not cut.supervisions:
         raise ValueError(f"cut {cut.id} has no supervision: nothing to score against")
     if cut.sampling_rate != fs:
@@ -115,11 +116,14 @@ def _decode_cut(cut) -> Hypothesis:
     )
 
 
-def decode_iter(cuts: Sequence, settings: dict[str, Any], nj: int) -> Iterator[Hypothesis]:
-    """Yield hypotheses in cut order from `nj` spawned workers."""
+def decode_iter(cuts: Sequence, settings: dict[str, Any], nj: int, task=None) -> Iterator[Any]:
+    """Yield `task(cut)` (default: the scored Hypothesis) in cut order from `nj` spawned workers.
+
+    `task` must be a module-level function; it gets the worker's model from `worker_model()`.
+    """
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(nj, initializer=_init_worker, initargs=(settings, logger.getEffectiveLevel())) as pool:
-        yield from pool.imap(_decode_cut, cuts, chunksize=1)
+        yield from pool.imap(task or _decode_cut, cuts, chunksize=1)
 
 
 def write_outputs(hyps: Sequence[Hypothesis], output_dir: Path, info: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,62 @@
+"""What a session-adaptation run does with its pseudo-labels: conf/adapt*.yaml, typed.
+
+Keys that the chosen labels or filter would ignore are rejected, not silently unused.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from fl_lib.confidence.tables import METHODS
+from fl_lib.fl.config import load_config
+
+LABELS = ("pseudo", "oracle")
+FILTERS = ("none", "threshold", "top_fraction")
+
+
+@dataclass
+class AdaptConfig:
+    # pseudo: the teacher's hypotheses; oracle: the true transcripts (the ablation's upper bound,
+    # the one run that reads the adaptation truth before scoring).
+    labels: str = "pseudo"
+    confidence: Optional[str] = None  # k2 (lattice posterior, .venv-k2) | beam_score (ESPnet's beam score)
+    filter: str = "none"  # none | threshold | top_fraction (per session)
+    threshold: Optional[float] = None  # filter: threshold: keep confidence >= threshold
+    top_fraction: Optional[float] = None  # filter: top_fraction: keep this share of each session, most confident first
+    generations: int = 1  # >1: re-label with the previous generation's adapted model (noisy student)
+
+    def __post_init__(self) -> None:
+        if self.labels not in LABELS:
+            raise ValueError(f"unknown labels '{self.labels}'; choose {', '.join(LABELS)}")
+        if self.filter not in FILTERS:
+            raise ValueError(f"unknown filter '{self.filter}'; choose {', '.join(FILTERS)}")
+        if self.generations < 1:
+            raise ValueError(f"generations must be >= 1, got {self.generations}")
+        if self.labels == "oracle":
+            if self.filter != "none" or self.confidence is not None or self.generations != 1:
+                raise ValueError("labels: oracle trains on the true transcripts: set filter: none, confidence: null "
+                                 "and generations: 1 (confidence, filters and re-labelling do nothing there)")
+            return
+        if self.filter == "none" and self.confidence is not None:
+            raise ValueError("filter: none keeps every pseudo-label, so confidence does nothing: set confidence: null")
+        if self.filter != "none" and self.confidence not in METHODS:
+            raise ValueError(f"filter: {self.filter} needs confidence: one of {', '.join(METHODS)}, "
+                             f"got {self.confidence}")
+        if self.filter == "threshold":
+            if self.threshold is None or not 0.0 <= self.threshold <= 1.0:
+                raise ValueError(f"filter: threshold needs threshold in [0, 1], got {self.threshold}")
+        elif self.threshold is not None:
+            raise ValueError(f"threshold is only used by filter: threshold, but filter is '{self.filter}'")
+        if self.filter == "top_fraction":
+            if self.top_fraction is None or not 0.0 < self.top_fraction <= 1.0:
+                raise ValueError(f"filter: top_fraction needs top_fraction in (0, 1], got {self.top_fraction}")
+        elif self.top_fraction is not None:
+            raise ValueError(f"top_fraction is only used by filter: top_fraction, but filter is '{self.filter}'")
+
+    @classmethod
+    def from_yaml(cls, path: Optional[Path], overrides: Sequence[str] = ()) -> "AdaptConfig":
+        return load_config(cls, path, overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

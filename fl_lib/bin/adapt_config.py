@@ -1,0 +1,35 @@
+"""Check an adaptation config (with overrides), save it into the experiment, print one key.
+
+    python -m fl_lib.bin.adapt_config --config conf/adapt.yaml --save exp/adapt/adapt_config.json \\
+        --get generations filter=threshold threshold=0.8
+
+run.sh calls it before any decoding, so a bad config fails first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--save", type=Path, default=None, help="write the resolved config here (JSON)")
+    p.add_argument("--get", default=None, help="print this key's value")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = p.parse_args(argv)
+    from fl_lib.adapt.config import AdaptConfig
+
+    conf = AdaptConfig.from_yaml(args.config, args.overrides).to_dict()
+    if args.save is not None:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        args.save.write_text(json.dumps(conf, indent=2) + "\n")
+    if args.get is not None:
+        if args.get not in conf:
+            raise SystemExit(f"unknown key {args.get}; known: {', '.join(conf)}")
+        print(conf[args.get])
+
+
+if __name__ == "__main__":
+    main()

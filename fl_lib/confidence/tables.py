@@ -1,0 +1,53 @@
+"""The files that pseudo-labelling, confidence and filtering exchange (python3.9, stdlib only).
+
+Both environments read them: the main one writes hypotheses, `.venv-k2` writes
+confidences, and neither imports the other's packages.
+
+- ``hyps.jsonl``: one decoded utterance per line: utt_id, session, text,
+  token_int (the hypothesis' token ids, no blank/sos/eos), score (ESPnet's beam
+  score), num_frames (CTC frames in ``logp.scp``).
+- ``confidence.jsonl``: utt_id, method, log_posterior (log P(hypothesis | audio)),
+  num_tokens and confidence, the per-token geometric mean exp(log_posterior / num_tokens).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Dict, Iterable, List
+
+METHODS = ("k2", "beam_score")
+
+
+def read_jsonl(path: Path) -> List[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """Written beside the target and renamed, so a killed run never leaves half a table."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def per_token(log_posterior: float, num_tokens: int) -> float:
+    """exp(log_posterior / num_tokens): the raw posterior shrinks with every token, so without
+    this a threshold would keep short utterances only. An empty hypothesis counts as one token."""
+    return math.exp(log_posterior / max(num_tokens, 1))
+
+
+def confidence_row(utt_id: str, method: str, log_posterior: float, num_tokens: int) -> dict:
+    if method not in METHODS:
+        raise ValueError(f"unknown confidence method '{method}'; choose {', '.join(METHODS)}")
+    return {"utt_id": utt_id, "method": method, "log_posterior": log_posterior,
+            "num_tokens": num_tokens, "confidence": per_token(log_posterior, num_tokens)}
+
+
+def read_confidence(path: Path) -> Dict[str, dict]:
+    """{utt_id: row} of a confidence.jsonl."""
+    return {row["utt_id"]: row for row in read_jsonl(path)}

@@ -1,0 +1,150 @@
+"""Pseudo-labels from a real (tiny) ESPnet model on flite speech: k2 confidence, filtering, seed checks.
+
+The tiny model is overfitted on four utterances (conftest's tiny_exp);
+each session also holds sentences it never heard. Its labels of the heard ones
+are right and those of the others mostly wrong: a confidence worth its name keeps
+the right ones, so the kept labels are more accurate than all of them.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import UTTS
+
+from fl_lib.adapt.config import AdaptConfig
+from fl_lib.adapt.results import label_wer
+from fl_lib.adapt.select import select_labels
+from fl_lib.adapt.sessions import split_sessions
+
+REPO = Path(__file__).resolve().parents[1]
+K2_PYTHON = REPO / ".venv-k2/bin/python"
+UNSEEN = {"slt": ["CLOSE THE RADIO", "TURN ON THE DOOR", "OPEN THE LIGHTS"],
+          "rms": ["TURN OFF THE LIGHTS", "OPEN THE RADIO", "CLOSE THE LIGHTS"]}
+
+
+def _session_cuts(tmp: Path) -> Path:
+    """Each speaker's heard and unheard sentences, one session per speaker."""
+    from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
+
+    recs, sups = [], []
+    for spk, (voice, heard) in UTTS.items():
+        for i, text in enumerate(heard + UNSEEN[spk]):
+            utt = f"{spk}-0-{i:04d}"
+            wav = tmp / f"{utt}.wav"
+            subprocess.run(["flite", "-voice", voice, "-t", text, "-o", str(wav)], check=True)
+            rec = Recording.from_file(wav, recording_id=utt)
+            recs.append(rec)
+            sups.append(SupervisionSegment(id=utt, recording_id=utt, start=0.0, duration=rec.duration,
+                                           text=text, speaker=spk))
+    path = tmp / "sessions_cuts.jsonl.gz"
+    CutSet.from_manifests(recordings=RecordingSet.from_recordings(recs),
+                          supervisions=SupervisionSet.from_segments(sups)).to_file(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, tiny_exp):
+    """(gen dir, sessions.jsonl, truth) after stage 4 (pseudo-labels) with the overfitted model."""
+    from fl_lib.adapt.pseudo import pseudo_label
+
+    tmp = tmp_path_factory.mktemp("pseudo")
+    exp, _ = tiny_exp  # overfitted on UTTS: the sessions' heard sentences, same voices
+    sessions = split_sessions(_session_cuts(tmp), tmp / "sessions", adapt_fraction=0.8, seed=0)
+    decode = tmp / "decode.yaml"
+    decode.write_text(yaml.safe_dump({"beam_size": 4, "ctc_weight": 1.0, "lm_weight": 0.0, "nbest": 1}))
+    gen = tmp / "gen1"
+    pseudo_label(sessions, exp, "valid.acc.best.pth", decode, gen / "labels", nj=1)
+    return gen, sessions, tmp / "sessions/truth/adapt_text"
+
+
+def test_pseudo_labels_carry_hypotheses_beam_scores_and_ctc_posteriors(labelled):
+    import kaldiio
+
+    gen, _, truth = labelled
+    rows = [json.loads(line) for line in (gen / "labels/hyps.jsonl").read_text().splitlines()]
+    assert len(rows) == len(truth.read_text().splitlines()) == 8  # 4 of 5 utterances of 2 sessions
+    mats = kaldiio.load_scp(str(gen / "labels/logp.scp"))
+    for row in rows:
+        logp = torch.from_numpy(mats[row["utt_id"]])
+        assert logp.shape[0] == row["num_frames"]
+        assert torch.allclose(logp.exp().sum(-1), torch.ones(logp.shape[0]), atol=1e-4)  # a log-softmax
+        assert row["score"] < 0 and row["session"] in UTTS
+
+
+@pytest.mark.parametrize("method", ["k2", "beam_score"])
+def test_filtering_keeps_more_accurate_labels_than_all(labelled, method, tmp_path):
+    from fl_lib.adapt.select import read_text_table
+    from fl_lib.bin.confidence import compute_confidence
+
+    gen, sessions, truth = labelled
+    work = tmp_path / "gen1"
+    (work / "labels").mkdir(parents=True)
+    for name in ("hyps.jsonl", "logp.scp", "logp.ark"):
+        (work / "labels" / name).symlink_to(gen / "labels" / name)
+    used = compute_confidence(method, work / "labels/hyps.jsonl", work / "labels/logp.scp",
+                              work / "labels/confidence.jsonl", str(K2_PYTHON))
+    assert used == method
+    conf = AdaptConfig(confidence=method, filter="top_fraction", top_fraction=0.5)
+    select_labels(sessions, conf, work / "clients", work / "labels/hyps.jsonl", work / "labels/confidence.jsonl")
+    scores = label_wer(work, read_text_table(truth))
+    wer_all, wer_kept = scores["all"]["percent"]["Err"], scores["kept"]["percent"]["Err"]
+    assert scores["num_kept"] < scores["num_all"]
+    assert wer_kept < wer_all, (wer_kept, wer_all)
+
+
+def test_k2_confidence_falls_back_to_the_beam_score_loudly(labelled, tmp_path, caplog):
+    from fl_lib.bin.confidence import compute_confidence
+
+    gen, _, _ = labelled
+    out = tmp_path / "confidence.jsonl"
+    used = compute_confidence("k2", gen / "labels/hyps.jsonl", gen / "labels/logp.scp", out,
+                              str(tmp_path / "no-venv-k2/bin/python"))
+    assert used == "beam_score"
+    assert "FALLING BACK to ESPnet's length-normalized beam score" in caplog.text
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"beam_score"}
+
+
+def test_k2_posterior_agrees_with_the_ctc_prefix_beam_score(labelled, tmp_path):
+    """With a CTC-only model, ESPnet's final beam score is log P(hyp | audio) too: the two must agree."""
+    from fl_lib.bin.confidence import compute_confidence
+
+    gen, _, _ = labelled
+    compute_confidence("k2", gen / "labels/hyps.jsonl", gen / "labels/logp.scp", tmp_path / "k2.jsonl",
+                       str(K2_PYTHON))
+    k2_rows = {r["utt_id"]: r for r in map(json.loads, (tmp_path / "k2.jsonl").read_text().splitlines())}
+    for row in map(json.loads, (gen / "labels/hyps.jsonl").read_text().splitlines()):
+        assert k2_rows[row["utt_id"]]["log_posterior"] == pytest.approx(row["score"], abs=1e-2)
+
+
+def test_seed_without_experiment_or_with_another_token_list_fails_before_decoding(labelled, tmp_path,
+                                                                                   tiny_tokens):
+    """import_seed (stage 3) says what to run, or names the mismatch; no decoding starts."""
+    from fl_lib.adapt.seed import SeedError, import_seed
+
+    with pytest.raises(SeedError, match="librispeech_fl"):
+        import_seed(None, "valid.acc.best.pth", tmp_path / "a")
+    with pytest.raises(SeedError, match="config.yaml missing"):
+        import_seed(tmp_path / "nowhere", "valid.acc.best.pth", tmp_path / "b")
+    bpemodel, token_list = tiny_tokens
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    tokens = token_list.read_text().split()
+    (seed / "asr_config.yaml").write_text("encoder: rnn\n")
+    state = {"ctc.ctc_lo.weight": torch.zeros(len(tokens) + 3, 4)}
+    torch.save(state, seed / "valid.acc.best.pth")
+    (seed / "config.yaml").write_text(yaml.safe_dump({"token_list": tokens, "bpemodel": str(bpemodel)}))
+    with pytest.raises(SeedError, match=f"{len(tokens) + 3} outputs but its token list has {len(tokens)}"):
+        import_seed(seed, "valid.acc.best.pth", tmp_path / "c")
+    short = [t for t in tokens if t not in ("A", "E")]
+    torch.save({"ctc.ctc_lo.weight": torch.zeros(len(short), 4)}, seed / "valid.acc.best.pth")
+    (seed / "config.yaml").write_text(yaml.safe_dump({"token_list": short, "bpemodel": str(bpemodel)}))
+    with pytest.raises(SeedError, match="another token list"):
+        import_seed(seed, "valid.acc.best.pth", tmp_path / "d")
+    assert not (tmp_path / "d/model.pth").exists()

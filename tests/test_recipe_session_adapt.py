@@ -1,0 +1,104 @@
+"""End-to-end smoke test of egs/session_adapt/run.sh (stages 0-8) on tiny settings.
+
+The seed comes from a tiny run of the librispeech_fl recipe, as a user's would.
+A second run from a corpus whose session transcripts are garbage must give the
+same adapted model: stages 1-7 never read the adaptation truth.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "egs/session_adapt"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def run(cmd, cwd=RECIPE):
+    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
+    return proc, proc.stdout + proc.stderr
+
+
+def test_run_sh_help_lists_every_option_with_its_default():
+    script = (RECIPE / "run.sh").read_text()
+    head = script.split("help_message=", 1)[0]
+    defaults = [(n, v.strip('"')) for n, v in re.findall(r'^([a-z_]+)=("[^"]*"|\S*)', head, re.M)]
+    proc, _ = run(["./run.sh", "--help"])
+    assert proc.returncode == 0, proc.stderr
+    assert len(defaults) > 15
+    for name, value in defaults:
+        line = re.search(rf"^  --{name} .*$", proc.stderr, re.M)
+        assert line, name
+        assert line.group(0).endswith(f'(default="{value}")'), line.group(0)
+
+
+@pytest.fixture(scope="module")
+def seed_exp(tmp_path_factory) -> Path:
+    """A tiny seed from the librispeech_fl recipe (stages 0-5), trained just enough to emit characters."""
+    tmp = tmp_path_factory.mktemp("seed")
+    proc, out = run(["./run.sh", "--stage", "0", "--stop_stage", "5", "--corpus_config", "conf/corpus_tiny.yaml",
+                     "--min_utts", "1", "--data", str(tmp / "data"), "--exp", str(tmp / "exp"), "--tag", "seed",
+                     "--client_jobs", "1", "--fl_args", SEED_FL_ARGS], cwd=REPO / "egs/librispeech_fl")
+    assert proc.returncode == 0, out[-4000:]
+    return tmp / "exp/seed"
+
+
+SEED_FL_ARGS = "rounds=3 clients_per_round=4 client.max_steps=25 client.lr=0.004 client.max_duration=15"
+ADAPT = ["--corpus_config", "conf/corpus_tiny.yaml", "--nj", "1", "--client_jobs", "1",
+         "--fl_args", "rounds=2 client.max_steps=2", "--seed_model", "latest.pth"]
+
+
+def test_missing_seed_fails_before_any_decoding(tmp_path):
+    proc, out = run(["./run.sh", "--stage", "3", "--stop_stage", "8", "--seed_exp", str(tmp_path / "none"),
+                     "--data", str(tmp_path / "data"), "--exp", str(tmp_path / "exp")])
+    assert proc.returncode != 0
+    assert "Stage 4" not in out
+    assert "config.yaml missing" in out and "cd ../librispeech_fl && ./run.sh --stage 0 --stop_stage 5" in out
+
+
+def test_session_adapt_stages_0_to_8_and_the_truth_is_never_read(seed_exp, tmp_path):
+    data, exp = tmp_path / "data", tmp_path / "exp"
+    proc, out = run(["./run.sh", "--stage", "0", "--stop_stage", "8", "--seed_exp", str(seed_exp),
+                     "--data", str(data), "--exp", str(exp), "--tag", "smoke", *ADAPT])
+    assert proc.returncode == 0, out[-4000:]
+    for stage in range(9):
+        assert f"Stage {stage}" in out
+    assert "FALLING BACK" not in out  # the k2 environment ran stage 5
+    sessions = [json.loads(line) for line in (data / "sessions/test-other/sessions.jsonl").read_text().splitlines()]
+    assert len(sessions) == 3
+    confidence = (exp / "smoke/gen1/confidence.jsonl").read_text().splitlines()
+    assert {json.loads(line)["method"] for line in confidence} == {"k2"}
+    results = (exp / "smoke/RESULTS.md").read_text()
+    assert "|session|adapt utts|test utts|seed WER|adapted WER|WERR %|" in results
+    for s in sessions:
+        assert f"|{s['id']}|{s['num_adapt']}|{s['num_test']}|" in results
+    assert "mean over sessions" in results and "WER kept" in results
+    summary = json.loads((exp / "smoke/summary.json").read_text())
+    assert summary["pseudo_labels"][0]["num_all"] == sum(s["num_adapt"] for s in sessions)
+
+    # The same sessions with garbage transcripts: stages 1-7 must produce the same adapted model.
+    garbage = tmp_path / "garbage/LibriSpeech"
+    shutil.copytree(data / "corpus/LibriSpeech", garbage)
+    for trans in (garbage / "test-other").rglob("*.trans.txt"):
+        lines = [line.split(" ", 1)[0] + " ZZZ QQQ GARBAGE\n" for line in trans.read_text().splitlines()]
+        trans.write_text("".join(lines))
+    proc, out = run(["./run.sh", "--stage", "1", "--stop_stage", "7", "--seed_exp", str(seed_exp),
+                     "--corpus_dir", str(garbage), "--data", str(tmp_path / "data2"), "--exp", str(tmp_path / "exp2"),
+                     "--tag", "smoke", *ADAPT])
+    assert proc.returncode == 0, out[-4000:]
+    assert "GARBAGE" in (tmp_path / "data2/sessions/test-other/truth/adapt_text").read_text()
+    hyps = [e / "seed/decode_asr_ctc/labels_test-other/hyps.jsonl" for e in (exp, tmp_path / "exp2")]
+    texts = [[(r["utt_id"], r["text"]) for r in map(json.loads, h.read_text().splitlines())] for h in hyps]
+    assert texts[0] == texts[1]
+    models = [torch.load(e / "smoke/gen1/fl/latest.pth", map_location="cpu") for e in (exp, tmp_path / "exp2")]
+    assert models[0].keys() == models[1].keys()
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+    seed = torch.load(exp / "seed/model.pth", map_location="cpu")
+    assert any(not torch.equal(seed[k], models[0][k]) for k in seed)  # adaptation did change the model
