@@ -12,7 +12,6 @@ with the recipe's Adam at lr 2e-3): the optimizer amplifies, the reduction does 
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess

@@ -13,7 +13,6 @@ import argparse
 import logging
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from fl_lib.confidence.tables import METHODS

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Dict, Iterable, List
+
+from ..atomic import atomic_path  # stdlib only: importable in .venv-k2 too
 
 METHODS = ("k2", "beam_score")
 
@@ -27,12 +28,9 @@ def read_jsonl(path: Path) -> List[dict]:
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     """Written beside the target and renamed, so a killed run never leaves half a table."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(Path(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def per_token(log_posterior: float, num_tokens: int) -> float:
