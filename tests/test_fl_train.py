@@ -162,7 +162,8 @@ def test_fedprox_pulls_each_step_back_by_mu(fl_data, conformer_config, tmp_path)
     from fl_lib.fl.client import LocalTrainer
 
     lr, mu = 0.05, 0.5
-    overrides = ["client.optim=sgd", f"client.lr={lr}", "client.grad_clip=1000000000.0", "client.max_steps=2", f"strategy.mu={mu}"]
+    overrides = ["client.optim=sgd", f"client.lr={lr}", "client.grad_clip=1000000000.0", "client.max_steps=2", f"strategy.mu={mu}",
+                 "client.warmup_steps=0"]  # both steps at lr η
     server = build_server(fl_data, tmp_path, "fl_fedprox.yaml", overrides, asr_config=conformer_config)
     trainer = server.clients_executor.trainer
     one_step = LocalTrainer(build_asr_model(server.args), server.args, replace(server.conf.client, max_steps=1), trainer.make_batches, trainer.seed)
