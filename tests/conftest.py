@@ -89,12 +89,12 @@ UTTS = {  # speaker: (voice, sentences)
 }
 
 
-def _cuts(tmp: Path) -> Path:
-    """Four flite utterances from two voices as a Lhotse CutSet manifest."""
+def flite_cuts(tmp: Path, utts: dict, name: str) -> Path:
+    """A Lhotse CutSet manifest of flite utterances, `utts` = {speaker: (voice, sentences)}."""
     from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
 
     recs, sups = [], []
-    for spk, (voice, sentences) in UTTS.items():
+    for spk, (voice, sentences) in utts.items():
         for i, text in enumerate(sentences):
             utt = f"{spk}-0-{i:04d}"
             wav = tmp / f"{utt}.wav"
@@ -103,10 +103,15 @@ def _cuts(tmp: Path) -> Path:
             recs.append(rec)
             sups.append(SupervisionSegment(id=utt, recording_id=utt, start=0.0, duration=rec.duration,
                                            text=text, speaker=spk))
-    path = tmp / "cuts.jsonl.gz"
+    path = tmp / name
     CutSet.from_manifests(recordings=RecordingSet.from_recordings(recs),
                           supervisions=SupervisionSet.from_segments(sups)).to_file(path)
     return path
+
+
+def _cuts(tmp: Path) -> Path:
+    """Four flite utterances from two voices as a Lhotse CutSet manifest."""
+    return flite_cuts(tmp, UTTS, "cuts.jsonl.gz")
 
 
 def _tiny_exp(exp: Path, cuts_path: Path) -> None:

@@ -8,14 +8,13 @@ the right ones, so the kept labels are more accurate than all of them.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import UTTS
+from conftest import UTTS, flite_cuts
 
 from fl_lib.adapt.config import AdaptConfig
 from fl_lib.adapt.results import label_wer
@@ -30,22 +29,8 @@ UNSEEN = {"slt": ["CLOSE THE RADIO", "TURN ON THE DOOR", "OPEN THE LIGHTS"],
 
 def _session_cuts(tmp: Path) -> Path:
     """Each speaker's heard and unheard sentences, one session per speaker."""
-    from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
-
-    recs, sups = [], []
-    for spk, (voice, heard) in UTTS.items():
-        for i, text in enumerate(heard + UNSEEN[spk]):
-            utt = f"{spk}-0-{i:04d}"
-            wav = tmp / f"{utt}.wav"
-            subprocess.run(["flite", "-voice", voice, "-t", text, "-o", str(wav)], check=True)
-            rec = Recording.from_file(wav, recording_id=utt)
-            recs.append(rec)
-            sups.append(SupervisionSegment(id=utt, recording_id=utt, start=0.0, duration=rec.duration,
-                                           text=text, speaker=spk))
-    path = tmp / "sessions_cuts.jsonl.gz"
-    CutSet.from_manifests(recordings=RecordingSet.from_recordings(recs),
-                          supervisions=SupervisionSet.from_segments(sups)).to_file(path)
-    return path
+    utts = {spk: (voice, heard + UNSEEN[spk]) for spk, (voice, heard) in UTTS.items()}
+    return flite_cuts(tmp, utts, "sessions_cuts.jsonl.gz")
 
 
 @pytest.fixture(scope="module")

@@ -29,17 +29,13 @@ def _label_cut(cut) -> tuple[dict, Any]:
     """
     import torch
 
-    from fl_lib.asr.decode import worker_model
+    from fl_lib.asr.decode import mono_audio, worker_model
 
     s2t, fs = worker_model()
-    if cut.sampling_rate != fs:
-        cut = cut.resample(fs)
-    audio = cut.load_audio()
-    if audio.shape[0] != 1:
-        raise ValueError(f"cut {cut.id} has {audio.shape[0]} channels; the ASR model takes mono")
+    audio = mono_audio(cut, fs)
     start = time.perf_counter()
     with torch.no_grad():
-        speech = torch.from_numpy(audio[0]).unsqueeze(0)
+        speech = torch.from_numpy(audio).unsqueeze(0)
         enc, enc_lens = s2t.asr_model.encode(speech, speech.new_full([1], speech.shape[1], dtype=torch.long))
         text, _, token_int, hyp = s2t._decode_single_sample(enc[0])[0]
         logp = s2t.asr_model.ctc.log_softmax(enc)[0, : int(enc_lens[0])]

@@ -95,20 +95,26 @@ def worker_model():
     return _WORKER["s2t"], _WORKER["fs"]
 
 
+def mono_audio(cut, fs: int):
+    """The cut's samples at the model's rate `fs`, one channel (1-D numpy array)."""
+    if cut.sampling_rate != fs:
+        cut = cut.resample(fs)
+    audio = cut.load_audio()
+    if audio.shape[0] != 1:
+        raise ValueError(f"cut {cut.id} has {audio.shape[0]} channels; the ASR model takes mono")
+    return audio[0]
+
+
 def _decode_cut(cut) -> Hypothesis:
     import torch
 
     s2t, fs = worker_model()
     if not cut.supervisions:
         raise ValueError(f"cut {cut.id} has no supervision: nothing to score against")
-    if cut.sampling_rate != fs:
-        cut = cut.resample(fs)
-    audio = cut.load_audio()
-    if audio.shape[0] != 1:
-        raise ValueError(f"cut {cut.id} has {audio.shape[0]} channels; the ASR model takes mono")
+    audio = mono_audio(cut, fs)
     start = time.perf_counter()
     with torch.no_grad():
-        text = s2t(torch.from_numpy(audio[0]))[0][0]
+        text = s2t(torch.from_numpy(audio))[0][0]
     sup = cut.supervisions[0]
     return Hypothesis(
         utt_id=cut.id, speaker=sup.speaker or cut.id, ref=sup.text or "", hyp=text,
