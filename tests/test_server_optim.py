@@ -155,10 +155,12 @@ def shipped_configs():
     """(name, config path, overrides) of every recipe FL config and every benchmark run."""
     recipe = ROOT / "egs/librispeech_fl"
     runs = [(p.name, p, []) for p in sorted((recipe / "conf").glob("fl_*.yaml"))]
-    bench = yaml.safe_load((ROOT / "bench/convergence.yaml").read_text())
-    common = [f"{k}={v}" for k, v in bench["common"].items()]
-    for method, spec in bench["methods"].items():
-        runs += [(f"bench-{method}-{lr}", recipe / spec["fl_config"], [*common, f"{spec['lr_key']}={lr}"]) for lr in spec["lrs"]]
+    for study in sorted((ROOT / "bench").glob("convergence*.yaml")):
+        bench = yaml.safe_load(study.read_text())
+        common = [f"{k}={v}" for k, v in bench["common"].items()]
+        for method, spec in bench["methods"].items():
+            runs += [(f"{study.stem}-{method}-{lr}", recipe / spec["fl_config"], [*common, f"{spec['lr_key']}={lr}"])
+                     for lr in spec["lrs"]]
     return runs
 
 
