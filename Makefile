@@ -38,8 +38,10 @@ $(VENV_K2)/.installed: requirements-k2.txt
 demo: install
 	cd egs/librispeech_fl && ./run.sh --stage 0 --stop_stage 6
 
+# Two pytest workers, one per core (tests run single-threaded); a file's tests share one worker
+# and so its module fixtures.
 test: install
-	$(VENV)/bin/python -m pytest -x -q tests
+	$(VENV)/bin/python -m pytest -x -q -n 2 --dist loadfile tests
 
 bench: install
 	$(VENV)/bin/python bench/split_clients.py

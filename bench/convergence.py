@@ -224,13 +224,16 @@ def main() -> None:
         return fl_train_command(cfg, recipe, listings[fed], methods[m], lr, seed, exp(fed, m, lr, seed)), exp(fed, m, lr, seed)
 
     grid = [(m, lr) for m, spec in methods.items() for lr in spec["lrs"]]
+    tuning = [("clean", m, lr, tune_seed) for m, lr in grid]
+    chosen = all(len(spec["lrs"]) == 1 for spec in methods.values())  # nothing to tune: one pool keeps both cores busy
     if not args.report_only:
-        run_all([job("clean", m, lr, tune_seed) for m, lr in grid], cfg["parallel_jobs"])
+        every = tuning + [(fed, m, lr, s) for fed in listings for m, lr in grid for s in seeds] if chosen else tuning
+        run_all([job(*r) for r in dict.fromkeys(every)], cfg["parallel_jobs"])
     grid_dev = {m: {lr: metrics(exp("clean", m, lr, tune_seed))[-1]["dev_wer"] for lr in spec["lrs"]} for m, spec in methods.items()}
     best = {m: min(by_lr, key=by_lr.get) for m, by_lr in grid_dev.items()}
     report_runs = [(fed, m, best[m], s) for fed in listings for m in methods for s in seeds]
-    if not args.report_only:
-        run_all([job(*r) for r in report_runs if not (r[0] == "clean" and r[3] == tune_seed)], cfg["parallel_jobs"])
+    if not args.report_only and not chosen:
+        run_all([job(*r) for r in report_runs if r not in tuning], cfg["parallel_jobs"])
 
     test_cuts = recipe / cfg["test_cuts"]
     curves = {exp(*r): test_curve(exp(*r), recipe, test_cuts) for r in report_runs}

@@ -89,6 +89,17 @@ def test_resolve_model_ranks_by_dev_acc(tmp_path):
         resolve_model(tmp_path, "missing.pth")
 
 
+def test_centralized_epoch_checkpoints_average_like_rounds(tmp_path):
+    """The centralized reference keeps <N>epoch.pth and logs `epoch`: valid.acc.ave ranks and averages them too."""
+    for e, value in ((5, 0.0), (6, 10.0), (7, 20.0)):
+        torch.save({"w": torch.tensor([value])}, tmp_path / f"{e}epoch.pth")
+    rows = [{"epoch": 5, "dev_acc": None, "dev_loss": 3.0}, {"epoch": 6, "dev_acc": None, "dev_loss": 1.0},
+            {"epoch": 7, "dev_acc": None, "dev_loss": 2.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert torch.load(resolve_model(tmp_path, "valid.acc.ave_2best.pth"))["w"].item() == 15.0  # epochs 6 and 7
+    assert torch.load(resolve_model(tmp_path, "valid.acc.ave"))["w"].item() == 10.0
+
+
 def test_ctc_only_rounds_rank_by_dev_loss_as_the_best_model_does(tmp_path):
     """A CTC-only model reports no accuracy: averaging ranks by −dev_loss, the criterion that
     picks valid.acc.best.pth, not by recency."""

@@ -2,6 +2,8 @@
 
 As ESPnet's `keep_nbest_models`, the trainer keeps the `<N>round.pth` of the N best
 rounds by the dev criterion (`round_score`), and averaging takes the N best of those.
+The centralized reference keeps `<N>epoch.pth` files and logs `epoch` in metrics.jsonl;
+they are averaged the same way, so `--inference_model valid.acc.ave` decodes both.
 The criterion is the one `valid.acc.best.pth` is chosen by: dev accuracy, or minus
 the dev loss for a model that reports no accuracy (CTC-only), so "best" and
 "average" never disagree on what good means.
@@ -27,13 +29,13 @@ from ..atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
-ROUND_CKPT = re.compile(r"^(\d+)round\.pth$")
+ROUND_CKPT = re.compile(r"^(\d+)(?:round|epoch)\.pth$")
 AVE_NAME = re.compile(r"^valid\.acc\.ave(?:_(\d+)best)?(?:\.pth)?$")
 ALIASES = {"best": "valid.acc.best.pth", "latest": "latest.pth", "ave": "valid.acc.ave.pth"}
 
 
 def round_checkpoints(exp_dir: Path) -> dict[int, Path]:
-    """{round: path} of the `<N>round.pth` files kept in exp_dir."""
+    """{round: path} of the `<N>round.pth` (or the centralized `<N>epoch.pth`) files kept in exp_dir."""
     found = {int(m.group(1)): p for p in exp_dir.iterdir() if (m := ROUND_CKPT.match(p.name))}
     return dict(sorted(found.items()))
 
@@ -53,7 +55,7 @@ def round_scores(exp_dir: Path) -> dict[int, float]:
         return {}
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return {r["round"]: s for r in rows if (s := round_score(r)) is not None}
+    return {r.get("round", r.get("epoch")): s for r in rows if (s := round_score(r)) is not None}
 
 
 def rank_rounds(rounds: Iterable[int], scores: dict[int, float]) -> list[int]:
@@ -66,7 +68,7 @@ def select_checkpoints(exp_dir: Path, nbest: Optional[int]) -> dict[int, Path]:
     `round_score`; every kept round when nbest is None."""
     ckpts = round_checkpoints(exp_dir)
     if not ckpts:
-        raise FileNotFoundError(f"no <N>round.pth checkpoints in {exp_dir} to average")
+        raise FileNotFoundError(f"no <N>round.pth or <N>epoch.pth checkpoints in {exp_dir} to average")
     scores = round_scores(exp_dir)
     if not all(r in scores for r in ckpts):
         logger.warning("metrics.jsonl has no dev score for some kept rounds: they rank after the validated ones")
