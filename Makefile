@@ -39,9 +39,9 @@ demo: install
 	cd egs/librispeech_fl && ./run.sh --stage 0 --stop_stage 6
 
 # Two pytest workers, one per core (tests run single-threaded); a file's tests share one worker
-# and so its module fixtures.
+# and so its module fixtures; files start in collection order, slowest first (tests/conftest.py).
 test: install
-	$(VENV)/bin/python -m pytest -x -q -n 2 --dist loadfile tests
+	$(VENV)/bin/python -m pytest -x -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 bench: install
 	$(VENV)/bin/python bench/split_clients.py
