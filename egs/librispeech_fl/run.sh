@@ -31,7 +31,7 @@ max_duration=20.0
 token_type=char                    # sentencepiece model type: char, bpe or unigram
 vocab_size=0                       # 0: whatever the model type needs (char)
 asr_config=conf/train_asr_conformer_ctc.yaml
-fl_config=conf/fl_dga_sgd.yaml
+fl_config=conf/fl_fedavg.yaml
 fl_args=                           # key=value overrides of fl_config, e.g. "rounds=5 strategy.beta=2"
 tag=                               # experiment name; default from the configs
 inference_config=conf/decode_asr_ctc.yaml

@@ -10,7 +10,7 @@
 # written without transcripts, and a test part; the adaptation truth sits in
 # data/sessions/<part>/truth/ and only stage 8 (and the oracle ablation) reads it.
 #
-#   ./run.sh --seed_exp ../librispeech_fl/exp/fl_dga_sgd_train_asr_conformer_ctc
+#   ./run.sh --seed_exp ../librispeech_fl/exp/fl_fedavg_train_asr_conformer_ctc
 #   ./run.sh --stage 4 --seed_exp ... --adapt_config conf/adapt_beam.yaml     # an ablation run
 #   ./run.sh --stage 4 --seed_exp ... --adapt_args "top_fraction=0.3" --fl_args "rounds=20"
 #
@@ -28,7 +28,7 @@ session_part=test-other           # the part whose speakers are the sessions
 adapt_fraction=0.7                # share of each session's utterances to adapt on; the rest is its test part
 min_duration=0.5
 max_duration=20.0
-seed_exp=                         # the seed's experiment dir, e.g. ../librispeech_fl/exp/fl_dga_sgd_train_asr_conformer_ctc
+seed_exp=                         # the seed's experiment dir, e.g. ../librispeech_fl/exp/fl_fedavg_train_asr_conformer_ctc
 seed_model=valid.acc.best.pth     # weights in seed_exp
 inference_config=conf/decode_asr_ctc.yaml
 adapt_config=conf/adapt.yaml      # labels, confidence, filter, generations
