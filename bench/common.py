@@ -66,29 +66,33 @@ def write_bench_model_files(out_dir: Path) -> tuple[Path, Path]:
     return conf, tokens
 
 
-def tiny_data(work_dir: Path, utts_per_client: int | None = None, speakers: int | None = None) -> dict:
+def tiny_data(work_dir: Path, utts_per_client: int | None = None, speakers: int | None = None,
+              asr_config: Path | None = None) -> dict:
     """Stages 0-4 on the tiny synthesized corpus, through the library calls; cached in `work_dir`.
 
     `utts_per_client` overrides the tiny config's 6-10 training utterances per
-    speaker (about 2.5 s each), `speakers` its 4 training speakers (= clients). Returns {clients, token_list, bpemodel, feats_stats, asr_config}.
+    speaker (about 2.5 s each), `speakers` its 4 training speakers (= clients).
+    `asr_config` (default: the recipe's RNN) fixes the frontend the feature statistics
+    are computed with, so they match its mel bins. Returns {clients, token_list,
+    bpemodel, feats_stats, asr_config}.
     """
     import dataclasses
 
     work_dir = Path(work_dir)
     done = work_dir / "tiny_data.json"
-    wanted = {"utts_per_client": utts_per_client, "speakers": speakers}
+    asr_config = Path(asr_config) if asr_config else CONF_DIR / "train_asr_rnn_small.yaml"
+    wanted = {"utts_per_client": utts_per_client, "speakers": speakers, "asr_config": str(asr_config.resolve())}
     if done.is_file():
         cached = json.loads(done.read_text())
         if cached.pop("built_with", None) == wanted:
             return {k: Path(v) for k, v in cached.items()}
-        raise ValueError(f"{work_dir} holds data built with other sizes; use another --work_dir")
+        raise ValueError(f"{work_dir} holds data built with other settings; use another --work_dir")
     from fl_lib.corpus.synthesize import CorpusConfig, synthesize_corpus
     from fl_lib.data.clients import split_clients
     from fl_lib.data.manifests import prepare_manifests
     from fl_lib.data.tokenizer import train_tokenizer_from_clients
     from fl_lib.features.stats import federated_feats_stats
 
-    asr_config = CONF_DIR / "train_asr_rnn_small.yaml"
     root = work_dir / "corpus" / "LibriSpeech"
     corpus_conf = CorpusConfig.tiny(seed=0)
     if utts_per_client:

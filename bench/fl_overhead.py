@@ -62,8 +62,8 @@ def setup(opts):
     from fl_lib.data.tokenizer import Tokenizer
     from fl_lib.fl.config import FLConfig
 
-    data = common.tiny_data(Path(opts.work_dir), opts.utts_per_client, opts.speakers)
-    asr_config = Path(opts.asr_config) if opts.asr_config else data["asr_config"]
+    data = common.tiny_data(Path(opts.work_dir), opts.utts_per_client, opts.speakers, opts.asr_config)
+    asr_config = data["asr_config"]
     args = build_asr_args(asr_config, data["token_list"], data["bpemodel"], data["feats_stats"])
     torch.manual_seed(opts.seed)
     model = build_asr_model(args)
