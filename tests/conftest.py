@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,19 @@ def tiny_exp(tmp_path_factory) -> tuple[Path, Path]:
     cuts = _cuts(tmp)
     _tiny_exp(tmp / "exp", cuts)
     return tmp / "exp", cuts
+
+
+def tiny_lm_config(tmp_path: Path) -> Path:
+    """The recipe's LM config, shrunk for tests."""
+    conf = yaml.safe_load((CONF / "train_lm_rnn.yaml").read_text())
+    conf["lm_conf"]["unit"] = 32
+    conf.update(max_epoch=2, batch_size=16)
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+def train_lm_cli(*args) -> subprocess.CompletedProcess:
+    """`python -m fl_lib.bin.train_lm ARGS`, as run.sh stage 4 calls it."""
+    return subprocess.run([sys.executable, "-m", "fl_lib.bin.train_lm", *map(str, args)],
+                          cwd=CONF.parents[2], capture_output=True, text=True)

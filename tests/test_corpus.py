@@ -12,7 +12,7 @@ import soundfile as sf
 
 from fl_lib.corpus import voices
 from fl_lib.corpus.grammar import CATEGORIES, partition_of, vocabulary
-from fl_lib.corpus.synthesize import SUBSETS, CorpusConfig, make_plan, make_speakers, synthesize_corpus
+from fl_lib.corpus.synthesize import LM_TEXT, SUBSETS, CorpusConfig, make_plan, make_speakers, synthesize_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS_YAML = REPO / "egs/librispeech_fl/conf/corpus.yaml"
@@ -81,6 +81,17 @@ def test_eval_sentences_unseen_in_training(tiny_corpus: Path) -> None:
     assert not train & dev and not train & test and not dev & test
     eval_fraction = CorpusConfig.tiny().eval_fraction
     assert {partition_of(t, eval_fraction) for t in dev} == {"dev"}
+
+
+def test_lm_text_holds_training_sentences_only(tiny_corpus: Path) -> None:
+    """The LM corpus, like LibriSpeech's, never holds a dev or test sentence."""
+    lines = (tiny_corpus / LM_TEXT).read_text().splitlines()
+    config = CorpusConfig.tiny()
+    assert len(lines) == config.lm_sentences
+    assert {partition_of(t, config.eval_fraction) for t in lines} == {"train"}
+    evals = set(transcripts(tiny_corpus, "dev-clean").values()) | set(transcripts(tiny_corpus, "test-clean").values())
+    assert not evals & set(lines)
+    assert set(" ".join(lines).split()) <= vocabulary() and len(set(lines)) > 100
 
 
 def test_speaker_splits(tiny_corpus: Path) -> None:

@@ -10,6 +10,8 @@ import pytest
 import torch
 import yaml
 
+from conftest import tiny_lm_config, train_lm_cli
+
 from fl_lib.asr.average import average_state_dicts, resolve_model, round_checkpoints
 from fl_lib.asr.decode import decode_cuts, load_inference_config
 
@@ -52,6 +54,32 @@ def test_nj2_equals_nj1(tiny_exp, tmp_path):
     assert score["wer"]["counts"]["Wrd"] == 14
     assert score["wer"]["counts"]["Corr"] == 14, "the overfitted model must read all four utterances"
     assert "|dataset|Snt|Wrd|Corr|Sub|Del|Ins|Err|S.Err|" in (out / "result.txt").read_text()
+
+
+def test_an_lm_steers_decoding(tiny_exp, tmp_path):
+    """fl_lib.bin.train_lm trains an ESPnet LM that decoding then uses. The tiny model reads
+    all four cuts right without an LM (the fixture checks it); an LM that only knows
+    OPEN THE DOOR, at weight 10, must pull every hypothesis towards that sentence."""
+    exp, cuts = tiny_exp
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("\n".join(yaml.safe_load((exp / "config.yaml").read_text())["token_list"]) + "\n")
+    text = tmp_path / "lm.txt"
+    text.write_text("OPEN THE DOOR\n" * 200)
+    lm = tmp_path / "lm"
+    args = ["--lm_config", tiny_lm_config(tmp_path), "--text", text, "--token_list", tokens, "--output_dir", lm]
+    proc = train_lm_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (lm / "valid.loss.best.pth").is_file() and (lm / "config.yaml").is_file()
+    again = train_lm_cli(*args)
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+
+    conf = tmp_path / "fused.yaml"
+    conf.write_text(yaml.safe_dump({"beam_size": 4, "ctc_weight": 1.0, "lm_weight": 10.0, "nbest": 1}))
+    score = decode_cuts(exp, "valid.acc.best.pth", conf, cuts, tmp_path / "fused",
+                        lm_train_config=lm / "config.yaml", lm_file=lm / "valid.loss.best.pth")
+    assert score["inference_config"]["lm_file"] == str(lm / "valid.loss.best.pth")
+    hyps = [line.split(" ", 1)[1] for line in (tmp_path / "fused/text").read_text().splitlines()]
+    assert len(hyps) == 4 and all(h.startswith("OPE") for h in hyps), hyps  # refs: TURN.., OPEN.., CLOSE..
 
 
 def test_average_is_mean(tmp_path):

@@ -10,6 +10,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "egs/librispeech_fl"
+LM_DECODE = "decode_asr_ctc_fusion_lm_lm_train_lm_rnn_valid.loss.best"  # asr.sh's name for a decoding with the LM
 
 
 def test_every_phony_makefile_target_has_a_rule():
@@ -56,14 +57,22 @@ def test_run_sh_stages_0_to_6(tmp_path):
     results = (exp / "smoke/RESULTS.md").read_text()
     for part in ("dev-clean", "test-clean", "test-other"):
         assert part in results
-        score = json.loads((exp / f"smoke/decode_asr_ctc_valid.acc.ave/{part}/score.json").read_text())
+        score = json.loads((exp / f"smoke/{LM_DECODE}_valid.acc.ave/{part}/score.json").read_text())
         assert score["wer"]["counts"]["Snt"] > 0
+        assert score["inference_config"]["lm_file"] == f"{exp}/lm_train_lm_rnn/valid.loss.best.pth"
+    # Stage 4's LM was trained on the embedded corpus's LM text, every sentence of it.
+    assert "Stage 4: ESPnet LM on" in proc.stdout
+    lm_data = exp / "lm_train_lm_rnn/data"
+    lm_lines = (lm_data / "train.txt").read_text().splitlines() + (lm_data / "valid.txt").read_text().splitlines()
+    corpus_lm = (data / "corpus/LibriSpeech/librispeech-lm-norm.txt").read_text().splitlines()
+    assert sorted(line.split(" ", 1)[1] for line in lm_lines) == sorted(corpus_lm) and len(corpus_lm) == 300
     assert "|Snt|Wrd|Corr|Sub|Del|Ins|Err|S.Err|" in results
     assert (exp / "smoke/images/dev_curve.png").exists()
     assert "federated training finished: 2 rounds" in (exp / "smoke/train.log").read_text()
     # Re-running finished stages is safe and quick (done markers / resume); --centralized true
     # adds the centralized reference, trained for the federated run's training time, and decodes both.
-    again = [*cmd[:-2], "--centralized", "true", "--inference_model", "valid.acc.best.pth"]
+    # --use_lm false decodes with the acoustic model alone; RESULTS.md then tables both decodings.
+    again = [*cmd[:-2], "--centralized", "true", "--inference_model", "valid.acc.best.pth", "--use_lm", "false"]
     again = subprocess.run(again, cwd=RECIPE, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "Stage 5: centralized reference" in again.stdout + again.stderr
@@ -72,4 +81,11 @@ def test_run_sh_stages_0_to_6(tmp_path):
     budget = yaml.safe_load((central / "centralized_config.yaml").read_text())["budget_minutes"]
     assert budget == pytest.approx(fl_minutes)
     for d in (exp / "smoke", central):
-        assert "test-other" in (d / "RESULTS.md").read_text()
+        assert "decode_asr_ctc_valid.acc.best/test-other" in (d / "RESULTS.md").read_text()
+    assert f"{LM_DECODE}_valid.acc.ave/test-other" in (exp / "smoke/RESULTS.md").read_text()
+
+
+def test_use_lm_with_a_corpus_dir_needs_lm_text(tmp_path):
+    proc = subprocess.run(["./run.sh", "--stage", "5", "--stop_stage", "5", "--corpus_dir", str(tmp_path),
+                           "--exp", str(tmp_path / "exp")], cwd=RECIPE, capture_output=True, text=True)
+    assert proc.returncode == 1 and "--use_lm true needs --lm_text" in proc.stdout + proc.stderr

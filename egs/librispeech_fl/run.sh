@@ -34,8 +34,12 @@ asr_config=conf/train_asr_conformer_ctc.yaml
 fl_config=conf/fl_fedavg.yaml
 fl_args=                           # key=value overrides of fl_config, e.g. "rounds=5 strategy.beta=2"
 tag=                               # experiment name; default from the configs
-inference_config=conf/decode_asr_ctc.yaml
+use_lm=true                        # stage 4 trains an ESPnet LM on lm_text; stage 6 decodes with it
+lm_config=conf/train_lm_rnn.yaml
+lm_text=                           # LM corpus, one sentence per line; empty: the embedded corpus's librispeech-lm-norm.txt
+inference_config=                  # empty: conf/decode_asr_ctc_fusion.yaml with the LM, conf/decode_asr_ctc.yaml without
 inference_model=valid.acc.best.pth
+inference_lm=valid.loss.best.pth
 client_jobs=2                      # processes that train a round's clients in parallel (per rank)
 nproc=1                            # torchrun ranks on this machine (> 1: fl_train runs under torchrun)
 dist_args=                         # more torchrun options, for several machines: "--nnodes 2 --rdzv_backend c10d ..."
@@ -67,8 +71,12 @@ Options:
   --fl_config          # federated config: rounds, strategy, optimizers (default="${fl_config}")
   --fl_args            # key=value overrides of fl_config, in quotes (default="${fl_args}")
   --tag                # experiment name; empty: from the configs (default="${tag}")
-  --inference_config   # ESPnet decoding config (default="${inference_config}")
+  --use_lm             # true: train an LM on --lm_text (stage 4) and decode with it (stage 6) (default="${use_lm}")
+  --lm_config          # ESPnet LM training config (default="${lm_config}")
+  --lm_text            # LM corpus, e.g. librispeech-lm-norm.txt.gz; empty: the embedded corpus's (default="${lm_text}")
+  --inference_config   # ESPnet decoding config; empty: decode_asr_ctc_fusion.yaml or decode_asr_ctc.yaml by --use_lm (default="${inference_config}")
   --inference_model    # file in exp/<tag>, or best, latest, valid.acc.ave[_<N>best].pth (default="${inference_model}")
+  --inference_lm       # the LM checkpoint to decode with (default="${inference_lm}")
   --client_jobs        # processes that train a round's clients in parallel, per rank (default="${client_jobs}")
   --nproc              # torchrun ranks on this machine; > 1 runs fl_train under torchrun (default="${nproc}")
   --dist_args          # more torchrun options, in quotes, e.g. --nnodes / --rdzv_* across machines (default="${dist_args}")
@@ -109,6 +117,17 @@ if [ -z "$tag" ]; then
   tag=$(basename "${fl_config%.*}")_$(basename "${asr_config%.*}")
 fi
 expdir=$exp/$tag
+lm_exp=$exp/lm_$(basename "${lm_config%.*}")
+if [ -z "$lm_text" ] && [ -z "$corpus_dir" ]; then
+  lm_text=$corpus/librispeech-lm-norm.txt
+fi
+if [ "$use_lm" = true ] && [ -z "$lm_text" ]; then
+  log "--use_lm true needs --lm_text with --corpus_dir (LibriSpeech's LM corpus: librispeech-lm-norm.txt.gz, openslr 11), or --use_lm false"
+  exit 1
+fi
+if [ -z "$inference_config" ]; then
+  if [ "$use_lm" = true ]; then inference_config=conf/decode_asr_ctc_fusion.yaml; else inference_config=conf/decode_asr_ctc.yaml; fi
+fi
 central_expdir=$exp/centralized_$(basename "${asr_config%.*}")
 decode_expdirs=$expdir
 if [ "$centralized" = true ]; then
@@ -160,6 +179,15 @@ if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
   python -m fl_lib.bin.train_tokenizer \
     --clients "$train_dir/clients.jsonl" \
     --token_type "$token_type" --vocab_size "$vocab_size" --output_dir "$token_dir"
+  if [ "$use_lm" = true ]; then
+    # As asr.sh's LM stages: the LM reads only the external LM text, never a client's transcripts.
+    log "Stage 4: ESPnet LM on $lm_text -> $lm_exp (log: $lm_exp/train.log)"
+    mkdir -p "$lm_exp"
+    python -m fl_lib.bin.train_lm --lm_config "$lm_config" --text "$lm_text" \
+      --token_list "$token_dir/tokens.txt" --bpemodel "$token_dir/bpe.model" \
+      --seed "$seed" --ngpu "$ngpu" --output_dir "$lm_exp" > "$lm_exp/train.log" 2>&1 \
+      || { tail -n 20 "$lm_exp/train.log"; exit 1; }
+  fi
 fi
 
 if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
@@ -193,16 +221,24 @@ fi
 
 if [ $stage -le 6 ] && [ $stop_stage -ge 6 ]; then
   # Named after the decoding config and the model, as in ESPnet: two decode configs never share a directory.
-  inference_tag=$(basename "${inference_config%.*}")_$(basename "${inference_model%.pth}")
+  # With the LM, asr.sh's naming: decode_<config>_lm_<lm exp>_<lm model>_<asr model>.
+  inference_tag=$(basename "${inference_config%.*}")
+  lm_args=()
+  if [ "$use_lm" = true ]; then
+    inference_tag+=_lm_$(basename "$lm_exp")_${inference_lm%.pth}
+    lm_args=(--lm_train_config "$lm_exp/config.yaml" --lm_file "$lm_exp/$inference_lm")
+  fi
+  inference_tag+=_$(basename "${inference_model%.pth}")
   for dir in $decode_expdirs; do
     log "Stage 6: decode and score $dev_set $test_sets of $dir with $inference_model -> $dir/$inference_tag"
     for part in $dev_set $test_sets; do
       python -m fl_lib.bin.decode --exp_dir "$dir" --model "$inference_model" \
         --inference_config "$inference_config" \
-        --cuts "$data/sets/${part}.jsonl.gz" --nj "$nj" --ngpu "$ngpu" \
+        --cuts "$data/sets/${part}.jsonl.gz" --nj "$nj" --ngpu "$ngpu" "${lm_args[@]}" \
         --output_dir "$dir/$inference_tag/$part"
     done
-    python -m fl_lib.bin.make_results --exp_dir "$dir" --decode_dir "$dir/$inference_tag"
+    # RESULTS.md tables every decoding of this experiment (with and without the LM, ...), as ESPnet's.
+    python -m fl_lib.bin.make_results --exp_dir "$dir" --decode_dir "$dir"/decode_*/
     log "Results: $dir/RESULTS.md"
   done
 fi

@@ -13,7 +13,7 @@ import logging
 import multiprocessing
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import yaml
 
@@ -167,6 +167,29 @@ def write_outputs(hyps: Sequence[Hypothesis], output_dir: Path, info: dict[str, 
     return summary
 
 
+def with_lm(decode: dict[str, Any], lm_train_config: Optional[Path], lm_file: Optional[Path]) -> dict[str, Any]:
+    """The decoding options with the LM given on the command line (asr.sh's --lm_train_config / --lm_file).
+
+    An LM with lm_weight 0, or lm_weight > 0 without an LM, would be ignored by
+    Speech2Text without a word: both are errors.
+    """
+    if (lm_train_config is None) != (lm_file is None):
+        raise ValueError("lm_train_config and lm_file go together")
+    if lm_train_config is not None:
+        if "lm_train_config" in decode or "lm_file" in decode:
+            raise ValueError("the LM is given twice: in the decoding config and on the command line")
+        for path in (lm_train_config, lm_file):
+            if not Path(path).is_file():
+                raise ValueError(f"LM file {path} does not exist")
+        decode = {**decode, "lm_train_config": str(lm_train_config), "lm_file": str(lm_file)}
+    has_lm, weight = "lm_file" in decode, decode.get("lm_weight", 1.0)
+    if has_lm and not weight:
+        raise ValueError("an LM is given but lm_weight is 0: use a decoding config with lm_weight > 0")
+    if weight and not has_lm and "lm_weight" in decode:
+        raise ValueError(f"lm_weight is {weight} but no LM is given (lm_train_config / lm_file)")
+    return decode
+
+
 def decode_cuts(
     exp_dir: Path,
     model: str,
@@ -175,6 +198,8 @@ def decode_cuts(
     output_dir: Path,
     nj: int = 1,
     device: str = "cpu",
+    lm_train_config: Optional[Path] = None,
+    lm_file: Optional[Path] = None,
 ) -> dict[str, Any]:
     """Decode and score one cut set (run.sh stage 6); returns what score.json holds."""
     from lhotse import load_manifest
@@ -188,7 +213,7 @@ def decode_cuts(
         raise FileNotFoundError(f"{config} missing: exp_dir must hold the training config.yaml")
     if nj < 1:
         raise ValueError(f"nj must be >= 1, got {nj}")
-    decode = load_inference_config(Path(inference_config))
+    decode = with_lm(load_inference_config(Path(inference_config)), lm_train_config, lm_file)
     model_path = resolve_model(exp_dir, model)
     cutset = load_manifest(cuts)
     settings = {"config": str(config), "model": str(model_path), "device": device, "decode": decode}

@@ -21,6 +21,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--inference_config", type=Path, required=True, help="ESPnet decode yaml")
     p.add_argument("--cuts", type=Path, required=True, help="Lhotse CutSet manifest (jsonl.gz)")
     p.add_argument("--output_dir", type=Path, required=True)
+    p.add_argument("--lm_train_config", type=Path, default=None, help="an ESPnet LM's config.yaml (fl_lib.bin.train_lm)")
+    p.add_argument("--lm_file", type=Path, default=None, help="that LM's checkpoint, e.g. valid.loss.best.pth")
     p.add_argument("--nj", type=int, default=1, help="parallel decoding processes")
     p.add_argument("--ngpu", type=int, default=0, help="0: decode on the CPU; 1: every worker on the GPU (an error without CUDA)")
     p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -37,8 +39,11 @@ def main(argv: list[str] | None = None) -> None:
         device = resolve_device(args.ngpu)
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"decode: {e}") from None
-    decode_cuts(args.exp_dir, args.model, args.inference_config, args.cuts, args.output_dir,
-                nj=args.nj, device=str(device))
+    try:
+        decode_cuts(args.exp_dir, args.model, args.inference_config, args.cuts, args.output_dir,
+                    nj=args.nj, device=str(device), lm_train_config=args.lm_train_config, lm_file=args.lm_file)
+    except ValueError as e:
+        raise SystemExit(f"decode: {e}") from None
 
 
 if __name__ == "__main__":

@@ -151,6 +151,14 @@ def sample_sentence(
                        f"eval_fraction={eval_fraction} is too small")
 
 
+def lm_sentences(rng: random.Random, count: int, eval_fraction: float) -> list[str]:
+    """`count` training-partition sentences, categories drawn uniformly: the embedded
+    corpus's language-model text. As LibriSpeech's LM corpus leaves out the books of
+    its dev and test sets, no sentence here can be a dev or test sentence."""
+    categories = list(CATEGORIES)
+    return [sample_sentence(rng, rng.choice(categories), "train", eval_fraction) for _ in range(count)]
+
+
 def vocabulary() -> set[str]:
     """Every word the grammar can produce (used by tests and for reporting)."""
     words = set(" ".join(ROOMS + DEVICES + NAMES + PHRASES + DIGITS + TEENS + TENS).split())

@@ -20,13 +20,14 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from fl_lib.corpus.grammar import CATEGORIES, sample_sentence
+from fl_lib.corpus.grammar import CATEGORIES, lm_sentences, sample_sentence
 from fl_lib.corpus.voices import Speaker, check_tools, festival_script, postprocess, run_tool, synth_command
 
 logger = logging.getLogger(__name__)
 
 TRAIN, DEV, TEST, HELDOUT = "train-clean-100", "dev-clean", "test-clean", "test-other"
 SUBSETS = (TRAIN, DEV, TEST, HELDOUT)
+LM_TEXT = "librispeech-lm-norm.txt"  # the name of LibriSpeech's LM corpus (openslr 11), uncompressed
 BATCH_SIZE = {"festival": 64, "flite": 16, "espeak": 16}  # utterances per pool task; a festival batch is one process
 
 
@@ -53,6 +54,7 @@ class CorpusConfig:
     heldout_pitch_range: tuple[float, float] = (2.5, 4.0)  # |semitones|, outside pitch_range
     category_alpha: float = 0.5  # Dirichlet concentration of per-speaker grammar preferences
     eval_fraction: float = 0.2  # share of sentence space reserved for dev (half) and test (half)
+    lm_sentences: int = 10000  # sentences of LM text (LM_TEXT), from the training share of sentence space
 
     def __post_init__(self) -> None:
         for f in fields(self):  # YAML gives lists; keep the config hashable and comparable
@@ -70,6 +72,8 @@ class CorpusConfig:
             raise ValueError("held-out speakers need heldout_voices")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.lm_sentences < 0:
+            raise ValueError(f"lm_sentences must be >= 0, got {self.lm_sentences}")
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides: Any) -> "CorpusConfig":
@@ -89,7 +93,7 @@ class CorpusConfig:
             seed=seed, num_train_speakers=4, num_heldout_speakers=2,
             train_voices=("flite:slt", "flite:rms", "festival:kal_diphone", "espeak:en-us+f3"),
             heldout_voices=("festival:ked_diphone", "flite:slt"),
-            train_utts=(6, 10), dev_utts=(2, 2), test_utts=(2, 2), heldout_utts=(3, 3),
+            train_utts=(6, 10), dev_utts=(2, 2), test_utts=(2, 2), heldout_utts=(3, 3), lm_sentences=300,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -237,8 +241,18 @@ def _write_speakers(root: Path, config: CorpusConfig, speakers: list[Speaker], p
     (root / "speakers.json").write_text(json.dumps(records, indent=2) + "\n")
 
 
+def _write_lm_text(root: Path, config: CorpusConfig) -> None:
+    """LM_TEXT: one sentence per line, like LibriSpeech's LM corpus, which ships without audio."""
+    if not config.lm_sentences:
+        return
+    rng = random.Random(f"{config.seed}:lm_text")
+    (root / LM_TEXT).write_text("".join(f"{s}\n" for s in lm_sentences(rng, config.lm_sentences,
+                                                                       config.eval_fraction)))
+
+
 def synthesize_corpus(output_dir: Path, config: CorpusConfig, nj: int = 2) -> dict:
     """Write <output_dir>/{train-clean-100,dev-clean,test-clean,test-other}/SPEAKER/CHAPTER/...
+    and the LM text <output_dir>/librispeech-lm-norm.txt.
 
     Renders into <output_dir>.partial and renames at the end, so an interrupted
     run never leaves a half corpus that looks finished. Returns a summary dict.
@@ -279,6 +293,7 @@ def synthesize_corpus(output_dir: Path, config: CorpusConfig, nj: int = 2) -> di
     tmp.rmdir()
     _write_transcripts(partial, plan)
     _write_speakers(partial, config, speakers, plan, durations)
+    _write_lm_text(partial, config)
 
     subset_speakers: dict[str, set[int]] = defaultdict(set)
     utterances: dict[str, int] = defaultdict(int)
