@@ -51,11 +51,22 @@ def fl_train_command(cfg: dict, recipe: Path, clients: Path, method: dict, lr: f
     ]
 
 
-def run_all(jobs: list[tuple[list[str], Path]], parallel: int) -> None:
-    """Run the fl_train commands, `parallel` at a time; a finished or killed run resumes from its checkpoint."""
+def finished(out: Path, rounds: int) -> bool:
+    """True when `out` holds a run that reached its last round: it is reused as it is.
+
+    fl_train itself would refuse to resume it from another checkout, since its config
+    records absolute data paths; the run directory's name fixes method, lr and seed."""
+    return (out / "metrics.jsonl").is_file() and metrics(out)[-1]["round"] >= rounds
+
+
+def run_all(jobs: list[tuple[list[str], Path]], parallel: int, rounds: int) -> None:
+    """Run the fl_train commands, `parallel` at a time; a killed run resumes from its checkpoint."""
 
     def one(job):
         cmd, out = job
+        if finished(out, rounds):
+            logger.info(f"reusing finished run {out}")
+            return
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         with open(out / "bench.log", "a") as log:  # fl_train resumes a killed run from checkpoint.pth
@@ -228,12 +239,12 @@ def main() -> None:
     chosen = all(len(spec["lrs"]) == 1 for spec in methods.values())  # nothing to tune: one pool keeps both cores busy
     if not args.report_only:
         every = tuning + [(fed, m, lr, s) for fed in listings for m, lr in grid for s in seeds] if chosen else tuning
-        run_all([job(*r) for r in dict.fromkeys(every)], cfg["parallel_jobs"])
+        run_all([job(*r) for r in dict.fromkeys(every)], cfg["parallel_jobs"], rounds)
     grid_dev = {m: {lr: metrics(exp("clean", m, lr, tune_seed))[-1]["dev_wer"] for lr in spec["lrs"]} for m, spec in methods.items()}
     best = {m: min(by_lr, key=by_lr.get) for m, by_lr in grid_dev.items()}
     report_runs = [(fed, m, best[m], s) for fed in listings for m in methods for s in seeds]
     if not args.report_only and not chosen:
-        run_all([job(*r) for r in report_runs if r not in tuning], cfg["parallel_jobs"])
+        run_all([job(*r) for r in report_runs if r not in tuning], cfg["parallel_jobs"], rounds)
 
     test_cuts = recipe / cfg["test_cuts"]
     curves = {exp(*r): test_curve(exp(*r), recipe, test_cuts) for r in report_runs}
