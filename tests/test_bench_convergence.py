@@ -1,0 +1,31 @@
+"""bench/convergence.py's driver: finished runs are reused, others are (re)started."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _convergence():
+    spec = importlib.util.spec_from_file_location("convergence", ROOT / "bench/convergence.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_all_reuses_a_finished_run_and_runs_the_rest(tmp_path):
+    conv = _convergence()
+    jobs = []
+    for name, last_round in (("finished", 80), ("killed", 30), ("new", None)):
+        out = tmp_path / name
+        if last_round is not None:
+            out.mkdir()
+            rows = [{"round": r} for r in range(10, last_round + 1, 10)]
+            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        jobs.append(([sys.executable, "-c", f"open({str(out / 'ran')!r}, 'w')"], out))
+    conv.run_all(jobs, parallel=2, rounds=80)
+    assert not (tmp_path / "finished/ran").exists()
+    assert (tmp_path / "killed/ran").exists() and (tmp_path / "new/ran").exists()
