@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import train_lm_cli
+from conftest import tiny_lm_config, train_lm_cli
 
 from fl_lib.asr.decode import with_lm
 from fl_lib.asr.lm import prepare_lm_text
@@ -59,3 +59,25 @@ def test_an_lm_and_its_weight_go_together(tmp_path):
         with_lm({"lm_weight": 2.0}, config, tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="given twice"):
         with_lm({"lm_weight": 2.0, "lm_file": str(model), "lm_train_config": str(config)}, config, model)
+
+
+def test_train_lm_resumes_an_interrupted_run_and_retrains_on_new_text(tmp_path):
+    """No .done (killed before the end): ESPnet's --resume continues, nothing is retrained.
+    Other text: the directory is cleared and the LM trained again."""
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("\n".join(["<blank>", "<unk>", "<space>", *"ACDEHLNOPRT", "<sos/eos>"]) + "\n")
+    text = tmp_path / "lm.txt"
+    text.write_text("OPEN THE DOOR\nTURN ON THE LIGHT\nCLOSE THE DOOR\n" * 30)
+    out = tmp_path / "lm"
+    args = ["--lm_config", tiny_lm_config(tmp_path), "--text", text, "--token_list", tokens, "--output_dir", out]
+    assert train_lm_cli(*args).returncode == 0
+    epoch = (out / "2epoch.pth").stat().st_mtime_ns
+    (out / ".done").unlink()
+    resumed = train_lm_cli(*args)
+    assert resumed.returncode == 0 and "training again" not in resumed.stderr
+    assert (out / "2epoch.pth").stat().st_mtime_ns == epoch and (out / ".done").is_file()
+    text.write_text("OPEN THE DOOR\n" * 90)
+    again = train_lm_cli(*args)
+    assert again.returncode == 0 and "trained from other inputs or settings: training again" in again.stderr
+    assert (out / "2epoch.pth").stat().st_mtime_ns != epoch
+    assert "TURN" not in (out / "data/train.txt").read_text()
