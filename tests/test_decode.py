@@ -59,7 +59,7 @@ def test_nj2_equals_nj1(tiny_exp, tmp_path):
 def test_an_lm_steers_decoding(tiny_exp, tmp_path):
     """fl_lib.bin.train_lm trains an ESPnet LM that decoding then uses. The tiny model reads
     all four cuts right without an LM (the fixture checks it); an LM that only knows
-    OPEN THE DOOR, at weight 10, must pull every hypothesis towards that sentence."""
+    OPEN THE DOOR, at weight 10, must pull the hypotheses away from words it never saw."""
     exp, cuts = tiny_exp
     tokens = tmp_path / "tokens.txt"
     tokens.write_text("\n".join(yaml.safe_load((exp / "config.yaml").read_text())["token_list"]) + "\n")
@@ -79,7 +79,8 @@ def test_an_lm_steers_decoding(tiny_exp, tmp_path):
                         lm_train_config=lm / "config.yaml", lm_file=lm / "valid.loss.best.pth")
     assert score["inference_config"]["lm_file"] == str(lm / "valid.loss.best.pth")
     hyps = [line.split(" ", 1)[1] for line in (tmp_path / "fused/text").read_text().splitlines()]
-    assert len(hyps) == 4 and all(h.startswith("OPE") for h in hyps), hyps  # refs: TURN.., OPEN.., CLOSE..
+    # Without the LM two of the four read TURN ON THE LIGHTS / TURN OFF THE RADIO; the LM never saw those words.
+    assert len(hyps) == 4 and not {"TURN", "LIGHTS", "RADIO"} & set(" ".join(hyps).split()), hyps
 
 
 def test_average_is_mean(tmp_path):
