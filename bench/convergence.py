@@ -36,7 +36,8 @@ logger = logging.getLogger("convergence")
 
 
 def fl_train_command(cfg: dict, recipe: Path, clients: Path, method: dict, lr: float, seed: int, out: Path) -> list[str]:
-    overrides = [f"{k}={v}" for k, v in cfg["common"].items()] + [f"{method['lr_key']}={lr}"]
+    settings = {**cfg["common"], **method.get("overrides", {}), method["lr_key"]: lr}
+    overrides = [f"{k}={json.dumps(v)}" for k, v in settings.items()]
     return [
         sys.executable, "-m", "fl_lib.bin.fl_train",
         "--asr_config", str(recipe / cfg["asr_config"]),
@@ -81,6 +82,11 @@ def run_all(jobs: list[tuple[list[str], Path]], parallel: int, rounds: int) -> N
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_minutes(out: Path) -> float:
+    """Wall minutes fl_train spent on this run's rounds (training and validation), from metrics.jsonl."""
+    return sum(row["seconds"] for row in metrics(out)) / 60
 
 
 def test_curve(exp: Path, recipe: Path, test_cuts: Path) -> dict[int, float]:
@@ -253,6 +259,9 @@ def main() -> None:
         runs = {m: [exp(fed, m, best[m], s) for s in seeds] for m in methods}
         s, means[fed] = summarize(fed, runs, best, curves, bad_ids if fed == bad else set(), cfg["max_target_wer"])
         summaries.append(s)
+    study = [exp(*r) for r in dict.fromkeys(tuning + report_runs)]
+    minutes = sum(run_minutes(e) for e in study)
+    cost = {"runs": len(study), "run_minutes": round(minutes, 1), "wall_minutes_from_scratch": round(minutes / cfg["parallel_jobs"], 1)}
     png = args.out / "convergence.png"
     plot(means, png)
     report = args.out / "report.md"
@@ -260,9 +269,12 @@ def main() -> None:
         "# Convergence benchmark\n\n" + markdown(summaries, cfg["max_target_wer"])
         + "\n### learning-rate grid: final dev WER (CTC greedy) on the clean federation, seed "
         + f"{tune_seed}; each method keeps its lowest\n\n```\n" + json.dumps(grid_dev, indent=1) + "\n```\n"
+        + f"\n### cost\n\n{cost['runs']} runs, {cost['run_minutes']} minutes of fl_train rounds in all, each at the pace "
+        + f"of the day it ran: about {cost['wall_minutes_from_scratch']} minutes at that pace with {cfg['parallel_jobs']} "
+        + "runs side by side (test decoding not included).\n"
         + f"\n![test-clean WER per round]({png.name})\n"
     )
-    print(json.dumps({"summaries": summaries, "lr_grid_dev_wer": grid_dev, "plot": str(png), "report": str(report), "seconds": round(time.time() - t0)}))
+    print(json.dumps({"summaries": summaries, "lr_grid_dev_wer": grid_dev, "cost": cost, "plot": str(png), "report": str(report), "seconds": round(time.time() - t0)}))
 
 
 if __name__ == "__main__":
