@@ -261,7 +261,7 @@ def main() -> None:
         summaries.append(s)
     study = [exp(*r) for r in dict.fromkeys(tuning + report_runs)]
     minutes = sum(run_minutes(e) for e in study)
-    cost = {"runs": len(study), "run_minutes": round(minutes, 1), "wall_minutes_from_scratch": round(minutes / cfg["parallel_jobs"], 1)}
+    cost = {"runs": len(study), "run_minutes": round(minutes, 1), "wall_minutes_side_by_side": round(minutes / cfg["parallel_jobs"], 1)}
     png = args.out / "convergence.png"
     plot(means, png)
     report = args.out / "report.md"
@@ -270,7 +270,7 @@ def main() -> None:
         + "\n### learning-rate grid: final dev WER (CTC greedy) on the clean federation, seed "
         + f"{tune_seed}; each method keeps its lowest\n\n```\n" + json.dumps(grid_dev, indent=1) + "\n```\n"
         + f"\n### cost\n\n{cost['runs']} runs, {cost['run_minutes']} minutes of fl_train rounds in all, each at the pace "
-        + f"of the day it ran: about {cost['wall_minutes_from_scratch']} minutes at that pace with {cfg['parallel_jobs']} "
+        + f"of the day it ran: about {cost['wall_minutes_side_by_side']} minutes at that pace with {cfg['parallel_jobs']} "
         + "runs side by side (test decoding not included).\n"
         + f"\n![test-clean WER per round]({png.name})\n"
     )
