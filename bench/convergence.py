@@ -35,9 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("convergence")
 
 
-def fl_train_command(cfg: dict, recipe: Path, clients: Path, method: dict, lr: float, seed: int, out: Path) -> list[str]:
+def fl_overrides(cfg: dict, method: dict, lr: float) -> list[str]:
+    """fl_train's key=value overrides for one run: `common`, then the method's `overrides`, then its lr."""
     settings = {**cfg["common"], **method.get("overrides", {}), method["lr_key"]: lr}
-    overrides = [f"{k}={json.dumps(v)}" for k, v in settings.items()]
+    return [f"{k}={json.dumps(v)}" for k, v in settings.items()]
+
+
+def fl_train_command(cfg: dict, recipe: Path, clients: Path, method: dict, lr: float, seed: int, out: Path) -> list[str]:
     return [
         sys.executable, "-m", "fl_lib.bin.fl_train",
         "--asr_config", str(recipe / cfg["asr_config"]),
@@ -48,7 +52,7 @@ def fl_train_command(cfg: dict, recipe: Path, clients: Path, method: dict, lr: f
         "--bpemodel", str(recipe / "data/token_list/char/bpe.model"),
         "--feats_stats", str(recipe / "exp/asr_stats/feats_stats.npz"),
         "--client_jobs", "1",  # parallel_jobs runs side by side, one core each
-        "--seed", str(seed), "--output_dir", str(out), *overrides,
+        "--seed", str(seed), "--output_dir", str(out), *fl_overrides(cfg, method, lr),
     ]
 
 

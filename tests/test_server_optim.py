@@ -1,4 +1,5 @@
 """Server optimizers and per-round schedules."""
+import importlib.util
 import math
 from pathlib import Path
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from fl_lib.fl.config import FLConfig, ScheduleConfig, ServerOptimConfig
+from fl_lib.fl.config import FLConfig, ScheduleConfig, ServerOptimConfig, parse_override
 from fl_lib.fl.server_optim import ADAM_BETAS, ADAM_EPS, LAMB, build_scheduler, build_server_optimizer, lr_factor
 from fl_lib.fl.strategies import build_strategy
 
@@ -153,20 +154,27 @@ def test_min_clients_per_round_above_clients_per_round_is_an_error():
 
 def shipped_configs():
     """(name, config path, overrides) of every recipe FL config and every benchmark run."""
+    spec = importlib.util.spec_from_file_location("convergence", ROOT / "bench/convergence.py")
+    convergence = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convergence)
     recipe = ROOT / "egs/librispeech_fl"
     runs = [(p.name, p, []) for p in sorted((recipe / "conf").glob("fl_*.yaml"))]
     for study in sorted((ROOT / "bench").glob("convergence*.yaml")):
         bench = yaml.safe_load(study.read_text())
-        common = [f"{k}={v}" for k, v in bench["common"].items()]
-        for method, spec in bench["methods"].items():
-            runs += [(f"{study.stem}-{method}-{lr}", recipe / spec["fl_config"], [*common, f"{spec['lr_key']}={lr}"])
-                     for lr in spec["lrs"]]
+        for method, m in bench["methods"].items():
+            runs += [(f"{study.stem}-{method}-{lr}", recipe / m["fl_config"], convergence.fl_overrides(bench, m, lr))
+                     for lr in m["lrs"]]
     return runs
 
 
 @pytest.mark.parametrize("name,path,overrides", shipped_configs(), ids=[r[0] for r in shipped_configs()])
 def test_shipped_configs_load_and_build(name, path, overrides):
     conf = FLConfig.from_yaml(path, overrides)
+    for key, value in map(parse_override, overrides):  # each override reached the config it names
+        node = conf
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert (list(node) if isinstance(node, tuple) else node) == value, key
     strategy = build_strategy(conf.strategy)
     opt = conf.server_optim
     strategy.check_server_optimizer(opt)
