@@ -5,6 +5,7 @@ synthesized audio, so the later tests (training, decoding) run on real data.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -192,6 +193,14 @@ def tiny_exp(tmp_path_factory) -> tuple[Path, Path]:
     cuts = _cuts(tmp)
     _tiny_exp(tmp / "exp", cuts)
     return tmp / "exp", cuts
+
+
+def bench_module(name: str):
+    """A bench/ script loaded as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, CONF.parents[2] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_lm_config(tmp_path: Path) -> Path:

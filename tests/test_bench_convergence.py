@@ -1,23 +1,14 @@
-"""bench/convergence.py's driver: finished runs are reused, others are (re)started."""
+"""bench/convergence.py's driver: finished runs are reused, others are (re)started; each run's fl_train overrides."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _convergence():
-    spec = importlib.util.spec_from_file_location("convergence", ROOT / "bench/convergence.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import bench_module
 
 
 def test_run_all_reuses_a_finished_run_and_runs_the_rest(tmp_path):
-    conv = _convergence()
+    conv = bench_module("convergence")
     jobs = []
     for name, last_round in (("finished", 80), ("killed", 30), ("new", None)):
         out = tmp_path / name
@@ -32,7 +23,7 @@ def test_run_all_reuses_a_finished_run_and_runs_the_rest(tmp_path):
 
 
 def test_a_method_s_overrides_reach_fl_train_after_the_common_ones_and_before_its_lr(tmp_path):
-    conv = _convergence()
+    conv = bench_module("convergence")
     cfg = {"asr_config": "conf/a.yaml", "dev_cuts": "dev.jsonl.gz", "common": {"rounds": 80, "clients_per_round": 2}}
     method = {"fl_config": "conf/fl.yaml", "lr_key": "server_optim.lr", "overrides": {"server_optim.betas": [0.0, 0.99]}}
     cmd = conv.fl_train_command(cfg, tmp_path, tmp_path / "clients.jsonl", method, 0.01, 777, tmp_path / "exp")

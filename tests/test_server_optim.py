@@ -1,11 +1,12 @@
 """Server optimizers and per-round schedules."""
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+
+from conftest import bench_module
 
 from fl_lib.fl.config import FLConfig, ScheduleConfig, ServerOptimConfig, parse_override
 from fl_lib.fl.server_optim import ADAM_BETAS, ADAM_EPS, LAMB, build_scheduler, build_server_optimizer, lr_factor
@@ -154,9 +155,7 @@ def test_min_clients_per_round_above_clients_per_round_is_an_error():
 
 def shipped_configs():
     """(name, config path, overrides) of every recipe FL config and every benchmark run."""
-    spec = importlib.util.spec_from_file_location("convergence", ROOT / "bench/convergence.py")
-    convergence = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(convergence)
+    convergence = bench_module("convergence")
     recipe = ROOT / "egs/librispeech_fl"
     runs = [(p.name, p, []) for p in sorted((recipe / "conf").glob("fl_*.yaml"))]
     for study in sorted((ROOT / "bench").glob("convergence*.yaml")):
@@ -167,7 +166,10 @@ def shipped_configs():
     return runs
 
 
-@pytest.mark.parametrize("name,path,overrides", shipped_configs(), ids=[r[0] for r in shipped_configs()])
+SHIPPED_CONFIGS = shipped_configs()
+
+
+@pytest.mark.parametrize("name,path,overrides", SHIPPED_CONFIGS, ids=[r[0] for r in SHIPPED_CONFIGS])
 def test_shipped_configs_load_and_build(name, path, overrides):
     conf = FLConfig.from_yaml(path, overrides)
     for key, value in map(parse_override, overrides):  # each override reached the config it names
