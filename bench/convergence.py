@@ -1,20 +1,28 @@
-"""Convergence benchmark: rounds to FedAvg's final test WER, speed-up and WERR, per method.
+"""Convergence study: do hierarchical optimization and DGA train a federated acoustic model
+faster and better than FedAvg and BMUF? The protocol (bench/convergence.yaml):
 
-Protocol (bench/convergence.yaml):
-1. Tune: every (method, learning rate) of the grid trains on the clean federation
-   with the tuning seed; each method keeps the learning rate with the lowest final
-   dev WER (CTC greedy). Dev is the only set that choice sees.
-2. Report: each method at its chosen learning rate, on the clean federation and on
-   one where `num_corrupted` clients have shuffled transcripts, with every seed of
-   `seeds` (the tuning run is reused where seed and federation match).
-3. Score: every validated round's checkpoint is decoded (CTC greedy) on test-clean.
-   FedAvg's final test WER (mean over seeds) is the target; a method's rounds to
-   target is the first validated round whose seed-mean test WER reaches it. The
-   study counts only if that target is below `max_target_wer`.
+1. Data: for each seed, the embedded corpus synthesized with `corpus_config` (64 speakers,
+   one client each) and that corpus seed, stages 0-4 of egs/librispeech_fl; a second
+   federation has `num_corrupted` clients with shuffled transcripts.
+2. Tune: every (method, lr) of the grid trains on the clean federation of `tune_seed`,
+   a seed that is never reported; each method keeps the lr with the lowest best dev WER.
+3. Run: each method at its lr, on both federations, for every seed of `seeds` (corpus and
+   training seed together), and the centralized reference on every clean federation.
+   A run trains in chunks of `chunk_rounds` until its dev WER curve has flattened
+   (curves.flattened) or `max_rounds`; the centralized one for `central_epochs` epochs.
+4. Score: every validated checkpoint is decoded (CTC greedy) on test-clean. A run's
+   plateau WER is the test WER at its best dev round. Targets, fixed here before any run:
+   `target_factor` x the centralized plateau dev WER of the same seed, and the baseline's
+   own plateau test WER (the paper's "rounds to FedAvg's final WER"). Intervals are
+   Student-t over seeds; differences and speed-ups are paired by seed.
+5. Rules: the study counts only when every seed finished and every FedAvg run flattened;
+   otherwise the report says it does not count and the exit status is 1.
 
-Outputs report.md, convergence.png (test WER per round) and one JSON line.
+Each finished run leaves a compact record (config, metrics.jsonl, dev and test curves,
+no checkpoints) under bench/results/convergence/; a rerun, here or on another machine
+after a git pull, reuses those records and trains only what is missing.
 
-    bench/convergence.sh [--out bench/out/convergence] [--report_only]
+    bench/convergence.sh [--report_only] [--jobs_only tune|report]
 """
 from __future__ import annotations
 
@@ -22,162 +30,431 @@ import argparse
 import json
 import logging
 import math
-import statistics
+import shutil
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import curves  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("convergence")
+CLEAN = "clean"
+STUDY_KEYS = {
+    "recipe_dir", "corpus_config", "asr_config", "centralized_config", "tune_seed", "seeds", "num_corrupted",
+    "parallel_jobs", "chunk_rounds", "max_rounds", "central_epochs", "flatten", "target_factor", "baselines",
+    "common", "methods",
+}
 
 
-def fl_overrides(cfg: dict, method: dict, lr: float) -> list[str]:
-    """fl_train's key=value overrides for one run: `common`, then the method's `overrides`, then its lr."""
-    settings = {**cfg["common"], **method.get("overrides", {}), method["lr_key"]: lr}
+def load_study(path: Path) -> dict:
+    """The study config; unknown or missing keys are an error."""
+    cfg = yaml.safe_load(Path(path).read_text())
+    if set(cfg) != STUDY_KEYS:
+        raise ValueError(f"{path}: unknown keys {sorted(set(cfg) - STUDY_KEYS)}, missing keys {sorted(STUDY_KEYS - set(cfg))}")
+    if cfg["tune_seed"] in cfg["seeds"]:
+        raise ValueError(f"{path}: tune_seed {cfg['tune_seed']} is also a reported seed")
+    if "fedavg" not in cfg["methods"] or not set(cfg["baselines"]) <= set(cfg["methods"]):
+        raise ValueError(f"{path}: methods must include fedavg and the baselines {cfg['baselines']}")
+    every = cfg["common"]["validate_every"]
+    if cfg["chunk_rounds"] % every or cfg["max_rounds"] % cfg["chunk_rounds"]:
+        raise ValueError(f"{path}: chunk_rounds must be a multiple of validate_every and divide max_rounds")
+    return cfg
+
+
+def setting_label(setting: dict) -> str:
+    """A grid point's directory-name label, from its values: 'lr0.01_betas0.0-0.99'."""
+    def value(v):
+        return "-".join(str(x) for x in v) if isinstance(v, (list, tuple)) else str(v)
+    return "_".join(f"{k.split('.')[-1]}{value(v)}" for k, v in setting.items())
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the study; `method` is 'central' for the centralized reference.
+
+    `setting` is the method's grid point (JSON of its key=value overrides)."""
+
+    fed: str
+    method: str
+    setting: Optional[str]
+    seed: int
+
+    @property
+    def overrides(self) -> dict:
+        return json.loads(self.setting)
+
+    @property
+    def name(self) -> str:
+        if self.method == "central":
+            return f"central/seed{self.seed}"
+        return f"{self.fed}/{self.method}_{setting_label(self.overrides)}_seed{self.seed}"
+
+
+class Study:
+    def __init__(self, cfg: dict, out: Path, results: Path) -> None:
+        self.cfg, self.out, self.results = cfg, out, results
+        self.recipe = ROOT / cfg["recipe_dir"]
+        self.bad = f"corrupt{cfg['num_corrupted']}"
+
+    # -- data ----------------------------------------------------------------
+    def corpus(self, seed: int) -> Path:
+        return self.out / f"corpus_s{seed}"
+
+    def prepare(self, seed: int) -> None:
+        """Stages 0-4 of the recipe for this corpus seed (its done-markers make a rerun instant)."""
+        root = self.corpus(seed)
+        cmd = ["./run.sh", "--stage", "0", "--stop_stage", "4", "--corpus_config", self.cfg["corpus_config"],
+               "--seed", str(seed), "--use_lm", "false", "--data", str(root / "data"), "--exp", str(root / "exp")]
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / "prepare.log", "a") as log:
+            if subprocess.run(cmd, cwd=self.recipe, stdout=log, stderr=subprocess.STDOUT).returncode:
+                raise RuntimeError(f"data preparation for seed {seed} failed; see {root / 'prepare.log'}")
+        clean = root / "data/clients/train-clean-100/clients.jsonl"
+        if not (root / self.bad / "clients.jsonl").exists():
+            from fl_lib.data.corrupt import corrupt_clients
+
+            corrupt_clients(clean, root / self.bad, self.cfg["num_corrupted"], seed)
+
+    def listing(self, fed: str, seed: int) -> Path:
+        root = self.corpus(seed)
+        return root / "data/clients/train-clean-100/clients.jsonl" if fed == CLEAN else root / fed / "clients.jsonl"
+
+    def corrupted(self, seed: int) -> set[str]:
+        return set((self.corpus(seed) / self.bad / "corrupted.txt").read_text().split())
+
+    # -- commands ------------------------------------------------------------
+    def data_args(self, seed: int) -> list[str]:
+        data, exp = self.corpus(seed) / "data", self.corpus(seed) / "exp"
+        return ["--dev_cuts", str(data / "sets/dev-clean.jsonl.gz"), "--token_list", str(data / "token_list/char/tokens.txt"),
+                "--bpemodel", str(data / "token_list/char/bpe.model"), "--feats_stats", str(exp / "asr_stats/feats_stats.npz")]
+
+    def fl_command(self, run: Run, rounds: int) -> list[str]:
+        method = self.cfg["methods"][run.method]
+        return [
+            sys.executable, "-m", "fl_lib.bin.fl_train",
+            "--asr_config", str(self.recipe / self.cfg["asr_config"]),
+            "--fl_config", str(self.recipe / method["fl_config"]),
+            "--train_clients", str(self.listing(run.fed, run.seed)), *self.data_args(run.seed),
+            "--client_jobs", "1",  # parallel_jobs runs side by side, one core each
+            "--seed", str(run.seed), "--output_dir", str(self.out / run.name),
+            *fl_overrides(self.cfg, method, run.overrides), f"rounds={rounds}",
+        ]
+
+    def central_command(self, run: Run) -> list[str]:
+        epochs = self.cfg["central_epochs"]
+        return [
+            sys.executable, "-m", "fl_lib.bin.train_centralized",
+            "--asr_config", str(self.recipe / self.cfg["asr_config"]),
+            "--config", str(self.recipe / self.cfg["centralized_config"]),
+            "--train_clients", str(self.listing(CLEAN, run.seed)), *self.data_args(run.seed),
+            "--num_threads", "1", "--seed", str(run.seed), "--output_dir", str(self.out / run.name),
+            f"max_epoch={epochs}", f"keep_checkpoints={epochs}",
+        ]
+
+    # -- running -------------------------------------------------------------
+    def record_dir(self, run: Run) -> Path:
+        return self.results / "runs" / run.name
+
+    def record(self, run: Run) -> Optional[dict]:
+        path = self.record_dir(run) / "record.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def execute(self, run: Run) -> dict:
+        """Train `run` until it flattens (or its cap), decode its test curve, commit its record."""
+        done = self.record(run)
+        if done is not None:
+            return done
+        out = self.out / run.name
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        if run.method == "central":
+            if not (out / "metrics.jsonl").exists() or len(metrics(out)) < self.cfg["central_epochs"]:
+                self._call(self.central_command(run), out)  # it does not resume: a killed one starts over
+        else:
+            flat = self.cfg["flatten"]
+            while True:
+                rows = metrics(out) if (out / "metrics.jsonl").exists() else []
+                rounds = rows[-1]["round"] if rows else 0
+                if rounds >= self.cfg["max_rounds"] or curves.flattened(dev_curve(rows), **flat):
+                    break
+                self._call(self.fl_command(run, rounds + self.cfg["chunk_rounds"]), out)
+        rec = self._write_record(run, out)
+        logger.info(f"finished {run.name} ({rec['status']}, {rec['last']} {rec['unit']}) in {time.time() - t0:.0f}s")
+        return rec
+
+    @staticmethod
+    def _call(cmd: list[str], out: Path) -> None:
+        with open(out / "bench.log", "a") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            raise RuntimeError(f"{out}: {cmd[2]} exited {rc}; see {out / 'bench.log'}")
+
+    def _write_record(self, run: Run, out: Path) -> dict:
+        rows = metrics(out)
+        central = run.method == "central"
+        key = "epoch" if central else "round"
+        dev = dev_curve(rows)
+        steps = cumulative_steps(rows)
+        test = decode_test(out, self.corpus(run.seed) / "data", self.recipe)
+        missing = sorted(set(dev) - set(test))
+        if missing:
+            raise RuntimeError(f"{out}: no checkpoint kept for validated {key}s {missing[:5]}...; keep_checkpoints is too small")
+        flat = curves.flattened(dev, **self.cfg["flatten"])
+        rec = {
+            "run": run.__dict__, "unit": key, "last": rows[-1][key], "status": "flattened" if flat else "not flattened",
+            "dev": dev, "test": {k: test[k] for k in dev}, "steps": {k: steps[k] for k in dev},
+            # training time; the centralized rows carry it cumulatively, validation not included
+            "minutes": round((rows[-1]["train_seconds"] if central else sum(r["seconds"] for r in rows)) / 60, 2),
+        }
+        if run.fed != CLEAN:
+            rec["corrupted"] = sorted(self.corrupted(run.seed))
+        if not central:
+            rec["weights"] = {"clients": [r["clients"] for r in rows], "weights": [r["weights"] for r in rows],
+                              "agent": [r.get("strategy", {}).get("agent_weights") for r in rows]}
+        dest = self.record_dir(run)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "fl_config.yaml", "centralized_config.yaml"):
+            if (out / name).exists():
+                shutil.copy(out / name, dest / name)
+        tmp = dest / "record.json.tmp"
+        tmp.write_text(json.dumps(rec, indent=None, sort_keys=True) + "\n")
+        tmp.rename(dest / "record.json")  # the record is the run's "done" marker: written last, atomically
+        return rec
+
+    def run_all(self, runs: list[Run]) -> dict[Run, dict]:
+        with ThreadPoolExecutor(self.cfg["parallel_jobs"]) as pool:
+            return dict(zip(runs, pool.map(self.execute, runs)))
+
+
+def fl_overrides(cfg: dict, method: dict, setting: dict) -> list[str]:
+    """fl_train's key=value overrides for one run: `common`, then the method's `overrides`, then its grid point.
+
+    keep_checkpoints keeps every validated round, whose test WER is read afterwards."""
+    keep = cfg["max_rounds"] // cfg["common"]["validate_every"]
+    settings = {**cfg["common"], "keep_checkpoints": keep, **method.get("overrides", {}), **setting}
     return [f"{k}={json.dumps(v)}" for k, v in settings.items()]
 
 
-def fl_train_command(cfg: dict, recipe: Path, clients: Path, method: dict, lr: float, seed: int, out: Path) -> list[str]:
-    return [
-        sys.executable, "-m", "fl_lib.bin.fl_train",
-        "--asr_config", str(recipe / cfg["asr_config"]),
-        "--fl_config", str(recipe / method["fl_config"]),
-        "--train_clients", str(clients),
-        "--dev_cuts", str(recipe / cfg["dev_cuts"]),
-        "--token_list", str(recipe / "data/token_list/char/tokens.txt"),
-        "--bpemodel", str(recipe / "data/token_list/char/bpe.model"),
-        "--feats_stats", str(recipe / "exp/asr_stats/feats_stats.npz"),
-        "--client_jobs", "1",  # parallel_jobs runs side by side, one core each
-        "--seed", str(seed), "--output_dir", str(out), *fl_overrides(cfg, method, lr),
-    ]
-
-
-def finished(out: Path, rounds: int) -> bool:
-    """True when `out` holds a run that reached its last round: it is reused as it is.
-
-    fl_train itself would refuse to resume it from another checkout, since its config
-    records absolute data paths; the run directory's name fixes method, lr and seed."""
-    return (out / "metrics.jsonl").is_file() and metrics(out)[-1]["round"] >= rounds
-
-
-def run_all(jobs: list[tuple[list[str], Path]], parallel: int, rounds: int) -> None:
-    """Run the fl_train commands, `parallel` at a time; a killed run resumes from its checkpoint."""
-
-    def one(job):
-        cmd, out = job
-        if finished(out, rounds):
-            logger.info(f"reusing finished run {out}")
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        with open(out / "bench.log", "a") as log:  # fl_train resumes a killed run from checkpoint.pth
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-        if rc != 0:
-            raise RuntimeError(f"{out}: fl_train exited {rc}; see {out / 'bench.log'}")
-        logger.info(f"done {out} in {time.time() - t0:.0f}s")
-
-    with ThreadPoolExecutor(parallel) as pool:
-        list(pool.map(one, jobs))
-
-
 def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def run_minutes(out: Path) -> float:
-    """Wall minutes fl_train spent on this run's rounds (training and validation), from metrics.jsonl."""
-    return sum(row["seconds"] for row in metrics(out)) / 60
+def dev_curve(rows: list[dict]) -> dict[int, float]:
+    """{round or epoch: dev WER} of the validated rows."""
+    return {r.get("round", r.get("epoch")): r["dev_wer"] for r in rows if r.get("dev_wer") is not None}
 
 
-def test_curve(exp: Path, recipe: Path, test_cuts: Path) -> dict[int, float]:
-    """{round: CTC-greedy test WER} of every kept round checkpoint, cached in exp/test_curve.json."""
-    cache = exp / "test_curve.json"
-    if cache.exists():
-        return {int(k): v for k, v in json.loads(cache.read_text()).items()}
+def cumulative_steps(rows: list[dict]) -> dict[int, int]:
+    """{round or epoch: optimizer steps so far}: client steps summed (federated), or batches (centralized)."""
+    if rows and "epoch" in rows[0]:
+        return {r["epoch"]: r["steps"] for r in rows}
+    total, out = 0, {}
+    for r in rows:
+        total += r["client_steps"]
+        out[r["round"]] = total
+    return out
+
+
+def decode_test(exp: Path, data: Path, recipe: Path) -> dict[int, float]:
+    """{round or epoch: CTC-greedy test-clean WER} of every kept checkpoint."""
     from fl_lib.asr.average import round_checkpoints
     from fl_lib.data.dataset import make_dataloader
     from fl_lib.data.tokenizer import Tokenizer
     from fl_lib.espnet_env import asr_task
     from fl_lib.fl.validation import evaluate
 
-    tok = Tokenizer(recipe / "data/token_list/char/bpe.model", recipe / "data/token_list/char/tokens.txt")
-    curve = {}
+    tok = Tokenizer(data / "token_list/char/bpe.model", data / "token_list/char/tokens.txt")
+    out = {}
     for rnd, path in round_checkpoints(exp).items():
         model, _ = asr_task().build_model_from_file(exp / "config.yaml", path, "cpu")
-        curve[rnd] = evaluate(model, make_dataloader(test_cuts, tok, max_duration=120.0), tok)["wer"]
-    cache.write_text(json.dumps(curve))
-    return curve
+        out[rnd] = evaluate(model, make_dataloader(data / "sets/test-clean.jsonl.gz", tok, max_duration=120.0), tok)["wer"]
+    return out
 
 
-def relative_weight(rows: list[dict], client_ids: set[str]) -> float | None:
-    """Mean aggregation weight of these clients when sampled, relative to a uniform 1/K."""
-    rel = [w * len(r["clients"]) for r in rows for c, w in zip(r["clients"], r["weights"]) if c in client_ids]
+# -- the report ---------------------------------------------------------------
+def by_key(curve: dict) -> dict[int, float]:
+    """JSON turns int keys into strings: back to ints, ascending."""
+    return {int(k): v for k, v in sorted(curve.items(), key=lambda kv: int(kv[0]))}
+
+
+def plateau(rec: dict) -> tuple[int, float]:
+    """(round, test WER) at the best dev WER of a record."""
+    x = curves.plateau_point(by_key(rec["dev"]))
+    return x, by_key(rec["test"])[x]
+
+
+def reach(rec: dict, target: float) -> tuple[Optional[int], Optional[int]]:
+    """(round or epoch, steps) at which the record's test curve first reaches `target`."""
+    x = curves.first_reach(by_key(rec["test"]), target)
+    return (None, None) if x is None else (x, by_key(rec["steps"])[x])
+
+
+def relative_weight(rec: dict, bad: set[str], agent: bool = False) -> Optional[float]:
+    """Mean aggregation weight of the corrupted clients when sampled, relative to a uniform 1/K."""
+    w = rec["weights"]
+    if agent:
+        rel = [v * len(c) for c, a in zip(w["clients"], w["agent"]) if a for cid, v in a.items() if cid in bad]
+    else:
+        rel = [v * len(c) for c, ws in zip(w["clients"], w["weights"]) for cid, v in zip(c, ws) if cid in bad]
     return sum(rel) / len(rel) if rel else None
 
 
-def agent_relative_weight(rows: list[dict], client_ids: set[str]) -> float | None:
-    """rl_dga: the same for the weights its agent proposed, applied or not (None for other strategies)."""
-    rel = [w * len(r["clients"]) for r in rows for c, w in r.get("strategy", {}).get("agent_weights", {}).items() if c in client_ids]
-    return sum(rel) / len(rel) if rel else None
-
-
-def held_out_utts(exp: Path) -> int | None:
-    """Dev utterances an rl_dga run moved to its held-out set: its dev WER (the lr choice) is on the rest."""
-    return yaml.safe_load((exp / "fl_config.yaml").read_text())["strategy"].get("held_out_utts")
-
-
-def mean_curve(curves: list[dict[int, float]]) -> dict[int, float]:
-    """Seed-mean test WER over the rounds every seed has."""
-    rounds = sorted(set.intersection(*(set(c) for c in curves)))
-    return {r: statistics.fmean(c[r] for c in curves) for r in rounds}
-
-
-def rounds_to(curve: dict[int, float], target: float) -> int | None:
-    return next((r for r, wer in sorted(curve.items()) if wer <= target + 1e-12), None)
-
-
-def summarize(fed: str, runs: dict[str, list[Path]], lrs: dict, curves: dict, corrupted: set[str], max_target: float) -> dict:
-    """runs: method -> exp dirs (one per seed); curves: exp dir -> test curve."""
-    mean = {m: mean_curve([curves[e] for e in exps]) for m, exps in runs.items()}
-    finals = {m: [curves[e][max(curves[e])] for e in exps] for m, exps in runs.items()}
-    target = statistics.fmean(finals["fedavg"])
-    valid = target < max_target
-    base = rounds_to(mean["fedavg"], target)
-    out = {"federation": fed, "target_test_wer": target, "valid": valid, "methods": {}}
-    for m, exps in runs.items():
-        reached = rounds_to(mean[m], target)
-        final = statistics.fmean(finals[m])
-        out["methods"][m] = {
-            "lr": lrs[m],
-            "seeds": len(exps),
-            "final_test_wer": final,
-            "final_test_wer_spread": (max(finals[m]) - min(finals[m])) / 2,  # half the range over seeds
-            "final_test_wers": finals[m],
-            "rounds_to_target": reached,
-            "speedup": base / reached if reached and base else None,
-            "werr": (target - final) / target if target else None,
-            "corrupted_rel_weight": relative_weight([row for e in exps for row in metrics(e)], corrupted) if corrupted else None,
-            "corrupted_agent_rel_weight": agent_relative_weight([row for e in exps for row in metrics(e)], corrupted) if corrupted else None,
-            "dev_held_out_utts": held_out_utts(exps[0]),
+def summarize(cfg: dict, fed: str, records: dict[str, dict[int, dict]], central: dict[int, dict],
+              bad: dict[int, set[str]]) -> dict:
+    """records: method -> seed -> record; central: seed -> centralized record."""
+    level = 0.95
+    seeds = cfg["seeds"]
+    central_dev = {s: min(by_key(central[s]["dev"]).values()) for s in seeds}
+    target = {s: cfg["target_factor"] * central_dev[s] for s in seeds}
+    out = {"federation": fed, "targets": target, "central_plateau_dev": central_dev, "methods": {},
+           "central": {"plateau_test_wer": curves.mean_interval([plateau(central[s])[1] for s in seeds], level).__dict__,
+                       "flattened": {s: central[s]["status"] == "flattened" for s in seeds},
+                       "target_steps": {s: reach(central[s], target[s])[1] for s in seeds}}}
+    for m, per_seed in records.items():
+        plat = {s: plateau(per_seed[s])[1] for s in seeds}
+        hits = {s: reach(per_seed[s], target[s]) for s in seeds}
+        row = {
+            "plateau_test_wer": curves.mean_interval([plat[s] for s in seeds], level).__dict__,
+            "plateau_test_wers": plat,
+            "flattened": {s: per_seed[s]["status"] == "flattened" for s in seeds},
+            "rounds": {s: per_seed[s]["last"] for s in seeds},
+            "target_rounds": {s: hits[s][0] for s in seeds},
+            "target_steps": {s: hits[s][1] for s in seeds},
         }
-    return out, mean
+        reached = [s for s in seeds if hits[s][0] is not None]
+        if len(reached) == len(seeds):
+            row["target_rounds_interval"] = curves.mean_interval([hits[s][0] for s in seeds], level).__dict__
+            row["target_steps_interval"] = curves.mean_interval([hits[s][1] for s in seeds], level).__dict__
+        for base in cfg["baselines"]:
+            diff = curves.mean_interval([plat[s] - plateau(records[base][s])[1] for s in seeds], level)
+            base_mean = sum(plateau(records[base][s])[1] for s in seeds) / len(seeds)
+            row[f"vs_{base}"] = {"wer_difference": diff.__dict__, "significant": diff.excludes(0.0), "werr": -diff.mean / base_mean}
+            ratios = []
+            for s in seeds:  # rounds the baseline needs to its own plateau test WER, over the method's
+                base_wer = plateau(records[base][s])[1]
+                r_base, r_m = reach(records[base][s], base_wer)[0], reach(per_seed[s], base_wer)[0]
+                ratios.append(None if r_m is None else r_base / r_m)
+            row[f"vs_{base}"]["speedups"] = dict(zip(seeds, ratios))
+            if all(r is not None for r in ratios):
+                sp = curves.ratio_interval(ratios, level)
+                row[f"vs_{base}"]["speedup"] = sp.__dict__
+                row[f"vs_{base}"]["speedup_significant"] = sp.excludes(1.0)
+        if fed != CLEAN:
+            rel = [relative_weight(per_seed[s], bad[s]) for s in seeds]
+            agent = [relative_weight(per_seed[s], bad[s], agent=True) for s in seeds]
+            row["corrupted_rel_weight"] = sum(rel) / len(rel)
+            row["corrupted_agent_rel_weight"] = None if None in agent else sum(agent) / len(agent)
+        out["methods"][m] = row
+    return out
 
 
-def plot(mean_curves: dict[str, dict], png: Path) -> None:
+def verdict(cfg: dict, records: dict[str, dict[str, dict[int, dict]]]) -> list[str]:
+    """Why the study does not count (empty: it counts): missing seeds, or a FedAvg run that did not flatten."""
+    problems = []
+    for fed, by_method in records.items():
+        for m, per_seed in by_method.items():
+            missing = [s for s in cfg["seeds"] if s not in per_seed]
+            if missing:
+                problems.append(f"{fed}/{m}: seeds {missing} have not finished ({len(per_seed)} of {len(cfg['seeds'])})")
+        for s, rec in by_method.get("fedavg", {}).items():
+            if rec["status"] != "flattened":
+                problems.append(f"{fed}/fedavg seed {s} has not flattened after {rec['last']} rounds")
+    return problems
+
+
+def pct(x: Optional[float]) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.1f}"
+
+
+def interval_text(iv: Optional[dict], scale: float = 100.0, digits: int = 1) -> str:
+    """'mean [low, high]' of an Interval's dict."""
+    if iv is None:
+        return "n/a"
+    f = lambda v: "±inf" if not math.isfinite(v) else f"{scale * v:.{digits}f}"  # noqa: E731
+    return f"{f(iv['mean'])} [{f(iv['low'])}, {f(iv['high'])}]"
+
+
+def markdown(cfg: dict, summaries: list[dict], problems: list[str], settings: dict, grid_dev: dict, cost: dict) -> str:
+    n = len(cfg["seeds"])
+    head = ["# Convergence study", ""]
+    if problems:
+        head += ["**This study does not count:**", "", *[f"- {p}" for p in problems], ""]
+    head += [f"Seeds (corpus and training) {cfg['seeds']}; learning rates chosen on dev with seed {cfg['tune_seed']}, "
+             f"which is not reported. Intervals: 95 % Student-t over the {n} seeds; differences and speed-ups are "
+             "paired by seed, and called significant when the interval excludes 0 (or 1).", ""]
+    for s in summaries:
+        targets = ", ".join(f"{pct(t)} %" for t in s["targets"].values())
+        head += [
+            f"## Federation: {s['federation']}", "",
+            f"Target A = {cfg['target_factor']} x the centralized plateau dev WER of each seed ({targets}), read on test-clean.",
+            "Speed-up = rounds the baseline needs to reach its own plateau test WER, over the rounds the method needs to reach it.", "",
+            "|method|setting (chosen on dev)|plateau test WER % [95 % CI]|flattened|rounds run|rounds to A|client steps to A (k)|"
+            + "|".join(f"Δ WER vs {b} (pts) [CI]|WERR vs {b} %|speed-up vs {b} [CI]" for b in cfg["baselines"])
+            + ("|corrupted clients' weight ×uniform|" if s["federation"] != CLEAN else "|"),
+            "|" + "---|" * (6 + 3 * len(cfg["baselines"]) + (2 if s["federation"] != CLEAN else 1)),
+        ]
+        for m, v in s["methods"].items():
+            cells = [m, str(settings[m]), interval_text(v["plateau_test_wer"]),
+                     f"{sum(v['flattened'].values())}/{n}", "/".join(str(r) for r in v["rounds"].values()),
+                     interval_text(v.get("target_rounds_interval"), 1, 0) if "target_rounds_interval" in v
+                     else "/".join(str(r) if r else "—" for r in v["target_rounds"].values()),
+                     interval_text(v.get("target_steps_interval"), 1e-3, 1) if "target_steps_interval" in v else "n/a"]
+            for b in cfg["baselines"]:
+                c = v[f"vs_{b}"]
+                sig = " *" if c["significant"] else ""
+                cells += [interval_text(c["wer_difference"]) + sig, pct(c["werr"]),
+                          (interval_text(c["speedup"], 1, 2) + (" *" if c["speedup_significant"] else "")) if "speedup" in c
+                          else "/".join("—" if r is None else f"{r:.2f}" for r in c["speedups"].values())]
+            if s["federation"] != CLEAN:
+                cells.append(f"{v['corrupted_rel_weight']:.2f}" + (f" (agent {v['corrupted_agent_rel_weight']:.2f})"
+                                                                   if v["corrupted_agent_rel_weight"] is not None else ""))
+            head.append("|" + "|".join(cells) + "|")
+        c = s["central"]
+        head += ["", "`*`: significant at 95 %. `—`: not reached within the run.", "",
+                 f"Centralized reference (clean data pooled, same model and batch size, {cfg['central_epochs']} epochs): "
+                 f"plateau test WER {interval_text(c['plateau_test_wer'])} %, flattened {sum(c['flattened'].values())}/{n}, "
+                 "steps to A " + "/".join("—" if v is None else str(v) for v in c["target_steps"].values()) + ".", ""]
+    head += ["## Tuning grid: best dev WER on the clean federation of the tuning seed", "", "```",
+             json.dumps(grid_dev, indent=1), "```", "",
+             f"## Cost\n\n{cost['runs']} runs, {cost['run_minutes']} minutes of training in all (test decoding not "
+             f"included), about {cost['wall_minutes']} minutes with {cfg['parallel_jobs']} runs side by side.", "",
+             "![dev WER against client compute](convergence.png)", ""]
+    return "\n".join(head)
+
+
+def plot(cfg: dict, records: dict, central: dict, png: Path) -> None:
+    """Seed-mean dev WER against cumulative client steps, per method and federation, with the centralized reference."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(mean_curves), figsize=(6 * len(mean_curves), 4.5), squeeze=False)
-    for ax, (fed, by_method) in zip(axes[0], mean_curves.items()):
-        for m, curve in by_method.items():
-            ax.plot(list(curve), [100 * w for w in curve.values()], marker="o", ms=3, label=m)
-        ax.set(title=f"federation: {fed}", xlabel="round", ylabel="test-clean WER % (CTC greedy, seed mean)")
+    feds = list(records)
+    fig, axes = plt.subplots(1, len(feds), figsize=(7 * len(feds), 5), squeeze=False)
+
+    def mean_xy(recs: list[dict]):
+        common = sorted(set.intersection(*(set(by_key(r["dev"])) for r in recs)))
+        xs = [sum(by_key(r["steps"])[k] for r in recs) / len(recs) / 1000 for k in common]
+        ys = [100 * sum(by_key(r["dev"])[k] for r in recs) / len(recs) for k in common]
+        return xs, ys
+
+    for ax, fed in zip(axes[0], feds):
+        for m, per_seed in records[fed].items():
+            if per_seed:
+                ax.plot(*mean_xy(list(per_seed.values())), marker="o", ms=2, label=m)
+        if central:
+            ax.plot(*mean_xy(list(central.values())), "k--", marker="s", ms=3, label="centralized")
+        ax.set(title=f"federation: {fed}", xlabel="client compute: optimizer steps of 10 s batches (thousands)",
+               ylabel="dev-clean WER % (CTC greedy, seed mean)")
+        ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -185,100 +462,64 @@ def plot(mean_curves: dict[str, dict], png: Path) -> None:
     fig.savefig(png, dpi=100)
 
 
-def markdown(summaries: list[dict], max_target: float) -> str:
-    def pct(x):
-        return "n/a" if x is None else f"{100 * x:.1f}"
-
-    lines = []
-    for s in summaries:
-        verdict = "" if s["valid"] else f" — **not below {100 * max_target:.0f} %: this study does not count**"
-        lines += [
-            f"### federation: {s['federation']} (target = FedAvg's final test-clean WER {pct(s['target_test_wer'])} %{verdict})",
-            "",
-            "|method|lr (chosen on dev)|seeds|final test WER % (mean ± half range)|rounds to target|speed-up|WERR % vs FedAvg|corrupted clients' weight ×uniform|rl_dga agent's own weight for them ×uniform|",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for m, v in s["methods"].items():
-            speed = "n/a" if v["speedup"] is None else f"{v['speedup']:.2f}"
-            weight = "n/a" if v["corrupted_rel_weight"] is None else f"{v['corrupted_rel_weight']:.2f}"
-            agent = "n/a" if v["corrupted_agent_rel_weight"] is None else f"{v['corrupted_agent_rel_weight']:.2f}"
-            lines.append(
-                f"|{m}|{v['lr']}|{v['seeds']}|{pct(v['final_test_wer'])} ± {pct(v['final_test_wer_spread'])}|"
-                f"{v['rounds_to_target'] or 'not reached'}|{speed}|{pct(v['werr'])}|{weight}|{agent}|"
-            )
-        for m, v in s["methods"].items():
-            if v["dev_held_out_utts"]:
-                lines.append(f"\n{m} chose its learning rate on dev minus the {v['dev_held_out_utts']} utterances it holds "
-                             "out to score its candidate updates; its test WER is on the same test-clean as every method.")
-        lines.append("")
-    return "\n".join(lines)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=ROOT / "bench/convergence.yaml")
-    p.add_argument("--out", type=Path, default=ROOT / "bench/out/convergence")
-    p.add_argument("--report_only", action="store_true", help="summarize the runs already in --out, train nothing")
+    p.add_argument("--out", type=Path, default=ROOT / "bench/out/convergence", help="run directories (checkpoints; not committed)")
+    p.add_argument("--results", type=Path, default=ROOT / "bench/results/convergence", help="compact records and the report (committed)")
+    p.add_argument("--report_only", action="store_true", help="report on the committed records, train nothing")
+    p.add_argument("--jobs_only", choices=("tune", "report"), help="train only this phase, then report")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s")
-    cfg = yaml.safe_load(args.config.read_text())
-    recipe = ROOT / cfg["recipe_dir"]
-    clean = recipe / cfg["train_clients"]
-    if not clean.exists():
-        sys.exit(f"{clean} not found: run {recipe}/run.sh --stage 0 --stop_stage 4 first")
-    common = cfg["common"]
-    rounds, every = common["rounds"], common["validate_every"]
-    if common["keep_checkpoints"] < math.ceil(rounds / every):
-        sys.exit(f"common.keep_checkpoints must keep every validated round (>= {math.ceil(rounds / every)}) for the test curves")
-    from fl_lib.data.corrupt import corrupt_clients
-
+    cfg = load_study(args.config)
+    study = Study(cfg, args.out, args.results)
+    methods, seeds, tune = cfg["methods"], cfg["seeds"], cfg["tune_seed"]
+    feds = [CLEAN, study.bad]
     t0 = time.time()
-    methods, seeds, tune_seed = cfg["methods"], cfg["seeds"], cfg["tune_seed"]
-    bad = f"corrupt{cfg['num_corrupted']}"
-    listings = {"clean": clean, bad: corrupt_clients(clean, args.out / bad / "clients", cfg["num_corrupted"], tune_seed)}
-    bad_ids = set((listings[bad].parent / "corrupted.txt").read_text().split())
 
-    def exp(fed, m, lr, seed):
-        return args.out / fed / f"{m}_lr{lr}_seed{seed}"
+    grid = [Run(CLEAN, m, json.dumps(g, sort_keys=True), tune) for m, spec in methods.items() for g in spec["grid"]]
+    if not args.report_only and args.jobs_only != "report":
+        study.prepare(tune)
+        study.run_all(grid)
+    grid_dev = {m: {} for m in methods}  # best dev WER of each grid point
+    for r in grid:
+        rec = study.record(r)
+        grid_dev[r.method][r.setting] = None if rec is None else min(by_key(rec["dev"]).values())
+    chosen = {m: min((g for g in by_g if by_g[g] is not None), key=by_g.get, default=None) for m, by_g in grid_dev.items()}
+    settings = {m: g and json.loads(g) for m, g in chosen.items()}
+    report_runs = [Run(fed, m, chosen[m], s) for s in seeds for fed in feds for m in methods if chosen[m] is not None]
+    central_runs = [Run(CLEAN, "central", None, s) for s in seeds]
+    if not args.report_only and args.jobs_only != "tune":
+        if None in settings.values():
+            sys.exit(f"the tuning grid has not finished for {[m for m, g in settings.items() if g is None]}")
+        for s in seeds:
+            study.prepare(s)
+        # Seed by seed, the centralized reference first: each finished seed is a complete set of records.
+        study.run_all([r for s in seeds for r in [central_runs[seeds.index(s)], *(x for x in report_runs if x.seed == s)]])
 
-    def job(fed, m, lr, seed):
-        return fl_train_command(cfg, recipe, listings[fed], methods[m], lr, seed, exp(fed, m, lr, seed)), exp(fed, m, lr, seed)
-
-    grid = [(m, lr) for m, spec in methods.items() for lr in spec["lrs"]]
-    tuning = [("clean", m, lr, tune_seed) for m, lr in grid]
-    chosen = all(len(spec["lrs"]) == 1 for spec in methods.values())  # nothing to tune: one pool keeps both cores busy
-    if not args.report_only:
-        every = tuning + [(fed, m, lr, s) for fed in listings for m, lr in grid for s in seeds] if chosen else tuning
-        run_all([job(*r) for r in dict.fromkeys(every)], cfg["parallel_jobs"], rounds)
-    grid_dev = {m: {lr: metrics(exp("clean", m, lr, tune_seed))[-1]["dev_wer"] for lr in spec["lrs"]} for m, spec in methods.items()}
-    best = {m: min(by_lr, key=by_lr.get) for m, by_lr in grid_dev.items()}
-    report_runs = [(fed, m, best[m], s) for fed in listings for m in methods for s in seeds]
-    if not args.report_only and not chosen:
-        run_all([job(*r) for r in report_runs if r not in tuning], cfg["parallel_jobs"], rounds)
-
-    test_cuts = recipe / cfg["test_cuts"]
-    curves = {exp(*r): test_curve(exp(*r), recipe, test_cuts) for r in report_runs}
-    summaries, means = [], {}
-    for fed in listings:
-        runs = {m: [exp(fed, m, best[m], s) for s in seeds] for m in methods}
-        s, means[fed] = summarize(fed, runs, best, curves, bad_ids if fed == bad else set(), cfg["max_target_wer"])
-        summaries.append(s)
-    study = [exp(*r) for r in dict.fromkeys(tuning + report_runs)]
-    minutes = sum(run_minutes(e) for e in study)
-    cost = {"runs": len(study), "run_minutes": round(minutes, 1), "wall_minutes_side_by_side": round(minutes / cfg["parallel_jobs"], 1)}
-    png = args.out / "convergence.png"
-    plot(means, png)
-    report = args.out / "report.md"
-    report.write_text(
-        "# Convergence benchmark\n\n" + markdown(summaries, cfg["max_target_wer"])
-        + "\n### learning-rate grid: final dev WER (CTC greedy) on the clean federation, seed "
-        + f"{tune_seed}; each method keeps its lowest\n\n```\n" + json.dumps(grid_dev, indent=1) + "\n```\n"
-        + f"\n### cost\n\n{cost['runs']} runs, {cost['run_minutes']} minutes of fl_train rounds in all, each at the pace "
-        + f"of the day it ran: about {cost['wall_minutes_side_by_side']} minutes at that pace with {cfg['parallel_jobs']} "
-        + "runs side by side (test decoding not included).\n"
-        + f"\n![test-clean WER per round]({png.name})\n"
-    )
-    print(json.dumps({"summaries": summaries, "lr_grid_dev_wer": grid_dev, "cost": cost, "plot": str(png), "report": str(report), "seconds": round(time.time() - t0)}))
+    records = {fed: {m: {} for m in methods} for fed in feds}
+    for r in report_runs:
+        if (rec := study.record(r)) is not None:
+            records[r.fed][r.method][r.seed] = rec
+    central = {r.seed: rec for r in central_runs if (rec := study.record(r)) is not None}
+    problems = verdict(cfg, records)
+    problems += [f"centralized seed {s} has not finished" for s in seeds if s not in central]
+    summaries = []
+    if not problems:
+        bad = {s: set(records[study.bad]["fedavg"][s]["corrupted"]) for s in seeds}
+        summaries = [summarize(cfg, fed, records[fed], central, bad) for fed in feds]
+    done = {r.name: rec for r in [*grid, *central_runs, *report_runs] if (rec := study.record(r)) is not None}
+    minutes = sum(rec["minutes"] for rec in done.values())
+    cost = {"runs": len(done), "run_minutes": round(minutes, 1), "wall_minutes": round(minutes / cfg["parallel_jobs"], 1)}
+    args.results.mkdir(parents=True, exist_ok=True)
+    plot(cfg, records, central, args.results / "convergence.png")
+    (args.results / "report.md").write_text(markdown(cfg, summaries, problems, settings, grid_dev, cost))
+    summary = {"counts": not problems, "problems": problems, "settings": settings, "summaries": summaries, "cost": cost,
+               "report": str(args.results / "report.md"), "seconds": round(time.time() - t0)}
+    (args.results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps({k: summary[k] for k in ("counts", "problems", "settings", "cost", "report")}))
+    if problems:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

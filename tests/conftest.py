@@ -199,6 +199,7 @@ def bench_module(name: str):
     """A bench/ script loaded as a module (bench/ is not a package)."""
     spec = importlib.util.spec_from_file_location(name, CONF.parents[2] / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -1,34 +1,229 @@
-"""bench/convergence.py's driver: finished runs are reused, others are (re)started; each run's fl_train overrides."""
+"""bench/convergence.py and bench/curves.py: the study's rules on synthetic curves and records.
+
+The flattening rule, the intervals, the validity rules (a FedAvg run that has not
+flattened, or a missing seed, voids the report and makes the exit status 1), the
+chunked training loop that stops when a run flattens, and resuming from committed records.
+"""
 from __future__ import annotations
 
 import json
+import math
+import subprocess
 import sys
+
+import pytest
+import yaml
 
 from conftest import bench_module
 
-
-def test_run_all_reuses_a_finished_run_and_runs_the_rest(tmp_path):
-    conv = bench_module("convergence")
-    jobs = []
-    for name, last_round in (("finished", 80), ("killed", 30), ("new", None)):
-        out = tmp_path / name
-        if last_round is not None:
-            out.mkdir()
-            rows = [{"round": r} for r in range(10, last_round + 1, 10)]
-            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        jobs.append(([sys.executable, "-c", f"open({str(out / 'ran')!r}, 'w')"], out))
-    conv.run_all(jobs, parallel=2, rounds=80)
-    assert not (tmp_path / "finished/ran").exists()
-    assert (tmp_path / "killed/ran").exists() and (tmp_path / "new/ran").exists()
+curves = bench_module("curves")
+conv = bench_module("convergence")
 
 
-def test_a_method_s_overrides_reach_fl_train_after_the_common_ones_and_before_its_lr(tmp_path):
-    conv = bench_module("convergence")
-    cfg = {"asr_config": "conf/a.yaml", "dev_cuts": "dev.jsonl.gz", "common": {"rounds": 80, "clients_per_round": 2}}
-    method = {"fl_config": "conf/fl.yaml", "lr_key": "server_optim.lr", "overrides": {"server_optim.betas": [0.0, 0.99]}}
-    cmd = conv.fl_train_command(cfg, tmp_path, tmp_path / "clients.jsonl", method, 0.01, 777, tmp_path / "exp")
-    assert cmd[-4:] == ["rounds=80", "clients_per_round=2", "server_optim.betas=[0.0, 0.99]", "server_optim.lr=0.01"]
-    assert cmd[cmd.index("--seed") + 1] == "777"
+def test_a_curve_that_still_falls_has_not_flattened_and_a_levelled_one_has():
+    falling = {r: 1.0 - r / 200 for r in range(10, 160, 10)}  # still -5 % per validation at the end
+    assert not curves.flattened(falling)
+    levelled = {r: 0.2 + 0.8 * math.exp(-r / 15) for r in range(10, 160, 10)}
+    assert curves.flattened(levelled)
+
+
+def test_the_rule_compares_the_last_quarter_with_what_came_before():
+    # best 0.30 by round 75 (75 % of 100); the last quarter brings it to 0.295: 1.7 % relative.
+    curve = {25: 0.5, 50: 0.35, 75: 0.30, 100: 0.295}
+    assert curves.flattened(curve, rel_tol=0.03)
+    assert not curves.flattened(curve, rel_tol=0.01)
+    # A noisy rise at the end does not undo a plateau: the best so far counts.
+    assert curves.flattened({25: 0.5, 50: 0.35, 75: 0.30, 100: 0.33})
+    # Too few points to tell.
+    assert not curves.flattened({10: 0.3, 20: 0.3, 30: 0.3})
+
+
+def test_student_t_interval_against_a_hand_computed_case():
+    iv = curves.mean_interval([1.0, 2.0, 3.0])
+    # mean 2, sample sd 1, t_{0.975, 2} = 4.302653: half width 4.302653 / sqrt(3) = 2.484138
+    assert iv.mean == pytest.approx(2.0)
+    assert iv.half_width == pytest.approx(2.484138, abs=1e-6)
+    assert (iv.low, iv.high) == pytest.approx((2.0 - 2.484138, 2.0 + 2.484138), abs=1e-6)
+    assert iv.excludes(-1.0) and not iv.excludes(0.0)
+    assert math.isinf(curves.mean_interval([0.3]).half_width)
+
+
+def test_speed_up_interval_is_geometric():
+    iv = curves.ratio_interval([2.0, 8.0])
+    assert iv.mean == pytest.approx(4.0)  # the geometric mean
+    assert iv.low < 1.0 < iv.high  # two wildly different seeds: not significant
+    same = curves.ratio_interval([3.0, 3.0, 3.0])
+    assert (same.low, same.mean, same.high) == pytest.approx((3.0, 3.0, 3.0))
+
+
+def test_first_reach_and_plateau_point():
+    test = {10: 0.6, 20: 0.4, 30: 0.35, 40: 0.36}
+    assert curves.first_reach(test, 0.4) == 20
+    assert curves.first_reach(test, 0.3) is None
+    assert curves.plateau_point({10: 0.5, 20: 0.3, 30: 0.3}) == 20
+
+
+# -- the study on synthetic records ------------------------------------------------
+SEEDS = [11, 22, 33]
+
+
+def study_config(tmp_path):
+    cfg = {
+        "recipe_dir": "egs/librispeech_fl", "corpus_config": "conf/corpus_fl64.yaml", "asr_config": "conf/a.yaml",
+        "centralized_config": "conf/centralized.yaml", "tune_seed": 1234, "seeds": SEEDS, "num_corrupted": 4,
+        "parallel_jobs": 2, "chunk_rounds": 20, "max_rounds": 100, "central_epochs": 5,
+        "flatten": {"rel_tol": 0.03, "window": 0.25, "min_points": 4}, "target_factor": 1.1,
+        "baselines": ["fedavg", "bmuf"], "common": {"clients_per_round": 8, "validate_every": 10},
+        "methods": {
+            "fedavg": {"fl_config": "conf/fl_fedavg.yaml", "grid": [{"client.lr": 0.002}]},
+            "bmuf": {"fl_config": "conf/fl_bmuf.yaml", "grid": [{"client.lr": 0.002}]},
+            "fedavg_adam": {"fl_config": "conf/fl_fedadam.yaml", "grid": [{"server_optim.lr": 0.01}, {"server_optim.lr": 0.003}]},
+        },
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return cfg, path
+
+
+def fl_record(run, plateau: float, speed: float, flattened: bool = True, corrupted=("c1",)) -> dict:
+    """A record whose WER falls as plateau + 0.6 exp(-speed * round / 30)."""
+    rounds = list(range(10, 101, 10))
+    wer = {r: plateau + 0.6 * math.exp(-speed * r / 30) for r in rounds}
+    rec = {"run": run.__dict__, "unit": "round", "last": rounds[-1], "status": "flattened" if flattened else "not flattened",
+           "dev": wer, "test": {r: w + 0.01 for r, w in wer.items()}, "steps": {r: 40 * r for r in rounds}, "minutes": 1.0,
+           "weights": {"clients": [["c1", "c2"]] * 10, "weights": [[0.25, 0.75]] * 10, "agent": [None] * 10}}
+    if run.fed != conv.CLEAN:
+        rec["corrupted"] = list(corrupted)
+    return json.loads(json.dumps(rec))  # int keys become strings, as on disk
+
+
+def write_records(study, cfg, fedavg_flattened=True, skip=()):
+    methods = cfg["methods"]
+    for m, spec in methods.items():
+        for g in spec["grid"]:
+            run = conv.Run(conv.CLEAN, m, json.dumps(g, sort_keys=True), cfg["tune_seed"])
+            write(study, run, fl_record(run, 0.2 + 0.01 * spec["grid"].index(g), 1.0))
+    chosen = {m: json.dumps(spec["grid"][0], sort_keys=True) for m, spec in methods.items()}
+    speeds = {"fedavg": 1.0, "bmuf": 1.0, "fedavg_adam": 3.0}
+    for s in SEEDS:
+        central = conv.Run(conv.CLEAN, "central", None, s)
+        rec = fl_record(central, 0.15, 2.0)
+        rec.update(unit="epoch", last=100)
+        write(study, central, rec)
+        for fed in (conv.CLEAN, study.bad):
+            for m in methods:
+                run = conv.Run(fed, m, chosen[m], s)
+                if (m, s) in skip:
+                    continue
+                flat = fedavg_flattened or m != "fedavg" or s != SEEDS[0]
+                write(study, run, fl_record(run, 0.2 + 0.001 * s / 11, speeds[m], flat))
+
+
+def write(study, run, rec):
+    d = study.record_dir(run)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "record.json").write_text(json.dumps(rec))
+
+
+def report(tmp_path, path, results):
+    return subprocess.run([sys.executable, str(conv.ROOT / "bench/convergence.py"), "--config", str(path), "--results",
+                           str(results), "--out", str(tmp_path / "out"), "--report_only"], capture_output=True, text=True)
+
+
+def test_the_report_counts_only_when_fedavg_flattened_and_every_seed_finished(tmp_path):
+    cfg, path = study_config(tmp_path)
+    good = tmp_path / "good"
+    study = conv.Study(conv.load_study(path), tmp_path / "out", good)
+    write_records(study, cfg)
+    proc = report(tmp_path, path, good)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((good / "summary.json").read_text())
+    assert summary["counts"] and not summary["problems"]
+    adam = summary["summaries"][0]["methods"]["fedavg_adam"]
+    # three times as fast on every seed: the paired speed-up is 3 with a zero-width interval
+    assert adam["vs_fedavg"]["speedup"]["mean"] == pytest.approx(3.0, rel=0.2)
+    assert adam["vs_fedavg"]["speedup_significant"]
+    assert summary["settings"]["fedavg_adam"] == {"server_optim.lr": 0.01}  # the lower tuning-seed dev WER
+    assert "does not count" not in (good / "report.md").read_text()
+    assert (good / "convergence.png").stat().st_size > 0
+
+    for name, kwargs, why in (("unflat", {"fedavg_flattened": False}, "has not flattened"),
+                              ("missing", {"skip": {("bmuf", 33)}}, "have not finished")):
+        results = tmp_path / name
+        study = conv.Study(conv.load_study(path), tmp_path / "out", results)
+        write_records(study, cfg, **kwargs)
+        proc = report(tmp_path, path, results)
+        assert proc.returncode == 1
+        text = (results / "report.md").read_text()
+        assert "This study does not count" in text and why in text
+
+
+def test_a_run_is_extended_chunk_by_chunk_until_it_flattens_and_its_record_is_reused(tmp_path, monkeypatch):
+    cfg, path = study_config(tmp_path)
+    study = conv.Study(conv.load_study(path), tmp_path / "out", tmp_path / "results")
+    monkeypatch.setattr(study, "corrupted", lambda seed: {"c1"})
+    run = conv.Run(conv.CLEAN, "fedavg", json.dumps({"client.lr": 0.002}), 11)
+    calls = []
+
+    def fake_train(cmd, out):  # fl_train resumed up to rounds=<N>: append those rounds' metrics
+        target = int(cmd[-1].split("=")[1])
+        calls.append(target)
+        done = conv.metrics(out)[-1]["round"] if (out / "metrics.jsonl").exists() else 0
+        with open(out / "metrics.jsonl", "a") as f:
+            for r in range(done + 1, target + 1):
+                wer = 0.2 + 0.6 * math.exp(-r / 10) if r % 10 == 0 else None
+                f.write(json.dumps({"round": r, "dev_wer": wer, "client_steps": 40, "seconds": 1.0, "clients": ["c1"], "weights": [1.0]}) + "\n")
+
+    monkeypatch.setattr(conv.Study, "_call", staticmethod(fake_train))
+    monkeypatch.setattr(conv, "decode_test", lambda exp, data, recipe: {r: 0.3 for r in range(10, 101, 10)})
+    rec = study.execute(run)
+    # 0.2 + 0.6 exp(-r/10): at round 60 the last quarter still gains 4.5 % (0.2110 at round 40 -> 0.2015);
+    # at round 80, 0.6 % (0.2015 at round 60 -> 0.2002): flattened
+    assert calls == [20, 40, 60, 80]
+    assert rec["status"] == "flattened" and rec["last"] == 80
+    assert rec["steps"][80] == 3200  # client steps summed over the rounds: the compute axis
+    assert json.loads((study.record_dir(run) / "record.json").read_text())["last"] == 80
+    # A second call, as after an interruption or on another machine: the record is reused, nothing trains.
+    calls.clear()
+    assert study.execute(run)["last"] == 80 and calls == []
+
+
+def test_a_run_that_never_flattens_stops_at_max_rounds_and_says_so(tmp_path, monkeypatch):
+    cfg, path = study_config(tmp_path)
+    study = conv.Study(conv.load_study(path), tmp_path / "out", tmp_path / "results")
+    run = conv.Run(conv.CLEAN, "bmuf", json.dumps({"client.lr": 0.002}), 11)
+
+    def fake_train(cmd, out):
+        target = int(cmd[-1].split("=")[1])
+        done = conv.metrics(out)[-1]["round"] if (out / "metrics.jsonl").exists() else 0
+        with open(out / "metrics.jsonl", "a") as f:
+            for r in range(done + 1, target + 1):
+                f.write(json.dumps({"round": r, "dev_wer": 1.0 - r / 120 if r % 10 == 0 else None, "client_steps": 40,
+                                    "seconds": 1.0, "clients": [], "weights": []}) + "\n")
+
+    monkeypatch.setattr(conv.Study, "_call", staticmethod(fake_train))
+    monkeypatch.setattr(conv, "decode_test", lambda exp, data, recipe: {r: 0.5 for r in range(10, 101, 10)})
+    rec = study.execute(run)
+    assert rec["last"] == 100 and rec["status"] == "not flattened"
+
+
+def test_the_study_config_refuses_a_reported_tuning_seed_and_unknown_keys(tmp_path):
+    cfg, path = study_config(tmp_path)
+    path.write_text(yaml.safe_dump({**cfg, "seeds": [1234, 22, 33]}))
+    with pytest.raises(ValueError, match="tune_seed"):
+        conv.load_study(path)
+    path.write_text(yaml.safe_dump({**cfg, "rounds": 80}))
+    with pytest.raises(ValueError, match="unknown keys"):
+        conv.load_study(path)
+
+
+def test_a_grid_point_s_overrides_reach_fl_train_after_the_common_ones(tmp_path):
+    cfg, _ = study_config(tmp_path)
+    method = {"fl_config": "conf/fl.yaml", "overrides": {"server_optim.betas": [0.0, 0.99]}}
+    out = conv.fl_overrides(cfg, method, {"server_optim.lr": 0.01})
+    assert out == ["clients_per_round=8", "validate_every=10", "keep_checkpoints=10",
+                   "server_optim.betas=[0.0, 0.99]", "server_optim.lr=0.01"]
     from fl_lib.fl.config import parse_override
 
-    assert parse_override(cmd[-2]) == ("server_optim.betas", [0.0, 0.99])
+    assert parse_override(out[3]) == ("server_optim.betas", [0.0, 0.99])
+    assert conv.setting_label({"server_optim.lr": 0.01, "server_optim.betas": [0.0, 0.99]}) == "lr0.01_betas0.0-0.99"

@@ -34,6 +34,17 @@ def test_trains_epochs_and_writes_an_espnet_experiment(tiny_clients, tiny_sets, 
     )
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[1]["train_seconds"] > rows[0]["train_seconds"] > 0
+    # steps: the batches trained so far, the compute axis shared with a federated run's client steps
+    from lhotse.dataset import SimpleCutSampler
+
+    from fl_lib.asr.centralized import pooled_cuts
+
+    def batches(epoch):
+        sampler = SimpleCutSampler(pooled_cuts(tiny_clients), max_duration=15.0, shuffle=True, seed=3, world_size=1, rank=0)
+        sampler.set_epoch(epoch)
+        return sum(1 for _ in sampler)
+
+    assert [r["steps"] for r in rows] == [batches(1), batches(1) + batches(2)]
     assert all(r["dev_loss"] is not None and r["dev_wer"] is not None for r in rows)
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows
     for name in ("config.yaml", "latest.pth", "valid.acc.best.pth", "2epoch.pth", "centralized_config.yaml"):

@@ -201,3 +201,25 @@ def test_cli_help_is_fast_and_espnet_free() -> None:
     out = subprocess.run([sys.executable, "-m", "fl_lib.bin.synthesize_corpus", "--help"],
                          check=True, capture_output=True, text=True, cwd=REPO, timeout=20).stdout
     assert "--output_dir" in out and "--nj" in out
+
+
+def test_the_study_corpus_has_64_speakers_one_client_each_and_keeps_eval_sentences_out_of_training() -> None:
+    """conf/corpus_fl64.yaml, the convergence study's federation, planned as stage 0 would render it."""
+    study = CorpusConfig.from_yaml(REPO / "egs/librispeech_fl/conf/corpus_fl64.yaml")
+    speakers = make_speakers(study)
+    plan = make_plan(study, speakers)
+    train = [u for u in plan if u.subset == "train-clean-100"]
+    per_speaker = {}
+    for u in train:
+        per_speaker.setdefault(u.speaker.speaker_id, []).append(u)
+    assert len(per_speaker) == 64  # one client per speaker: stage 2 groups train-clean-100 by speaker
+    assert all(8 <= len(utts) <= 30 for utts in per_speaker.values())
+    # about the demo corpus's amount of training speech, spread over 4x the speakers
+    demo = make_plan(CorpusConfig.from_yaml(CORPUS_YAML), make_speakers(CorpusConfig.from_yaml(CORPUS_YAML)))
+    assert 0.8 < len(train) / sum(u.subset == "train-clean-100" for u in demo) < 1.2
+    train_text = {u.text for u in train}
+    for subset in ("dev-clean", "test-clean"):
+        evals = [u for u in plan if u.subset == subset]
+        assert {u.speaker.speaker_id for u in evals} == set(per_speaker)
+        assert not train_text & {u.text for u in evals}, subset
+    assert {u.speaker.speaker_id for u in plan if u.subset == "test-other"}.isdisjoint(per_speaker)

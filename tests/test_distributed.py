@@ -89,6 +89,7 @@ def test_two_ranks_match_one_process(fl_data, tmp_path, conf_name):
     assert proc.returncode == 0, proc.stderr[-5000:]
     m1, m2 = metrics(one), metrics(two)
     assert [r["clients"] for r in m1] == [r["clients"] for r in m2]
+    assert [r["client_steps"] for r in m1] == [r["client_steps"] for r in m2]  # every rank's clients counted once
     for r1, r2 in zip(m1, m2):
         assert r2["weights"] == pytest.approx(r1["weights"], rel=1e-6)
     for name in ("1round.pth", "2round.pth"):

@@ -282,6 +282,11 @@ def test_parallel_client_jobs_match_serial_bitwise(fl_data, conformer_config, tm
     workers = Counter(re.findall(r"client \S+: train_loss=.* pid=(\d+)", caplog.text))
     assert len(workers) == 2 and min(workers.values()) >= 2, workers
     assert [r["weights"] for r in metrics(tmp_path / "serial")] == [r["weights"] for r in metrics(tmp_path / "parallel")]
+    # The compute axis of bench/convergence.py: every client's optimizer steps, ceil(n / 2) batches // accum_grad each.
+    steps = sum(-(-n // max_cuts) // 2 for n in sizes)
+    for run in ("serial", "parallel"):
+        assert [r["client_steps"] for r in metrics(tmp_path / run)] == [steps, steps], run
+        assert all(0 < r["client_seconds"] < r["seconds"] * 2 for r in metrics(tmp_path / run))
     assert all(torch.equal(serial.global_state[k], parallel.global_state[k]) for k in serial.global_state)
 
 

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from conftest import bench_module
 
@@ -159,10 +158,10 @@ def shipped_configs():
     recipe = ROOT / "egs/librispeech_fl"
     runs = [(p.name, p, []) for p in sorted((recipe / "conf").glob("fl_*.yaml"))]
     for study in sorted((ROOT / "bench").glob("convergence*.yaml")):
-        bench = yaml.safe_load(study.read_text())
+        bench = convergence.load_study(study)
         for method, m in bench["methods"].items():
-            runs += [(f"{study.stem}-{method}-{lr}", recipe / m["fl_config"], convergence.fl_overrides(bench, m, lr))
-                     for lr in m["lrs"]]
+            runs += [(f"{study.stem}-{method}-{convergence.setting_label(g)}", recipe / m["fl_config"],
+                      convergence.fl_overrides(bench, m, g)) for g in m["grid"]]
     return runs
 
 

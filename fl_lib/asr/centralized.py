@@ -57,11 +57,15 @@ class CentralizedConfig:
 
 
 class _Budget:
-    """Yields batches until the training time spent reaches the budget (None: no cap)."""
+    """Yields batches until the training time spent reaches the budget (None: no cap).
+
+    It also counts the batches it let through: optimizer steps (accum_grad is 1), the
+    compute axis shared with a federated run's client steps."""
 
     def __init__(self, seconds: Optional[float]) -> None:
         self.seconds = seconds
         self.spent = 0.0
+        self.batches = 0
 
     def exhausted(self) -> bool:
         return self.seconds is not None and self.spent >= self.seconds
@@ -72,6 +76,7 @@ class _Budget:
             for batch in batches:
                 if self.exhausted():
                     return
+                self.batches += 1
                 yield batch
                 now = time.perf_counter()
                 self.spent += now - t0
@@ -141,7 +146,7 @@ def train_centralized(
                 distributed_option=DistributedOption(distributed=False),
             )
         row = {"epoch": epoch, "train_loss": float(reporter.get_value("train", "loss")),
-               "train_seconds": budget.spent, "lr": optimizer.param_groups[0]["lr"]}
+               "train_seconds": budget.spent, "steps": budget.batches, "lr": optimizer.param_groups[0]["lr"]}
         if dev_cuts is not None:
             dev = evaluate(model, make_dataloader(dev_cuts, tokenizer, max_duration=120.0), tokenizer)
             row.update(dev_loss=dev.get("loss"), dev_acc=dev.get("acc"), dev_wer=dev.get("wer"))

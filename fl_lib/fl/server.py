@@ -63,6 +63,10 @@ class RoundMetrics:
     client_lr: float  # client.lr times the client schedule's factor
     seconds: float  # the whole round
     train_seconds: float  # clients, aggregation and server step: the round without validation
+    # The used clients' local work: optimizer steps and seconds, summed. Client steps are the
+    # compute axis on which a federated and a centralized curve compare (same batch size).
+    client_steps: int = 0
+    client_seconds: float = 0.0
     strategy: dict = field(default_factory=dict)  # what the strategy decided (rl_dga: reward, agent weights, ...)
 
 
@@ -238,7 +242,7 @@ class FederatedServer:
             seconds = [self.clients[cid].duration for cid in sampled]
             mine = assign_clients(sampled, seconds, self.ranks.world_size)[self.ranks.rank]
         self.strategy.begin_round()
-        losses, used, dropped, failed, errors = {}, [], [], [], {}
+        losses, used, dropped, failed, errors, work = {}, [], [], [], {}, {}
         lr_scale = lr_factor(self.round, self.conf.client.schedule)
         tasks = (Task(cid, self.clients[cid].manifest, start, draw, self.strategy.proximal_mu, lr_scale) for cid in mine)
         for cid, result, error, worker in self.clients_executor.map(tasks):
@@ -261,10 +265,11 @@ class FederatedServer:
             )
             self.strategy.add(result)
             losses[cid] = result.train_loss
+            work[cid] = (result.num_steps, result.seconds)
             used.append(cid)
             del result
         if self.ranks.distributed:
-            used, dropped, failed, errors, losses = _merge(all_gather_objects((used, dropped, failed, errors, losses)), sampled)
+            used, dropped, failed, errors, losses, work = _merge(all_gather_objects((used, dropped, failed, errors, losses, work)), sampled)
         if len(used) < self.conf.min_clients_per_round:
             # Checked before aggregate(): a stateful strategy (BMUF) must not see this round either.
             logger.error(
@@ -300,6 +305,8 @@ class FederatedServer:
             client_lr=self.conf.client.lr * lr_scale,
             seconds=time.perf_counter() - t0,
             train_seconds=train_seconds,
+            client_steps=sum(work[c][0] for c in used),
+            client_seconds=sum(work[c][1] for c in used),
             strategy=self.strategy.round_metrics(),
         )
 
@@ -434,17 +441,18 @@ def _fmt(x: Optional[float]) -> str:
 
 
 def _merge(per_rank: list, sampled: list) -> tuple:
-    """The ranks' (used, dropped, failed, errors, losses) as one process would have them: in sampling order."""
+    """The ranks' (used, dropped, failed, errors, losses, work) as one process would have them: in sampling order."""
     order = {cid: i for i, cid in enumerate(sampled)}
-    used, dropped, failed, errors, losses = [], [], [], {}, {}
-    for u, d, f, e, l in per_rank:
+    used, dropped, failed, errors, losses, work = [], [], [], {}, {}, {}
+    for u, d, f, e, l, w in per_rank:
         used += u
         dropped += d
         failed += f
         errors.update(e)
         losses.update(l)
+        work.update(w)
     by_order = lambda ids: sorted(ids, key=order.__getitem__)  # noqa: E731
-    return by_order(used), by_order(dropped), by_order(failed), {c: errors[c] for c in by_order(errors)}, losses
+    return by_order(used), by_order(dropped), by_order(failed), {c: errors[c] for c in by_order(errors)}, losses, work
 
 
 def _truncate_metrics(path: Path, rounds_done: int) -> None:
