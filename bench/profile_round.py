@@ -25,6 +25,7 @@ import pickle
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -83,7 +84,8 @@ def _patched(timers, server):
 
     def build_optimizer(*a, **kw):
         opt = saved_build(*a, **kw)
-        opt.step = timers.wrap("optimizer", opt.step)
+        # A bound method, as torch's LR schedulers (the client warmup) wrap `step` through `__func__`.
+        opt.step = types.MethodType(timers.wrap("optimizer", lambda _self, *b, _step=opt.step, **k: _step(*b, **k)), opt)
         return opt
 
     client_mod.build_client_optimizer = build_optimizer
