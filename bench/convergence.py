@@ -185,7 +185,9 @@ class Study:
                 rounds = rows[-1]["round"] if rows else 0
                 if rounds >= self.cfg["max_rounds"] or curves.flattened(dev_curve(rows), **flat):
                     break
-                self._call(self.fl_command(run, rounds + self.cfg["chunk_rounds"]), out)
+                # up to the next multiple of chunk_rounds: a run killed mid-chunk gets back in step
+                chunk = self.cfg["chunk_rounds"]
+                self._call(self.fl_command(run, (rounds // chunk + 1) * chunk), out)
         rec = self._write_record(run, out)
         logger.info(f"finished {run.name} ({rec['status']}, {rec['last']} {rec['unit']}) in {time.time() - t0:.0f}s")
         return rec
@@ -237,8 +239,9 @@ class Study:
 def fl_overrides(cfg: dict, method: dict, setting: dict) -> list[str]:
     """fl_train's key=value overrides for one run: `common`, then the method's `overrides`, then its grid point.
 
-    keep_checkpoints keeps every validated round, whose test WER is read afterwards."""
-    keep = cfg["max_rounds"] // cfg["common"]["validate_every"]
+    keep_checkpoints keeps every validated round, whose test WER is read afterwards: every
+    validate_every-th round, and the last round of each fl_train call (fl_train validates it)."""
+    keep = cfg["max_rounds"] // cfg["common"]["validate_every"] + cfg["max_rounds"] // cfg["chunk_rounds"]
     settings = {**cfg["common"], "keep_checkpoints": keep, **method.get("overrides", {}), **setting}
     return [f"{k}={json.dumps(v)}" for k, v in settings.items()]
 

@@ -221,9 +221,32 @@ def test_a_grid_point_s_overrides_reach_fl_train_after_the_common_ones(tmp_path)
     cfg, _ = study_config(tmp_path)
     method = {"fl_config": "conf/fl.yaml", "overrides": {"server_optim.betas": [0.0, 0.99]}}
     out = conv.fl_overrides(cfg, method, {"server_optim.lr": 0.01})
-    assert out == ["clients_per_round=8", "validate_every=10", "keep_checkpoints=10",
+    assert out == ["clients_per_round=8", "validate_every=10", "keep_checkpoints=15",
                    "server_optim.betas=[0.0, 0.99]", "server_optim.lr=0.01"]
     from fl_lib.fl.config import parse_override
 
     assert parse_override(out[3]) == ("server_optim.betas", [0.0, 0.99])
     assert conv.setting_label({"server_optim.lr": 0.01, "server_optim.betas": [0.0, 0.99]}) == "lr0.01_betas0.0-0.99"
+
+
+def test_a_run_killed_mid_chunk_resumes_to_the_next_chunk_boundary(tmp_path, monkeypatch):
+    """Killed at round 29 (chunks of 20): the next fl_train call asks for rounds=40, not 49, so the
+    validated rounds stay on the grid that keep_checkpoints was sized for."""
+    cfg, path = study_config(tmp_path)
+    study = conv.Study(conv.load_study(path), tmp_path / "out", tmp_path / "results")
+    run = conv.Run(conv.CLEAN, "fedavg", json.dumps({"client.lr": 0.002}), 11)
+    out = tmp_path / "out" / run.name
+    out.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text("".join(
+        json.dumps({"round": r, "dev_wer": 0.9 if r % 10 == 0 else None, "client_steps": 40, "seconds": 1.0}) + "\n"
+        for r in range(1, 30)))
+    calls = []
+
+    def fake_train(cmd, out):
+        calls.append(cmd[-1])
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(conv.Study, "_call", staticmethod(fake_train))
+    with pytest.raises(RuntimeError, match="stop here"):
+        study.execute(run)
+    assert calls == ["rounds=40"]
