@@ -63,6 +63,10 @@ def load_study(path: Path) -> dict:
         raise ValueError(f"{path}: tune_seed {cfg['tune_seed']} is also a reported seed")
     if "fedavg" not in cfg["methods"] or not set(cfg["baselines"]) <= set(cfg["methods"]):
         raise ValueError(f"{path}: methods must include fedavg and the baselines {cfg['baselines']}")
+    for m, spec in cfg["methods"].items():
+        labels = [setting_label(g) for g in spec["grid"]]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"{path}: method {m}'s grid points share a directory label: {labels}")
     every = cfg["common"]["validate_every"]
     if cfg["chunk_rounds"] % every or cfg["max_rounds"] % cfg["chunk_rounds"]:
         raise ValueError(f"{path}: chunk_rounds must be a multiple of validate_every and divide max_rounds")
@@ -163,9 +167,32 @@ class Study:
     def record_dir(self, run: Run) -> Path:
         return self.results / "runs" / run.name
 
+    def fingerprint(self, run: Run) -> dict:
+        """Everything that decides what a run trains and when it stops (configs by content, not
+        by text: comments may change). keep_checkpoints and rounds are left out: they do not."""
+        read = lambda rel: yaml.safe_load((self.recipe / rel).read_text())  # noqa: E731
+        common = {"asr_config": read(self.cfg["asr_config"]), "corpus_config": read(self.cfg["corpus_config"]),
+                  "flatten": self.cfg["flatten"]}
+        if run.method == "central":
+            return {**common, "centralized_config": read(self.cfg["centralized_config"]), "epochs": self.cfg["central_epochs"]}
+        method = self.cfg["methods"][run.method]
+        overrides = [o for o in fl_overrides(self.cfg, method, run.overrides) if not o.startswith("keep_checkpoints=")]
+        return {**common, "fl_config": read(method["fl_config"]), "overrides": overrides,
+                "max_rounds": self.cfg["max_rounds"], "chunk_rounds": self.cfg["chunk_rounds"],
+                "num_corrupted": self.cfg["num_corrupted"]}
+
     def record(self, run: Run) -> Optional[dict]:
+        """The committed record of `run`, None if there is none; an error if it was made with other settings."""
         path = self.record_dir(run) / "record.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        rec = json.loads(path.read_text())
+        now = json.loads(json.dumps(self.fingerprint(run)))
+        if rec.get("fingerprint") != now:
+            differ = sorted(k for k in set(now) | set(rec.get("fingerprint", {})) if now.get(k) != rec.get("fingerprint", {}).get(k))
+            raise ValueError(f"{path} was made with other settings ({', '.join(differ)} differ); "
+                             f"remove {path.parent} to train that run again")
+        return rec
 
     def execute(self, run: Run) -> dict:
         """Train `run` until it flattens (or its cap), decode its test curve, commit its record."""
@@ -188,6 +215,8 @@ class Study:
                 # up to the next multiple of chunk_rounds: a run killed mid-chunk gets back in step
                 chunk = self.cfg["chunk_rounds"]
                 self._call(self.fl_command(run, (rounds // chunk + 1) * chunk), out)
+                if metrics(out)[-1]["round"] <= rounds:
+                    raise RuntimeError(f"{out}: fl_train exited 0 without training a round; see {out / 'bench.log'}")
         rec = self._write_record(run, out)
         logger.info(f"finished {run.name} ({rec['status']}, {rec['last']} {rec['unit']}) in {time.time() - t0:.0f}s")
         return rec
@@ -205,16 +234,16 @@ class Study:
         key = "epoch" if central else "round"
         dev = dev_curve(rows)
         steps = cumulative_steps(rows)
-        test = decode_test(out, self.corpus(run.seed) / "data", self.recipe)
+        test = decode_test(out, self.corpus(run.seed) / "data", list(dev))
         missing = sorted(set(dev) - set(test))
         if missing:
             raise RuntimeError(f"{out}: no checkpoint kept for validated {key}s {missing[:5]}...; keep_checkpoints is too small")
         flat = curves.flattened(dev, **self.cfg["flatten"])
         rec = {
-            "run": run.__dict__, "unit": key, "last": rows[-1][key], "status": "flattened" if flat else "not flattened",
+            "run": run.__dict__, "fingerprint": self.fingerprint(run), "unit": key, "last": rows[-1][key], "status": "flattened" if flat else "not flattened",
             "dev": dev, "test": {k: test[k] for k in dev}, "steps": {k: steps[k] for k in dev},
-            # training time; the centralized rows carry it cumulatively, validation not included
-            "minutes": round((rows[-1]["train_seconds"] if central else sum(r["seconds"] for r in rows)) / 60, 2),
+            # training time, validation not included; the centralized rows carry it cumulatively
+            "minutes": round((rows[-1]["train_seconds"] if central else sum(r["train_seconds"] for r in rows)) / 60, 2),
         }
         if run.fed != CLEAN:
             rec["corrupted"] = sorted(self.corrupted(run.seed))
@@ -266,8 +295,8 @@ def cumulative_steps(rows: list[dict]) -> dict[int, int]:
     return out
 
 
-def decode_test(exp: Path, data: Path, recipe: Path) -> dict[int, float]:
-    """{round or epoch: CTC-greedy test-clean WER} of every kept checkpoint."""
+def decode_test(exp: Path, data: Path, rounds: list[int]) -> dict[int, float]:
+    """{round or epoch: CTC-greedy test-clean WER} of the kept checkpoints of these (validated) rounds."""
     from fl_lib.asr.average import round_checkpoints
     from fl_lib.data.dataset import make_dataloader
     from fl_lib.data.tokenizer import Tokenizer
@@ -277,6 +306,8 @@ def decode_test(exp: Path, data: Path, recipe: Path) -> dict[int, float]:
     tok = Tokenizer(data / "token_list/char/bpe.model", data / "token_list/char/tokens.txt")
     out = {}
     for rnd, path in round_checkpoints(exp).items():
+        if rnd not in rounds:
+            continue
         model, _ = asr_task().build_model_from_file(exp / "config.yaml", path, "cpu")
         out[rnd] = evaluate(model, make_dataloader(data / "sets/test-clean.jsonl.gz", tok, max_duration=120.0), tok)["wer"]
     return out
@@ -294,10 +325,10 @@ def plateau(rec: dict) -> tuple[int, float]:
     return x, by_key(rec["test"])[x]
 
 
-def reach(rec: dict, target: float) -> tuple[Optional[int], Optional[int]]:
-    """(round or epoch, steps) at which the record's test curve first reaches `target`."""
+def reach(rec: dict, target: float) -> tuple[Optional[float], Optional[float]]:
+    """(round or epoch, steps) at which the record's test curve first reaches `target`, interpolated."""
     x = curves.first_reach(by_key(rec["test"]), target)
-    return (None, None) if x is None else (x, by_key(rec["steps"])[x])
+    return (None, None) if x is None else (x, curves.at(by_key(rec["steps"]), x))
 
 
 def relative_weight(rec: dict, bad: set[str], agent: bool = False) -> Optional[float]:
@@ -321,8 +352,14 @@ def summarize(cfg: dict, fed: str, records: dict[str, dict[int, dict]], central:
            "central": {"plateau_test_wer": curves.mean_interval([plateau(central[s])[1] for s in seeds], level).__dict__,
                        "flattened": {s: central[s]["status"] == "flattened" for s in seeds},
                        "target_steps": {s: reach(central[s], target[s])[1] for s in seeds}}}
+    central_by_steps = {s: {by_key(central[s]["steps"])[e]: w for e, w in by_key(central[s]["dev"]).items()} for s in seeds}
     for m, per_seed in records.items():
         plat = {s: plateau(per_seed[s])[1] for s in seeds}
+        ratio = {}  # plateau dev WER over the centralized run's best dev WER within the same optimizer steps
+        for s in seeds:
+            x = curves.plateau_point(by_key(per_seed[s]["dev"]))
+            central_best = curves.best_so_far(central_by_steps[s], by_key(per_seed[s]["steps"])[x])
+            ratio[s] = by_key(per_seed[s]["dev"])[x] / central_best if math.isfinite(central_best) else None
         hits = {s: reach(per_seed[s], target[s]) for s in seeds}
         row = {
             "plateau_test_wer": curves.mean_interval([plat[s] for s in seeds], level).__dict__,
@@ -331,7 +368,10 @@ def summarize(cfg: dict, fed: str, records: dict[str, dict[int, dict]], central:
             "rounds": {s: per_seed[s]["last"] for s in seeds},
             "target_rounds": {s: hits[s][0] for s in seeds},
             "target_steps": {s: hits[s][1] for s in seeds},
+            "dev_over_central_same_steps": ratio,
         }
+        if None not in ratio.values():
+            row["dev_over_central_interval"] = curves.mean_interval(list(ratio.values()), level).__dict__
         reached = [s for s in seeds if hits[s][0] is not None]
         if len(reached) == len(seeds):
             row["target_rounds_interval"] = curves.mean_interval([hits[s][0] for s in seeds], level).__dict__
@@ -353,7 +393,7 @@ def summarize(cfg: dict, fed: str, records: dict[str, dict[int, dict]], central:
         if fed != CLEAN:
             rel = [relative_weight(per_seed[s], bad[s]) for s in seeds]
             agent = [relative_weight(per_seed[s], bad[s], agent=True) for s in seeds]
-            row["corrupted_rel_weight"] = sum(rel) / len(rel)
+            row["corrupted_rel_weight"] = None if None in rel else sum(rel) / len(rel)
             row["corrupted_agent_rel_weight"] = None if None in agent else sum(agent) / len(agent)
         out["methods"][m] = row
     return out
@@ -385,14 +425,16 @@ def interval_text(iv: Optional[dict], scale: float = 100.0, digits: int = 1) -> 
     return f"{f(iv['mean'])} [{f(iv['low'])}, {f(iv['high'])}]"
 
 
-def markdown(cfg: dict, summaries: list[dict], problems: list[str], settings: dict, grid_dev: dict, cost: dict) -> str:
+def markdown(cfg: dict, summaries: list[dict], problems: list[str], settings: dict, grid_dev: dict, cost: dict,
+             done: dict[str, dict]) -> str:
     n = len(cfg["seeds"])
     head = ["# Convergence study", ""]
     if problems:
         head += ["**This study does not count:**", "", *[f"- {p}" for p in problems], ""]
     head += [f"Seeds (corpus and training) {cfg['seeds']}; learning rates chosen on dev with seed {cfg['tune_seed']}, "
              f"which is not reported. Intervals: 95 % Student-t over the {n} seeds; differences and speed-ups are "
-             "paired by seed, and called significant when the interval excludes 0 (or 1).", ""]
+             "paired by seed, and called significant when the interval excludes 0 (or 1). Rounds and steps to a target "
+             "are interpolated linearly between validations.", ""]
     for s in summaries:
         targets = ", ".join(f"{pct(t)} %" for t in s["targets"].values())
         head += [
@@ -400,16 +442,18 @@ def markdown(cfg: dict, summaries: list[dict], problems: list[str], settings: di
             f"Target A = {cfg['target_factor']} x the centralized plateau dev WER of each seed ({targets}), read on test-clean.",
             "Speed-up = rounds the baseline needs to reach its own plateau test WER, over the rounds the method needs to reach it.", "",
             "|method|setting (chosen on dev)|plateau test WER % [95 % CI]|flattened|rounds run|rounds to A|client steps to A (k)|"
+            "dev WER ÷ centralized at equal steps [CI]|"
             + "|".join(f"Δ WER vs {b} (pts) [CI]|WERR vs {b} %|speed-up vs {b} [CI]" for b in cfg["baselines"])
             + ("|corrupted clients' weight ×uniform|" if s["federation"] != CLEAN else "|"),
-            "|" + "---|" * (6 + 3 * len(cfg["baselines"]) + (2 if s["federation"] != CLEAN else 1)),
+            "|" + "---|" * (7 + 3 * len(cfg["baselines"]) + (2 if s["federation"] != CLEAN else 1)),
         ]
         for m, v in s["methods"].items():
             cells = [m, str(settings[m]), interval_text(v["plateau_test_wer"]),
                      f"{sum(v['flattened'].values())}/{n}", "/".join(str(r) for r in v["rounds"].values()),
                      interval_text(v.get("target_rounds_interval"), 1, 0) if "target_rounds_interval" in v
-                     else "/".join(str(r) if r else "—" for r in v["target_rounds"].values()),
-                     interval_text(v.get("target_steps_interval"), 1e-3, 1) if "target_steps_interval" in v else "n/a"]
+                     else "/".join("—" if r is None else f"{r:.0f}" for r in v["target_rounds"].values()),
+                     interval_text(v.get("target_steps_interval"), 1e-3, 1) if "target_steps_interval" in v else "n/a",
+                     interval_text(v.get("dev_over_central_interval"), 1, 2)]
             for b in cfg["baselines"]:
                 c = v[f"vs_{b}"]
                 sig = " *" if c["significant"] else ""
@@ -417,8 +461,9 @@ def markdown(cfg: dict, summaries: list[dict], problems: list[str], settings: di
                           (interval_text(c["speedup"], 1, 2) + (" *" if c["speedup_significant"] else "")) if "speedup" in c
                           else "/".join("—" if r is None else f"{r:.2f}" for r in c["speedups"].values())]
             if s["federation"] != CLEAN:
-                cells.append(f"{v['corrupted_rel_weight']:.2f}" + (f" (agent {v['corrupted_agent_rel_weight']:.2f})"
-                                                                   if v["corrupted_agent_rel_weight"] is not None else ""))
+                weight = "n/a" if v["corrupted_rel_weight"] is None else f"{v['corrupted_rel_weight']:.2f}"
+                cells.append(weight + (f" (agent {v['corrupted_agent_rel_weight']:.2f})"
+                                       if v["corrupted_agent_rel_weight"] is not None else ""))
             head.append("|" + "|".join(cells) + "|")
         c = s["central"]
         head += ["", "`*`: significant at 95 %. `—`: not reached within the run.", "",
@@ -427,10 +472,15 @@ def markdown(cfg: dict, summaries: list[dict], problems: list[str], settings: di
                  "steps to A " + "/".join("—" if v is None else str(v) for v in c["target_steps"].values()) + ".", ""]
     head += ["## Tuning grid: best dev WER on the clean federation of the tuning seed", "", "```",
              json.dumps(grid_dev, indent=1), "```", "",
-             f"## Cost\n\n{cost['runs']} runs, {cost['run_minutes']} minutes of training in all (test decoding not "
+             f"## Cost\n\n{cost['runs']} runs, {cost['run_minutes']} minutes of training in all (validation and test decoding not "
              f"included), about {cost['wall_minutes']} minutes with {cfg['parallel_jobs']} runs side by side.", "",
-             "![dev WER against client compute](convergence.png)", ""]
-    return "\n".join(head)
+             "![dev WER against client compute](convergence.png)", "",
+             "## Every finished run", "", "|run|status|rounds (epochs)|best dev WER %|its test WER %|training minutes|",
+             "|---|---|---|---|---|---|"]
+    for name, rec in sorted(done.items()):
+        x, test = plateau(rec)
+        head.append(f"|{name}|{rec['status']}|{rec['last']}|{pct(by_key(rec['dev'])[x])} (at {x})|{pct(test)}|{rec['minutes']}|")
+    return "\n".join(head) + "\n"
 
 
 def plot(cfg: dict, records: dict, central: dict, png: Path) -> None:
@@ -505,7 +555,8 @@ def main() -> None:
         if (rec := study.record(r)) is not None:
             records[r.fed][r.method][r.seed] = rec
     central = {r.seed: rec for r in central_runs if (rec := study.record(r)) is not None}
-    problems = verdict(cfg, records)
+    problems = [f"tuning grid: {r.name} has not finished" for r in grid if study.record(r) is None]
+    problems += verdict(cfg, records)
     problems += [f"centralized seed {s} has not finished" for s in seeds if s not in central]
     summaries = []
     if not problems:
@@ -516,7 +567,7 @@ def main() -> None:
     cost = {"runs": len(done), "run_minutes": round(minutes, 1), "wall_minutes": round(minutes / cfg["parallel_jobs"], 1)}
     args.results.mkdir(parents=True, exist_ok=True)
     plot(cfg, records, central, args.results / "convergence.png")
-    (args.results / "report.md").write_text(markdown(cfg, summaries, problems, settings, grid_dev, cost))
+    (args.results / "report.md").write_text(markdown(cfg, summaries, problems, settings, grid_dev, cost, done))
     summary = {"counts": not problems, "problems": problems, "settings": settings, "summaries": summaries, "cost": cost,
                "report": str(args.results / "report.md"), "seconds": round(time.time() - t0)}
     (args.results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

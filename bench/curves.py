@@ -18,23 +18,49 @@ def best_so_far(curve: Curve, upto: float) -> float:
     return min((wer for x, wer in curve.items() if x <= upto), default=math.inf)
 
 
-def flattened(curve: Curve, rel_tol: float = 0.03, window: float = 0.25, min_points: int = 4) -> bool:
+def flattened(curve: Curve, rel_tol: float = 0.03, window: float = 0.25, min_points: int = 4,
+              min_gain: float = 0.2) -> bool:
     """True when the best WER improved by less than `rel_tol` (relative) over the last
     `window` of the run: best(x <= (1 - window) * x_last) against best(all).
 
-    A curve with fewer than `min_points` points has not shown it has flattened."""
+    A curve with fewer than `min_points` points has not shown it has flattened, and one whose
+    best is not `min_gain` (relative) below its first point has not started learning: a run
+    stuck near 100 % WER is flat, not converged."""
     if len(curve) < min_points:
         return False
-    last = max(curve)
-    earlier = best_so_far(curve, (1.0 - window) * last)
-    if not math.isfinite(earlier):
+    first = curve[min(curve)]
+    best = best_so_far(curve, max(curve))
+    if not best <= (1.0 - min_gain) * first:
         return False
-    return (earlier - best_so_far(curve, last)) / earlier < rel_tol
+    earlier = best_so_far(curve, (1.0 - window) * max(curve))
+    if not math.isfinite(earlier) or earlier <= 0.0:
+        return earlier <= 0.0  # nothing left to improve
+    return (earlier - best) / earlier < rel_tol
 
 
 def first_reach(curve: Curve, target: float) -> Optional[float]:
-    """The first x whose WER is at or below `target` (None: never)."""
-    return next((x for x, wer in sorted(curve.items()) if wer <= target + 1e-12), None)
+    """Where the curve first reaches `target` (None: never), interpolated linearly between the
+    last point above it and the first at or below it, so that runs validated every N rounds
+    do not all tie on multiples of N. At or below the target from its first point: that point."""
+    points = sorted(curve.items())
+    for i, (x, wer) in enumerate(points):
+        if wer <= target + 1e-12:
+            if i == 0:
+                return x
+            x0, w0 = points[i - 1]
+            return x0 + (w0 - target) / (w0 - wer) * (x - x0)
+    return None
+
+
+def at(curve: Curve, x: float) -> float:
+    """The curve's value at x, interpolated linearly between its points (x within its range)."""
+    points = sorted(curve.items())
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 + (x - x0) / (x1 - x0) * (y1 - y0)
+    if points and x == points[0][0]:
+        return points[0][1]
+    raise ValueError(f"{x} is outside the curve's range {points[0][0]}..{points[-1][0]}")
 
 
 def plateau_point(dev: Curve) -> float:
