@@ -475,6 +475,7 @@ def markdown(cfg: dict, summaries: list[dict], problems: list[str], settings: di
              f"## Cost\n\n{cost['runs']} runs, {cost['run_minutes']} minutes of training in all (validation and test decoding not "
              f"included), about {cost['wall_minutes']} minutes with {cfg['parallel_jobs']} runs side by side.", "",
              "![dev WER against client compute](convergence.png)", "",
+             "![the tuning grid's dev WER against client compute](tuning.png)", "",
              "## Every finished run", "", "|run|status|rounds (epochs)|best dev WER %|its test WER %|training minutes|",
              "|---|---|---|---|---|---|"]
     for name, rec in sorted(done.items()):
@@ -509,10 +510,35 @@ def plot(cfg: dict, records: dict, central: dict, png: Path) -> None:
                ylabel="dev-clean WER % (CTC greedy, seed mean)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def plot_grid(grid_records: dict[str, dict[str, dict]], png: Path) -> None:
+    """The tuning grid: each point's dev WER against client steps, one panel per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(grid_records), figsize=(4.5 * len(grid_records), 4), squeeze=False, sharey=True)
+    for ax, (m, by_setting) in zip(axes[0], grid_records.items()):
+        for label, rec in by_setting.items():
+            dev, steps = by_key(rec["dev"]), by_key(rec["steps"])
+            ax.plot([steps[k] / 1000 for k in dev], [100 * w for w in dev.values()], marker="o", ms=2,
+                    label=f"{label} ({rec['status']})")
+        ax.set(title=m, xlabel="client steps (thousands)", ylim=(0, 105))
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("dev-clean WER % (CTC greedy), tuning seed")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -567,6 +593,11 @@ def main() -> None:
     cost = {"runs": len(done), "run_minutes": round(minutes, 1), "wall_minutes": round(minutes / cfg["parallel_jobs"], 1)}
     args.results.mkdir(parents=True, exist_ok=True)
     plot(cfg, records, central, args.results / "convergence.png")
+    grid_records = {m: {} for m in methods}
+    for r in grid:
+        if (rec := study.record(r)) is not None:
+            grid_records[r.method][setting_label(r.overrides)] = rec
+    plot_grid(grid_records, args.results / "tuning.png")
     (args.results / "report.md").write_text(markdown(cfg, summaries, problems, settings, grid_dev, cost, done))
     summary = {"counts": not problems, "problems": problems, "settings": settings, "summaries": summaries, "cost": cost,
                "report": str(args.results / "report.md"), "seconds": round(time.time() - t0)}
