@@ -223,3 +223,60 @@ def test_the_study_corpus_has_64_speakers_one_client_each_and_keeps_eval_sentenc
         assert {u.speaker.speaker_id for u in evals} == set(per_speaker)
         assert not train_text & {u.text for u in evals}, subset
     assert {u.speaker.speaker_id for u in plan if u.subset == "test-other"}.isdisjoint(per_speaker)
+
+
+# sha256 of each librispeech_fl corpus config's config record, speakers, plan (ids, parts, speakers,
+# sentences) and LM text, computed before heldout_distinct_sentences existed: options added for the
+# session corpora must leave these corpora, and the .done records of corpora already synthesized, as they were.
+LIBRISPEECH_FL_PLANS = {
+    "corpus.yaml": "3de2a47cd468bd20843aa36a7fa21ba18a52649be5890f0ba956d1eb5ad2181d",
+    "corpus_fl64.yaml": "9ba39c72740773a4237d748597dd7babf0dfba96cb7e545a3c591e563442fb09",
+    "corpus_tiny.yaml": "298b54bb342a2f6a8e9ee035a39cf8a377af987c8ba701b3154f9238963a9c6a",
+}
+
+
+def plan_digest(config: CorpusConfig) -> str:
+    import hashlib
+    import random
+    from dataclasses import asdict
+
+    from fl_lib.corpus.grammar import lm_sentences
+
+    speakers = make_speakers(config)
+    plan = make_plan(config, speakers)
+    lm = lm_sentences(random.Random(f"{config.seed}:lm_text"), config.lm_sentences, config.eval_fraction)
+    blob = json.dumps({"config": config.to_dict(), "speakers": [asdict(s) for s in speakers],
+                       "plan": [[u.utt_id, u.subset, u.speaker.speaker_id, u.text] for u in plan], "lm": lm},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("name", sorted(LIBRISPEECH_FL_PLANS))
+def test_librispeech_fl_corpus_plans_are_unchanged(name: str) -> None:
+    config = CorpusConfig.from_yaml(REPO / "egs/librispeech_fl/conf" / name)
+    assert "heldout_distinct_sentences" not in config.to_dict()  # a key at its default stays out of .done
+    assert plan_digest(config) == LIBRISPEECH_FL_PLANS[name]
+
+
+def test_heldout_distinct_sentences_are_distinct_test_sentences_even_when_categories_run_out() -> None:
+    import random
+
+    from fl_lib.corpus.grammar import NoSentenceLeft, distinct_sentences
+
+    config = CorpusConfig(num_train_speakers=1, num_heldout_speakers=6, heldout_utts=(150, 150),
+                          heldout_distinct_sentences=True, lm_sentences=0)
+    assert config.to_dict()["heldout_distinct_sentences"] is True
+    plan = make_plan(config, make_speakers(config))
+    texts = [u.text for u in plan if u.subset == "test-other"]
+    assert len(texts) == len(set(texts)) == 900
+    assert {partition_of(t, config.eval_fraction) for t in texts} == {"test"}
+    assert any(t.endswith(" DOOR") or t.endswith(" WINDOWS") for t in texts)  # a small category, used up
+    plain = CorpusConfig(num_train_speakers=1, num_heldout_speakers=6, heldout_utts=(150, 150), lm_sentences=0)
+    plain_texts = [u.text for u in make_plan(plain, make_speakers(plain)) if u.subset == "test-other"]
+    assert len(set(plain_texts)) < len(plain_texts)  # without the option, sentences repeat
+    used: set[str] = set()
+    with pytest.raises(NoSentenceLeft, match="no unused sentence left after"):
+        distinct_sentences(random.Random(0), {"doors": 1.0}, 100, "test", 0.2, used, set())
+    assert len(used) < 100
+    with pytest.raises(ValueError, match="heldout_distinct_sentences must be true or false"):
+        CorpusConfig(heldout_distinct_sentences="yes")

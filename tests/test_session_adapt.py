@@ -63,26 +63,31 @@ def test_split_is_seeded_disjoint_and_complete(tmp_path):
     other = load_sessions(split_sessions(cuts, tmp_path / "s2", 0.7, seed=2))
     for s, s_again, s_other in zip(first, again, other):
         adapt = {c["id"] for c in _read(s.adapt)}
+        dev = {c["id"] for c in _read(s.dev)}
         test = {c["id"] for c in _read(s.test)}
-        assert len(adapt) == 7 and len(test) == 3 and not adapt & test
-        assert adapt | test == {f"{s.id}-1-{i:04d}" for i in range(10)}
+        assert (len(adapt), len(dev), len(test)) == (s.num_adapt, s.num_dev, s.num_test) == (7, 1, 2)
+        assert not adapt & test and not adapt & dev and not dev & test
+        assert adapt | dev | test == {f"{s.id}-1-{i:04d}" for i in range(10)}
         assert adapt == {c["id"] for c in _read(s_again.adapt)}
-        assert all("text" in c["supervisions"][0] for c in _read(s.test))
+        assert all("text" in c["supervisions"][0] for c in _read(s.test) + _read(s.dev))
     assert any({c["id"] for c in _read(a.adapt)} != {c["id"] for c in _read(b.adapt)} for a, b in zip(first, other))
-    test_all = _read(tmp_path / "s1/test.jsonl.gz")
-    assert len(test_all) == 6
+    assert len(_read(tmp_path / "s1/test.jsonl.gz")) == 4 and len(_read(tmp_path / "s1/dev.jsonl.gz")) == 2
+    with pytest.raises(ValueError, match="leave a test part"):
+        split_sessions(cuts, tmp_path / "s3", 0.7, dev_fraction=0.3)
 
 
 def test_session_without_usable_utterances_is_skipped_and_logged(tmp_path, caplog):
     cuts = [_cut(f"2001-1-{i:04d}", "2001", "A B") for i in range(4)]
     cuts += [_cut(f"2002-1-{i:04d}", "2002", "A B", duration=30.0) for i in range(4)]  # all too long
     cuts += [_cut("2003-1-0000", "2003", "A B")]  # one utterance: nothing left to test on
+    cuts += [_cut(f"2004-1-{i:04d}", "2004", f"C {i}") for i in range(2)]  # two: no dev part
     with caplog.at_level(logging.WARNING):
         sessions = load_sessions(split_sessions(_write(tmp_path / "c.jsonl.gz", cuts), tmp_path / "out",
                                                 max_duration=20.0))
     assert [s.id for s in sessions] == ["2001"]
     assert "session 2002 skipped: 0 usable utterance(s) (4 outside" in caplog.text
     assert "session 2003 skipped: 1 usable utterance(s)" in caplog.text
+    assert "session 2004 skipped: 2 usable utterance(s)" in caplog.text
 
 
 @pytest.mark.parametrize("conf", [
@@ -186,7 +191,7 @@ def test_werr_and_the_per_session_table(tmp_path):
     exp.mkdir()
     (exp / "adapt_config.json").write_text(json.dumps(AdaptConfig(labels="oracle").to_dict()))
     text = make_session_results(sessions, seed, adapted, exp, wall_seconds=90).read_text()
-    assert "|2001|7|3|50.0|40.0|20.0|" in text and "|2002|7|3|20.0|22.0|-10.0|" in text
+    assert "|2001|7|2|50.0|40.0|20.0|" in text and "|2002|7|2|20.0|22.0|-10.0|" in text
     assert "|**mean over sessions**|||35.0|31.0|**5.0**|" in text
     assert "|pooled words|||35.0|31.0|11.4|" in text
     table = render_ablation([exp])
@@ -210,3 +215,252 @@ def test_student_config_adds_training_only_noise_and_nothing_else(tmp_path):
     (tmp_path / "empty.yaml").write_text("")
     with pytest.raises(SeedError, match="would do nothing"):
         student_asr_config(tmp_path, tmp_path / "empty.yaml", tmp_path / "y.yaml")
+
+
+# Clean splits: no sentence in two parts of a session, no dev or test sentence in any adaptation part.
+
+RECIPE = Path(__file__).resolve().parents[1] / "egs/session_adapt"
+
+
+def _part_sentences(sessions_path: Path) -> dict:
+    """{session: {part: [sentence of each utterance]}}; the adaptation text comes from truth/adapt_text."""
+    from fl_lib.adapt.select import read_text_table
+    from fl_lib.adapt.sessions import sentence
+
+    truth = read_text_table(Path(sessions_path).parent / "truth/adapt_text")
+    out = {}
+    for s in load_sessions(sessions_path):
+        out[s.id] = {"adapt": [" ".join(truth[c["id"]].upper().split()) for c in _read(s.adapt)],
+                     "dev": [sentence(c) for c in _read(s.dev)], "test": [sentence(c) for c in _read(s.test)]}
+    return out
+
+
+def assert_clean(sessions_path: Path) -> None:
+    parts = _part_sentences(sessions_path)
+    adapted = {t for p in parts.values() for t in p["adapt"]}
+    for session, p in parts.items():
+        adapt, dev, test = set(p["adapt"]), set(p["dev"]), set(p["test"])
+        assert not adapt & dev and not adapt & test and not dev & test, session
+        assert not (dev | test) & adapted, session  # no dev or test sentence in any session's adaptation audio
+
+
+def _session_cuts_from_plan(plan, tmp_path: Path) -> Path:
+    return _write(tmp_path / "plan_cuts.jsonl.gz",
+                  [_cut(u.utt_id, str(u.speaker.speaker_id), u.text) for u in plan if u.subset == "test-other"])
+
+
+def test_default_session_corpus_has_12_held_out_voices_reading_distinct_unseen_sentences(tmp_path):
+    """conf/corpus.yaml, split as run.sh splits it: clean, and no utterance lost."""
+    from fl_lib.corpus.grammar import partition_of
+    from fl_lib.corpus.synthesize import CorpusConfig, make_plan, make_speakers
+
+    config = CorpusConfig.from_yaml(RECIPE / "conf/corpus.yaml", seed=1234)
+    speakers = make_speakers(config)
+    heldout = [s for s in speakers if s.heldout]
+    seed_corpus = CorpusConfig.from_yaml(RECIPE.parent / "librispeech_fl/conf/corpus.yaml")
+    assert len(heldout) >= 12 and len({s.description() for s in heldout}) == len(heldout)
+    for s in heldout:  # a base the seed trained on comes back outside the seed's pitch range
+        assert s.base not in seed_corpus.train_voices or abs(s.pitch) >= seed_corpus.heldout_pitch_range[0]
+    plan = make_plan(config, speakers)
+    texts = [u.text for u in plan if u.subset == "test-other"]
+    assert len(texts) == len(set(texts)) == 60 * len(heldout)
+    assert {partition_of(t, seed_corpus.eval_fraction) for t in texts} == {"test"}  # never in the seed's training
+    sessions = split_sessions(_session_cuts_from_plan(plan, tmp_path), tmp_path / "sessions", 0.6,
+                              dev_fraction=0.1, seed=1234)
+    rows = [json.loads(line) for line in sessions.read_text().splitlines()]
+    assert len(rows) == len(heldout)
+    assert {(r["num_adapt"], r["num_dev"], r["num_test"], r["num_dropped"]) for r in rows} == {(36, 6, 18, 0)}
+    assert_clean(sessions)
+
+
+def test_embedded_sessions_split_cleanly_and_lose_nothing(tmp_path):
+    """The smoke test's sessions, synthesized and read as run.sh does (stages 0-2)."""
+    from fl_lib.corpus.synthesize import CorpusConfig, synthesize_corpus
+    from fl_lib.data.manifests import prepare_manifests
+
+    config = CorpusConfig.from_yaml(RECIPE / "conf/corpus_tiny.yaml", seed=1234)
+    synthesize_corpus(tmp_path / "LibriSpeech", config, nj=2)
+    cuts = prepare_manifests(tmp_path / "LibriSpeech", tmp_path / "manifests", nj=1)["test-other"]
+    sessions = split_sessions(cuts, tmp_path / "sessions", 0.6, dev_fraction=0.1, seed=1234, min_duration=0.5,
+                              max_duration=20.0)
+    rows = [json.loads(line) for line in sessions.read_text().splitlines()]
+    assert len(rows) == 3 and all(r["num_dropped"] == 0 and r["num_dev"] and r["num_test"] for r in rows)
+    assert sum(r["num_adapt"] + r["num_dev"] + r["num_test"] for r in rows) == 15
+    assert (tmp_path / "sessions/dropped.txt").read_text() == ""
+    assert_clean(sessions)
+
+
+def _librispeech_utt(root: Path, utt_id: str, text: str) -> None:
+    """test-other/SPK/CHAP/SPK-CHAP-NNNN.flac (a tone of 0.6 s) and its transcript line."""
+    import numpy as np
+    import soundfile as sf
+
+    spk, chap, _ = utt_id.split("-")
+    d = root / "test-other" / spk / chap
+    d.mkdir(parents=True, exist_ok=True)
+    sf.write(d / f"{utt_id}.flac", 0.1 * np.sin(2 * np.pi * 220 * np.arange(9600) / 16000), 16000)
+    with open(d / f"{spk}-{chap}.trans.txt", "a", encoding="utf-8") as f:
+        f.write(f"{utt_id} {text}\n")
+
+
+def test_corpus_dir_with_repeated_sentences_is_split_cleanly_and_every_drop_is_counted(tmp_path):
+    """A LibriSpeech-layout corpus whose sessions repeat sentences, within and across sessions."""
+    from fl_lib.adapt.results import make_session_results
+    from fl_lib.asr.scoring import ErrorStats
+    from fl_lib.data.manifests import prepare_manifests
+
+    pool = ["THE CAT SAT", "A DOG RAN HOME", "IT WAS COLD", "WE WENT OUT", "SHE SAID NO", "THEY CAME BACK"]
+    root = tmp_path / "LibriSpeech"
+    for k, spk in enumerate(("3001", "3002")):
+        for i in range(12):  # every sentence twice per session, shared with the other session
+            _librispeech_utt(root, f"{spk}-{11 + i // 6}-{i:04d}", pool[(i + k) % len(pool)])
+        for i in range(12, 16):  # and sentences of its own
+            _librispeech_utt(root, f"{spk}-12-{i:04d}", f"OWN WORDS OF {spk} NUMBER {i}")
+    for i in range(6):  # a session that says one thing: nothing of it can be scored
+        _librispeech_utt(root, f"3003-13-{i:04d}", "ALWAYS THE SAME")
+    for i in range(20):  # a session that says each of its own sentences twice
+        _librispeech_utt(root, f"3004-14-{i:04d}", f"TWICE SAID NUMBER {i // 2}")
+    cuts = prepare_manifests(root, tmp_path / "manifests", nj=1)["test-other"]
+    pairs_left = 0  # sentences of 3004 said twice outside its adaptation part: dev and test must not split them
+    for seed in range(4):
+        out = tmp_path / f"sessions{seed}"
+        sessions = split_sessions(cuts, out, 0.5, dev_fraction=0.2, seed=seed)
+        assert_clean(sessions)
+        rows = {r["id"]: r for r in map(json.loads, sessions.read_text().splitlines())}
+        assert set(rows) == {"3001", "3002", "3003", "3004"}
+        left = _part_sentences(sessions)["3004"]
+        pairs_left += sum((left["dev"] + left["test"]).count(t) == 2 for t in set(left["dev"] + left["test"]))
+        dropped = set(out.joinpath("dropped.txt").read_text().split())
+        assert sum(r["num_dropped"] for r in rows.values()) == len(dropped) > 0
+        adapted = {t for p in _part_sentences(sessions).values() for t in p["adapt"]}
+        all_cuts = _read(cuts)
+        for s in load_sessions(sessions):  # nothing lost silently, nothing dropped that was clean
+            ids = {c["id"] for c in all_cuts if c["supervisions"][0]["speaker"] == s.id}
+            parts = [{c["id"] for c in _read(m)} for m in (s.adapt, s.dev, s.test)]
+            mine = ids & dropped
+            assert set().union(*parts) | mine == ids and sum(map(len, parts)) + len(mine) == len(ids)
+            assert all(c["supervisions"][0]["text"] in adapted for c in all_cuts if c["id"] in mine)
+        assert (rows["3003"]["num_adapt"], rows["3003"]["num_dev"], rows["3003"]["num_test"]) == (3, 0, 0)
+    assert pairs_left > 0
+
+    # A session with nothing left to test still adapts; stage 8 lists it as not scored.
+    per = {spk: ErrorStats(snt=2, wrd=10, corr=10 - e, sub=e).to_dict()
+           for spk, e in (("3001", 5), ("3002", 2), ("3004", 0))}
+    (tmp_path / "seed.json").write_text(json.dumps({"per_speaker_wer": per}))
+    (tmp_path / "adapted.json").write_text(json.dumps({"per_speaker_wer": per}))
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "adapt_config.json").write_text(json.dumps(AdaptConfig(labels="oracle").to_dict()))
+    text = make_session_results(tmp_path / "sessions0/sessions.jsonl", tmp_path / "seed.json",
+                                tmp_path / "adapted.json", exp).read_text()
+    assert "|3003|3|0|n/a|n/a|n/a|" in text and "|pooled words|||23.3|23.3|0.0|" in text
+
+
+def test_sessions_from_before_dev_parts_are_refused_with_what_to_run(tmp_path):
+    (tmp_path / "sessions.jsonl").write_text(json.dumps({"id": "1", "adapt": "adapt/1.jsonl.gz", "test": "t",
+                                                         "num_adapt": 1, "num_test": 1}) + "\n")
+    with pytest.raises(ValueError, match="no dev part .* run stage 2"):
+        load_sessions(tmp_path / "sessions.jsonl")
+
+
+# Reporting that cannot lie: the confidence method is the table's, checked at every step.
+
+def _beam_table(tmp_path: Path, sessions: Path, method: str = "beam_score") -> tuple[Path, Path]:
+    """hyps.jsonl of every adaptation cut and a confidence table made by `method`."""
+    from fl_lib.confidence.tables import confidence_row, write_jsonl
+
+    hyps = [{"utt_id": c["id"], "session": s.id, "text": f"HYP {c['id']}", "token_int": [1, 2],
+             "score": -0.1 * i} for s in load_sessions(sessions) for i, c in enumerate(_read(s.adapt))]
+    write_jsonl(tmp_path / "hyps.jsonl", hyps)
+    write_jsonl(tmp_path / "confidence.jsonl", [confidence_row(h["utt_id"], method, h["score"], 2) for h in hyps])
+    return tmp_path / "hyps.jsonl", tmp_path / "confidence.jsonl"
+
+
+def test_the_filter_refuses_a_table_made_by_another_method(tmp_path):
+    from fl_lib.confidence.tables import read_jsonl, write_jsonl
+
+    sessions = split_sessions(_corpus(tmp_path), tmp_path / "sessions", 0.7, seed=0)
+    hyps, table = _beam_table(tmp_path, sessions)
+    k2 = AdaptConfig(confidence="k2", filter="top_fraction", top_fraction=0.5)
+    with pytest.raises(ValueError, match="made by beam_score but the adaptation config says confidence: k2; "
+                                         "k2 was missing when stage 5 ran"):
+        select_labels(sessions, k2, tmp_path / "k2", hyps, table)
+    assert not (tmp_path / "k2/clients.jsonl").exists()
+    beam = AdaptConfig(confidence="beam_score", filter="top_fraction", top_fraction=0.5)
+    select_labels(sessions, beam, tmp_path / "beam", hyps, table)
+    selection = json.loads((tmp_path / "beam/selection.json").read_text())
+    assert selection["confidence_method"] == "beam_score" and selection["confidence"] == str(table.resolve())
+    rows = read_jsonl(table)
+    rows[0]["method"] = "k2"
+    write_jsonl(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(ValueError, match="made by beam_score and k2: a confidence table has one method"):
+        select_labels(sessions, beam, tmp_path / "mixed", hyps, tmp_path / "mixed.jsonl")
+
+
+def test_installing_k2_after_a_fallback_run_makes_stage_5_run_again(tmp_path, caplog):
+    """The done-marker records whether k2 was there: a fallback table is not reused once it is."""
+    import sys
+
+    from fl_lib.bin.confidence import compute_confidence
+    from fl_lib.confidence.tables import table_method
+
+    sessions = split_sessions(_corpus(tmp_path), tmp_path / "sessions", 0.7, seed=0)
+    hyps, _ = _beam_table(tmp_path, sessions)
+    out = tmp_path / "gen1/confidence.jsonl"
+    out.parent.mkdir()
+    k2_python = tmp_path / "venv-k2/bin/python"
+    with caplog.at_level(logging.INFO):
+        assert compute_confidence("k2", hyps, tmp_path / "logp.scp", out, str(k2_python)) == "beam_score"
+        assert "FALLING BACK" in caplog.text and table_method(out) == "beam_score"
+        caplog.clear()
+        assert compute_confidence("k2", hyps, tmp_path / "logp.scp", out, str(k2_python)) == "beam_score"
+        assert "already computed with beam_score" in caplog.text
+
+    # "Install" k2: an interpreter that runs what stage 5 asks of fl_lib.confidence.lattice, and counts its calls.
+    calls = tmp_path / "calls"
+    k2_python.parent.mkdir(parents=True)
+    k2_python.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        "from fl_lib.confidence.tables import confidence_row, read_jsonl, write_jsonl\n"
+        "assert sys.argv[1:3] == ['-m', 'fl_lib.confidence.lattice'], sys.argv\n"
+        "opts = dict(zip(sys.argv[3::2], sys.argv[4::2]))\n"
+        f"open({str(calls)!r}, 'a').write('lattice\\n')\n"
+        "write_jsonl(opts['--output'], [confidence_row(h['utt_id'], 'k2', h['score'] - 1.0, len(h['token_int']))\n"
+        "                               for h in read_jsonl(opts['--hyps'])])\n")
+    k2_python.chmod(0o755)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert compute_confidence("k2", hyps, tmp_path / "logp.scp", out, str(k2_python)) == "k2"
+    assert "already computed" not in caplog.text and "FALLING BACK" not in caplog.text
+    assert table_method(out) == "k2" and calls.read_text() == "lattice\n"
+    assert compute_confidence("k2", hyps, tmp_path / "logp.scp", out, str(k2_python)) == "k2"
+    assert calls.read_text() == "lattice\n"  # and now it is reused
+    k2 = AdaptConfig(confidence="k2", filter="top_fraction", top_fraction=0.5)
+    select_labels(sessions, k2, tmp_path / "gen1/clients", hyps, out)  # the k2 config takes the k2 table
+
+
+def test_results_name_the_method_read_from_the_table_not_from_the_config(tmp_path):
+    from fl_lib.adapt.results import make_session_results, render_ablation
+    from fl_lib.asr.scoring import ErrorStats
+    from fl_lib.confidence.tables import read_jsonl, write_jsonl
+
+    sessions = split_sessions(_corpus(tmp_path), tmp_path / "sessions", 0.7, seed=0)
+    exp = tmp_path / "exp"
+    (exp / "gen1").mkdir(parents=True)
+    hyps, table = _beam_table(exp / "gen1", sessions)
+    beam = AdaptConfig(confidence="beam_score", filter="top_fraction", top_fraction=0.5)
+    select_labels(sessions, beam, exp / "gen1/clients", hyps, table)
+    # The config a run saved says k2; the table that filtered its labels says beam_score.
+    (exp / "adapt_config.json").write_text(json.dumps({**beam.to_dict(), "confidence": "k2"}))
+    per = {spk: ErrorStats(snt=2, wrd=10, corr=8, sub=2).to_dict() for spk in ("2001", "2002")}
+    (tmp_path / "score.json").write_text(json.dumps({"per_speaker_wer": per}))
+    text = make_session_results(sessions, tmp_path / "score.json", tmp_path / "score.json", exp).read_text()
+    assert "## exp: beam_score confidence, top 50%" in text
+    assert "confidence that ran (read from the confidence tables): beam_score" in text
+    assert "|1|beam_score|14|" in text
+    assert "|exp|beam_score confidence, top 50%|" in render_ablation([exp])
+    rows = read_jsonl(table)  # the table made again by another method, the labels not filtered again
+    write_jsonl(table, [{**r, "method": "k2"} for r in rows])
+    with pytest.raises(ValueError, match="now says k2, but the labels .* were filtered by a beam_score table"):
+        make_session_results(sessions, tmp_path / "score.json", tmp_path / "score.json", exp)

@@ -7,7 +7,8 @@
 # (--session_part) serves, one session per speaker.
 # The seed model comes from the librispeech_fl recipe (--seed_exp); stage 3 says what to
 # run when there is none. Each session's audio is split, seeded, into an adaptation part,
-# written without transcripts, and a test part; the adaptation truth sits in
+# written without transcripts, a dev part (for choosing settings) and a test part (for
+# reporting), which share no sentence; the adaptation truth sits in
 # data/sessions/<part>/truth/ and only stage 8 (and the oracle ablation) reads it.
 #
 #   ./run.sh --seed_exp ../librispeech_fl/exp/fl_fedavg_train_asr_conformer_ctc
@@ -25,7 +26,8 @@ seed=1234
 corpus_dir=                       # empty: synthesize the sessions
 corpus_config=conf/corpus.yaml    # embedded sessions: voices, utterances per session
 session_part=test-other           # the part whose speakers are the sessions
-adapt_fraction=0.7                # share of each session's utterances to adapt on; the rest is its test part
+adapt_fraction=0.6                # share of each session's utterances to adapt on
+dev_fraction=0.1                  # share of each session's utterances to choose settings on; the rest is its test part
 min_duration=0.5
 max_duration=20.0
 seed_exp=                         # the seed's experiment dir, e.g. ../librispeech_fl/exp/fl_fedavg_train_asr_conformer_ctc
@@ -53,6 +55,7 @@ Options:
   --corpus_config    # embedded sessions: voices, utterances per session (default="${corpus_config}")
   --session_part     # the part whose speakers are the sessions (default="${session_part}")
   --adapt_fraction   # share of each session's utterances to adapt on (default="${adapt_fraction}")
+  --dev_fraction     # share of each session's utterances to choose settings on (default="${dev_fraction}")
   --min_duration     # shortest usable utterance, seconds (default="${min_duration}")
   --max_duration     # longest usable utterance, seconds (default="${max_duration}")
   --seed_exp         # the seed model's experiment dir (default="${seed_exp}")
@@ -104,10 +107,11 @@ if [ $stage -le 1 ] && [ $stop_stage -ge 1 ]; then
 fi
 
 if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
-  log "Stage 2: one client per session of $session_part: adaptation part (no transcripts) and test part -> $sessions_dir"
+  log "Stage 2: one client per session of $session_part: adaptation part (no transcripts), dev and test parts -> $sessions_dir"
   python -m fl_lib.bin.split_sessions \
     --cuts "$data/manifests/librispeech_cuts_${session_part}.jsonl.gz" --output_dir "$sessions_dir" \
-    --adapt_fraction "$adapt_fraction" --seed "$seed" --min_duration "$min_duration" --max_duration "$max_duration"
+    --adapt_fraction "$adapt_fraction" --dev_fraction "$dev_fraction" --seed "$seed" \
+    --min_duration "$min_duration" --max_duration "$max_duration"
 fi
 
 if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then

@@ -3,9 +3,11 @@
 Each session becomes one client whose cuts carry its kept pseudo-labels as
 transcripts. The filter is per session (a top fraction) or global (a
 threshold); a session left with nothing is skipped and counted, an empty
-hypothesis is never kept (it has nothing to train on). With labels: oracle the
-true transcripts replace the pseudo-labels: the ablation's upper bound, and the
-only path before scoring that opens ``truth/adapt_text``.
+hypothesis is never kept (it has nothing to train on). A confidence table made by
+another method than the config's (a beam-score fallback where the config says k2)
+is refused, so a run never reports one method while filtering by another. With
+labels: oracle the true transcripts replace the pseudo-labels: the ablation's upper
+bound, and the only path before scoring that opens ``truth/adapt_text``.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Optional
 from fl_lib.adapt.config import AdaptConfig
 from fl_lib.adapt.sessions import load_sessions
 from fl_lib.atomic import atomic_path
-from fl_lib.confidence.tables import read_confidence, read_jsonl
+from fl_lib.confidence.tables import read_confidence, read_jsonl, table_method
 from fl_lib.data.clients import safe_file_name
 from fl_lib.data.markers import file_stamp, is_done, mark_done
 
@@ -61,7 +63,17 @@ def select_labels(sessions_path: Path, conf: AdaptConfig, output_dir: Path, hyps
             raise ValueError("labels: pseudo takes hyps.jsonl and never the true transcripts")
         if (confidence is None) != (conf.filter == "none"):
             raise ValueError(f"filter: {conf.filter} {'takes no' if confidence else 'needs a'} confidence table")
-        inputs = {"hyps": file_stamp(hyps), **({"confidence": file_stamp(confidence)} if confidence else {})}
+        inputs = {"hyps": file_stamp(hyps)}
+        if confidence is not None:
+            method = table_method(confidence)
+            if method != conf.confidence:
+                raise ValueError(
+                    f"{confidence} was made by {method} but the adaptation config says confidence: "
+                    f"{conf.confidence}; " + ("k2 was missing when stage 5 ran (it fell back to the beam score): "
+                                              "build .venv-k2 (make install) and run stage 5 again, or filter by "
+                                              "the beam score (confidence: beam_score, conf/adapt_beam.yaml)"
+                                              if method == "beam_score" else "run stage 5 again with this config"))
+            inputs.update(confidence=file_stamp(confidence), confidence_method=method)
     sessions = load_sessions(sessions_path)
     clients_path = output_dir / "clients.jsonl"
     done = output_dir / DONE_MARKER
@@ -118,6 +130,8 @@ def select_labels(sessions_path: Path, conf: AdaptConfig, output_dir: Path, hyps
         tmp.write_text("".join(json.dumps(c) + "\n" for c in clients), encoding="utf-8")
     (output_dir / "selection.json").write_text(json.dumps(
         {"config": conf.to_dict(), "hyps": None if hyps is None else str(Path(hyps).resolve()),
+         "confidence": None if confidence is None else str(Path(confidence).resolve()),
+         "confidence_method": inputs.get("confidence_method"),
          "sessions": summary, "skipped_sessions": skipped}, indent=2) + "\n")
     logger.info("%d clients, %d utterances -> %s", len(clients), sum(c["num_cuts"] for c in clients), clients_path)
     mark_done(done, stamp)

@@ -5,7 +5,10 @@
 
 `--method k2` runs fl_lib.confidence.lattice in the k2 environment (`--k2_python`,
 default $FL_K2_PYTHON). If that environment is missing, the beam score stands in,
-and the log says so loudly: the filter then ranks by another quantity.
+and the log says so loudly. The table's rows record the method that made them, so
+stage 6 refuses a fallback table when the adaptation config asks for k2; the
+done-marker records whether k2 was available, so installing it after a fallback run
+makes the stage run again.
 """
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ import logging
 import os
 import subprocess
 from pathlib import Path
+from typing import Optional
 
-from fl_lib.confidence.tables import METHODS
+from fl_lib.confidence.tables import METHODS, table_method
 from fl_lib.data.markers import file_stamp, is_done, mark_done
 from fl_lib.log import setup_logging
 
@@ -23,42 +27,49 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 
 
-def compute_confidence(method: str, hyps: Path, logp_scp: Path, output: Path, k2_python: str | None) -> str:
+def k2_available(k2_python: Optional[str]) -> bool:
+    """Whether the k2 environment's interpreter is there to run."""
+    return bool(k2_python) and Path(k2_python).is_file() and os.access(k2_python, os.X_OK)
+
+
+def compute_confidence(method: str, hyps: Path, logp_scp: Path, output: Path, k2_python: Optional[str]) -> str:
     """Write `output`; return the method actually used (k2, or beam_score when k2 is unavailable)."""
     from fl_lib.confidence.beam import beam_score_table
 
     if method not in METHODS:
         raise ValueError(f"unknown confidence method '{method}'; choose {', '.join(METHODS)}")
+    used = "k2" if method == "k2" and k2_available(k2_python) else "beam_score"
     done = output.with_name(output.name + ".done")
-    stamp = {"hyps": file_stamp(hyps), "method": method, "k2_python": k2_python}
+    stamp = {"hyps": file_stamp(hyps), "method": method, "used": used,
+             "k2_python": k2_python if method == "k2" else None}
     if is_done(done, stamp, [output]):
-        logger.info("%s already computed (%s): skipping", output, done)
-        return _used(output)
+        logger.info("%s already computed with %s (%s): skipping", output, used, done)
+        return _checked(output, used)
     done.unlink(missing_ok=True)
-    used = method
-    if method == "k2":
-        if k2_python and Path(k2_python).is_file() and os.access(k2_python, os.X_OK):
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-            subprocess.run([k2_python, "-m", "fl_lib.confidence.lattice", "--hyps", str(hyps),
-                            "--logp_scp", str(logp_scp), "--output", str(output)], env=env, check=True)
-        else:
+    if used == "k2":
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        subprocess.run([k2_python, "-m", "fl_lib.confidence.lattice", "--hyps", str(hyps),
+                        "--logp_scp", str(logp_scp), "--output", str(output)], env=env, check=True)
+    else:
+        if method == "k2":
             bar = "!" * 78
             logger.warning("%s\nk2 environment missing (%s): FALLING BACK to ESPnet's length-normalized beam "
-                           "score as confidence.\nRun `make install` to build .venv-k2 for the k2 lattice "
-                           "posterior.\n%s", bar, k2_python or "$FL_K2_PYTHON unset", bar)
-            used = "beam_score"
-    if used == "beam_score":
+                           "score as confidence.\nThe table says beam_score, and the filter refuses it while the "
+                           "adaptation config says confidence: k2.\nRun `make install` to build .venv-k2 for the k2 "
+                           "lattice posterior (this stage then runs again).\n%s", bar,
+                           k2_python or "$FL_K2_PYTHON unset", bar)
         beam_score_table(hyps, output)
+    _checked(output, used)
     mark_done(done, stamp)
     return used
 
 
-def _used(output: Path) -> str:
-    """The method a confidence table was made with (its rows say)."""
-    from fl_lib.confidence.tables import read_jsonl
-
-    rows = read_jsonl(output)
-    return rows[0]["method"] if rows else "none"
+def _checked(output: Path, used: str) -> str:
+    """`used`, once the table's rows say that this method made them."""
+    recorded = table_method(output)
+    if recorded != used:
+        raise RuntimeError(f"{output} says its confidences were made by {recorded}, but {used} ran")
+    return used
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,8 @@ confidences, and neither imports the other's packages.
   score), num_frames (CTC frames in ``logp.scp``).
 - ``confidence.jsonl``: utt_id, method, log_posterior (log P(hypothesis | audio)),
   num_tokens and confidence, the per-token geometric mean exp(log_posterior / num_tokens).
+  ``method`` is what made the row (``k2``, or ``beam_score`` also when k2 fell back):
+  the filter and the results read it from here, never from a config.
 """
 from __future__ import annotations
 
@@ -49,3 +51,14 @@ def confidence_row(utt_id: str, method: str, log_posterior: float, num_tokens: i
 def read_confidence(path: Path) -> Dict[str, dict]:
     """{utt_id: row} of a confidence.jsonl."""
     return {row["utt_id"]: row for row in read_jsonl(path)}
+
+
+def table_method(path: Path) -> str:
+    """The method that made a confidence.jsonl, as its rows record it: one of METHODS, the same in every row."""
+    methods = sorted({str(row.get("method")) for row in read_jsonl(path)})
+    if not methods:
+        raise ValueError(f"{path} has no rows: no method made it")
+    if len(methods) > 1 or methods[0] not in METHODS:
+        raise ValueError(f"{path} was made by {' and '.join(methods)}: a confidence table has one method "
+                         f"of {', '.join(METHODS)}")
+    return methods[0]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Callable
+from typing import AbstractSet, Callable, Optional
 
 ROOMS = ("KITCHEN", "BEDROOM", "BATHROOM", "GARAGE", "OFFICE", "HALLWAY", "GARDEN", "LIVING ROOM")
 DEVICES = ("LIGHTS", "FAN", "HEATER", "RADIO", "OVEN")
@@ -138,17 +138,48 @@ def partition_of(text: str, eval_fraction: float) -> Partition:
     return "train"
 
 
+class NoSentenceLeft(RuntimeError):
+    """Rejection sampling found no acceptable sentence of a category."""
+
+
 def sample_sentence(
-    rng: random.Random, category: str, partition: Partition, eval_fraction: float, max_tries: int = 2000
+    rng: random.Random, category: str, partition: Partition, eval_fraction: float, max_tries: int = 2000,
+    exclude: Optional[AbstractSet[str]] = None,
 ) -> str:
-    """Rejection-sample a sentence of `category` that hashes into `partition`."""
+    """Rejection-sample a sentence of `category` that hashes into `partition` and is not in `exclude`."""
     generate = CATEGORIES[category]
     for _ in range(max_tries):
         text = generate(rng)
-        if partition_of(text, eval_fraction) == partition:
+        if partition_of(text, eval_fraction) == partition and (exclude is None or text not in exclude):
             return text
-    raise RuntimeError(f"no {partition!r} sentence of category {category!r} in {max_tries} draws; "
-                       f"eval_fraction={eval_fraction} is too small")
+    unused = " unused" if exclude else ""
+    raise NoSentenceLeft(f"no{unused} {partition!r} sentence of category {category!r} in {max_tries} draws; "
+                         f"eval_fraction={eval_fraction} is too small")
+
+
+def distinct_sentences(rng: random.Random, prefs: dict[str, float], count: int, partition: Partition,
+                       eval_fraction: float, used: set[str], exhausted: set[str]) -> list[str]:
+    """`count` sentences of `partition` that are not in `used` (which they join), categories drawn by `prefs`.
+
+    A category with no unused sentence left (none in 2000 draws) is added to `exhausted`
+    and the speaker's next preferred categories take its share. Deterministic for a seeded `rng`.
+    """
+    out = []
+    while len(out) < count:
+        categories = [c for c in prefs if c not in exhausted]
+        if not categories:
+            raise NoSentenceLeft(f"the grammar's {partition!r} share has no unused sentence left after "
+                                 f"{len(used)} distinct ones: fewer held-out utterances, or a larger eval_fraction")
+        weights = [prefs[c] for c in categories]
+        category = rng.choices(categories, weights=weights if sum(weights) > 0 else None)[0]
+        try:
+            text = sample_sentence(rng, category, partition, eval_fraction, exclude=used)
+        except NoSentenceLeft:
+            exhausted.add(category)
+            continue
+        used.add(text)
+        out.append(text)
+    return out
 
 
 def lm_sentences(rng: random.Random, count: int, eval_fraction: float) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from fl_lib.corpus.grammar import CATEGORIES, lm_sentences, sample_sentence
+from fl_lib.corpus.grammar import CATEGORIES, distinct_sentences, lm_sentences, sample_sentence
 from fl_lib.corpus.voices import Speaker, check_tools, festival_script, postprocess, run_tool, synth_command
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,9 @@ class CorpusConfig:
     category_alpha: float = 0.5  # Dirichlet concentration of per-speaker grammar preferences
     eval_fraction: float = 0.2  # share of sentence space reserved for dev (half) and test (half)
     lm_sentences: int = 10000  # sentences of LM text (LM_TEXT), from the training share of sentence space
+    # True: no two held-out (test-other) utterances read the same sentence, so however a
+    # session's utterances are split (adaptation, dev, test), no sentence is in two parts.
+    heldout_distinct_sentences: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):  # YAML gives lists; keep the config hashable and comparable
@@ -74,6 +77,9 @@ class CorpusConfig:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if self.lm_sentences < 0:
             raise ValueError(f"lm_sentences must be >= 0, got {self.lm_sentences}")
+        if not isinstance(self.heldout_distinct_sentences, bool):
+            raise ValueError(f"heldout_distinct_sentences must be true or false, "
+                             f"got {self.heldout_distinct_sentences!r}")
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides: Any) -> "CorpusConfig":
@@ -97,8 +103,18 @@ class CorpusConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-shaped (lists, not tuples) so it compares equal to what .done holds."""
-        return json.loads(json.dumps(asdict(self)))
+        """JSON-shaped (lists, not tuples) so it compares equal to what .done holds.
+
+        Keys added after corpora were synthesized appear only when set (ADDED_KEYS): a corpus
+        made before they existed keeps matching its config."""
+        data = json.loads(json.dumps(asdict(self)))
+        for name, default in ADDED_KEYS.items():
+            if data[name] == default:
+                del data[name]
+        return data
+
+
+ADDED_KEYS = {"heldout_distinct_sentences": False}  # key: the default, which to_dict leaves out
 
 
 @dataclass(frozen=True)
@@ -150,9 +166,12 @@ def make_speakers(config: CorpusConfig) -> list[Speaker]:
 def make_plan(config: CorpusConfig, speakers: list[Speaker]) -> list[Utterance]:
     """Every utterance's id and text. Training speakers read train sentences in
     train-clean-100 and eval sentences in dev/test-clean; held-out speakers read
-    test sentences in test-other, so test-clean vs test-other isolates the voice."""
+    test sentences in test-other, so test-clean vs test-other isolates the voice.
+    With heldout_distinct_sentences, the held-out utterances read distinct sentences."""
     plan = []
     categories = list(CATEGORIES)
+    used: set[str] = set()  # held-out sentences so far (heldout_distinct_sentences)
+    exhausted: set[str] = set()  # categories with no unused held-out sentence left
     for speaker in speakers:
         rng = random.Random(f"{config.seed}:text:{speaker.speaker_id}")
         weights = [speaker.category_prefs[c] for c in categories]
@@ -163,9 +182,14 @@ def make_plan(config: CorpusConfig, speakers: list[Speaker]) -> list[Utterance]:
                      (TEST, "test", config.test_utts)]
         for subset, partition, (low, high) in parts:
             chapter = speaker.speaker_id * 10 + SUBSETS.index(subset)
-            for n in range(rng.randint(low, high)):
-                category = rng.choices(categories, weights=weights)[0]
-                text = sample_sentence(rng, category, partition, config.eval_fraction)
+            count = rng.randint(low, high)
+            if speaker.heldout and config.heldout_distinct_sentences:
+                texts = distinct_sentences(rng, speaker.category_prefs, count, partition, config.eval_fraction,
+                                           used, exhausted)
+            else:
+                texts = [sample_sentence(rng, rng.choices(categories, weights=weights)[0], partition,
+                                         config.eval_fraction) for _ in range(count)]
+            for n, text in enumerate(texts):
                 plan.append(Utterance(f"{speaker.speaker_id}-{chapter}-{n:04d}", subset, speaker, text))
     return plan
 
