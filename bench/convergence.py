@@ -245,6 +245,8 @@ class Study:
             # training time, validation not included; the centralized rows carry it cumulatively
             "minutes": round((rows[-1]["train_seconds"] if central else sum(r["train_seconds"] for r in rows)) / 60, 2),
         }
+        # the learning rates the run ended with: a curve can flatten because its schedule decayed
+        rec["lr_end"] = {"lr": rows[-1]["lr"]} if central else {"client": rows[-1]["client_lr"], "server": rows[-1]["lr"]}
         if run.fed != CLEAN:
             rec["corrupted"] = sorted(self.corrupted(run.seed))
         if not central:
@@ -476,11 +478,13 @@ def markdown(cfg: dict, summaries: list[dict], problems: list[str], settings: di
              f"included), about {cost['wall_minutes']} minutes with {cfg['parallel_jobs']} runs side by side.", "",
              "![dev WER against client compute](convergence.png)", "",
              "![the tuning grid's dev WER against client compute](tuning.png)", "",
-             "## Every finished run", "", "|run|status|rounds (epochs)|best dev WER %|its test WER %|training minutes|",
-             "|---|---|---|---|---|---|"]
+             "## Every finished run", "",
+             "|run|status|rounds (epochs)|best dev WER %|its test WER %|training minutes|learning rates at the end|",
+             "|---|---|---|---|---|---|---|"]
     for name, rec in sorted(done.items()):
         x, test = plateau(rec)
-        head.append(f"|{name}|{rec['status']}|{rec['last']}|{pct(by_key(rec['dev'])[x])} (at {x})|{pct(test)}|{rec['minutes']}|")
+        lrs = ", ".join(f"{k} {v:.2g}" for k, v in rec.get("lr_end", {}).items()) or "n/a"
+        head.append(f"|{name}|{rec['status']}|{rec['last']}|{pct(by_key(rec['dev'])[x])} (at {x})|{pct(test)}|{rec['minutes']}|{lrs}|")
     return "\n".join(head) + "\n"
 
 

@@ -208,7 +208,7 @@ def test_a_run_is_extended_chunk_by_chunk_until_it_flattens_and_its_record_is_re
         with open(out / "metrics.jsonl", "a") as f:
             for r in range(done + 1, target + 1):
                 wer = 0.2 + 0.6 * math.exp(-r / 10) if r % 10 == 0 else None
-                f.write(json.dumps({"round": r, "dev_wer": wer, "client_steps": 40, "seconds": 1.0, "train_seconds": 0.9, "clients": ["c1"], "weights": [1.0]}) + "\n")
+                f.write(json.dumps({"round": r, "dev_wer": wer, "client_steps": 40, "seconds": 1.0, "train_seconds": 0.9, "lr": 1.0, "client_lr": 0.002, "clients": ["c1"], "weights": [1.0]}) + "\n")
 
     monkeypatch.setattr(conv.Study, "_call", staticmethod(fake_train))
     monkeypatch.setattr(conv, "decode_test", lambda exp, data, recipe: {r: 0.3 for r in range(10, 101, 10)})
@@ -219,6 +219,7 @@ def test_a_run_is_extended_chunk_by_chunk_until_it_flattens_and_its_record_is_re
     assert rec["status"] == "flattened" and rec["last"] == 80
     assert rec["steps"][80] == 3200  # client steps summed over the rounds: the compute axis
     assert json.loads((study.record_dir(run) / "record.json").read_text())["last"] == 80
+    assert rec["lr_end"] == {"client": 0.002, "server": 1.0}
     # A second call, as after an interruption or on another machine: the record is reused, nothing trains.
     calls.clear()
     assert study.execute(run)["last"] == 80 and calls == []
@@ -235,7 +236,7 @@ def test_a_run_that_never_flattens_stops_at_max_rounds_and_says_so(tmp_path, mon
         with open(out / "metrics.jsonl", "a") as f:
             for r in range(done + 1, target + 1):
                 f.write(json.dumps({"round": r, "dev_wer": 1.0 - r / 120 if r % 10 == 0 else None, "client_steps": 40,
-                                    "seconds": 1.0, "train_seconds": 0.9, "clients": [], "weights": []}) + "\n")
+                                    "seconds": 1.0, "train_seconds": 0.9, "lr": 1.0, "client_lr": 0.002, "clients": [], "weights": []}) + "\n")
 
     monkeypatch.setattr(conv.Study, "_call", staticmethod(fake_train))
     monkeypatch.setattr(conv, "decode_test", lambda exp, data, recipe: {r: 0.5 for r in range(10, 101, 10)})
@@ -274,7 +275,7 @@ def test_a_run_killed_mid_chunk_resumes_to_the_next_chunk_boundary(tmp_path, mon
     out = tmp_path / "out" / run.name
     out.mkdir(parents=True)
     (out / "metrics.jsonl").write_text("".join(
-        json.dumps({"round": r, "dev_wer": 0.9 if r % 10 == 0 else None, "client_steps": 40, "seconds": 1.0, "train_seconds": 0.9}) + "\n"
+        json.dumps({"round": r, "dev_wer": 0.9 if r % 10 == 0 else None, "client_steps": 40, "seconds": 1.0, "train_seconds": 0.9, "lr": 1.0, "client_lr": 0.002}) + "\n"
         for r in range(1, 30)))
     calls = []
 
