@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fl_lib.atomic import TMP_GLOB, atomic_path
+from fl_lib.atomic import atomic_path, owned_temp_glob
 from fl_lib.features.stats import FeatsStats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,9 +16,12 @@ def test_temp_name_holds_the_pid_and_the_extension(tmp_path):
     target = tmp_path / "cuts.jsonl.gz"
     with atomic_path(target) as tmp:
         assert tmp.parent == tmp_path and str(os.getpid()) in tmp.name and tmp.name.endswith(".jsonl.gz")
-        assert tmp.match(TMP_GLOB)  # what the federated server clears before resuming
+        assert not tmp.match(owned_temp_glob("fl_train"))  # untagged: no trainer removes it on resume
         tmp.write_text("new")
     assert target.read_text() == "new" and list(tmp_path.iterdir()) == [target]
+    with atomic_path(target, owner="fl_train") as tmp:
+        assert tmp.match(owned_temp_glob("fl_train")) and tmp.name.endswith(".jsonl.gz")
+        tmp.write_text("newer")
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):

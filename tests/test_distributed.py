@@ -176,3 +176,57 @@ def test_rl_dga_refuses_several_ranks(fl_data, tmp_path):
     with pytest.raises(ValueError, match="strategy 'rl_dga' runs in one process only .* not with 2 ranks"):
         FederatedServer(build_asr_model(args), args, conf, load_clients(fl_data["train_clients"]), batches, None,
                         tmp_path, 7, ranks=Ranks(1, 2, 1))
+
+
+def test_ranks_with_different_client_data_fail_at_start_up(fl_data, tmp_path):
+    """Rank 1 reads a clients.jsonl whose first client's manifest lacks a cut: every rank stops before
+    round 1 with an error naming that client, instead of training another split of each round."""
+    import gzip
+    import json
+    import shutil
+
+    from fl_lib.data.clients import load_clients
+
+    clients = load_clients(fl_data["train_clients"])
+    changed = tmp_path / "changed.jsonl.gz"
+    shutil.copy(clients[0].manifest, changed)
+    lines = gzip.open(changed, "rt").read().splitlines(keepends=True)
+    with gzip.open(changed, "wt") as f:
+        f.writelines(lines[:-1])
+    other = tmp_path / "clients_rank1.jsonl"
+    other.write_text("".join(
+        json.dumps({"id": c.id, "num_cuts": c.num_cuts, "duration": c.duration,
+                    "manifest": str(changed if c is clients[0] else c.manifest)}) + "\n" for c in clients))
+    script = tmp_path / "rank1_other_clients.py"
+    script.write_text(
+        "import os, sys\n"
+        "from fl_lib.bin.fl_train import main\n"
+        "if os.environ['RANK'] == '1':\n"
+        f"    sys.argv[sys.argv.index('--train_clients') + 1] = {str(other)!r}\n"
+        "main()\n"
+    )
+    out = tmp_path / "exp"
+    proc = torchrun(2, fl_train_argv(fl_data, "fl_fedavg.yaml", out, DIST, ["--dist_timeout", "60"]), script, timeout=300)
+    assert proc.returncode != 0
+    assert "the 2 torchrun ranks disagree on: client index" in proc.stderr, proc.stderr[-3000:]
+    assert f"clients that differ (ids, num_cuts, duration or manifest content): ['{clients[0].id}']" in proc.stderr
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_merge_refuses_reports_that_miss_or_double_a_client():
+    """Before aggregating, the ranks' used, dropped and failed clients must be the sample, each exactly once."""
+    from fl_lib.fl.server import RoundCoverageError, _merge
+
+    def report(used=(), dropped=(), failed=()):
+        return (list(used), list(dropped), list(failed), {c: "Traceback" for c in failed},
+                {c: 1.0 for c in used}, {c: (1, 0.1) for c in used})
+
+    sampled = ["a", "b", "c", "d"]
+    used, dropped, failed, errors, *_ = _merge([report(used=["c", "a"], failed=["d"]), report(dropped=["b"])], sampled)
+    assert (used, dropped, failed, list(errors)) == (["a", "c"], ["b"], ["d"], ["d"])  # sampling order
+    with pytest.raises(RoundCoverageError, match=r"never reported \['b'\], reported twice or more \(by ranks\) \{\}"):
+        _merge([report(used=["a", "c"]), report(failed=["d"])], sampled)
+    with pytest.raises(RoundCoverageError, match=r"never reported \[\], reported twice or more \(by ranks\) \{'c': \[0, 1\]\}"):
+        _merge([report(used=["a", "c"], dropped=["b"]), report(used=["c"], failed=["d"])], sampled)
+    with pytest.raises(RoundCoverageError, match=r"not sampled \['x'\]"):
+        _merge([report(used=["a", "b", "c", "d"]), report(used=["x"])], sampled)

@@ -203,7 +203,7 @@ def test_resume_after_kill_is_bitwise_identical(fl_data, tmp_path):
     done = torch.load(ckpt, weights_only=False)["round"]
     assert done < 3, "the run finished before it could be killed; nothing was resumed"
 
-    (killed / ".tmp99999.latest.pth").write_bytes(b"half-written")  # what a kill during atomic_save leaves
+    (killed / ".tmp99999.fl_train.latest.pth").write_bytes(b"half-written")  # what a kill during atomic_save leaves
     resumed = subprocess.run([*args, "--output_dir", str(killed)], check=True, env=env, capture_output=True, text=True)
     assert not list(killed.glob(".tmp*"))
     assert f"resumed from {ckpt}: {done} of 3 rounds done" in resumed.stderr

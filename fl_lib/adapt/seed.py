@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -72,6 +73,7 @@ def import_seed(seed_exp: Optional[Path], model: str, output_dir: Path) -> Path:
     import torch
 
     from fl_lib.asr.average import resolve_model
+    from fl_lib.fl.checkpoint import unpickler_reason
 
     if not seed_exp:
         raise SeedError(f"no seed model given (--seed_exp); {HOW_TO_TRAIN}")
@@ -97,7 +99,11 @@ def import_seed(seed_exp: Optional[Path], model: str, output_dir: Path) -> Path:
     if not isinstance(token_list, list) or not config.get("bpemodel"):
         raise SeedError(f"{config_path}: needs token_list and bpemodel to detokenize the pseudo-labels")
     bpemodel = _resolve(config["bpemodel"], seed_exp)
-    state = torch.load(model_path, map_location="cpu")
+    try:  # weights only: a seed model comes from another experiment directory, and a full unpickler runs code
+        state = torch.load(model_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SeedError(f"seed model {model_path}: refused, not a weights-only state_dict "
+                        f"({unpickler_reason(e)}); loading it could run code") from None
     check_tokens(token_list, state, bpemodel, str(model_path))
 
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,21 @@ def client_stats(metrics: Sequence[dict[str, Any]]) -> list[ClientStats]:
     ]
 
 
+def failing_clients(last_row: dict[str, Any]) -> list[str]:
+    """Lines naming the clients that never trained or were dropped for failing, as of the last round.
+
+    A client left out of training must be visible where the results are read, not only in train.log."""
+    names = lambda ids: ", ".join(f"`{c}`" for c in ids)  # noqa: E731
+    lines = []
+    if last_row.get("always_failed"):
+        lines += ["", f"**Never trained**: raised in every round they were sampled in: {names(last_row['always_failed'])} "
+                      "(their tracebacks are in train.log)."]
+    if last_row.get("excluded"):
+        lines += ["", f"**Dropped** after max_client_failures failures in a row (drop_failing_clients): "
+                      f"{names(last_row['excluded'])}; left out of every later round."]
+    return lines
+
+
 def plot_dev_curve(metrics: Sequence[dict[str, Any]], png: Path) -> None:
     png.parent.mkdir(parents=True, exist_ok=True)
     dev_curve_figure(metrics).savefig(png, dpi=100, bbox_inches="tight")
@@ -196,6 +211,7 @@ def render(exp_dir: Path, decode_dirs: Sequence[Path], metrics: Sequence[dict[st
         lines += ["", "### Federated clients", "",
                   "|client|rounds|mean weight|dropped|failed|", "|---|---|---|---|---|"]
         lines += [f"|{c.client}|{c.rounds}|{c.mean_weight:.4f}|{c.dropped}|{c.failed}|" for c in client_stats(metrics)]
+        lines += failing_clients(metrics[-1] if metrics else {})
     lines += ["", "### Training curve", "", f"![dev loss, accuracy and WER per {unit}]({PLOT.as_posix()})", ""]
     return "\n".join(lines)
 

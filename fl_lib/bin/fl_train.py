@@ -53,7 +53,8 @@ def main(argv=None) -> None:
     setup_logging()
     from fl_lib.fl.config import FLConfig
     from fl_lib.fl.distributed import init_from_env, resolve_device
-    from fl_lib.fl.server import RoundsFailedError
+    from fl_lib.fl.checkpoint import CheckpointError
+    from fl_lib.fl.server import ClientFailuresError, RanksDisagreeError, RoundCoverageError, RoundsFailedError
     from fl_lib.fl.train import train
 
     conf = FLConfig.from_yaml(args.fl_config, args.overrides)
@@ -81,7 +82,8 @@ def main(argv=None) -> None:
             ranks=ranks,
             command=[sys.executable, "-m", "fl_lib.bin.fl_train", *(argv or sys.argv[1:])],
         )
-    except RoundsFailedError as e:  # exit 1 naming the clients and the first traceback, not the server's stack
+    # Exit 1 with the message (the file, the clients, the first traceback), not the server's stack.
+    except (RoundsFailedError, ClientFailuresError, CheckpointError, RanksDisagreeError, RoundCoverageError) as e:
         raise SystemExit(f"fl_train: {e}") from None
     finally:
         if ranks.distributed:

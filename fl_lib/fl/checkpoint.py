@@ -1,10 +1,13 @@
 """Atomic checkpoints of everything a federated run needs to continue bit-for-bit.
 
 A checkpoint is written through `atomic_path`, so a `kill -9` at any moment
-leaves either the previous round's or this round's.
+leaves either the previous round's or this round's. It is read back with
+`weights_only=True`: a checkpoint.pth found in an output directory may come from
+anyone, and a full unpickler would run whatever code it names.
 """
 from __future__ import annotations
 
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -15,15 +18,26 @@ import torch
 
 from ..atomic import atomic_path
 
+# Besides tensors and plain containers, a checkpoint holds numpy's RNG state: a
+# ('MT19937', uint32 array, ...) tuple. These are the globals that array's pickle names.
+_multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+NUMPY_RNG_GLOBALS = [_multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+CHECKPOINT_KEYS = ("round", "draws", "model", "server_optimizer", "scheduler", "strategy", "rng", "best_score",
+                   "fl_config", "run_identity")
 
-def atomic_save(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message names the file and why."""
+
+
+def atomic_save(obj: Any, path: Path, owner: str = "") -> None:
+    with atomic_path(path, owner) as tmp:
         torch.save(obj, tmp)
 
 
-def atomic_copy(src: Path, dst: Path) -> None:
+def atomic_copy(src: Path, dst: Path, owner: str = "") -> None:
     """Publish an already-serialized file under another name, atomically."""
-    with atomic_path(dst) as tmp:
+    with atomic_path(dst, owner) as tmp:
         shutil.copyfile(src, tmp)
 
 
@@ -38,4 +52,35 @@ def set_rng_states(states: dict) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A federated checkpoint, loaded weights-only: tensors, plain containers and numpy's RNG state, nothing else."""
+    unreadable = f"{path}: unreadable, truncated or corrupted ({{}}). Remove it to start over (the <N>round.pth files hold weights only and cannot resume a run)."
+    try:
+        with torch.serialization.safe_globals(NUMPY_RNG_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = unpickler_reason(e)
+        if not names_a_global(reason):  # a damaged pickle stream, not a refused object
+            raise CheckpointError(unreadable.format(reason)) from None
+        raise CheckpointError(
+            f"{path}: refused, it is not loaded: it holds something a federated checkpoint never holds ({reason}), "
+            "and unpickling that could run code. If you did not write this file, remove it; otherwise start over "
+            "in another --output_dir."
+        ) from None
+    except (RuntimeError, EOFError, ValueError, KeyError) as e:  # a truncated or overwritten zip (UnicodeDecodeError is a ValueError)
+        raise CheckpointError(unreadable.format(f"{type(e).__name__}: {e}")) from e
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a federated checkpoint of fl_train: it lacks {', '.join(missing)}")
+    return state
+
+
+def names_a_global(reason: str) -> bool:
+    """Whether torch's weights-only unpickler refused a class or function (else the stream itself is damaged)."""
+    return "global" in reason.lower() or "allowlist" in reason.lower()
+
+
+def unpickler_reason(error: Exception) -> str:
+    """The line of torch's weights-only error that says what was refused, without its advice to load unsafely."""
+    text = str(error).split("WeightsUnpickler error:", 1)[-1]
+    reason = next((line.strip() for line in text.splitlines() if line.strip()), "not a weights-only pickle")
+    return reason.split(" was not an allowed global")[0]

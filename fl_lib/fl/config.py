@@ -142,6 +142,10 @@ class FLConfig:
     # that does not leaves the model, the server optimizer and the schedule untouched.
     min_clients_per_round: int = 1
     max_failed_rounds: int = 3  # stop (non-zero exit) after this many uncounted rounds in a row
+    # A client that raises in this many of its sampled rounds in a row stops the run with its first
+    # traceback (null: never; such a client is still named in the log, metrics.jsonl and RESULTS.md) ...
+    max_client_failures: Optional[int] = None
+    drop_failing_clients: bool = False  # ... or, if true, is left out of every later round and the run goes on
     sampler: str = "uniform"  # uniform | weighted (by number of utterances; fedavg then needs weight_by: uniform)
     client: ClientConfig = field(default_factory=ClientConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
@@ -155,6 +159,11 @@ class FLConfig:
         for key in ("clients_per_round", "min_clients_per_round", "max_failed_rounds", "validate_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_client_failures is not None and self.max_client_failures < 1:
+            raise ValueError(f"max_client_failures must be >= 1 (or null: never stop for one client), got {self.max_client_failures}")
+        if self.drop_failing_clients and self.max_client_failures is None:
+            raise ValueError("drop_failing_clients: true does nothing without max_client_failures (after how many failures "
+                             "in a row a client is dropped): set it, or remove drop_failing_clients")
         if self.min_clients_per_round > self.clients_per_round:
             raise ValueError(
                 f"min_clients_per_round={self.min_clients_per_round} exceeds clients_per_round={self.clients_per_round}: no round could count"
@@ -166,6 +175,15 @@ class FLConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def with_defaults(saved: dict, defaults: dict) -> dict:
+    """`saved` (a config dict written by an older fl_lib) with the keys added since at their defaults,
+    so it compares equal to today's config of the same experiment."""
+    out = dict(defaults)
+    for key, value in saved.items():
+        out[key] = with_defaults(value, defaults[key]) if isinstance(value, dict) and isinstance(defaults.get(key), dict) else value
+    return out
 
 
 def load_config(cls, path: Optional[Path], overrides: Sequence[str] = ()):

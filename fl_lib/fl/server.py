@@ -12,10 +12,12 @@ from rank 0, so the other ranks keep no server state.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -26,13 +28,13 @@ from tqdm import tqdm
 
 from ..asr.average import rank_rounds, round_checkpoints, round_score, round_scores
 from ..asr.model import espnet_config
-from ..atomic import TMP_GLOB
+from ..atomic import append_text, atomic_path, owned_temp_glob
 from ..data.clients import ClientInfo
 from ..data.markers import content_digest
 from .checkpoint import atomic_copy, atomic_save, load_checkpoint, rng_states, set_rng_states
 from .client import LocalTrainer
 from .executor import BatchSpec, ProcessClients, SerialClients, Task, espnet_trainer
-from .config import FLConfig
+from .config import FLConfig, with_defaults
 from .distributed import Ranks, all_gather_objects, assign_clients, broadcast_state
 from .sampling import ClientSampler
 from .server_optim import build_scheduler, build_server_optimizer, lr_factor, trial_step
@@ -43,6 +45,9 @@ from .validation import evaluate, held_out_loss
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pth"
+# The tag of this trainer's temporary files: on resume it removes only those, never
+# another writer's (a decode averaging a model into the same directory).
+OWNER = "fl_train"
 # Federated-config keys that change when or how results are recorded, never what a
 # round computes: a resumed run may change them (`rounds` extends a finished run).
 RESUME_MAY_CHANGE = ("rounds", "validate_every", "keep_checkpoints", "dev_max_duration", "max_failed_rounds")
@@ -68,6 +73,10 @@ class RoundMetrics:
     client_steps: int = 0
     client_seconds: float = 0.0
     strategy: dict = field(default_factory=dict)  # what the strategy decided (rl_dga: reward, agent weights, ...)
+    # Clients that raised in every round they were sampled in so far (they never trained),
+    # and those left out of every later round after max_client_failures (drop_failing_clients).
+    always_failed: list = field(default_factory=list)
+    excluded: list = field(default_factory=list)
 
 
 @dataclass
@@ -94,6 +103,26 @@ class RoundsFailedError(RuntimeError):
         else:
             lines.append(f"first traceback (draw {first[0] + 1}, client {first[1]}):\n{first[2]}")
         super().__init__("\n".join(lines))
+
+
+class ClientFailuresError(RuntimeError):
+    """A client raised `max_client_failures` times in a row: stop rather than train without it unseen."""
+
+    def __init__(self, client: str, record: dict, limit: int) -> None:
+        super().__init__(
+            f"client {client} failed in {record['in_a_row']} sampled rounds in a row (max_client_failures={limit}; "
+            f"it failed {record['failed']} of the {record['sampled']} rounds it was sampled in). Fix its data, or set "
+            f"drop_failing_clients: true to leave it out of every later round. Its first traceback "
+            f"(draw {record['first_draw'] + 1}):\n{record['first_error']}"
+        )
+
+
+class RoundCoverageError(RuntimeError):
+    """The ranks' reports of a round do not account for each sampled client exactly once."""
+
+
+class RanksDisagreeError(RuntimeError):
+    """The torchrun ranks read different client data or settings: their rounds would silently differ."""
 
 
 class FederatedServer:
@@ -157,6 +186,10 @@ class FederatedServer:
         self.round = 0  # rounds completed (counted)
         self.draws = 0  # rounds sampled, counted or not: the sampling and client-seed index
         self.best_score = -math.inf  # dev acc, or -dev loss for models that report no accuracy
+        # Per sampled client: {"sampled", "failed", "in_a_row", "first_draw", "first_error"}, the
+        # failures of the current run of failures (max_client_failures counts those).
+        self.client_failures: dict[str, dict] = {}
+        self.excluded: list[str] = []  # left out for good: drop_failing_clients
         self.writer = None
 
     # -- checkpointing -------------------------------------------------------
@@ -183,6 +216,8 @@ class FederatedServer:
             "best_score": self.best_score,
             "fl_config": self.conf.to_dict(),
             "run_identity": self.run_identity,
+            "client_failures": self.client_failures,
+            "excluded": self.excluded,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -195,21 +230,29 @@ class FederatedServer:
         self.round = state["round"]
         self.draws = state["draws"]
         self.best_score = state["best_score"]
+        # A checkpoint written before failures were counted has none: counting starts at the resume.
+        self.client_failures = {cid: dict(c) for cid, c in state.get("client_failures", {}).items()}
+        self.excluded = list(state.get("excluded", []))
 
     def maybe_resume(self) -> None:
         """Load checkpoint.pth if there is one, after checking it belongs to this experiment.
 
-        Rank 0 only: the other ranks get the round counters in `fit` and the weights each round."""
+        Under torchrun every rank first checks that all ranks read the same clients and
+        settings; then rank 0 alone resumes: the other ranks get the round counters in
+        `fit` and the weights each round."""
         self.resume_checked = True
+        if self.ranks.distributed:
+            self._check_ranks_agree()
         if not self.ranks.is_main:
             return
-        for stale in self.output_dir.glob(TMP_GLOB):  # half-written by a killed run (atomic_save)
+        for stale in self.output_dir.glob(owned_temp_glob(OWNER)):  # half-written by a killed run (atomic_save)
             stale.unlink()
         path = self.output_dir / CHECKPOINT
         if not path.exists():
             return
         state = load_checkpoint(path)
-        saved, current = dict(state["fl_config"]), self.conf.to_dict()
+        # A key added since the checkpoint was written is at its default there: with_defaults fills it in.
+        saved, current = with_defaults(state["fl_config"], FLConfig().to_dict()), self.conf.to_dict()
         for key in RESUME_MAY_CHANGE:
             saved.pop(key, None), current.pop(key)
         differs = [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
@@ -224,6 +267,28 @@ class FederatedServer:
         _truncate_metrics(self.output_dir / "metrics.jsonl", self.round)
         logger.info(f"resumed from {path}: {self.round} of {self.conf.rounds} rounds done")
 
+    def _check_ranks_agree(self) -> None:
+        """Every rank reads clients.jsonl, the manifests and the config itself, and divides each
+        round by the clients' durations: ranks that read different files would train other
+        clients or another split, and nothing else would notice. Raised on every rank alike."""
+        manifests = self.run_identity["clients"]  # content digests, as the resume check compares them
+        index = {cid: [c.num_cuts, c.duration, manifests[cid]] for cid, c in sorted(self.clients.items())}
+        mine = {"client index": index, "federated config": self.conf.to_dict(), "seed": self.seed}
+        per_rank = all_gather_objects({k: _digest(v) for k, v in mine.items()})
+        differ = [k for k in mine if len({r[k] for r in per_rank}) > 1]
+        if not differ:
+            return
+        lines = [f"the {len(per_rank)} torchrun ranks disagree on: {', '.join(differ)} (every rank reads --train_clients, "
+                 "its manifests, --fl_config and --seed itself: give every rank the same files)"]
+        lines += [f"  rank {r}: " + ", ".join(f"{k} {d[k][:12]}" for k in differ) for r, d in enumerate(per_rank)]
+        if "client index" in differ:
+            indexes = all_gather_objects(index)  # every rank got here alike, so every rank joins this collective
+            ids = sorted(set().union(*indexes))
+            odd = [cid for cid in ids if len({json.dumps(ix.get(cid)) for ix in indexes}) > 1]
+            lines.append(f"  clients that differ (ids, num_cuts, duration or manifest content): {odd[:10]}"
+                         + (f" and {len(odd) - 10} more" if len(odd) > 10 else ""))
+        raise RanksDisagreeError("\n".join(lines))
+
     # -- one round -----------------------------------------------------------
     def run_round(self, draw: int) -> RoundMetrics | FailedRound | None:
         """Train the clients of the `draw`-th sample; aggregate and step only if enough of them are usable.
@@ -236,6 +301,10 @@ class FederatedServer:
         t0 = time.perf_counter()
         label = f"round {self.round + 1}" + (f" (draw {draw + 1})" if draw != self.round else "")
         sampled = self.sampler.sample(draw)
+        if self.excluded and set(sampled) & set(self.excluded):
+            logger.warning(f"{label}: left out {[c for c in sampled if c in self.excluded]}: dropped after "
+                           f"max_client_failures={self.conf.max_client_failures} failures in a row (drop_failing_clients)")
+            sampled = [c for c in sampled if c not in self.excluded]
         start = self._round_start()
         mine = sampled
         if self.ranks.distributed:
@@ -270,6 +339,7 @@ class FederatedServer:
             del result
         if self.ranks.distributed:
             used, dropped, failed, errors, losses, work = _merge(all_gather_objects((used, dropped, failed, errors, losses, work)), sampled)
+        self._count_failures(draw, sampled, failed, errors)
         if len(used) < self.conf.min_clients_per_round:
             # Checked before aggregate(): a stateful strategy (BMUF) must not see this round either.
             logger.error(
@@ -308,7 +378,38 @@ class FederatedServer:
             client_steps=sum(work[c][0] for c in used),
             client_seconds=sum(work[c][1] for c in used),
             strategy=self.strategy.round_metrics(),
+            always_failed=self.always_failed(),
+            excluded=list(self.excluded),
         )
+
+    def _count_failures(self, draw: int, sampled: Sequence[str], failed: Sequence[str], errors: dict) -> None:
+        """Count each sampled client's failures in a row; at `max_client_failures` stop the run
+        with its first traceback, or (drop_failing_clients) leave it out of every later round.
+
+        Every rank counts from the same merged lists, so under torchrun all ranks stop alike."""
+        for cid in sampled:
+            c = self.client_failures.setdefault(cid, {"sampled": 0, "failed": 0, "in_a_row": 0, "first_draw": None, "first_error": None})
+            c["sampled"] += 1
+            if cid in failed:
+                c["failed"] += 1
+                c["in_a_row"] += 1
+                if c["in_a_row"] == 1:
+                    c["first_draw"], c["first_error"] = draw, errors.get(cid)
+            else:
+                c.update(in_a_row=0, first_draw=None, first_error=None)
+        limit = self.conf.max_client_failures
+        over = [cid for cid in sampled if limit is not None and self.client_failures[cid]["in_a_row"] >= limit]
+        if over and not self.conf.drop_failing_clients:
+            raise ClientFailuresError(over[0], self.client_failures[over[0]], limit)
+        for cid in over:
+            c = self.client_failures[cid]
+            logger.error(f"client {cid} failed in {c['in_a_row']} sampled rounds in a row: dropped, it is left out of every "
+                         f"later round (drop_failing_clients). Its first traceback (draw {c['first_draw'] + 1}):\n{c['first_error']}")
+            self.excluded.append(cid)
+
+    def always_failed(self) -> list[str]:
+        """Clients that raised in every round they were sampled in: they never trained."""
+        return sorted(cid for cid, c in self.client_failures.items() if c["failed"] == c["sampled"])
 
     def _round_start(self) -> State:
         """The weights the round's clients start from: the strategy's, broadcast from rank 0 under torchrun.
@@ -389,23 +490,25 @@ class FederatedServer:
             f"lr={m.lr:.3g} client_lr={m.client_lr:.3g} {m.seconds:.1f}s"
             + "".join(f" {k}={v:.4g}" if isinstance(v, float) else f" {k}={v}" for k, v in m.strategy.items() if not isinstance(v, dict))
         )
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(m.__dict__) + "\n")
+        if m.always_failed:
+            counts = ", ".join(f"{cid} ({self.client_failures[cid]['failed']}x)" for cid in m.always_failed)
+            logger.warning(f"round {m.round}: never trained, failed in every round they were sampled in: {counts}")
+        append_text(out / "metrics.jsonl", json.dumps(m.__dict__) + "\n")  # a failed write leaves no half line
         self._tensorboard(m)
         round_file = out / f"{m.round}round.pth"
-        atomic_save(self.global_state, round_file)  # serialized once, then copied
-        atomic_copy(round_file, out / "latest.pth")
+        atomic_save(self.global_state, round_file, OWNER)  # serialized once, then copied
+        atomic_copy(round_file, out / "latest.pth", OWNER)
         score = round_score(m.__dict__)
         if score is not None and score > self.best_score:
             self.best_score = score
-            atomic_copy(round_file, out / "valid.acc.best.pth")
+            atomic_copy(round_file, out / "valid.acc.best.pth", OWNER)
         elif self.dev_batches is None or not (out / "valid.acc.best.pth").exists():
             # Without a dev set (or before the first validation) the best model is the latest.
-            atomic_copy(round_file, out / "valid.acc.best.pth")
+            atomic_copy(round_file, out / "valid.acc.best.pth", OWNER)
         # ESPnet's keep_nbest_models: the best rounds by the dev criterion, not the latest.
         for worse in rank_rounds(round_checkpoints(out), round_scores(out))[self.conf.keep_checkpoints :]:
             (out / f"{worse}round.pth").unlink()
-        atomic_save(self.state_dict(), out / CHECKPOINT)
+        atomic_save(self.state_dict(), out / CHECKPOINT, OWNER)
 
     def _tensorboard(self, m: RoundMetrics) -> None:
         w, step = self.writer, m.round
@@ -441,7 +544,21 @@ def _fmt(x: Optional[float]) -> str:
 
 
 def _merge(per_rank: list, sampled: list) -> tuple:
-    """The ranks' (used, dropped, failed, errors, losses, work) as one process would have them: in sampling order."""
+    """The ranks' (used, dropped, failed, errors, losses, work) as one process would have them: in sampling order.
+
+    Raises `RoundCoverageError` unless the ranks' used, dropped and failed clients are the round's
+    sample, each exactly once: a client trained twice or never would otherwise pass unseen."""
+    reports = [(rank, cid) for rank, (u, d, f, *_) in enumerate(per_rank) for cid in (*u, *d, *f)]
+    count = Counter(cid for _, cid in reports)
+    missing = [cid for cid in sampled if count[cid] == 0]
+    doubled = {cid: [r for r, c in reports if c == cid] for cid in sampled if count[cid] > 1}
+    unknown = sorted(set(count) - set(sampled))
+    if missing or doubled or unknown:
+        raise RoundCoverageError(
+            f"the ranks' reports do not cover the round's {len(sampled)} sampled clients exactly once: "
+            f"never reported {missing}, reported twice or more (by ranks) {doubled}, not sampled {unknown}. "
+            "The ranks divided the round differently (different client data?): the round is not aggregated"
+        )
     order = {cid: i for i, cid in enumerate(sampled)}
     used, dropped, failed, errors, losses, work = [], [], [], {}, {}, {}
     for u, d, f, e, l, w in per_rank:
@@ -455,9 +572,29 @@ def _merge(per_rank: list, sampled: list) -> tuple:
     return by_order(used), by_order(dropped), by_order(failed), {c: errors[c] for c in by_order(errors)}, losses, work
 
 
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 def _truncate_metrics(path: Path, rounds_done: int) -> None:
-    """Drop metric lines of a round that was logged but not checkpointed before a crash."""
+    """Drop metric lines of a round that was logged but not checkpointed before a crash.
+
+    Rewritten atomically: checkpoint pruning ranks rounds by this file, so a crash
+    mid-rewrite must leave the old file, not a short one. A last line that does not
+    parse is the tail of an append cut short, and is dropped with a warning."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["round"] <= rounds_done]
-    path.write_text("".join(line + "\n" for line in lines))
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    keep = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}, line {i + 1}: not JSON, and not the last line: edited or corrupted") from None
+            logger.warning(f"{path}: dropped its last line, cut short by a crash: {line[:80]!r}")
+            continue
+        if row["round"] <= rounds_done:
+            keep.append(line)
+    with atomic_path(path, OWNER) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
