@@ -74,10 +74,12 @@ def load_study(path: Path) -> dict:
 
 
 def setting_label(setting: dict) -> str:
-    """A grid point's directory-name label, from its values: 'lr0.01_betas0.0-0.99'."""
+    """A grid point's directory-name label, from its values: 'lr0.01_betas0.0-0.99'; a key's last
+    part names it, its full path where two keys end alike ('server_optim.lr0.01_client.lr0.004')."""
     def value(v):
         return "-".join(str(x) for x in v) if isinstance(v, (list, tuple)) else str(v)
-    return "_".join(f"{k.split('.')[-1]}{value(v)}" for k, v in setting.items())
+    last = [k.split(".")[-1] for k in setting]
+    return "_".join(f"{k if last.count(k.split('.')[-1]) > 1 else k.split('.')[-1]}{value(v)}" for k, v in setting.items())
 
 
 @dataclass(frozen=True)

@@ -264,6 +264,8 @@ def test_a_grid_point_s_overrides_reach_fl_train_after_the_common_ones(tmp_path)
 
     assert parse_override(out[3]) == ("server_optim.betas", [0.0, 0.99])
     assert conv.setting_label({"server_optim.lr": 0.01, "server_optim.betas": [0.0, 0.99]}) == "lr0.01_betas0.0-0.99"
+    both = {"server_optim.lr": 0.01, "client.lr": 0.004, "client.schedule.gamma": 0.99}
+    assert conv.setting_label(both) == "server_optim.lr0.01_client.lr0.004_gamma0.99"
 
 
 def test_a_run_killed_mid_chunk_resumes_to_the_next_chunk_boundary(tmp_path, monkeypatch):
