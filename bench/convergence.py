@@ -259,9 +259,10 @@ class Study:
         for name in ("metrics.jsonl", "fl_config.yaml", "centralized_config.yaml"):
             if (out / name).exists():
                 shutil.copy(out / name, dest / name)
-        tmp = dest / "record.json.tmp"
-        tmp.write_text(json.dumps(rec, indent=None, sort_keys=True) + "\n")
-        tmp.rename(dest / "record.json")  # the record is the run's "done" marker: written last, atomically
+        from fl_lib.atomic import atomic_path
+
+        with atomic_path(dest / "record.json") as tmp:  # the record is the run's "done" marker: written last, atomically
+            tmp.write_text(json.dumps(rec, indent=None, sort_keys=True) + "\n")
         return rec
 
     def run_all(self, runs: list[Run]) -> dict[Run, dict]:
