@@ -358,11 +358,12 @@ def summarize(cfg: dict, fed: str, records: dict[str, dict[int, dict]], central:
                        "flattened": {s: central[s]["status"] == "flattened" for s in seeds},
                        "target_steps": {s: reach(central[s], target[s])[1] for s in seeds}}}
     central_by_steps = {s: {by_key(central[s]["steps"])[e]: w for e, w in by_key(central[s]["dev"]).items()} for s in seeds}
+    points = {m: {s: plateau(per_seed[s]) for s in seeds} for m, per_seed in records.items()}  # (round, test WER)
     for m, per_seed in records.items():
-        plat = {s: plateau(per_seed[s])[1] for s in seeds}
+        plat = {s: points[m][s][1] for s in seeds}
         ratio = {}  # plateau dev WER over the centralized run's best dev WER within the same optimizer steps
         for s in seeds:
-            x = curves.plateau_point(by_key(per_seed[s]["dev"]))
+            x = points[m][s][0]
             central_best = curves.best_so_far(central_by_steps[s], by_key(per_seed[s]["steps"])[x])
             ratio[s] = by_key(per_seed[s]["dev"])[x] / central_best if math.isfinite(central_best) else None
         hits = {s: reach(per_seed[s], target[s]) for s in seeds}
@@ -382,13 +383,13 @@ def summarize(cfg: dict, fed: str, records: dict[str, dict[int, dict]], central:
             row["target_rounds_interval"] = curves.mean_interval([hits[s][0] for s in seeds], level).__dict__
             row["target_steps_interval"] = curves.mean_interval([hits[s][1] for s in seeds], level).__dict__
         for base in cfg["baselines"]:
-            diff = curves.mean_interval([plat[s] - plateau(records[base][s])[1] for s in seeds], level)
-            base_mean = sum(plateau(records[base][s])[1] for s in seeds) / len(seeds)
+            base_wer = {s: points[base][s][1] for s in seeds}
+            diff = curves.mean_interval([plat[s] - base_wer[s] for s in seeds], level)
+            base_mean = sum(base_wer.values()) / len(seeds)
             row[f"vs_{base}"] = {"wer_difference": diff.__dict__, "significant": diff.excludes(0.0), "werr": -diff.mean / base_mean}
             ratios = []
             for s in seeds:  # rounds the baseline needs to its own plateau test WER, over the method's
-                base_wer = plateau(records[base][s])[1]
-                r_base, r_m = reach(records[base][s], base_wer)[0], reach(per_seed[s], base_wer)[0]
+                r_base, r_m = reach(records[base][s], base_wer[s])[0], reach(per_seed[s], base_wer[s])[0]
                 ratios.append(None if r_m is None else r_base / r_m)
             row[f"vs_{base}"]["speedups"] = dict(zip(seeds, ratios))
             if all(r is not None for r in ratios):
