@@ -62,8 +62,20 @@ def test_pseudo_labels_carry_hypotheses_beam_scores_and_ctc_posteriors(labelled)
         assert row["score"] < 0 and row["session"] in UTTS
 
 
-@pytest.mark.parametrize("method", ["k2", "beam_score"])
-def test_filtering_keeps_more_accurate_labels_than_all(labelled, method, tmp_path):
+def _grammar(tmp_path: Path, tiny_exp, order: int = 3, lm_weight: float = 0.5):
+    """k2_lm's n-gram spec: LM text of commands in the tiny model's alphabet, none of them a session's."""
+    from fl_lib.confidence.grammar import GrammarSpec
+
+    exp, _ = tiny_exp
+    text = tmp_path / "lm.txt"
+    text.write_text("TURN ON THE RADIO\nCLOSE THE RADIO DOOR\nOPEN THE LIGHTS ON THE DOOR\nTURN OFF THE DOOR\n")
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("\n".join(yaml.safe_load((exp / "config.yaml").read_text())["token_list"]) + "\n")
+    return GrammarSpec(text, tokens, None, order, lm_weight)
+
+
+@pytest.mark.parametrize("method", ["k2", "k2_lm", "beam_score"])
+def test_filtering_keeps_more_accurate_labels_than_all(labelled, method, tmp_path, tiny_exp):
     from fl_lib.adapt.select import read_text_table
     from fl_lib.bin.confidence import compute_confidence
 
@@ -72,10 +84,12 @@ def test_filtering_keeps_more_accurate_labels_than_all(labelled, method, tmp_pat
     (work / "labels").mkdir(parents=True)
     for name in ("hyps.jsonl", "logp.scp", "logp.ark"):
         (work / "labels" / name).symlink_to(gen / "labels" / name)
+    grammar = _grammar(tmp_path, tiny_exp) if method == "k2_lm" else None
     used = compute_confidence(method, work / "labels/hyps.jsonl", work / "labels/logp.scp",
-                              work / "labels/confidence.jsonl", str(K2_PYTHON))
+                              work / "labels/confidence.jsonl", str(K2_PYTHON), grammar)
     assert used == method
-    conf = AdaptConfig(confidence=method, filter="top_fraction", top_fraction=0.5)
+    extra = {"ngram_order": 3, "lm_weight": 0.5} if method == "k2_lm" else {}
+    conf = AdaptConfig(confidence=method, filter="top_fraction", top_fraction=0.5, **extra)
     select_labels(sessions, conf, work / "clients", work / "labels/hyps.jsonl", work / "labels/confidence.jsonl")
     scores = label_wer(work, read_text_table(truth))
     wer_all, wer_kept = scores["all"]["percent"]["Err"], scores["kept"]["percent"]["Err"]
@@ -106,6 +120,42 @@ def test_k2_posterior_agrees_with_the_ctc_prefix_beam_score(labelled, tmp_path):
     k2_rows = {r["utt_id"]: r for r in map(json.loads, (tmp_path / "k2.jsonl").read_text().splitlines())}
     for row in map(json.loads, (gen / "labels/hyps.jsonl").read_text().splitlines()):
         assert k2_rows[row["utt_id"]]["log_posterior"] == pytest.approx(row["score"], abs=1e-2)
+
+
+def test_lm_confidence_is_not_the_beam_score_and_follows_the_lm_text(labelled, tmp_path, tiny_exp):
+    """Unlike k2 (test above), k2_lm leaves the CTC beam score; an LM text that reads the hypothesis
+    raises its confidence. The grammar's n-gram is rebuilt, and the table recomputed, when the text changes."""
+    from fl_lib.bin.confidence import compute_confidence
+
+    gen, _, _ = labelled
+    hyps = {r["utt_id"]: r for r in map(json.loads, (gen / "labels/hyps.jsonl").read_text().splitlines())}
+    grammar = _grammar(tmp_path, tiny_exp)
+    out = tmp_path / "k2_lm.jsonl"
+    compute_confidence("k2_lm", gen / "labels/hyps.jsonl", gen / "labels/logp.scp", out, str(K2_PYTHON), grammar)
+    before = {r["utt_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert max(abs(before[u]["log_posterior"] - h["score"]) for u, h in hyps.items()) > 0.1
+    assert (tmp_path / "k2_lm.G.txt").is_file()
+    # The same text plus every hypothesis, many times over: each hypothesis gains confidence.
+    readable = [h["text"] for h in hyps.values() if h["text"]]
+    grammar.lm_text.write_text(grammar.lm_text.read_text() + "\n".join(readable * 20) + "\n")
+    compute_confidence("k2_lm", gen / "labels/hyps.jsonl", gen / "labels/logp.scp", out, str(K2_PYTHON), grammar)
+    after = {r["utt_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    for u, h in hyps.items():
+        if h["text"]:
+            assert after[u]["log_posterior"] > before[u]["log_posterior"], u
+
+
+def test_confidence_cli_refuses_grammar_options_that_do_nothing(labelled, tmp_path):
+    from fl_lib.bin.confidence import main
+
+    gen, _, _ = labelled
+    args = ["--hyps", str(gen / "labels/hyps.jsonl"), "--logp_scp", str(gen / "labels/logp.scp"),
+            "--output", str(tmp_path / "c.jsonl")]
+    with pytest.raises(SystemExit):
+        main(["--method", "k2", *args, "--ngram_order", "3"])
+    with pytest.raises(SystemExit):
+        main(["--method", "k2_lm", *args, "--ngram_order", "3"])  # no --lm_text, --token_list, --lm_weight
+    assert not (tmp_path / "c.jsonl").exists()
 
 
 def test_seed_without_experiment_or_with_another_token_list_fails_before_decoding(labelled, tmp_path,

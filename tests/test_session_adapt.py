@@ -101,6 +101,10 @@ def test_session_without_usable_utterances_is_skipped_and_logged(tmp_path, caplo
     {"filter": "top_fraction", "confidence": "k2", "top_fraction": 0.0},
     {"generations": 0},
     {"fliter": "none"},
+    {"filter": "top_fraction", "confidence": "k2_lm", "top_fraction": 0.5, "ngram_order": 3},  # no lm_weight
+    {"filter": "top_fraction", "confidence": "k2_lm", "top_fraction": 0.5, "ngram_order": 3, "lm_weight": 0},
+    {"filter": "top_fraction", "confidence": "k2", "top_fraction": 0.5, "ngram_order": 3},     # k2_lm's key
+    {"filter": "top_fraction", "confidence": "beam_score", "top_fraction": 0.5, "lm_weight": 0.5},
 ])
 def test_adapt_config_rejects_options_that_do_nothing_or_make_no_sense(conf):
     with pytest.raises(ValueError):

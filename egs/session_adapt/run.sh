@@ -35,6 +35,7 @@ seed_model=valid.acc.best.pth     # weights in seed_exp
 inference_config=conf/decode_asr_ctc.yaml
 adapt_config=conf/adapt.yaml      # labels, confidence, filter, generations
 adapt_args=                       # key=value overrides of adapt_config, e.g. "top_fraction=0.3"
+lm_text=                          # confidence k2_lm's n-gram text; empty: the seed recipe's embedded LM text
 fl_config=conf/fl_adapt.yaml      # rounds, DGA, client and server optimizers
 student_config=                   # empty: the seed's model config; e.g. conf/student_specaug.yaml: a noisy student
 fl_args=                          # key=value overrides of fl_config, e.g. "rounds=20"
@@ -63,6 +64,7 @@ Options:
   --inference_config # ESPnet decoding config, for labelling and testing (default="${inference_config}")
   --adapt_config     # labels, confidence, filter, generations (default="${adapt_config}")
   --adapt_args       # key=value overrides of adapt_config, in quotes (default="${adapt_args}")
+  --lm_text          # confidence k2_lm's n-gram text; empty: <seed recipe>/data/corpus/LibriSpeech/librispeech-lm-norm.txt (default="${lm_text}")
   --fl_config        # federated adaptation: rounds, strategy, optimizers (default="${fl_config}")
   --fl_args          # key=value overrides of fl_config, in quotes (default="${fl_args}")
   --student_config   # training-only noise (SpecAugment) for the adapting model; empty: none (default="${student_config}")
@@ -149,8 +151,17 @@ if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
       else
         log "Stage 5 (generation $gen): $confidence confidence of the pseudo-labels -> $gendir/confidence.jsonl"
         mkdir -p "$gendir"
+        grammar_args=()
+        if [ "$confidence" = k2_lm ]; then
+          # The n-gram of the LM text the seed recipe decodes with, in the seed's tokens.
+          lm_text=${lm_text:-$(dirname "$(dirname "$seed_exp")")/data/corpus/LibriSpeech/librispeech-lm-norm.txt}
+          # shellcheck disable=SC2086
+          grammar_args=(--lm_text "$lm_text" --token_list "$seed_dir/tokens.txt" --bpemodel "$seed_dir/bpe.model"
+            --ngram_order "$(python -m fl_lib.bin.adapt_config --config "$adapt_config" --get ngram_order $adapt_args)"
+            --lm_weight "$(python -m fl_lib.bin.adapt_config --config "$adapt_config" --get lm_weight $adapt_args)")
+        fi
         python -m fl_lib.bin.confidence --method "$confidence" --hyps "$labels_dir/hyps.jsonl" \
-          --logp_scp "$labels_dir/logp.scp" --output "$gendir/confidence.jsonl"
+          --logp_scp "$labels_dir/logp.scp" --output "$gendir/confidence.jsonl" "${grammar_args[@]}"
       fi
     fi
     if [ $stage -le 6 ] && [ $stop_stage -ge 6 ]; then

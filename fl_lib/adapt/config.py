@@ -20,7 +20,11 @@ class AdaptConfig:
     # pseudo: the teacher's hypotheses; oracle: the true transcripts (the ablation's upper bound,
     # the one run that reads the adaptation truth before scoring).
     labels: str = "pseudo"
-    confidence: Optional[str] = None  # k2 (lattice posterior, .venv-k2) | beam_score (ESPnet's beam score)
+    # k2 (CTC lattice posterior, .venv-k2) | k2_lm (the lattice with a token n-gram of the LM text)
+    # | beam_score (ESPnet's beam score)
+    confidence: Optional[str] = None
+    ngram_order: Optional[int] = None  # confidence: k2_lm: order of the token n-gram
+    lm_weight: Optional[float] = None  # confidence: k2_lm: scale of its log-probabilities in the lattice
     filter: str = "none"  # none | threshold | top_fraction (per session)
     threshold: Optional[float] = None  # filter: threshold: keep confidence >= threshold
     top_fraction: Optional[float] = None  # filter: top_fraction: keep this share of each session, most confident first
@@ -43,6 +47,13 @@ class AdaptConfig:
         if self.filter != "none" and self.confidence not in METHODS:
             raise ValueError(f"filter: {self.filter} needs confidence: one of {', '.join(METHODS)}, "
                              f"got {self.confidence}")
+        if self.confidence == "k2_lm":
+            if self.ngram_order is None or self.ngram_order < 1 or self.lm_weight is None or not self.lm_weight > 0:
+                raise ValueError(f"confidence: k2_lm needs ngram_order >= 1 and lm_weight > 0, got "
+                                 f"{self.ngram_order} and {self.lm_weight}")
+        elif self.ngram_order is not None or self.lm_weight is not None:
+            raise ValueError(f"ngram_order and lm_weight are only used by confidence: k2_lm, but confidence "
+                             f"is '{self.confidence}'")
         if self.filter == "threshold":
             if self.threshold is None or not 0.0 <= self.threshold <= 1.0:
                 raise ValueError(f"filter: threshold needs threshold in [0, 1], got {self.threshold}")

@@ -1,7 +1,7 @@
 """Utterance posterior of a CTC hypothesis from k2 lattices (runs in `.venv-k2`).
 
     $FL_K2_PYTHON -m fl_lib.confidence.lattice --hyps hyps.jsonl --logp_scp logp.scp \
-        --output confidence.jsonl
+        --output confidence.jsonl [--grammar G.txt --lm_weight 0.5]
 
 For each utterance, the CTC lattice is k2's CTC topology intersected with the
 model's per-frame log-posteriors (`k2.ctc_topo`, `k2.DenseFsaVec`,
@@ -12,6 +12,14 @@ Their difference is log P(hypothesis | audio), the utterance-level posterior;
 a frame-normalized softmax makes the total 0, but it is computed, not assumed, so
 scores that are not normalized (or pruned lattices) still give a posterior.
 
+With `--grammar` (method `k2_lm`), both graphs are first composed with a token
+n-gram acceptor (fl_lib.confidence.ngram) whose log-probabilities are scaled by
+`--lm_weight`, as shallow fusion scales its LM: every label sequence y then
+weighs P_ctc(y | x) P_lm(y)^lm_weight, and the posterior is the hypothesis'
+share of that sum. A hypothesis the acoustics favour but the language model
+finds unlikely loses confidence to the sequences the n-gram prefers; with a
+uniform n-gram or lm_weight 0 it is the CTC-only posterior again.
+
 Imports: numpy, torch, kaldiio, k2 and the standard library only (python3.9).
 """
 from __future__ import annotations
@@ -21,7 +29,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -31,9 +39,22 @@ from fl_lib.log import setup_logging
 logger = logging.getLogger(__name__)
 
 
+def load_grammar(text: str, lm_weight: float):
+    """The n-gram acceptor of `text` (k2's text format), arc-sorted, its scores times `lm_weight`."""
+    import k2
+
+    if lm_weight <= 0:
+        raise ValueError(f"lm_weight must be > 0 with a grammar (0 is the CTC-only posterior: no grammar), "
+                         f"got {lm_weight}")
+    grammar = k2.Fsa.from_str(text, acceptor=True)
+    grammar.scores = grammar.scores * lm_weight
+    return k2.arc_sort(grammar)
+
+
 def log_posteriors(logps: Sequence[torch.Tensor], hyps: Sequence[Sequence[int]],
-                   output_beam: float = 1e4) -> List[float]:
-    """log P(hyp_i | x_i) for [T_i, V] log-posterior matrices (blank = 0) and token-id hypotheses.
+                   output_beam: float = 1e4, grammar=None) -> List[float]:
+    """log P(hyp_i | x_i) for [T_i, V] log-posterior matrices (blank = 0) and token-id hypotheses;
+    with `grammar` (load_grammar's acceptor over token ids), the posterior under P_ctc P_lm^weight.
 
     `output_beam` prunes the lattices; the default keeps every path, so the result
     is exact (within float64 accumulation of float32 scores).
@@ -61,9 +82,16 @@ def log_posteriors(logps: Sequence[torch.Tensor], hyps: Sequence[Sequence[int]],
     dense = k2.DenseFsaVec(batch, segments)
 
     topo = k2.arc_sort(k2.ctc_topo(num_classes - 1, modified=False))
+    graphs = k2.ctc_graph([list(hyps[i]) for i in order], modified=False)
+    if grammar is not None:
+        labels = grammar.labels[grammar.labels > 0]
+        if len(labels) and int(labels.max()) >= num_classes:
+            raise ValueError(f"the grammar has token ids up to {int(labels.max())}, the posteriors only "
+                             f"{num_classes - 1}: it was built for another token list")
+        topo = k2.arc_sort(k2.connect(k2.compose(topo, grammar)))
+        graphs = k2.compose(graphs, grammar)
     lattices = k2.intersect_dense(k2.create_fsa_vec([topo] * len(order)), dense, output_beam=output_beam)
     total = lattices.get_tot_scores(log_semiring=True, use_double_scores=True)
-    graphs = k2.ctc_graph([list(hyps[i]) for i in order], modified=False)
     hyp_lattices = k2.intersect_dense(graphs, dense, output_beam=output_beam)
     hyp_score = hyp_lattices.get_tot_scores(log_semiring=True, use_double_scores=True)
     out = [0.0] * len(order)
@@ -73,9 +101,15 @@ def log_posteriors(logps: Sequence[torch.Tensor], hyps: Sequence[Sequence[int]],
 
 
 def score_table(hyps_path: Path, logp_scp: Path, output: Path, batch_size: int = 32,
-                output_beam: float = 1e4) -> int:
-    """Write confidence.jsonl (method k2) for every utterance of hyps.jsonl; returns their number."""
+                output_beam: float = 1e4, grammar_path: Optional[Path] = None, lm_weight: float = 0.0) -> int:
+    """Write confidence.jsonl (method k2, or k2_lm with a grammar) for every utterance of hyps.jsonl;
+    returns their number."""
     import kaldiio
+
+    if grammar_path is None and lm_weight:
+        raise ValueError("lm_weight without a grammar does nothing: give --grammar, or drop --lm_weight")
+    grammar = load_grammar(Path(grammar_path).read_text(), lm_weight) if grammar_path else None
+    method = "k2_lm" if grammar_path else "k2"
 
     hyps = read_jsonl(hyps_path)
     mats = kaldiio.load_scp(str(logp_scp))
@@ -87,12 +121,13 @@ def score_table(hyps_path: Path, logp_scp: Path, output: Path, batch_size: int =
     for first in range(0, len(hyps), batch_size):
         chunk = hyps[first:first + batch_size]
         logps = [torch.from_numpy(mats[h["utt_id"]]) for h in chunk]
-        scores = log_posteriors(logps, [h["token_int"] for h in chunk], output_beam)
+        scores = log_posteriors(logps, [h["token_int"] for h in chunk], output_beam, grammar)
         results.update({h["utt_id"]: s for h, s in zip(chunk, scores)})
-        logger.info("k2 lattice confidence: %d/%d utterances", min(first + batch_size, len(hyps)), len(hyps))
-    write_jsonl(output, (confidence_row(h["utt_id"], "k2", results[h["utt_id"]], len(h["token_int"]))
+        logger.info("%s lattice confidence: %d/%d utterances", method, min(first + batch_size, len(hyps)), len(hyps))
+    write_jsonl(output, (confidence_row(h["utt_id"], method, results[h["utt_id"]], len(h["token_int"]))
                          for h in hyps))
-    logger.info("k2 confidence of %d utterances -> %s (%.1f s)", len(hyps), output, time.perf_counter() - start)
+    logger.info("%s confidence of %d utterances -> %s (%.1f s)", method, len(hyps), output,
+                time.perf_counter() - start)
     return len(hyps)
 
 
@@ -103,10 +138,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--output", type=Path, required=True, help="confidence.jsonl to write")
     p.add_argument("--batch_size", type=int, default=32, help="utterances per k2 batch")
     p.add_argument("--output_beam", type=float, default=1e4, help="lattice pruning beam; the default prunes nothing")
+    p.add_argument("--grammar", type=Path, help="token n-gram acceptor (k2 text, fl_lib.confidence.ngram): method k2_lm")
+    p.add_argument("--lm_weight", type=float, default=0.0, help="scale of the grammar's log-probabilities")
     args = p.parse_args(argv)
     setup_logging()
     torch.set_num_threads(1)
-    score_table(args.hyps, args.logp_scp, args.output, args.batch_size, args.output_beam)
+    score_table(args.hyps, args.logp_scp, args.output, args.batch_size, args.output_beam, args.grammar,
+                args.lm_weight)
 
 
 if __name__ == "__main__":

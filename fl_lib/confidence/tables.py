@@ -8,7 +8,7 @@ confidences, and neither imports the other's packages.
   score), num_frames (CTC frames in ``logp.scp``).
 - ``confidence.jsonl``: utt_id, method, log_posterior (log P(hypothesis | audio)),
   num_tokens and confidence, the per-token geometric mean exp(log_posterior / num_tokens).
-  ``method`` is what made the row (``k2``, or ``beam_score`` also when k2 fell back):
+  ``method`` is what made the row (``k2``, ``k2_lm``, or ``beam_score`` also when k2 fell back):
   the filter and the results read it from here, never from a config.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Dict, Iterable, List
 
 from ..atomic import atomic_path  # stdlib only: importable in .venv-k2 too
 
-METHODS = ("k2", "beam_score")
+METHODS = ("k2", "k2_lm", "beam_score")
 
 
 def read_jsonl(path: Path) -> List[dict]:
