@@ -26,13 +26,13 @@ def run(cmd, cwd=RECIPE):
     return proc, proc.stdout + proc.stderr
 
 
-def test_run_sh_help_lists_every_option_with_its_default():
-    script = (RECIPE / "run.sh").read_text()
-    head = script.split("help_message=", 1)[0]
+@pytest.mark.parametrize("script,num_options", [("run.sh", 24), ("ablation.sh", 6), ("confidence_dev.sh", 8)])
+def test_help_lists_every_option_with_its_default(script, num_options):
+    head = (RECIPE / script).read_text().split("help_message=", 1)[0]
     defaults = [(n, v.strip('"')) for n, v in re.findall(r'^([a-z_]+)=("[^"]*"|\S*)', head, re.M)]
-    proc, _ = run(["./run.sh", "--help"])
+    proc, _ = run([f"./{script}", "--help"])
     assert proc.returncode == 0, proc.stderr
-    assert len(defaults) > 15
+    assert len(defaults) == num_options
     for name, value in defaults:
         line = re.search(rf"^  --{name} .*$", proc.stderr, re.M)
         assert line, name

@@ -468,3 +468,33 @@ def test_results_name_the_method_read_from_the_table_not_from_the_config(tmp_pat
     write_jsonl(table, [{**r, "method": "k2"} for r in rows])
     with pytest.raises(ValueError, match="now says k2, but the labels .* were filtered by a beam_score table"):
         make_session_results(sessions, tmp_path / "score.json", tmp_path / "score.json", exp)
+
+
+def test_dev_comparison_of_filters_reads_kept_dropped_and_disagreeing_labels(tmp_path):
+    """Two sessions of four dev labels; method a ranks the right labels first, method b the wrong ones."""
+    from fl_lib.adapt.confidence_dev import Variant, compare, render
+    from fl_lib.confidence.tables import confidence_row, write_jsonl
+
+    truth = {f"s{s}-{i}": "TURN ON THE LIGHTS" for s in (1, 2) for i in range(4)}
+    right = {"s1-0", "s1-1", "s2-0", "s2-1"}
+    hyps = [{"utt_id": u, "session": u[:2], "text": t if u in right else "TURN OFF THE RADIO"}
+            for u, t in truth.items()]
+    write_jsonl(tmp_path / "hyps.jsonl", hyps)
+    variants = []
+    for name, method, good_first in (("a", "k2_lm", True), ("b", "beam_score", False)):
+        write_jsonl(tmp_path / f"{name}.jsonl", [confidence_row(h["utt_id"], method,
+                                                                -1.0 if (h["utt_id"] in right) == good_first else -5.0, 4)
+                                                 for h in hyps])
+        extra = {"ngram_order": 2, "lm_weight": 1.0} if method == "k2_lm" else {}
+        conf = AdaptConfig(confidence=method, filter="top_fraction", top_fraction=0.5, **extra)
+        variants.append(Variant(name, conf, tmp_path / f"{name}.jsonl"))
+    result = compare(tmp_path / "hyps.jsonl", truth, variants)
+    assert result["all"] == {"utts": 8, "words": 32, "wer": 25.0}  # 4 wrong labels, 2 of 4 words wrong each
+    a, b = result["variants"]
+    assert a["kept"] == {"utts": 4, "words": 16, "wer": 0.0} and a["dropped"]["wer"] == 50.0
+    assert b["kept"]["wer"] == 50.0 and b["dropped"]["wer"] == 0.0
+    (pair,) = result["disagreements"]
+    assert pair["only_a"]["wer"] == 0.0 and pair["only_b"]["wer"] == 50.0 and pair["only_a"]["utts"] == 4
+    assert "| a | k2_lm | 4 | 0.0 | 4 | 50.0 |" in render(result)
+    with pytest.raises(ValueError, match="without a dev transcript"):
+        compare(tmp_path / "hyps.jsonl", {u: t for u, t in truth.items() if u != "s1-0"}, variants)

@@ -1,5 +1,8 @@
 """Stage 4: pseudo-label every session's adaptation audio with a teacher model.
 
+The dev parts are labelled the same way (`part="dev"`) to choose the confidence
+filter on them: there the truth is known, so the labels' WER can be read.
+
 ESPnet's beam search (`Speech2Text`, the decode config of the recipe) gives the
 hypothesis and its beam score; the CTC log-posteriors of the same encoder pass
 go to a Kaldi ark/scp (kaldiio) for the k2 confidence stage in `.venv-k2`.
@@ -46,9 +49,13 @@ def _label_cut(cut) -> tuple[dict, Any]:
     return row, logp.numpy()
 
 
+PARTS = ("adapt", "dev")
+
+
 def pseudo_label(sessions_path: Path, exp_dir: Path, model: str, inference_config: Path, output_dir: Path,
-                 nj: int = 1) -> Path:
-    """Write output_dir/{hyps.jsonl, logp.ark, logp.scp} for every session's adaptation part; return hyps.jsonl."""
+                 nj: int = 1, part: str = "adapt") -> Path:
+    """Write output_dir/{hyps.jsonl, logp.ark, logp.scp} for every session's `part` (adapt or dev);
+    return hyps.jsonl."""
     import kaldiio
     from lhotse import CutSet, load_manifest
     from tqdm import tqdm
@@ -56,6 +63,8 @@ def pseudo_label(sessions_path: Path, exp_dir: Path, model: str, inference_confi
     from fl_lib.asr.average import resolve_model
     from fl_lib.asr.decode import decode_iter, load_inference_config
 
+    if part not in PARTS:
+        raise ValueError(f"pseudo-labels are made for the parts {', '.join(PARTS)}, not '{part}'")
     exp_dir, output_dir = Path(exp_dir), Path(output_dir)
     sessions = load_sessions(sessions_path)
     decode = load_inference_config(Path(inference_config))
@@ -63,17 +72,17 @@ def pseudo_label(sessions_path: Path, exp_dir: Path, model: str, inference_confi
     hyps_path = output_dir / "hyps.jsonl"
     done = output_dir / DONE_MARKER
     stamp = {"model": file_stamp(model_path), "config": file_stamp(exp_dir / "config.yaml"), "decode": decode,
-             "adapt": files_digest(s.adapt for s in sessions)}
+             part: files_digest(getattr(s, part) for s in sessions)}
     if is_done(done, stamp, [hyps_path, output_dir / "logp.scp"]):
         logger.info("pseudo-labels of %s already in %s: skipping", model_path, output_dir)
         return hyps_path
     output_dir.mkdir(parents=True, exist_ok=True)
     done.unlink(missing_ok=True)
-    cuts = CutSet.from_cuts(c for s in sessions for c in load_manifest(s.adapt))
+    cuts = CutSet.from_cuts(c for s in sessions for c in load_manifest(getattr(s, part)))
     settings = {"config": str(exp_dir / "config.yaml"), "model": str(model_path), "device": "cpu", "decode": decode}
     nj = max(1, min(nj, len(cuts)))
-    logger.info("pseudo-labelling %d adaptation utterances of %d sessions with %s, nj=%d",
-                len(cuts), len(sessions), model_path, nj)
+    logger.info("pseudo-labelling %d %s utterances of %d sessions with %s, nj=%d",
+                len(cuts), part, len(sessions), model_path, nj)
     rows = []
     start = time.perf_counter()
     ark = output_dir.resolve() / "logp.ark"  # absolute in the scp, so the table reads from anywhere
@@ -85,7 +94,7 @@ def pseudo_label(sessions_path: Path, exp_dir: Path, model: str, inference_confi
     write_jsonl(hyps_path, rows)
     audio = sum(r["duration"] for r in rows)
     (output_dir / "pseudo_label.json").write_text(json.dumps(
-        {"model": str(model_path), "inference_config": decode, "num_utts": len(rows), "nj": nj,
+        {"model": str(model_path), "part": part, "inference_config": decode, "num_utts": len(rows), "nj": nj,
          "audio_seconds": round(audio, 2), "wall_seconds": round(time.perf_counter() - start, 2)}, indent=2) + "\n")
     logger.info("%d pseudo-labels -> %s (%.1f s)", len(rows), hyps_path, time.perf_counter() - start)
     mark_done(done, stamp)

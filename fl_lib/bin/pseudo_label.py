@@ -1,4 +1,5 @@
-"""Stage 4 of egs/session_adapt: decode every session's adaptation audio with a teacher model.
+"""Stage 4 of egs/session_adapt: decode every session's adaptation audio with a teacher model
+(`--part dev`: its dev audio, to choose the confidence filter where the truth is known).
 
     python -m fl_lib.bin.pseudo_label --sessions data/sessions/test-other/sessions.jsonl \\
         --exp_dir exp/seed --model model.pth --inference_config conf/decode_asr_ctc.yaml \\
@@ -22,11 +23,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--inference_config", type=Path, required=True, help="ESPnet decode yaml")
     p.add_argument("--output_dir", type=Path, required=True)
     p.add_argument("--nj", type=int, default=1, help="parallel decoding processes")
+    p.add_argument("--part", choices=("adapt", "dev"), default="adapt", help="which part of every session")
     args = p.parse_args(argv)
     setup_logging()
     from fl_lib.adapt.pseudo import pseudo_label
 
-    pseudo_label(args.sessions, args.exp_dir, args.model, args.inference_config, args.output_dir, args.nj)
+    pseudo_label(args.sessions, args.exp_dir, args.model, args.inference_config, args.output_dir, args.nj, args.part)
 
 
 if __name__ == "__main__":
