@@ -183,3 +183,34 @@ def test_seed_without_experiment_or_with_another_token_list_fails_before_decodin
     with pytest.raises(SeedError, match="another token list"):
         import_seed(seed, "valid.acc.best.pth", tmp_path / "d")
     assert not (tmp_path / "d/model.pth").exists()
+
+
+def test_seed_lm_of_another_token_list_or_unfinished_is_refused(tmp_path, tiny_tokens):
+    """import_lm (stage 3 with --use_lm true) copies only an LM that speaks the seed's tokens."""
+    from fl_lib.adapt.seed import SeedError, import_lm
+
+    bpemodel, token_list = tiny_tokens
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    tokens = token_list.read_text().split()
+    (seed / "tokens.txt").write_text("\n".join(tokens) + "\n")
+    torch.save({}, seed / "model.pth")
+    lm = tmp_path / "lm_exp"
+    lm.mkdir()
+    with pytest.raises(SeedError, match="config.yaml missing"):
+        import_lm(lm, seed)
+    text = tmp_path / "lm.txt"
+    text.write_text("TURN ON THE LIGHTS\n")
+    (lm / "inputs.json").write_text(json.dumps({"text": {"path": str(text)}}))
+    torch.save({"lm.embed.weight": torch.zeros(len(tokens), 4)}, lm / "valid.loss.best.pth")
+    (lm / "config.yaml").write_text(yaml.safe_dump({"token_list": tokens[:-1], "bpemodel": str(bpemodel)}))
+    with pytest.raises(SeedError, match="another token list"):
+        import_lm(lm, seed)
+    assert not (seed / "lm").exists()
+    (lm / "config.yaml").write_text(yaml.safe_dump({"token_list": tokens, "bpemodel": "elsewhere/bpe.model"}))
+    out = import_lm(lm, seed)
+    assert yaml.safe_load((out / "config.yaml").read_text())["bpemodel"] == str((seed / "bpe.model").resolve())
+    assert (out / "text.txt").read_text() == "TURN ON THE LIGHTS\n"
+    text.unlink()
+    with pytest.raises(SeedError, match="which is gone"):
+        import_lm(lm, seed)

@@ -26,7 +26,7 @@ def run(cmd, cwd=RECIPE):
     return proc, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("script,num_options", [("run.sh", 24), ("ablation.sh", 6), ("confidence_dev.sh", 8)])
+@pytest.mark.parametrize("script,num_options", [("run.sh", 26), ("ablation.sh", 6), ("confidence_dev.sh", 8)])
 def test_help_lists_every_option_with_its_default(script, num_options):
     head = (RECIPE / script).read_text().split("help_message=", 1)[0]
     defaults = [(n, v.strip('"')) for n, v in re.findall(r'^([a-z_]+)=("[^"]*"|\S*)', head, re.M)]
@@ -41,11 +41,12 @@ def test_help_lists_every_option_with_its_default(script, num_options):
 
 @pytest.fixture(scope="module")
 def seed_exp(tmp_path_factory) -> Path:
-    """A tiny seed from the librispeech_fl recipe (stages 0-5), trained just enough to emit characters."""
+    """A tiny seed from the librispeech_fl recipe (stages 0-5), trained just enough to emit characters,
+    with the recipe's decoding LM (stage 4) beside it in exp/lm_train_lm_rnn."""
     tmp = tmp_path_factory.mktemp("seed")
     proc, out = run(["./run.sh", "--stage", "0", "--stop_stage", "5", "--corpus_config", "conf/corpus_tiny.yaml",
                      "--min_utts", "1", "--data", str(tmp / "data"), "--exp", str(tmp / "exp"), "--tag", "seed",
-                     "--client_jobs", "1", "--use_lm", "false", "--fl_args", SEED_FL_ARGS],
+                     "--client_jobs", "1", "--fl_args", SEED_FL_ARGS],
                     cwd=REPO / "egs/librispeech_fl")
     assert proc.returncode == 0, out[-4000:]
     return tmp / "exp/seed"
@@ -53,6 +54,7 @@ def seed_exp(tmp_path_factory) -> Path:
 
 SEED_FL_ARGS = "rounds=3 clients_per_round=4 client.max_steps=25 client.lr=0.004 client.max_duration=15"
 ADAPT = ["--corpus_config", "conf/corpus_tiny.yaml", "--nj", "1", "--client_jobs", "1",
+         "--adapt_config", "conf/adapt_k2_lm.yaml",
          "--fl_args", "rounds=2 client.max_steps=2", "--seed_model", "latest.pth"]
 
 
@@ -74,8 +76,15 @@ def test_session_adapt_stages_0_to_8_and_the_truth_is_never_read(seed_exp, tmp_p
     assert "FALLING BACK" not in out  # the k2 environment ran stage 5
     sessions = [json.loads(line) for line in (data / "sessions/test-other/sessions.jsonl").read_text().splitlines()]
     assert len(sessions) == 3
+    # Labels and test decoding with the seed recipe's LM (stage 3 imported it), and the n-gram of its text.
+    labels = exp / "seed/decode_asr_ctc_fusion_lm/labels_test-other"
+    assert json.loads((labels / "pseudo_label.json").read_text())["inference_config"]["lm_file"] == \
+        str(exp / "seed/lm/model.pth")
+    lm_text = (seed_exp.parent / "lm_train_lm_rnn/data/train.txt").read_text().splitlines()
+    assert lm_text[0].split(" ", 1)[1] in (exp / "seed/lm/text.txt").read_text().splitlines()
+    assert (exp / "smoke/gen1/confidence.G.txt").is_file()
     confidence = (exp / "smoke/gen1/confidence.jsonl").read_text().splitlines()
-    assert {json.loads(line)["method"] for line in confidence} == {"k2"}
+    assert {json.loads(line)["method"] for line in confidence} == {"k2_lm"}
     results = (exp / "smoke/RESULTS.md").read_text()
     assert "|session|adapt utts|test utts|seed WER|adapted WER|WERR %|" in results
     for s in sessions:
@@ -95,7 +104,7 @@ def test_session_adapt_stages_0_to_8_and_the_truth_is_never_read(seed_exp, tmp_p
                      "--tag", "smoke", *ADAPT])
     assert proc.returncode == 0, out[-4000:]
     assert "GARBAGE" in (tmp_path / "data2/sessions/test-other/truth/adapt_text").read_text()
-    hyps = [e / "seed/decode_asr_ctc/labels_test-other/hyps.jsonl" for e in (exp, tmp_path / "exp2")]
+    hyps = [e / "seed/decode_asr_ctc_fusion_lm/labels_test-other/hyps.jsonl" for e in (exp, tmp_path / "exp2")]
     texts = [[(r["utt_id"], r["text"]) for r in map(json.loads, h.read_text().splitlines())] for h in hyps]
     assert texts[0] == texts[1]
     models = [torch.load(e / "smoke/gen1/fl/latest.pth", map_location="cpu") for e in (exp, tmp_path / "exp2")]

@@ -32,10 +32,12 @@ min_duration=0.5
 max_duration=20.0
 seed_exp=                         # the seed's experiment dir, e.g. ../librispeech_fl/exp/fl_fedavg_train_asr_conformer_ctc
 seed_model=valid.acc.best.pth     # weights in seed_exp
-inference_config=conf/decode_asr_ctc.yaml
+use_lm=true                       # label and test with the seed recipe's LM in shallow fusion (its decoding)
+seed_lm_exp=                      # that LM's experiment dir; empty: lm_train_lm_rnn beside seed_exp
+inference_config=                 # ESPnet decoding config; empty: decode_asr_ctc_fusion.yaml or decode_asr_ctc.yaml by --use_lm
 adapt_config=conf/adapt.yaml      # labels, confidence, filter, generations
 adapt_args=                       # key=value overrides of adapt_config, e.g. "top_fraction=0.3"
-lm_text=                          # confidence k2_lm's n-gram text; empty: the seed recipe's embedded LM text
+lm_text=                          # confidence k2_lm's n-gram text; empty: the seed LM's text (exp/seed/lm/text.txt)
 fl_config=conf/fl_adapt.yaml      # rounds, DGA, client and server optimizers
 student_config=                   # empty: the seed's model config; e.g. conf/student_specaug.yaml: a noisy student
 fl_args=                          # key=value overrides of fl_config, e.g. "rounds=20"
@@ -61,10 +63,12 @@ Options:
   --max_duration     # longest usable utterance, seconds (default="${max_duration}")
   --seed_exp         # the seed model's experiment dir (default="${seed_exp}")
   --seed_model       # weights in seed_exp (default="${seed_model}")
-  --inference_config # ESPnet decoding config, for labelling and testing (default="${inference_config}")
+  --use_lm           # label and test with the seed recipe's LM in shallow fusion (default="${use_lm}")
+  --seed_lm_exp      # that LM's experiment dir; empty: lm_train_lm_rnn beside --seed_exp (default="${seed_lm_exp}")
+  --inference_config # ESPnet decoding config, for labelling and testing; empty: by --use_lm (default="${inference_config}")
   --adapt_config     # labels, confidence, filter, generations (default="${adapt_config}")
   --adapt_args       # key=value overrides of adapt_config, in quotes (default="${adapt_args}")
-  --lm_text          # confidence k2_lm's n-gram text; empty: <seed recipe>/data/corpus/LibriSpeech/librispeech-lm-norm.txt (default="${lm_text}")
+  --lm_text          # confidence k2_lm's n-gram text; empty: the seed LM's text, exp/seed/lm/text.txt (default="${lm_text}")
   --fl_config        # federated adaptation: rounds, strategy, optimizers (default="${fl_config}")
   --fl_args          # key=value overrides of fl_config, in quotes (default="${fl_args}")
   --student_config   # training-only noise (SpecAugment) for the adapting model; empty: none (default="${student_config}")
@@ -91,7 +95,17 @@ if [ -z "$tag" ]; then
   tag=$(basename "${adapt_config%.*}")_$(basename "${fl_config%.*}")
 fi
 expdir=$exp/$tag
+if [ -z "$inference_config" ]; then
+  if [ "$use_lm" = true ]; then inference_config=conf/decode_asr_ctc_fusion.yaml; else inference_config=conf/decode_asr_ctc.yaml; fi
+fi
 inference_tag=$(basename "${inference_config%.*}")
+lm_args=()
+if [ "$use_lm" = true ]; then
+  seed_lm_exp=${seed_lm_exp:-$(dirname "${seed_exp:-.}")/lm_train_lm_rnn}
+  lm_args=(--lm_train_config "$seed_dir/lm/config.yaml" --lm_file "$seed_dir/lm/model.pth")
+  inference_tag+=_lm
+fi
+lm_text=${lm_text:-$seed_dir/lm/text.txt}
 
 if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
   if [ -z "$corpus_dir" ]; then
@@ -117,8 +131,9 @@ if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
 fi
 
 if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
-  log "Stage 3: check the seed model $seed_exp/$seed_model and copy it into $seed_dir"
-  python -m fl_lib.bin.import_seed --seed_exp "$seed_exp" --model "$seed_model" --output_dir "$seed_dir"
+  log "Stage 3: check the seed model $seed_exp/$seed_model${seed_lm_exp:+ and its LM $seed_lm_exp} and copy them into $seed_dir"
+  python -m fl_lib.bin.import_seed --seed_exp "$seed_exp" --model "$seed_model" --output_dir "$seed_dir" \
+    ${seed_lm_exp:+--lm_exp "$seed_lm_exp"}
 fi
 
 if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
@@ -142,7 +157,7 @@ if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
       else
         log "Stage 4 (generation $gen): pseudo-label the adaptation parts with $teacher_dir/$teacher_model -> $labels_dir"
         python -m fl_lib.bin.pseudo_label --sessions "$sessions" --exp_dir "$teacher_dir" --model "$teacher_model" \
-          --inference_config "$inference_config" --nj "$nj" --output_dir "$labels_dir"
+          --inference_config "$inference_config" --nj "$nj" --output_dir "$labels_dir" "${lm_args[@]}"
       fi
     fi
     if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
@@ -153,8 +168,10 @@ if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
         mkdir -p "$gendir"
         grammar_args=()
         if [ "$confidence" = k2_lm ]; then
-          # The n-gram of the LM text the seed recipe decodes with, in the seed's tokens.
-          lm_text=${lm_text:-$(dirname "$(dirname "$seed_exp")")/data/corpus/LibriSpeech/librispeech-lm-norm.txt}
+          # The n-gram of the text the seed recipe's LM learned, in the seed's tokens.
+          if [ ! -f "$lm_text" ]; then
+            log "confidence k2_lm needs the LM text $lm_text: run stage 3 with --use_lm true, or give --lm_text"; exit 1
+          fi
           # shellcheck disable=SC2086
           grammar_args=(--lm_text "$lm_text" --token_list "$seed_dir/tokens.txt" --bpemodel "$seed_dir/bpe.model"
             --ngram_order "$(python -m fl_lib.bin.adapt_config --config "$adapt_config" --get ngram_order $adapt_args)"
@@ -201,15 +218,17 @@ if [ $stage -le 8 ] && [ $stop_stage -ge 8 ]; then
   generations=$(python -m fl_lib.bin.adapt_config --config "$expdir/adapt_config.json" --get generations)
   log "Stage 8: decode the sessions' test parts with the seed and with $expdir/gen$generations/fl; score"
   seed_score=$seed_dir/$inference_tag/$session_part/score.json
-  if [ -f "$seed_score" ] && [ "$seed_score" -nt "$seed_dir/model.pth" ] && [ "$seed_score" -nt "$sessions" ]; then
-    log "Stage 8: $seed_score is newer than the seed and the sessions: not decoding the seed again"
+  newest=$(ls -t "$seed_dir/model.pth" "$sessions" "$inference_config" ${lm_args[3]:+"${lm_args[3]}"} | head -1)
+  if [ -f "$seed_score" ] && [ "$seed_score" -nt "$newest" ]; then
+    log "Stage 8: $seed_score is newer than the seed, its LM, the decoding config and the sessions: not decoding the seed again"
   else
     python -m fl_lib.bin.decode --exp_dir "$seed_dir" --model model.pth --inference_config "$inference_config" \
-      --cuts "$sessions_dir/test.jsonl.gz" --nj "$nj" --output_dir "$seed_dir/$inference_tag/$session_part"
+      --cuts "$sessions_dir/test.jsonl.gz" --nj "$nj" --output_dir "$seed_dir/$inference_tag/$session_part" \
+      "${lm_args[@]}"
   fi
   python -m fl_lib.bin.decode --exp_dir "$expdir/gen$generations/fl" --model latest.pth \
     --inference_config "$inference_config" --cuts "$sessions_dir/test.jsonl.gz" --nj "$nj" \
-    --output_dir "$expdir/$inference_tag/$session_part"
+    --output_dir "$expdir/$inference_tag/$session_part" "${lm_args[@]}"
   python -m fl_lib.bin.session_results --sessions "$sessions" \
     --seed_score "$seed_score" \
     --adapted_score "$expdir/$inference_tag/$session_part/score.json" --exp_dir "$expdir" --wall_seconds "$SECONDS" \

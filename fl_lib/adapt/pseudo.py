@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from fl_lib.adapt.sessions import load_sessions
 from fl_lib.confidence.tables import write_jsonl
@@ -53,25 +53,28 @@ PARTS = ("adapt", "dev")
 
 
 def pseudo_label(sessions_path: Path, exp_dir: Path, model: str, inference_config: Path, output_dir: Path,
-                 nj: int = 1, part: str = "adapt") -> Path:
+                 nj: int = 1, part: str = "adapt", lm_train_config: Optional[Path] = None,
+                 lm_file: Optional[Path] = None) -> Path:
     """Write output_dir/{hyps.jsonl, logp.ark, logp.scp} for every session's `part` (adapt or dev);
-    return hyps.jsonl."""
+    return hyps.jsonl. With an LM (`lm_train_config`, `lm_file`), the beam search fuses it as the
+    decode config says; the CTC posteriors stay the acoustic model's."""
     import kaldiio
     from lhotse import CutSet, load_manifest
     from tqdm import tqdm
 
     from fl_lib.asr.average import resolve_model
-    from fl_lib.asr.decode import decode_iter, load_inference_config
+    from fl_lib.asr.decode import decode_iter, load_inference_config, with_lm
 
     if part not in PARTS:
         raise ValueError(f"pseudo-labels are made for the parts {', '.join(PARTS)}, not '{part}'")
     exp_dir, output_dir = Path(exp_dir), Path(output_dir)
     sessions = load_sessions(sessions_path)
-    decode = load_inference_config(Path(inference_config))
+    decode = with_lm(load_inference_config(Path(inference_config)), lm_train_config, lm_file)
     model_path = resolve_model(exp_dir, model)
     hyps_path = output_dir / "hyps.jsonl"
     done = output_dir / DONE_MARKER
     stamp = {"model": file_stamp(model_path), "config": file_stamp(exp_dir / "config.yaml"), "decode": decode,
+             "lm": file_stamp(lm_file) if lm_file else None,
              part: files_digest(getattr(s, part) for s in sessions)}
     if is_done(done, stamp, [hyps_path, output_dir / "logp.scp"]):
         logger.info("pseudo-labels of %s already in %s: skipping", model_path, output_dir)

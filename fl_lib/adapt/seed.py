@@ -132,6 +132,67 @@ def import_seed(seed_exp: Optional[Path], model: str, output_dir: Path) -> Path:
     return output_dir
 
 
+LM_DIR = "lm"  # beside the seed: the decoding LM of the seed recipe, and the text it learned
+LM_DONE = ".import_lm.done"
+
+
+def import_lm(lm_exp: Path, output_dir: Path) -> Path:
+    """Copy the seed recipe's decoding LM (librispeech_fl stage 4) into ``output_dir/lm``: config.yaml
+    (token list and sentencepiece model of the seed), model.pth, and text.txt, the text it was trained
+    on (the `k2_lm` confidence's n-gram learns the same text). Returns that directory.
+
+    Run after import_seed: the LM must speak the seed's tokens, or its scores would mean nothing.
+    """
+    import torch
+
+    from fl_lib.asr.lm import INPUTS, MODEL
+    from fl_lib.fl.checkpoint import unpickler_reason
+
+    lm_exp, seed_dir = Path(lm_exp).resolve(), Path(output_dir)
+    out = seed_dir / LM_DIR
+    for path in (lm_exp / "config.yaml", lm_exp / MODEL, lm_exp / INPUTS):
+        if not path.is_file():
+            raise SeedError(f"seed LM {lm_exp}: {path.name} missing (not trained by fl_lib.bin.train_lm, or not "
+                            f"finished); train it with the seed recipe's stage 4, or run with --use_lm false")
+    text = Path(json.loads((lm_exp / INPUTS).read_text())["text"]["path"])
+    if not text.is_file():
+        raise SeedError(f"seed LM {lm_exp} was trained on {text}, which is gone: the k2_lm n-gram needs it")
+    done = out / LM_DONE
+    stamp = {"config": file_stamp(lm_exp / "config.yaml"), "model": file_stamp(lm_exp / MODEL),
+             "text": file_stamp(text), "seed": file_stamp(seed_dir / "model.pth")}
+    if is_done(done, stamp, [out / "config.yaml", out / "model.pth", out / "text.txt"]):
+        logger.info("seed LM %s already imported into %s: skipping", lm_exp, out)
+        return out
+    config = yaml.safe_load((lm_exp / "config.yaml").read_text())
+    tokens = (seed_dir / "tokens.txt").read_text(encoding="utf-8").split()
+    lm_tokens = config.get("token_list")
+    if isinstance(lm_tokens, str):
+        lm_tokens = _resolve(lm_tokens, lm_exp).read_text(encoding="utf-8").split()
+    if lm_tokens != tokens:
+        raise SeedError(f"seed LM {lm_exp} has another token list than the seed ({len(lm_tokens or [])} and "
+                        f"{len(tokens)} tokens): train the LM in the seed's recipe, on its token list")
+    try:
+        torch.load(lm_exp / MODEL, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SeedError(f"seed LM {lm_exp / MODEL}: refused, not a weights-only state_dict "
+                        f"({unpickler_reason(e)}); loading it could run code") from None
+    out.mkdir(parents=True, exist_ok=True)
+    done.unlink(missing_ok=True)
+    config["token_list"] = tokens
+    if config.get("bpemodel"):
+        config["bpemodel"] = str((seed_dir / "bpe.model").resolve())
+    with atomic_path(out / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(config, indent=4, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    with atomic_path(out / "model.pth") as tmp:
+        shutil.copyfile(lm_exp / MODEL, tmp)
+    from fl_lib.asr.lm import read_sentences
+    with atomic_path(out / "text.txt") as tmp:
+        tmp.write_text("".join(line + "\n" for line in read_sentences(text)), encoding="utf-8")
+    logger.info("seed LM %s (trained on %s) -> %s", lm_exp, text, out)
+    mark_done(done, stamp)
+    return out
+
+
 # Keys a student config may add: they act in training only, so the seed's weights load unchanged.
 STUDENT_KEYS = frozenset({"specaug", "specaug_conf"})
 

@@ -1,10 +1,10 @@
 """Choose the confidence filter on the sessions' dev parts (egs/session_adapt/confidence_dev.sh).
 
     python -m fl_lib.bin.confidence_dev --sessions data/sessions/test-other/sessions.jsonl \\
-        --seed_dir exp/seed --inference_config conf/decode_asr_ctc.yaml \\
+        --seed_dir exp/seed --inference_config conf/decode_asr_ctc_fusion.yaml \\
+        --lm_train_config exp/seed/lm/config.yaml --lm_file exp/seed/lm/model.pth \\
         --configs conf/adapt.yaml conf/adapt_beam.yaml conf/adapt_k2_lm.yaml \\
-        --lm_text ../librispeech_fl/data/corpus/LibriSpeech/librispeech-lm-norm.txt \\
-        --output_dir exp/confidence_dev
+        --lm_text exp/seed/lm/text.txt --output_dir exp/confidence_dev/decode_asr_ctc_fusion
 
 Labels the dev parts with the seed (as stage 4), computes each config's confidence
 (as stage 5; a k2 method that would fall back to the beam score is an error here),
@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--inference_config", type=Path, required=True, help="ESPnet decode yaml of the labels")
     p.add_argument("--configs", type=Path, nargs="+", required=True, help="adaptation configs with a filter")
     p.add_argument("--lm_text", type=Path, help="the n-gram text of k2_lm configs")
+    p.add_argument("--lm_train_config", type=Path, help="the decoding LM's config.yaml (labels with shallow fusion)")
+    p.add_argument("--lm_file", type=Path, help="that LM's weights")
     p.add_argument("--output_dir", type=Path, required=True)
     p.add_argument("--nj", type=int, default=1, help="parallel decoding processes")
     p.add_argument("--k2_python", default=os.environ.get("FL_K2_PYTHON"), help="python of .venv-k2")
@@ -46,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.lm_text and not any(c.confidence == "k2_lm" for c in configs.values()):
         p.error("--lm_text does nothing: no config has confidence: k2_lm")
     labels = args.output_dir / "labels"
-    hyps = pseudo_label(args.sessions, args.seed_dir, args.model, args.inference_config, labels, args.nj, part="dev")
+    hyps = pseudo_label(args.sessions, args.seed_dir, args.model, args.inference_config, labels, args.nj, part="dev",
+                        lm_train_config=args.lm_train_config, lm_file=args.lm_file)
     variants = []
     for name, conf in configs.items():
         grammar = None

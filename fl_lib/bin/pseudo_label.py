@@ -24,11 +24,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output_dir", type=Path, required=True)
     p.add_argument("--nj", type=int, default=1, help="parallel decoding processes")
     p.add_argument("--part", choices=("adapt", "dev"), default="adapt", help="which part of every session")
+    p.add_argument("--lm_train_config", type=Path, default=None, help="the decoding LM's config.yaml")
+    p.add_argument("--lm_file", type=Path, default=None, help="that LM's weights")
     args = p.parse_args(argv)
     setup_logging()
     from fl_lib.adapt.pseudo import pseudo_label
 
-    pseudo_label(args.sessions, args.exp_dir, args.model, args.inference_config, args.output_dir, args.nj, args.part)
+    pseudo_label(args.sessions, args.exp_dir, args.model, args.inference_config, args.output_dir, args.nj, args.part,
+                 args.lm_train_config, args.lm_file)
 
 
 if __name__ == "__main__":
