@@ -287,6 +287,7 @@ def test_parallel_client_jobs_match_serial_bitwise(fl_data, conformer_config, tm
     for run in ("serial", "parallel"):
         assert [r["client_steps"] for r in metrics(tmp_path / run)] == [steps, steps], run
         assert all(0 < r["client_seconds"] < r["seconds"] * 2 for r in metrics(tmp_path / run))
+        assert all(0 < r["client_cpu_seconds"] for r in metrics(tmp_path / run))  # measured in the worker processes too
     assert all(torch.equal(serial.global_state[k], parallel.global_state[k]) for k in serial.global_state)
 
 

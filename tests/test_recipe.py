@@ -70,16 +70,16 @@ def test_run_sh_stages_0_to_6(tmp_path):
     assert (exp / "smoke/images/dev_curve.png").exists()
     assert "federated training finished: 2 rounds" in (exp / "smoke/train.log").read_text()
     # Re-running finished stages is safe and quick (done markers / resume); --centralized true
-    # adds the centralized reference, trained for the federated run's training time, and decodes both.
+    # adds the centralized reference, trained for the federated run's client CPU-seconds, and decodes both.
     # --use_lm false decodes with the acoustic model alone; RESULTS.md then tables both decodings.
     again = [*cmd[:-2], "--centralized", "true", "--inference_model", "valid.acc.best.pth", "--use_lm", "false"]
     again = subprocess.run(again, cwd=RECIPE, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "Stage 5: centralized reference" in again.stdout + again.stderr
     central = exp / "centralized_train_asr_conformer_ctc"
-    fl_minutes = sum(r["train_seconds"] for r in rows) / 60
-    budget = yaml.safe_load((central / "centralized_config.yaml").read_text())["budget_minutes"]
-    assert budget == pytest.approx(fl_minutes)
+    fl_cpu_seconds = sum(r["client_cpu_seconds"] for r in rows)
+    budget = yaml.safe_load((central / "centralized_config.yaml").read_text())["budget_cpu_seconds"]
+    assert budget == pytest.approx(fl_cpu_seconds)
     for d in (exp / "smoke", central):
         assert "decode_asr_ctc_valid.acc.best/test-other" in (d / "RESULTS.md").read_text()
     assert f"{LM_DECODE}_valid.acc.ave/test-other" in (exp / "smoke/RESULTS.md").read_text()

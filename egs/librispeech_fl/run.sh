@@ -44,7 +44,7 @@ client_jobs=2                      # processes that train a round's clients in p
 nproc=1                            # torchrun ranks on this machine (> 1: fl_train runs under torchrun)
 dist_args=                         # more torchrun options, for several machines: "--nnodes 2 --rdzv_backend c10d ..."
 ngpu=0                             # 1: training (one GPU per rank) and decoding on CUDA; an error without a GPU
-centralized=false                  # true: also train the centralized reference for the same time (stage 5), decode it (stage 6)
+centralized=false                  # true: also train the centralized reference for the same client CPU-seconds (stage 5), decode it (stage 6)
 centralized_config=conf/centralized.yaml
 data=data                          # where manifests, clients and token lists go
 exp=exp                            # where statistics and experiments go
@@ -81,7 +81,7 @@ Options:
   --nproc              # torchrun ranks on this machine; > 1 runs fl_train under torchrun (default="${nproc}")
   --dist_args          # more torchrun options, in quotes, e.g. --nnodes / --rdzv_* across machines (default="${dist_args}")
   --ngpu               # 1: train (one GPU per rank) and decode on CUDA; an error without a GPU (default="${ngpu}")
-  --centralized        # true: also train the centralized reference for the federated run's training time, and decode it (default="${centralized}")
+  --centralized        # true: also train the centralized reference for the federated run's client CPU-seconds, and decode it (default="${centralized}")
   --centralized_config # centralized reference: lr, warmup, batch size (default="${centralized_config}")
   --data               # where manifests, clients and token lists go (default="${data}")
   --exp                # where statistics and experiments go (default="${exp}")
@@ -207,7 +207,7 @@ if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
     --feats_stats "$exp/asr_stats/feats_stats.npz" --client_jobs "$client_jobs" --ngpu "$ngpu" \
     --seed "$seed" --output_dir "$expdir" $fl_args 2>&1 | tee -a "$expdir/train.log"
   if [ "$centralized" = true ]; then
-    log "Stage 5: centralized reference on the pooled clients, for $expdir's training time -> $central_expdir (log: $central_expdir/train.log)"
+    log "Stage 5: centralized reference on the pooled clients, for $expdir's client CPU-seconds -> $central_expdir (log: $central_expdir/train.log)"
     mkdir -p "$central_expdir"
     python -m fl_lib.bin.train_centralized \
       --asr_config "$asr_config" --config "$centralized_config" \

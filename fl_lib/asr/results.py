@@ -16,6 +16,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+
 from fl_lib.asr.scoring import ErrorStats, format_table
 
 PLOT = Path("images") / "dev_curve.png"
@@ -151,6 +153,28 @@ def _unit(metrics: Sequence[dict[str, Any]]) -> str:
     return "round" if all("round" in r for r in metrics) else "epoch"
 
 
+def compute_lines(exp_dir: Path, metrics: Sequence[dict[str, Any]]) -> list[str]:
+    """The training compute in CPU-seconds, the currency of the centralized reference's budget
+    (none for a run older than that budget)."""
+    if not metrics:
+        return []
+    if _unit(metrics) == "round":
+        if any("client_cpu_seconds" not in r for r in metrics):
+            return []
+        return [f"- training compute: {sum(r['client_cpu_seconds'] for r in metrics) / 60:.1f} client CPU-minutes "
+                "(time.process_time of each client's local training, summed over workers): the budget a "
+                "centralized reference of this run gets"]
+    if "train_cpu_seconds" not in metrics[-1]:
+        return []
+    line = f"- training compute: {metrics[-1]['train_cpu_seconds'] / 60:.1f} CPU-minutes of its one process (time.process_time, training only)"
+    conf = exp_dir / "centralized_config.yaml"
+    budget = (yaml.safe_load(conf.read_text()) or {}).get("budget_cpu_seconds") if conf.is_file() else None
+    if budget is not None:
+        line += (f", budget {budget / 60:.1f}: the federated run's client CPU-seconds "
+                 "(time.process_time summed over workers)")
+    return [line]
+
+
 def collect_scores(decode_dirs: Sequence[Path]) -> dict[str, dict[str, Any]]:
     """{"<decode dir>/<set>": score.json} over every set subdirectory, ESPnet's dataset naming."""
     scores = {}
@@ -188,6 +212,7 @@ def render(exp_dir: Path, decode_dirs: Sequence[Path], metrics: Sequence[dict[st
     lines += [f"## {exp_dir.name}", "",
               f"- experiment: `{exp_dir}`",
               f"- {unit}s: {len(metrics)}, training time: {minutes:.1f} min"]
+    lines += compute_lines(exp_dir, metrics)
     accs = [r for r in metrics if r.get("dev_acc") is not None]
     if accs:
         best = max(accs, key=lambda r: r["dev_acc"])

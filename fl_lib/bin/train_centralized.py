@@ -6,9 +6,11 @@
         --bpemodel data/token_list/char/bpe.model --feats_stats exp/asr_stats/feats_stats.npz \\
         --budget_from exp/fl_dga_sgd_train_asr_conformer_small --output_dir exp/centralized
 
-`--budget_from EXP` sets budget_minutes to that federated run's training time, so
-both are compared at equal wall-clock training time. Trailing `key=value`
-arguments override the config.
+`--budget_from EXP` sets budget_cpu_seconds to that federated run's client CPU-seconds
+(time.process_time of each client's local training, summed over workers and rounds), so
+both are compared at equal training compute: this run stops when its own process has
+spent as many CPU-seconds training. A rerun into the same --output_dir resumes it.
+Trailing `key=value` arguments override the config.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--token_list", type=Path, required=True)
     p.add_argument("--bpemodel", type=Path, required=True)
     p.add_argument("--feats_stats", type=Path, default=None, help="feats_stats.npz from stage 3 (global_mvn)")
-    p.add_argument("--budget_from", type=Path, default=None, help="a federated exp dir whose training time is the budget")
+    p.add_argument("--budget_from", type=Path, default=None, help="a federated exp dir whose client CPU-seconds are the budget")
     p.add_argument("--output_dir", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_threads", type=int, default=2, help="torch intra-op threads (the cores FL's client_jobs use)")
@@ -39,21 +41,25 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = get_parser().parse_args(argv)
     setup_logging()
-    from fl_lib.asr.centralized import CentralizedConfig, federated_training_minutes, train_centralized
+    from fl_lib.asr.centralized import CentralizedConfig, federated_client_cpu_seconds, train_centralized
+    from fl_lib.fl.checkpoint import CheckpointError
 
     overrides = list(args.overrides)
     if args.budget_from is not None:
-        if any(o.startswith("budget_minutes=") for o in overrides):
-            raise ValueError("give either --budget_from or budget_minutes=, not both")
-        minutes = federated_training_minutes(args.budget_from)
-        logging.getLogger(__name__).info(f"budget: {minutes:.2f} min, the training time of {args.budget_from}")
-        overrides.append(f"budget_minutes={minutes}")
+        if any(o.startswith("budget_cpu_seconds=") for o in overrides):
+            raise ValueError("give either --budget_from or budget_cpu_seconds=, not both")
+        seconds = federated_client_cpu_seconds(args.budget_from)
+        logging.getLogger(__name__).info(f"budget: {seconds:.1f} CPU-s, the client CPU-seconds of {args.budget_from}")
+        overrides.append(f"budget_cpu_seconds={seconds:.6f}")
     conf = CentralizedConfig.from_yaml(args.config, overrides)
-    train_centralized(
-        conf, asr_config=args.asr_config, train_clients=args.train_clients, dev_cuts=args.dev_cuts,
-        token_list=args.token_list, bpemodel=args.bpemodel, feats_stats=args.feats_stats,
-        output_dir=args.output_dir, seed=args.seed, num_threads=args.num_threads,
-    )
+    try:
+        train_centralized(
+            conf, asr_config=args.asr_config, train_clients=args.train_clients, dev_cuts=args.dev_cuts,
+            token_list=args.token_list, bpemodel=args.bpemodel, feats_stats=args.feats_stats,
+            output_dir=args.output_dir, seed=args.seed, num_threads=args.num_threads,
+        )
+    except CheckpointError as e:  # another experiment's or a damaged checkpoint.pth: the message says which and why
+        raise SystemExit(f"train_centralized: {e}") from None
 
 
 if __name__ == "__main__":

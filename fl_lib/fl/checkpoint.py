@@ -1,4 +1,4 @@
-"""Atomic checkpoints of everything a federated run needs to continue bit-for-bit.
+"""Atomic checkpoints of everything a federated run (or the centralized reference) needs to continue bit-for-bit.
 
 A checkpoint is written through `atomic_path`, so a `kill -9` at any moment
 leaves either the previous round's or this round's. It is read back with
@@ -11,7 +11,7 @@ import pickle
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -51,9 +51,10 @@ def set_rng_states(states: dict) -> None:
     random.setstate(states["python"])
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A federated checkpoint, loaded weights-only: tensors, plain containers and numpy's RNG state, nothing else."""
-    unreadable = f"{path}: unreadable, truncated or corrupted ({{}}). Remove it to start over (the <N>round.pth files hold weights only and cannot resume a run)."
+def load_checkpoint(path: Path, keys: Sequence[str] = CHECKPOINT_KEYS, writer: str = "fl_train") -> dict:
+    """A checkpoint of `writer` holding `keys` (fl_train's by default), loaded weights-only:
+    tensors, plain containers and numpy's RNG state, nothing else."""
+    unreadable = f"{path}: unreadable, truncated or corrupted ({{}}). Remove it to start over (the <N>round.pth and <N>epoch.pth files hold weights only and cannot resume a run)."
     try:
         with torch.serialization.safe_globals(NUMPY_RNG_GLOBALS):
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -62,15 +63,15 @@ def load_checkpoint(path: Path) -> dict:
         if not names_a_global(reason):  # a damaged pickle stream, not a refused object
             raise CheckpointError(unreadable.format(reason)) from None
         raise CheckpointError(
-            f"{path}: refused, it is not loaded: it holds something a federated checkpoint never holds ({reason}), "
+            f"{path}: refused, it is not loaded: it holds something a checkpoint of {writer} never holds ({reason}), "
             "and unpickling that could run code. If you did not write this file, remove it; otherwise start over "
             "in another --output_dir."
         ) from None
     except (RuntimeError, EOFError, ValueError, KeyError) as e:  # a truncated or overwritten zip (UnicodeDecodeError is a ValueError)
         raise CheckpointError(unreadable.format(f"{type(e).__name__}: {e}")) from e
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
     if missing:
-        raise CheckpointError(f"{path}: not a federated checkpoint of fl_train: it lacks {', '.join(missing)}")
+        raise CheckpointError(f"{path}: not a checkpoint of {writer}: it lacks {', '.join(missing)}")
     return state
 
 

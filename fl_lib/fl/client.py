@@ -139,7 +139,7 @@ class LocalTrainer:
     ) -> ClientResult:
         from espnet2.train.reporter import Reporter
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         torch.manual_seed(derive_seed(self.seed, "torch", round_idx, client_id))
         self.model.load_state_dict(start)
         # ESPnet zeroes gradients only after an optimizer step: with accum_grad > 1 the
@@ -176,6 +176,7 @@ class LocalTrainer:
             train_loss=train_loss,
             num_steps=counter.batches_seen // self.conf.accum_grad,  # ESPnet steps every accum_grad batches
             seconds=time.perf_counter() - t0,
+            cpu_seconds=time.process_time() - cpu0,
             delta_finite=finite,
             all_steps_invalid=all_steps_invalid,
             **stats,

@@ -69,9 +69,12 @@ class RoundMetrics:
     seconds: float  # the whole round
     train_seconds: float  # clients, aggregation and server step: the round without validation
     # The used clients' local work: optimizer steps and seconds, summed. Client steps are the
-    # compute axis on which a federated and a centralized curve compare (same batch size).
+    # compute axis on which a federated and a centralized curve compare (same batch size);
+    # client CPU-seconds (time.process_time of each client's training, summed over the
+    # round's used clients) are the budget the centralized reference gets (--budget_from).
     client_steps: int = 0
     client_seconds: float = 0.0
+    client_cpu_seconds: float = 0.0
     strategy: dict = field(default_factory=dict)  # what the strategy decided (rl_dga: reward, agent weights, ...)
     # Clients that raised in every round they were sampled in so far (they never trained),
     # and those left out of every later round after max_client_failures (drop_failing_clients).
@@ -334,7 +337,7 @@ class FederatedServer:
             )
             self.strategy.add(result)
             losses[cid] = result.train_loss
-            work[cid] = (result.num_steps, result.seconds)
+            work[cid] = (result.num_steps, result.seconds, result.cpu_seconds)
             used.append(cid)
             del result
         if self.ranks.distributed:
@@ -377,6 +380,7 @@ class FederatedServer:
             train_seconds=train_seconds,
             client_steps=sum(work[c][0] for c in used),
             client_seconds=sum(work[c][1] for c in used),
+            client_cpu_seconds=sum(work[c][2] for c in used),
             strategy=self.strategy.round_metrics(),
             always_failed=self.always_failed(),
             excluded=list(self.excluded),

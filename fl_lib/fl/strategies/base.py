@@ -33,6 +33,7 @@ class ClientResult:
     grad_var: float
     num_steps: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # time.process_time of the process that trained the client, during its training
     delta_finite: bool = True
     all_steps_invalid: bool = False  # ESPnet skipped every step (non-finite gradient norm): Δ = 0
     num_tokens: int = 0  # target tokens trained on
