@@ -26,7 +26,7 @@ def run(cmd, cwd=RECIPE):
     return proc, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("script,num_options", [("run.sh", 26), ("ablation.sh", 6), ("confidence_dev.sh", 8)])
+@pytest.mark.parametrize("script,num_options", [("run.sh", 27), ("ablation.sh", 6), ("confidence_dev.sh", 8)])
 def test_help_lists_every_option_with_its_default(script, num_options):
     head = (RECIPE / script).read_text().split("help_message=", 1)[0]
     defaults = [(n, v.strip('"')) for n, v in re.findall(r'^([a-z_]+)=("[^"]*"|\S*)', head, re.M)]
@@ -89,7 +89,9 @@ def test_session_adapt_stages_0_to_8_and_the_truth_is_never_read(seed_exp, tmp_p
     assert "|session|adapt utts|test utts|seed WER|adapted WER|WERR %|" in results
     for s in sessions:
         assert f"|{s['id']}|{s['num_adapt']}|{s['num_test']}|" in results
-    assert "mean over sessions" in results and "WER kept" in results
+    assert "WER kept" in results and "mean over sessions" not in results
+    for decoding in ("LM fusion (decode_asr_ctc_fusion_lm)", "acoustic model alone"):
+        assert f"### WER on the sessions' test parts: {decoding}" in results
     summary = json.loads((exp / "smoke/summary.json").read_text())
     assert summary["pseudo_labels"][0]["num_all"] == sum(s["num_adapt"] for s in sessions)
 

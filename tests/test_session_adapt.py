@@ -176,7 +176,8 @@ def test_pseudo_labels_never_take_the_truth_and_oracle_takes_only_the_truth(tmp_
 
 
 def test_werr_and_the_per_session_table(tmp_path):
-    """WERR = (seed - adapted) / seed per session; the mean is over sessions; the table lists each session."""
+    """WERR = (seed - adapted) / seed per session, listed, never averaged; pooled over sessions (word-weighted)
+    with a bootstrap interval over sessions; one table per decoding."""
     from fl_lib.adapt.results import make_session_results, render_ablation, werr
     from fl_lib.asr.scoring import ErrorStats
 
@@ -184,23 +185,32 @@ def test_werr_and_the_per_session_table(tmp_path):
     assert werr(0.0, 10.0) is None
     sessions = split_sessions(_corpus(tmp_path), tmp_path / "sessions", 0.7, seed=0)
 
-    def score_json(path, errors):
-        per = {spk: ErrorStats(snt=3, wrd=100, corr=100 - e, sub=e).to_dict() for spk, e in errors.items()}
+    def score_json(path, errors, words=100):
+        per = {spk: ErrorStats(snt=3, wrd=words, corr=words - e, sub=e).to_dict() for spk, e in errors.items()}
         path.write_text(json.dumps({"per_speaker_wer": per}))
         return path
 
     seed = score_json(tmp_path / "seed.json", {"2001": 50, "2002": 20})
     adapted = score_json(tmp_path / "adapted.json", {"2001": 40, "2002": 22})
+    same = score_json(tmp_path / "same.json", {"2001": 40, "2002": 16}, 200)  # 20 % WERR in both sessions
+    same_seed = score_json(tmp_path / "same_seed.json", {"2001": 50, "2002": 20}, 200)
     exp = tmp_path / "exp"
     exp.mkdir()
     (exp / "adapt_config.json").write_text(json.dumps(AdaptConfig(labels="oracle").to_dict()))
-    text = make_session_results(sessions, seed, adapted, exp, wall_seconds=90).read_text()
+    decodings = {"LM fusion": (seed, adapted), "acoustic model alone": (same_seed, same)}
+    text = make_session_results(sessions, decodings, exp, wall_seconds=90).read_text()
     assert "|2001|7|2|50.0|40.0|20.0|" in text and "|2002|7|2|20.0|22.0|-10.0|" in text
-    assert "|**mean over sessions**|||35.0|31.0|**5.0**|" in text
-    assert "|pooled words|||35.0|31.0|11.4|" in text
+    assert "mean over sessions" not in text
+    # Pooled: (70 - 62) / 70 = 11.4 %; resampling two sessions, the 2.5 % and 97.5 % quantiles fall on the
+    # resamples of one session twice (probability 1/4 each): -10 % and 20 %.
+    assert "|**pooled words**|||35.0|31.0|**11.4**|" in text
+    assert "WERR 11.4 %**, 95 % bootstrap interval over sessions [-10.0, 20.0]" in text
+    assert "### WER on the sessions' test parts: acoustic model alone" in text
+    assert "WERR 20.0 %**, 95 % bootstrap interval over sessions [20.0, 20.0]" in text
     table = render_ablation([exp])
-    assert "|exp|oracle transcripts|n/a|all|0.0 (truth)|35.0|31.0|5.0|11.4|1.5|" in table
-    make_session_results(sessions, seed, adapted, exp, student_config="conf/student_specaug.yaml")
+    assert "|exp|oracle transcripts|LM fusion|n/a|all|0.0 (truth)|35.0|31.0|11.4|[-10.0, 20.0]|1.5|" in table
+    assert "|exp|oracle transcripts|acoustic model alone|n/a|all|0.0 (truth)|17.5|14.0|20.0|[20.0, 20.0]|1.5|" in table
+    make_session_results(sessions, decodings, exp, student_config="conf/student_specaug.yaml")
     assert "|exp|oracle transcripts + student student_specaug|" in render_ablation([exp])
 
 
@@ -355,9 +365,9 @@ def test_corpus_dir_with_repeated_sentences_is_split_cleanly_and_every_drop_is_c
     exp = tmp_path / "exp"
     exp.mkdir()
     (exp / "adapt_config.json").write_text(json.dumps(AdaptConfig(labels="oracle").to_dict()))
-    text = make_session_results(tmp_path / "sessions0/sessions.jsonl", tmp_path / "seed.json",
-                                tmp_path / "adapted.json", exp).read_text()
-    assert "|3003|3|0|n/a|n/a|n/a|" in text and "|pooled words|||23.3|23.3|0.0|" in text
+    text = make_session_results(tmp_path / "sessions0/sessions.jsonl",
+                                {"d": (tmp_path / "seed.json", tmp_path / "adapted.json")}, exp).read_text()
+    assert "|3003|3|0|n/a|n/a|n/a|" in text and "|**pooled words**|||23.3|23.3|**0.0**|" in text
 
 
 def test_sessions_from_before_dev_parts_are_refused_with_what_to_run(tmp_path):
@@ -459,7 +469,7 @@ def test_results_name_the_method_read_from_the_table_not_from_the_config(tmp_pat
     (exp / "adapt_config.json").write_text(json.dumps({**beam.to_dict(), "confidence": "k2"}))
     per = {spk: ErrorStats(snt=2, wrd=10, corr=8, sub=2).to_dict() for spk in ("2001", "2002")}
     (tmp_path / "score.json").write_text(json.dumps({"per_speaker_wer": per}))
-    text = make_session_results(sessions, tmp_path / "score.json", tmp_path / "score.json", exp).read_text()
+    text = make_session_results(sessions, {"d": (tmp_path / "score.json", tmp_path / "score.json")}, exp).read_text()
     assert "## exp: beam_score confidence, top 50%" in text
     assert "confidence that ran (read from the confidence tables): beam_score" in text
     assert "|1|beam_score|14|" in text
@@ -467,7 +477,7 @@ def test_results_name_the_method_read_from_the_table_not_from_the_config(tmp_pat
     rows = read_jsonl(table)  # the table made again by another method, the labels not filtered again
     write_jsonl(table, [{**r, "method": "k2"} for r in rows])
     with pytest.raises(ValueError, match="now says k2, but the labels .* were filtered by a beam_score table"):
-        make_session_results(sessions, tmp_path / "score.json", tmp_path / "score.json", exp)
+        make_session_results(sessions, {"d": (tmp_path / "score.json", tmp_path / "score.json")}, exp)
 
 
 def test_dev_comparison_of_filters_reads_kept_dropped_and_disagreeing_labels(tmp_path):

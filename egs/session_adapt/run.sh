@@ -42,6 +42,7 @@ fl_config=conf/fl_adapt.yaml      # rounds, DGA, client and server optimizers
 student_config=                   # empty: the seed's model config; e.g. conf/student_specaug.yaml: a noisy student
 fl_args=                          # key=value overrides of fl_config, e.g. "rounds=20"
 client_jobs=2                     # processes that train a round's clients in parallel
+adapted_model=valid.acc.best.pth  # the adapted weights to decode: the best round on the dev parts, or latest.pth
 tag=                              # experiment name; default from the configs
 data=data
 exp=exp
@@ -73,6 +74,7 @@ Options:
   --fl_args          # key=value overrides of fl_config, in quotes (default="${fl_args}")
   --student_config   # training-only noise (SpecAugment) for the adapting model; empty: none (default="${student_config}")
   --client_jobs      # processes that train a round's clients in parallel (default="${client_jobs}")
+  --adapted_model    # adapted weights to label (generation > 1) and test with: the best round on the dev parts, or latest.pth (default="${adapted_model}")
   --tag              # experiment name; empty: from the configs (default="${tag}")
   --data             # where corpus, manifests and sessions go (default="${data}")
   --exp              # where the seed copy and experiments go (default="${exp}")
@@ -149,7 +151,7 @@ if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
       # The seed's labels are the same for every run on these sessions: labelled once, shared.
       teacher_dir=$seed_dir; teacher_model=model.pth; labels_dir=$seed_dir/$inference_tag/labels_$session_part
     else
-      teacher_dir=$expdir/gen$((gen - 1))/fl; teacher_model=latest.pth; labels_dir=$gendir/labels
+      teacher_dir=$expdir/gen$((gen - 1))/fl; teacher_model=$adapted_model; labels_dir=$gendir/labels
     fi
     if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
       if [ "$labels" = oracle ]; then
@@ -195,7 +197,7 @@ if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
         --output_dir "$gendir/clients" $adapt_args
     fi
     if [ $stage -le 7 ] && [ $stop_stage -ge 7 ]; then
-      log "Stage 7 (generation $gen): federated adaptation from the seed -> $gendir/fl (log: $gendir/fl/train.log)"
+      log "Stage 7 (generation $gen): federated adaptation from the seed, validated on the dev parts -> $gendir/fl (log: $gendir/fl/train.log)"
       mkdir -p "$gendir/fl"
       asr_config=$seed_dir/adapt_asr_config.yaml
       if [ -n "$student_config" ]; then
@@ -203,10 +205,16 @@ if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
         python -m fl_lib.bin.student_config --seed_dir "$seed_dir" --student_config "$student_config" \
           --output "$asr_config"
       fi
+      dev_args=()
+      if [ "$(gzip -dc "$sessions_dir/dev.jsonl.gz" | wc -l)" -gt 0 ]; then
+        dev_args=(--dev_cuts "$sessions_dir/dev.jsonl.gz")
+      else
+        log "Stage 7: the sessions have no dev utterances: no validation, the last round is the adapted model"
+      fi
       # shellcheck disable=SC2086
       python -m fl_lib.bin.fl_train \
         --asr_config "$asr_config" --fl_config "$fl_config" \
-        --train_clients "$gendir/clients/clients.jsonl" \
+        --train_clients "$gendir/clients/clients.jsonl" "${dev_args[@]}" \
         --token_list "$seed_dir/tokens.txt" --bpemodel "$seed_dir/bpe.model" \
         --feats_stats "$seed_dir/feats_stats.npz" --client_jobs "$client_jobs" \
         --seed "$seed" --output_dir "$gendir/fl" $fl_args 2>&1 | tee -a "$gendir/fl/train.log"
@@ -217,21 +225,30 @@ fi
 if [ $stage -le 8 ] && [ $stop_stage -ge 8 ]; then
   generations=$(python -m fl_lib.bin.adapt_config --config "$expdir/adapt_config.json" --get generations)
   log "Stage 8: decode the sessions' test parts with the seed and with $expdir/gen$generations/fl; score"
-  seed_score=$seed_dir/$inference_tag/$session_part/score.json
-  newest=$(ls -t "$seed_dir/model.pth" "$sessions" "$inference_config" ${lm_args[3]:+"${lm_args[3]}"} | head -1)
-  if [ -f "$seed_score" ] && [ "$seed_score" -nt "$newest" ]; then
-    log "Stage 8: $seed_score is newer than the seed, its LM, the decoding config and the sessions: not decoding the seed again"
+  # decode_both <name> <tag> <config> [LM args]: the seed (once per config, LM and sessions) and the adapted model.
+  scores=()
+  decode_both() {
+    local name=$1 tag=$2 config=$3; shift 3
+    local seed_score=$seed_dir/$tag/$session_part/score.json newest
+    newest=$(ls -t "$seed_dir/model.pth" "$sessions" "$config" ${4:+"$4"} | head -1)  # $4: the LM file
+    if [ -f "$seed_score" ] && [ "$seed_score" -nt "$newest" ]; then
+      log "Stage 8: $seed_score is newer than the seed, its LM, the decoding config and the sessions: not decoding the seed again"
+    else
+      python -m fl_lib.bin.decode --exp_dir "$seed_dir" --model model.pth --inference_config "$config" \
+        --cuts "$sessions_dir/test.jsonl.gz" --nj "$nj" --output_dir "$seed_dir/$tag/$session_part" "$@"
+    fi
+    python -m fl_lib.bin.decode --exp_dir "$expdir/gen$generations/fl" --model "$adapted_model" \
+      --inference_config "$config" --cuts "$sessions_dir/test.jsonl.gz" --nj "$nj" \
+      --output_dir "$expdir/$tag/$session_part" "$@"
+    scores+=(--scores "$name" "$seed_score" "$expdir/$tag/$session_part/score.json")
+  }
+  if [ "$use_lm" = true ]; then
+    decode_both "LM fusion ($inference_tag)" "$inference_tag" "$inference_config" "${lm_args[@]}"
+    decode_both "acoustic model alone" decode_asr_ctc conf/decode_asr_ctc.yaml
   else
-    python -m fl_lib.bin.decode --exp_dir "$seed_dir" --model model.pth --inference_config "$inference_config" \
-      --cuts "$sessions_dir/test.jsonl.gz" --nj "$nj" --output_dir "$seed_dir/$inference_tag/$session_part" \
-      "${lm_args[@]}"
+    decode_both "$inference_tag" "$inference_tag" "$inference_config"
   fi
-  python -m fl_lib.bin.decode --exp_dir "$expdir/gen$generations/fl" --model latest.pth \
-    --inference_config "$inference_config" --cuts "$sessions_dir/test.jsonl.gz" --nj "$nj" \
-    --output_dir "$expdir/$inference_tag/$session_part" "${lm_args[@]}"
-  python -m fl_lib.bin.session_results --sessions "$sessions" \
-    --seed_score "$seed_score" \
-    --adapted_score "$expdir/$inference_tag/$session_part/score.json" --exp_dir "$expdir" --wall_seconds "$SECONDS" \
-    --student_config "$student_config"
+  python -m fl_lib.bin.session_results --sessions "$sessions" "${scores[@]}" --exp_dir "$expdir" \
+    --wall_seconds "$SECONDS" --student_config "$student_config"
   log "Results: $expdir/RESULTS.md"
 fi

@@ -2,8 +2,10 @@
 
 The only stage that reads the adaptation truth (``truth/adapt_text``): it scores
 the pseudo-labels before and after filtering. The sessions' test parts were
-decoded with the seed model and with the adapted model; WERR is the relative
-WER reduction, (seed - adapted) / seed, per session and on average over sessions.
+decoded with the seed model and with the adapted model, once per decoding (the
+recipe's, LM included, and the acoustic model alone); WERR is the relative WER
+reduction, (seed - adapted) / seed, listed per session and pooled over sessions
+(word-weighted), with a bootstrap interval that resamples sessions.
 The confidence method a run names is the one its tables record, never its config's.
 """
 from __future__ import annotations
@@ -65,10 +67,33 @@ def label_wer(gen_dir: Path, truth: dict[str, str]) -> dict:
             "skipped_sessions": selection["skipped_sessions"], "confidence_method": confidence_method(selection_path)}
 
 
-def summarize(sessions_path: Path, seed_score: Path, adapted_score: Path, exp_dir: Path,
-              wall_seconds: Optional[float] = None, student_config: Optional[str] = None) -> dict:
-    """Per-session seed/adapted WER and WERR, their averages, and per-generation pseudo-label WER."""
-    sessions = load_sessions(sessions_path)
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def pooled_werr_interval(pairs: Sequence[tuple[ErrorStats, ErrorStats]], level: float = 0.95,
+                         seed: int = 0) -> tuple[Optional[float], Optional[float]]:
+    """A percentile bootstrap interval of the pooled WERR, resampling sessions: (seed, adapted) error
+    counts per session; each resample pools its sessions' errors and words, as the point estimate does."""
+    import numpy as np
+
+    if len(pairs) < 2:
+        return None, None
+    seed_err = np.array([s.err for s, _ in pairs], dtype=float)
+    adapted_err = np.array([a.err for _, a in pairs], dtype=float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(pairs), size=(BOOTSTRAP_RESAMPLES, len(pairs)))
+    before, after = seed_err[idx].sum(axis=1), adapted_err[idx].sum(axis=1)
+    ok = before > 0  # both decodings score the same words, so the words cancel out of the ratio
+    ratios = 100.0 * (before[ok] - after[ok]) / before[ok]
+    tail = 100.0 * (1 - level) / 2
+    low, high = np.percentile(ratios, [tail, 100.0 - tail])
+    return round(float(low), 2), round(float(high), 2)
+
+
+def compare_decodings(sessions: Sequence, seed_score: Path, adapted_score: Path, sessions_path: Path) -> dict:
+    """Per-session seed/adapted WER and WERR of one decoding, and the pooled (word-weighted) WERR with
+    its bootstrap interval over sessions. Per-session ratios are listed, never averaged: a session at
+    1 % WER moves a mean of ratios by hundreds of points with one word."""
     seed = json.loads(Path(seed_score).read_text())["per_speaker_wer"]
     adapted = json.loads(Path(adapted_score).read_text())["per_speaker_wer"]
     tested = [s for s in sessions if s.num_test]  # a session whose test part was left empty is not scored
@@ -83,10 +108,21 @@ def summarize(sessions_path: Path, seed_score: Path, adapted_score: Path, exp_di
         aw = ErrorStats.from_dict(adapted[s.id]).percentages()["Err"] if s.num_test else None
         rows.append({"session": s.id, "adapt_utts": s.num_adapt, "test_utts": s.num_test,
                      "seed_wer": sw, "adapted_wer": aw, "werr": werr(sw, aw)})
-    scored = [r for r in rows if r["werr"] is not None]
-    mean = (lambda k: sum(r[k] for r in scored) / len(scored) if scored else None)
-    pooled_seed = sum((ErrorStats.from_dict(seed[s.id]) for s in tested), ErrorStats()).percentages()["Err"]
-    pooled_adapted = sum((ErrorStats.from_dict(adapted[s.id]) for s in tested), ErrorStats()).percentages()["Err"]
+    pairs = [(ErrorStats.from_dict(seed[s.id]), ErrorStats.from_dict(adapted[s.id])) for s in tested]
+    pooled_seed = sum((p[0] for p in pairs), ErrorStats()).percentages()["Err"]
+    pooled_adapted = sum((p[1] for p in pairs), ErrorStats()).percentages()["Err"]
+    return {"seed_score": str(seed_score), "adapted_score": str(adapted_score), "sessions": rows,
+            "pooled_seed_wer": pooled_seed, "pooled_adapted_wer": pooled_adapted,
+            "pooled_werr": werr(pooled_seed, pooled_adapted), "pooled_werr_interval": pooled_werr_interval(pairs)}
+
+
+def summarize(sessions_path: Path, decodings: dict[str, tuple[Path, Path]], exp_dir: Path,
+              wall_seconds: Optional[float] = None, student_config: Optional[str] = None) -> dict:
+    """Each decoding's comparison ({name: (seed score.json, adapted score.json)}, the recipe's own
+    decoding first) and the per-generation pseudo-label WER."""
+    if not decodings:
+        raise ValueError("no decoding to compare: give the seed's and the adapted model's score.json")
+    sessions = load_sessions(sessions_path)
     adapt_conf = json.loads((Path(exp_dir) / "adapt_config.json").read_text())
     truth = read_text_table(Path(sessions_path).parent / "truth" / "adapt_text")
     gens = []
@@ -94,12 +130,16 @@ def summarize(sessions_path: Path, seed_score: Path, adapted_score: Path, exp_di
         for g in range(1, adapt_conf["generations"] + 1):
             gens.append({"generation": g, **label_wer(Path(exp_dir) / f"gen{g}", truth)})
     return {
-        "exp_dir": str(exp_dir), "adapt_config": adapt_conf, "sessions": rows,
-        "mean_seed_wer": mean("seed_wer"), "mean_adapted_wer": mean("adapted_wer"), "mean_werr": mean("werr"),
-        "pooled_seed_wer": pooled_seed, "pooled_adapted_wer": pooled_adapted,
-        "pooled_werr": werr(pooled_seed, pooled_adapted), "pseudo_labels": gens, "wall_seconds": wall_seconds,
-        "student_config": student_config,
+        "exp_dir": str(exp_dir), "adapt_config": adapt_conf,
+        "decodings": {name: compare_decodings(sessions, seed, adapted, sessions_path)
+                      for name, (seed, adapted) in decodings.items()},
+        "pseudo_labels": gens, "wall_seconds": wall_seconds, "student_config": student_config,
     }
+
+
+def _interval(d: dict) -> str:
+    low, high = d["pooled_werr_interval"]
+    return "n/a" if low is None else f"[{low:.1f}, {high:.1f}]"
 
 
 def methods_that_ran(summary: dict) -> list[str]:
@@ -142,14 +182,16 @@ def render(summary: dict) -> str:
               f"- confidence that ran (read from the confidence tables): {', '.join(methods) or 'none'}"]
     if summary["wall_seconds"] is not None:
         lines.append(f"- wall time of this run.sh invocation: {summary['wall_seconds'] / 60:.1f} min")
-    lines += ["", "### WER on the sessions' test parts", "",
-              "|session|adapt utts|test utts|seed WER|adapted WER|WERR %|", "|---|---|---|---|---|---|"]
-    lines += [f"|{r['session']}|{r['adapt_utts']}|{r['test_utts']}|{_pct(r['seed_wer'])}|{_pct(r['adapted_wer'])}|"
-              f"{_pct(r['werr'])}|" for r in summary["sessions"]]
-    lines.append(f"|**mean over sessions**|||{_pct(summary['mean_seed_wer'])}|{_pct(summary['mean_adapted_wer'])}|"
-                 f"**{_pct(summary['mean_werr'])}**|")
-    lines.append(f"|pooled words|||{_pct(summary['pooled_seed_wer'])}|{_pct(summary['pooled_adapted_wer'])}|"
-                 f"{_pct(summary['pooled_werr'])}|")
+    for name, d in summary["decodings"].items():
+        lines += ["", f"### WER on the sessions' test parts: {name}", "",
+                  f"Pooled over sessions (word-weighted): {_pct(d['pooled_seed_wer'])} → "
+                  f"{_pct(d['pooled_adapted_wer'])} % WER, **WERR {_pct(d['pooled_werr'])} %**, 95 % bootstrap "
+                  f"interval over sessions {_interval(d)}. Per-session WERRs are listed, not averaged.", "",
+                  "|session|adapt utts|test utts|seed WER|adapted WER|WERR %|", "|---|---|---|---|---|---|"]
+        lines += [f"|{r['session']}|{r['adapt_utts']}|{r['test_utts']}|{_pct(r['seed_wer'])}|"
+                  f"{_pct(r['adapted_wer'])}|{_pct(r['werr'])}|" for r in d["sessions"]]
+        lines.append(f"|**pooled words**|||{_pct(d['pooled_seed_wer'])}|{_pct(d['pooled_adapted_wer'])}|"
+                     f"**{_pct(d['pooled_werr'])}**|")
     if summary["pseudo_labels"]:
         lines += ["", "### Pseudo-labels of the adaptation parts (scored against the truth here only)", "",
                   "|generation|confidence|labels|WER all|kept|WER kept|sessions skipped|",
@@ -161,10 +203,10 @@ def render(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_session_results(sessions_path: Path, seed_score: Path, adapted_score: Path, exp_dir: Path,
+def make_session_results(sessions_path: Path, decodings: dict[str, tuple[Path, Path]], exp_dir: Path,
                          wall_seconds: Optional[float] = None, student_config: Optional[str] = None) -> Path:
     """Write exp_dir/summary.json and exp_dir/RESULTS.md; return the latter."""
-    summary = summarize(sessions_path, seed_score, adapted_score, exp_dir, wall_seconds, student_config)
+    summary = summarize(sessions_path, decodings, exp_dir, wall_seconds, student_config)
     (Path(exp_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     out = Path(exp_dir) / "RESULTS.md"
     out.write_text(render(summary), encoding="utf-8")
@@ -172,17 +214,22 @@ def make_session_results(sessions_path: Path, seed_score: Path, adapted_score: P
 
 
 def render_ablation(exp_dirs: Sequence[Path]) -> str:
-    """One row per run (its summary.json): labels, pseudo-label WER before/after filtering, mean WERR."""
+    """One row per run and decoding (its summary.json): labels, pseudo-label WER before/after filtering,
+    pooled WER and WERR with its interval over sessions."""
     lines = [GENERATED.replace("session_results", "session_results --ablation"), "# Session adaptation: ablation",
-             "", "|run|labels|pseudo-label WER all|kept|pseudo-label WER kept|mean seed WER|mean adapted WER|"
-             "mean WERR %|pooled WERR %|wall min (last invocation)|", "|---|---|---|---|---|---|---|---|---|---|"]
+             "", "|run|labels|decoding|pseudo-label WER all|kept|pseudo-label WER kept|pooled seed WER|"
+             "pooled adapted WER|pooled WERR %|95 % interval|wall min (last invocation)|",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in exp_dirs:
         s = json.loads((Path(d) / "summary.json").read_text())
+        if "decodings" not in s:
+            raise ValueError(f"{d}/summary.json predates the pooled intervals: run its stage 8 again")
         last = s["pseudo_labels"][-1] if s["pseudo_labels"] else None
         wall = "n/a" if s["wall_seconds"] is None else f"{s['wall_seconds'] / 60:.1f}"
-        lines.append(
-            f"|{Path(d).name}|{run_name(s['adapt_config'], s.get('student_config'), methods_that_ran(s))}|"
-            f"{_pct(last['all']['percent']['Err']) if last else 'n/a'}|{last['num_kept'] if last else 'all'}|"
-            f"{_pct(last['kept']['percent']['Err']) if last else '0.0 (truth)'}|{_pct(s['mean_seed_wer'])}|"
-            f"{_pct(s['mean_adapted_wer'])}|{_pct(s['mean_werr'])}|{_pct(s['pooled_werr'])}|{wall}|")
+        for name, dec in s["decodings"].items():
+            lines.append(
+                f"|{Path(d).name}|{run_name(s['adapt_config'], s.get('student_config'), methods_that_ran(s))}|{name}|"
+                f"{_pct(last['all']['percent']['Err']) if last else 'n/a'}|{last['num_kept'] if last else 'all'}|"
+                f"{_pct(last['kept']['percent']['Err']) if last else '0.0 (truth)'}|{_pct(dec['pooled_seed_wer'])}|"
+                f"{_pct(dec['pooled_adapted_wer'])}|{_pct(dec['pooled_werr'])}|{_interval(dec)}|{wall}|")
     return "\n".join(lines) + "\n"
