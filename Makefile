@@ -36,7 +36,7 @@ $(VENV_K2)/.installed: requirements-k2.txt
 	touch $@
 
 demo: install
-	cd egs/librispeech_fl && ./run.sh --stage 0 --stop_stage 6
+	cd egs/librispeech_fl && ./run.sh --stage 0 --stop_stage 7
 
 # Two pytest workers, one per core (tests run single-threaded); a file's tests share one worker
 # and so its module fixtures; files start in collection order, slowest first (tests/conftest.py).

@@ -1,12 +1,16 @@
-"""End-to-end smoke test: egs/librispeech_fl/run.sh stages 0-6 on a tiny embedded corpus."""
+"""End-to-end smoke test: egs/librispeech_fl/run.sh stages 0-7 on a tiny embedded corpus."""
 import json
 import os
 import re
+import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
+
+from conftest import tiny_lm_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "egs/librispeech_fl"
@@ -33,10 +37,10 @@ def test_run_sh_help_lists_every_option_with_its_default():
         assert line.group(0).endswith(f'(default="{value}")'), line.group(0)
 
 
-def test_run_sh_stages_0_to_6(tmp_path):
+def test_run_sh_stages_0_to_7(tmp_path):
     data, exp = tmp_path / "data", tmp_path / "exp"
     cmd = [
-        "./run.sh", "--stage", "0", "--stop_stage", "6",
+        "./run.sh", "--stage", "0", "--stop_stage", "7",
         "--corpus_config", "conf/corpus_tiny.yaml", "--min_utts", "1",
         "--data", str(data), "--exp", str(exp), "--tag", "smoke",
         "--fl_config", "conf/fl_dga.yaml", "--client_jobs", "1",
@@ -46,8 +50,14 @@ def test_run_sh_stages_0_to_6(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=RECIPE, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for stage in range(7):
+    for stage in range(8):
         assert f"Stage {stage}:" in proc.stdout + proc.stderr
+    # Stage 7: the decoded model, LM and decoding config in one zip, with ESPnet's meta.yaml.
+    with zipfile.ZipFile(exp / "smoke/smoke_valid.acc.ave.zip") as packed:
+        meta = yaml.safe_load(packed.read("meta.yaml"))
+        assert meta["files"] == {"asr_model_file": "exp/asr/valid.acc.ave.pth", "lm_file": "exp/lm/valid.loss.best.pth"}
+        assert yaml.safe_load(packed.read("decode.yaml")) == yaml.safe_load((RECIPE / "conf/decode_asr_ctc_fusion.yaml").read_text())
+        assert {"data/token_list/bpe.model", "exp/asr_stats/feats_stats.npz", "exp/asr/RESULTS.md"} <= set(packed.namelist())
     assert (data / "corpus/LibriSpeech/SPEAKERS.TXT").exists()
     clients = (data / "clients/train-clean-100/clients.jsonl").read_text().splitlines()
     assert len(clients) == 4
@@ -82,10 +92,35 @@ def test_run_sh_stages_0_to_6(tmp_path):
     assert budget == pytest.approx(fl_cpu_seconds)
     for d in (exp / "smoke", central):
         assert "decode_asr_ctc_valid.acc.best/test-other" in (d / "RESULTS.md").read_text()
+        with zipfile.ZipFile(d / f"{d.name}_valid.acc.best.zip") as packed:  # no LM in it
+            assert yaml.safe_load(packed.read("meta.yaml"))["files"] == {"asr_model_file": "exp/asr/valid.acc.best.pth"}
     assert f"{LM_DECODE}_valid.acc.ave/test-other" in (exp / "smoke/RESULTS.md").read_text()
 
 
-def test_use_lm_with_a_corpus_dir_needs_lm_text(tmp_path):
-    proc = subprocess.run(["./run.sh", "--stage", "5", "--stop_stage", "5", "--corpus_dir", str(tmp_path),
-                           "--exp", str(tmp_path / "exp")], cwd=RECIPE, capture_output=True, text=True)
-    assert proc.returncode == 1 and "--use_lm true needs --lm_text" in proc.stdout + proc.stderr
+def test_corpus_dir_without_lm_text_trains_the_lm_on_the_clients_transcripts(tiny_corpus, tiny_clients, tmp_path):
+    """asr.sh's default LM text is the training set's text: with --corpus_dir and no --lm_text,
+    stage 4 writes the training clients' transcripts and the LM learns them (it used to stop at
+    stage 0). A re-run leaves the text file as it is, so the LM is not trained again."""
+    from fl_lib.asr.lm import write_client_transcripts
+    from fl_lib.data.tokenizer import client_transcripts
+
+    data, exp = tmp_path / "data", tmp_path / "exp"
+    train_dir = data / "clients/train-clean-100"
+    shutil.copytree(tiny_clients.parent, train_dir)  # stage 2's output: clients.jsonl, cuts/
+    cmd = ["./run.sh", "--stage", "4", "--stop_stage", "4", "--corpus_dir", str(tiny_corpus),
+           "--data", str(data), "--exp", str(exp), "--lm_config", str(tiny_lm_config(tmp_path))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=RECIPE, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = train_dir / "transcripts.txt"
+    assert f"the LM learns the training clients' transcripts -> {text}" in proc.stdout
+    assert f"Stage 4: ESPnet LM on {text}" in proc.stdout
+    transcripts = sorted(client_transcripts(tiny_clients))
+    assert sorted(text.read_text().splitlines()) == transcripts and len(transcripts) > 20
+    lm_data = exp / "lm_lm/data"
+    lm_lines = (lm_data / "train.txt").read_text().splitlines() + (lm_data / "valid.txt").read_text().splitlines()
+    assert sorted(line.split(" ", 1)[1] for line in lm_lines) == transcripts
+    assert (exp / "lm_lm/valid.loss.best.pth").is_file()
+    written = text.stat().st_mtime_ns
+    write_client_transcripts(train_dir / "clients.jsonl", text)  # what a re-run of stage 4 does first
+    assert text.stat().st_mtime_ns == written

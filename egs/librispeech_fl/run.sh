@@ -7,7 +7,11 @@
 # --corpus_dir /path/to/LibriSpeech (the directory that holds train-clean-100/,
 # dev-clean/, test-clean/ ...) the same stages run on the real corpus.
 #
-#   ./run.sh --stage 0 --stop_stage 6
+# Stages: 0 corpus (synthesize or check), 1 Lhotse manifests, 2 one client per speaker,
+# 3 federated feature statistics, 4 tokenizer and LM, 5 federated training,
+# 6 decoding and RESULTS.md, 7 packing the decoded model for stock Speech2Text.
+#
+#   ./run.sh --stage 0 --stop_stage 7
 #   ./run.sh --corpus_dir /data/LibriSpeech --asr_config conf/train_asr_conformer_librispeech.yaml
 #   ./run.sh --stage 5 --stop_stage 5 --fl_config conf/fl_fedavg.yaml --fl_args "rounds=20 server_optim.lr=1.0"
 #   ./run.sh --stage 5 --stop_stage 5 --nproc 2 --client_jobs 1     # torchrun: 2 ranks share each round's clients
@@ -17,7 +21,7 @@
 set -euo pipefail
 
 stage=0
-stop_stage=6
+stop_stage=7
 nj=2
 seed=1234
 corpus_dir=                        # empty: synthesize the embedded corpus
@@ -36,7 +40,7 @@ fl_args=                           # key=value overrides of fl_config, e.g. "rou
 tag=                               # experiment name; default from the configs
 use_lm=true                        # stage 4 trains an ESPnet LM on lm_text; stage 6 decodes with it
 lm_config=conf/train_lm_rnn.yaml
-lm_text=                           # LM corpus, one sentence per line; empty: the embedded corpus's librispeech-lm-norm.txt
+lm_text=                           # LM corpus, one sentence per line; empty: the embedded corpus's librispeech-lm-norm.txt, or with --corpus_dir the training clients' transcripts (asr.sh's default)
 inference_config=                  # empty: conf/decode_asr_ctc_fusion.yaml with the LM, conf/decode_asr_ctc.yaml without
 inference_model=valid.acc.best.pth
 inference_lm=valid.loss.best.pth
@@ -53,7 +57,7 @@ help_message=$(cat <<EOF
 Usage: $0 [--option value] ...
 
 Options:
-  --stage              # first stage to run (default="${stage}")
+  --stage              # first stage to run: 0 corpus ... 5 training, 6 decoding, 7 packing (default="${stage}")
   --stop_stage         # last stage to run (default="${stop_stage}")
   --nj                 # parallel jobs of the data stages and of decoding (default="${nj}")
   --seed               # corpus synthesis and training seed (default="${seed}")
@@ -73,7 +77,7 @@ Options:
   --tag                # experiment name; empty: from the configs (default="${tag}")
   --use_lm             # true: train an LM on --lm_text (stage 4) and decode with it (stage 6) (default="${use_lm}")
   --lm_config          # ESPnet LM training config (default="${lm_config}")
-  --lm_text            # LM corpus, e.g. librispeech-lm-norm.txt.gz; empty: the embedded corpus's (default="${lm_text}")
+  --lm_text            # LM corpus, e.g. librispeech-lm-norm.txt.gz; empty: the embedded corpus's, or with --corpus_dir the training clients' transcripts (default="${lm_text}")
   --inference_config   # ESPnet decoding config; empty: decode_asr_ctc_fusion.yaml or decode_asr_ctc.yaml by --use_lm (default="${inference_config}")
   --inference_model    # file in exp/<tag>, or best, latest, valid.acc.ave[_<N>best].pth (default="${inference_model}")
   --inference_lm       # the LM checkpoint to decode with (default="${inference_lm}")
@@ -118,15 +122,20 @@ if [ -z "$tag" ]; then
 fi
 expdir=$exp/$tag
 lm_exp=$exp/lm_$(basename "${lm_config%.*}")
+lm_from_clients=false
 if [ -z "$lm_text" ] && [ -z "$corpus_dir" ]; then
   lm_text=$corpus/librispeech-lm-norm.txt
-fi
-if [ "$use_lm" = true ] && [ -z "$lm_text" ]; then
-  log "--use_lm true needs --lm_text with --corpus_dir (LibriSpeech's LM corpus: librispeech-lm-norm.txt.gz, openslr 11), or --use_lm false"
-  exit 1
+elif [ -z "$lm_text" ]; then
+  # asr.sh's default lm_train_text, the training set's text: stage 4 writes the clients' transcripts here.
+  lm_text=$train_dir/transcripts.txt
+  lm_from_clients=true
 fi
 if [ -z "$inference_config" ]; then
   if [ "$use_lm" = true ]; then inference_config=conf/decode_asr_ctc_fusion.yaml; else inference_config=conf/decode_asr_ctc.yaml; fi
+fi
+lm_args=()                         # stages 6 and 7: the LM that decoding fuses
+if [ "$use_lm" = true ]; then
+  lm_args=(--lm_train_config "$lm_exp/config.yaml" --lm_file "$lm_exp/$inference_lm")
 fi
 central_expdir=$exp/centralized_$(basename "${asr_config%.*}")
 decode_expdirs=$expdir
@@ -180,7 +189,13 @@ if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
     --clients "$train_dir/clients.jsonl" \
     --token_type "$token_type" --vocab_size "$vocab_size" --output_dir "$token_dir"
   if [ "$use_lm" = true ]; then
-    # As asr.sh's LM stages: the LM reads only the external LM text, never a client's transcripts.
+    # As asr.sh's LM stages: the LM reads --lm_text, by default the training set's text. Here the
+    # default is the embedded corpus's LM text; with --corpus_dir, the clients' transcripts, which
+    # the server then reads, as it reads them for the tokenizer above.
+    if [ "$lm_from_clients" = true ]; then
+      log "Stage 4: no --lm_text: the LM learns the training clients' transcripts -> $lm_text"
+      python -m fl_lib.bin.client_text --clients "$train_dir/clients.jsonl" --output "$lm_text"
+    fi
     log "Stage 4: ESPnet LM on $lm_text -> $lm_exp (log: $lm_exp/train.log)"
     mkdir -p "$lm_exp"
     python -m fl_lib.bin.train_lm --lm_config "$lm_config" --text "$lm_text" \
@@ -223,10 +238,8 @@ if [ $stage -le 6 ] && [ $stop_stage -ge 6 ]; then
   # Named after the decoding config and the model, as in ESPnet: two decode configs never share a directory.
   # With the LM, asr.sh's naming: decode_<config>_lm_<lm exp>_<lm model>_<asr model>.
   inference_tag=$(basename "${inference_config%.*}")
-  lm_args=()
   if [ "$use_lm" = true ]; then
     inference_tag+=_lm_$(basename "$lm_exp")_${inference_lm%.pth}
-    lm_args=(--lm_train_config "$lm_exp/config.yaml" --lm_file "$lm_exp/$inference_lm")
   fi
   inference_tag+=_$(basename "${inference_model%.pth}")
   for dir in $decode_expdirs; do
@@ -240,5 +253,17 @@ if [ $stage -le 6 ] && [ $stop_stage -ge 6 ]; then
     # RESULTS.md tables every decoding of this experiment (with and without the LM, ...), as ESPnet's.
     python -m fl_lib.bin.make_results --exp_dir "$dir" --decode_dir "$dir"/decode_*/
     log "Results: $dir/RESULTS.md"
+  done
+fi
+
+if [ $stage -le 7 ] && [ $stop_stage -ge 7 ]; then
+  # asr.sh's last stage: ESPnet's packer (espnet2.bin.pack asr) on the model stage 6 decodes, with its
+  # token list, sentencepiece model, feature statistics, LM, RESULTS.md, and decode.yaml: the decoding
+  # options, which neither the packer nor Speech2Text.from_pretrained carries (README: "Decoding a WAV").
+  for dir in $decode_expdirs; do
+    packed_model=$dir/$(basename "$dir")_$(basename "${inference_model%.pth}").zip
+    log "Stage 7: pack $dir's $inference_model with $inference_config for Speech2Text -> $packed_model"
+    python -m fl_lib.bin.pack_model --exp_dir "$dir" --model "$inference_model" \
+      --inference_config "$inference_config" "${lm_args[@]}" --outpath "$packed_model"
   done
 fi

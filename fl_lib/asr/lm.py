@@ -3,15 +3,20 @@
 LibriSpeech's recipes decode with an LM trained on its LM corpus: text that came
 without audio and that leaves out the books of dev and test. The same holds here.
 The LM text is public and outside the federation: no client transcript is read,
-so no client's data leaves the client. The model is a stock ESPnet LM, trained by
+so no client's data leaves the client. Without an LM corpus, asr.sh trains the LM
+on the training set's text; run.sh does the same with `--corpus_dir` and no
+`--lm_text` (`write_client_transcripts`), and then the server reads the clients'
+transcripts, as it does for the tokenizer. The model is a stock ESPnet LM, trained by
 `espnet2.bin.lm_train` as `asr.sh` stages 6-7 train it, and `Speech2Text` loads it
 with `lm_train_config` / `lm_file`.
 """
 from __future__ import annotations
 
+import filecmp
 import gzip
 import json
 import logging
+import os
 import random
 import shutil
 import subprocess
@@ -19,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
+from ..atomic import temp_path
 from ..data.markers import content_digest, file_stamp, is_done, mark_done
 
 logger = logging.getLogger(__name__)
@@ -37,6 +43,38 @@ def read_sentences(path: Path) -> Iterator[str]:
             line = " ".join(line.split())
             if line:
                 yield line
+
+
+def write_client_transcripts(clients_jsonl: Path, output: Path) -> Path:
+    """Every training client's transcripts, one per line: asr.sh's default LM text (the training
+    set's `text`) when no LM corpus is given. Returns `output`.
+
+    The file is replaced only when its content changes: `train_lm` stamps its text file, so a
+    re-run with the same clients trains nothing again.
+    """
+    from fl_lib.data.tokenizer import client_transcripts
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(output)
+    try:
+        count = 0
+        with open(tmp, "w", encoding="utf-8") as f:
+            for text in client_transcripts(clients_jsonl):
+                text = " ".join((text or "").split())
+                if text:
+                    f.write(text + "\n")
+                    count += 1
+        if not count:
+            raise ValueError(f"{clients_jsonl}: no client transcript to train an LM on")
+        if output.is_file() and filecmp.cmp(tmp, output, shallow=False):
+            logger.info("%s already holds the %d transcripts of %s", output, count, clients_jsonl)
+        else:
+            os.replace(tmp, output)
+            logger.info("LM text: %d transcripts of the clients of %s -> %s", count, clients_jsonl, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return output
 
 
 def prepare_lm_text(text: Path, output_dir: Path, token_list: Path, valid_fraction: float,

@@ -19,7 +19,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lm_config", type=Path, required=True, help="ESPnet LM training yaml (lm, lm_conf, optim, ...)")
     p.add_argument("--text", type=Path, required=True,
-                   help="plain-text LM corpus, one sentence per line (.txt or .txt.gz); never the clients' transcripts")
+                   help="plain-text LM corpus, one sentence per line (.txt or .txt.gz), e.g. fl_lib.bin.client_text's")
     p.add_argument("--token_list", type=Path, required=True, help="tokens.txt of stage 4")
     p.add_argument("--bpemodel", type=Path, default=None,
                    help="bpe.model of stage 4; none: ESPnet's char tokens (with <space>)")
