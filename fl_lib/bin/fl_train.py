@@ -42,7 +42,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--client_jobs", type=int, default=1, help="worker processes that train a round's clients in parallel")
     p.add_argument("--ngpu", type=int, default=0, help="GPUs per process, 0 or 1; 1 without CUDA is an error")
     p.add_argument("--dist_timeout", type=float, default=1800.0,
-                   help="seconds a torchrun rank waits in a collective (ranks meet once per round) before failing")
+                   help="seconds a torchrun rank waits in a collective before failing; ranks meet once per round, so "
+                        "it must exceed a round's client training plus rank 0's validation and checkpoint writes")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the federated config")
     return p
 
