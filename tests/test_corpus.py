@@ -79,8 +79,6 @@ def test_eval_sentences_unseen_in_training(tiny_corpus: Path) -> None:
     test = set(transcripts(tiny_corpus, "test-clean").values()) | set(transcripts(tiny_corpus, "test-other").values())
     assert dev and test
     assert not train & dev and not train & test and not dev & test
-    eval_fraction = CorpusConfig.tiny().eval_fraction
-    assert {partition_of(t, eval_fraction) for t in dev} == {"dev"}
 
 
 def test_lm_text_holds_training_sentences_only(tiny_corpus: Path) -> None:
@@ -88,7 +86,6 @@ def test_lm_text_holds_training_sentences_only(tiny_corpus: Path) -> None:
     lines = (tiny_corpus / LM_TEXT).read_text().splitlines()
     config = CorpusConfig.tiny()
     assert len(lines) == config.lm_sentences
-    assert {partition_of(t, config.eval_fraction) for t in lines} == {"train"}
     evals = set(transcripts(tiny_corpus, "dev-clean").values()) | set(transcripts(tiny_corpus, "test-clean").values())
     assert not evals & set(lines)
     assert set(" ".join(lines).split()) <= vocabulary() and len(set(lines)) > 100
@@ -194,7 +191,7 @@ def test_grammar_vocabulary_is_small_and_complete() -> None:
     assert 80 <= len(produced) <= 120
 
 
-def test_cli_help_is_fast_and_espnet_free() -> None:
+def test_cli_help_imports_no_espnet_or_torch() -> None:
     code = ("import sys, fl_lib.corpus.synthesize, fl_lib.bin.synthesize_corpus; "
             "assert not any(m.startswith(('espnet', 'torch')) for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -150,7 +150,7 @@ def test_inference_config(tmp_path):
         load_inference_config(bad)
 
 
-def test_decode_help_is_fast():
+def test_decode_help_imports_neither_torch_nor_espnet():
     """--help must not import ESPnet or torch."""
     code = "import sys, runpy; sys.argv=['x','--help']\ntry: runpy.run_module('fl_lib.bin.decode', run_name='__main__')\n" \
            "except SystemExit: pass\nassert 'torch' not in sys.modules and 'espnet2' not in sys.modules"

@@ -185,7 +185,7 @@ def test_pack_refuses_what_it_cannot_carry(tmp_path):
     assert not list(tmp_path.glob("*.zip")) and not list(tmp_path.glob(".pack.*"))
 
 
-def test_pack_model_help_is_fast():
+def test_pack_model_help_imports_neither_torch_nor_espnet():
     """--help must not import ESPnet or torch."""
     code = "import sys, runpy; sys.argv=['x','--help']\ntry: runpy.run_module('fl_lib.bin.pack_model', run_name='__main__')\n" \
            "except SystemExit: pass\nassert 'torch' not in sys.modules and 'espnet2' not in sys.modules"
