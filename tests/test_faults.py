@@ -188,7 +188,7 @@ def test_eio_while_appending_to_metrics_leaves_no_half_line(fl_data, tmp_path, m
 
 def test_resume_rewrites_metrics_atomically(tmp_path, monkeypatch):
     """A rewrite that fails part-way (ENOSPC) leaves the old metrics.jsonl, whose rounds rank the checkpoints."""
-    from fl_lib.fl.server import _truncate_metrics
+    from fl_lib.fl.checkpoint import truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"round": r, "dev_acc": r / 10}) + "\n" for r in (1, 2, 3)))
@@ -201,11 +201,11 @@ def test_resume_rewrites_metrics_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "write_text", disk_full)
     with pytest.raises(OSError):
-        _truncate_metrics(path, 2)
+        truncate_metrics(path, "round", 2, "fl_train")
     monkeypatch.undo()
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
     path.write_bytes(before + b'{"round": 4, "dev_ac')  # an append cut short by a crash
-    _truncate_metrics(path, 2)
+    assert [r["round"] for r in truncate_metrics(path, "round", 2, "fl_train")] == [1, 2]
     assert [json.loads(line)["round"] for line in path.read_text().splitlines()] == [1, 2]
 
 

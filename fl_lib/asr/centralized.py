@@ -24,12 +24,13 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 import yaml
 
-from ..atomic import append_text, atomic_path, owned_temp_glob
+from ..atomic import append_text, owned_temp_glob
 from ..data.clients import load_clients
 from ..data.dataset import make_dataloader
 from ..data.markers import content_digest
 from ..data.tokenizer import Tokenizer
-from ..fl.checkpoint import CheckpointError, atomic_copy, atomic_save, load_checkpoint, rng_states, set_rng_states
+from ..fl.checkpoint import (CheckpointError, atomic_copy, atomic_save, load_checkpoint, rng_states, set_rng_states,
+                             truncate_metrics)
 from ..fl.config import load_config
 from ..fl.validation import evaluate
 from .average import rank_rounds, round_checkpoints, round_score, round_scores
@@ -163,25 +164,6 @@ def _start_over(output_dir: Path) -> None:
     (output_dir / "metrics.jsonl").write_text("")
 
 
-def _completed_rows(path: Path, epochs_done: int) -> list[dict]:
-    """The metrics rows of the checkpointed epochs; the file is rewritten without the others
-    (an epoch logged but not checkpointed before a crash, or a last line cut short)."""
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise ValueError(f"{path}, line {i + 1}: not JSON, and not the last line: edited or corrupted") from None
-            continue
-        if row["epoch"] <= epochs_done:
-            rows.append(row)
-    with atomic_path(path, OWNER) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return rows
-
-
 def train_centralized(
     conf: CentralizedConfig,
     *,
@@ -224,7 +206,7 @@ def train_centralized(
         budget.load_state_dict(state["budget"])
         set_rng_states(state["rng"])
         done, best = state["epoch"], state["best_score"]
-        rows = _completed_rows(metrics, done)
+        rows = truncate_metrics(metrics, "epoch", done, OWNER)
         for epoch, path in round_checkpoints(output_dir).items():
             if epoch > done:  # written by the killed run after its last checkpoint
                 path.unlink()

@@ -12,11 +12,9 @@ with `lm_train_config` / `lm_file`.
 """
 from __future__ import annotations
 
-import filecmp
 import gzip
 import json
 import logging
-import os
 import random
 import shutil
 import subprocess
@@ -24,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..atomic import temp_path
+from ..atomic import atomic_path
 from ..data.markers import content_digest, file_stamp, is_done, mark_done
 
 logger = logging.getLogger(__name__)
@@ -55,25 +53,18 @@ def write_client_transcripts(clients_jsonl: Path, output: Path) -> Path:
     from fl_lib.data.tokenizer import client_transcripts
 
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(output)
-    try:
-        count = 0
-        with open(tmp, "w", encoding="utf-8") as f:
-            for text in client_transcripts(clients_jsonl):
-                text = " ".join((text or "").split())
-                if text:
-                    f.write(text + "\n")
-                    count += 1
-        if not count:
-            raise ValueError(f"{clients_jsonl}: no client transcript to train an LM on")
-        if output.is_file() and filecmp.cmp(tmp, output, shallow=False):
-            logger.info("%s already holds the %d transcripts of %s", output, count, clients_jsonl)
-        else:
-            os.replace(tmp, output)
-            logger.info("LM text: %d transcripts of the clients of %s -> %s", count, clients_jsonl, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    lines = [" ".join((text or "").split()) for text in client_transcripts(clients_jsonl)]
+    body = "".join(line + "\n" for line in lines if line)
+    if not body:
+        raise ValueError(f"{clients_jsonl}: no client transcript to train an LM on")
+    count = body.count("\n")
+    if output.is_file() and output.read_text(encoding="utf-8") == body:
+        logger.info("%s already holds the %d transcripts of %s", output, count, clients_jsonl)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(output) as tmp:
+            tmp.write_text(body, encoding="utf-8")
+        logger.info("LM text: %d transcripts of the clients of %s -> %s", count, clients_jsonl, output)
     return output
 
 

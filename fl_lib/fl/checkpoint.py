@@ -7,6 +7,8 @@ anyone, and a full unpickler would run whatever code it names.
 """
 from __future__ import annotations
 
+import json
+import logging
 import pickle
 import random
 import shutil
@@ -85,3 +87,30 @@ def unpickler_reason(error: Exception) -> str:
     text = str(error).split("WeightsUnpickler error:", 1)[-1]
     reason = next((line.strip() for line in text.splitlines() if line.strip()), "not a weights-only pickle")
     return reason.split(" was not an allowed global")[0]
+
+
+def truncate_metrics(path: Path, key: str, done: int, owner: str) -> list[dict]:
+    """Keep the metrics rows whose `key` (round or epoch) is at most `done`: on resume, a row
+    logged but not checkpointed before a crash is dropped. Returns the kept rows.
+
+    Rewritten atomically: checkpoint pruning ranks rows by this file, so a crash mid-rewrite
+    must leave the old file, not a short one. A last line that does not parse is the tail of
+    an append cut short, and is dropped with a warning; any other is an error."""
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    keep, rows = [], []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}, line {i + 1}: not JSON, and not the last line: edited or corrupted") from None
+            logging.getLogger(__name__).warning(f"{path}: dropped its last line, cut short by a crash: {line[:80]!r}")
+            continue
+        if row[key] <= done:
+            keep.append(line)
+            rows.append(row)
+    with atomic_path(path, owner) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    return rows

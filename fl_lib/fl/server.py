@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from ..asr.average import rank_rounds, round_checkpoints, round_score, round_scores
 from ..asr.model import espnet_config
-from ..atomic import append_text, atomic_path, owned_temp_glob
+from ..atomic import append_text, owned_temp_glob
 from ..data.clients import ClientInfo
 from ..data.markers import content_digest
-from .checkpoint import atomic_copy, atomic_save, load_checkpoint, rng_states, set_rng_states
+from .checkpoint import atomic_copy, atomic_save, load_checkpoint, rng_states, set_rng_states, truncate_metrics
 from .client import LocalTrainer
 from .executor import BatchSpec, ProcessClients, SerialClients, Task, espnet_trainer
 from .config import FLConfig, with_defaults
@@ -267,7 +267,7 @@ class FederatedServer:
                 f"or remove {path.parent} to start over."
             )
         self.load_state_dict(state)
-        _truncate_metrics(self.output_dir / "metrics.jsonl", self.round)
+        truncate_metrics(self.output_dir / "metrics.jsonl", "round", self.round, OWNER)
         logger.info(f"resumed from {path}: {self.round} of {self.conf.rounds} rounds done")
 
     def _check_ranks_agree(self) -> None:
@@ -578,27 +578,3 @@ def _merge(per_rank: list, sampled: list) -> tuple:
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def _truncate_metrics(path: Path, rounds_done: int) -> None:
-    """Drop metric lines of a round that was logged but not checkpointed before a crash.
-
-    Rewritten atomically: checkpoint pruning ranks rounds by this file, so a crash
-    mid-rewrite must leave the old file, not a short one. A last line that does not
-    parse is the tail of an append cut short, and is dropped with a warning."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    keep = []
-    for i, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise ValueError(f"{path}, line {i + 1}: not JSON, and not the last line: edited or corrupted") from None
-            logger.warning(f"{path}: dropped its last line, cut short by a crash: {line[:80]!r}")
-            continue
-        if row["round"] <= rounds_done:
-            keep.append(line)
-    with atomic_path(path, OWNER) as tmp:
-        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
