@@ -141,6 +141,30 @@ def test_ctc_only_rounds_rank_by_dev_loss_as_the_best_model_does(tmp_path):
     assert torch.load(resolve_model(tmp_path, "valid.acc.ave_1best.pth"))["w"].item() == 10.0
 
 
+def test_rounds_rank_by_the_dev_score_the_run_recorded(tmp_path):
+    """A run with best_criterion: wer records dev_score = −dev WER: averaging ranks by it, not by
+    the dev loss that the rows also carry."""
+    for r, value in ((1, 0.0), (2, 10.0), (3, 20.0)):
+        torch.save({"w": torch.tensor([value])}, tmp_path / f"{r}round.pth")
+    rows = [{"round": 1, "dev_loss": 10.0, "dev_acc": None, "dev_wer": 0.2, "dev_score": -0.2},
+            {"round": 2, "dev_loss": 20.0, "dev_acc": None, "dev_wer": 0.5, "dev_score": -0.5},
+            {"round": 3, "dev_loss": 30.0, "dev_acc": None, "dev_wer": 0.1, "dev_score": -0.1}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert torch.load(resolve_model(tmp_path, "valid.acc.ave_2best.pth"))["w"].item() == 10.0  # rounds 1 and 3
+
+
+def test_criterion_score():
+    from fl_lib.asr.average import criterion_score
+
+    assert criterion_score("acc", 2.0, 0.7, 0.3) == 0.7
+    assert criterion_score("acc", 2.0, None, 0.3) == -2.0  # CTC-only: no accuracy, as ESPnet's valid.acc falls back
+    assert criterion_score("loss", 2.0, 0.7, 0.3) == -2.0
+    assert criterion_score("wer", 2.0, 0.7, 0.3) == -0.3
+    assert criterion_score("wer", None, None, None) is None  # a round that was not validated
+    with pytest.raises(ValueError, match="without a CTC head"):
+        criterion_score("wer", 2.0, 0.7, None)
+
+
 def test_inference_config(tmp_path):
     conf = load_inference_config(CONF / "decode_asr.yaml")
     assert 4 <= conf["beam_size"] <= 10 and 0.3 <= conf["ctc_weight"] <= 0.5 and conf["nbest"] == 1

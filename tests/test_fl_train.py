@@ -429,6 +429,36 @@ def test_the_n_best_rounds_by_dev_score_are_kept(fl_data, conformer_config, tmp_
     assert torch.load(tmp_path / "latest.pth")[name].flatten()[0].item() == 4.0
 
 
+def test_best_criterion_wer_keeps_the_rounds_with_the_lowest_dev_wer(fl_data, conformer_config, tmp_path):
+    """best_criterion: wer ranks by the CTC-greedy dev WER, here against dev loss and accuracy:
+    valid.acc.best.pth, the kept rounds and each row's dev_score follow the WER."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from fl_lib.fl.server import RoundMetrics
+
+    server = build_server(fl_data, tmp_path, "fl_fedavg.yaml", ["keep_checkpoints=2", "best_criterion=wer"],
+                          asr_config=conformer_config)
+    server.writer = SummaryWriter(str(tmp_path / "tensorboard"))
+    server.dev_batches = list
+    # (dev loss, dev acc, dev WER): the loss and the accuracy are best in round 1, the WER in rounds 3 and 2
+    for r, (loss, acc, wer) in enumerate([(1.0, 0.9, 0.8), (2.0, 0.5, 0.4), (3.0, 0.4, 0.3), (4.0, 0.3, 0.9)], 1):
+        server.round = r
+        with torch.no_grad():
+            next(iter(server.server_params.values())).fill_(r)
+        server._record(RoundMetrics(r, 1.0, loss, acc, wer, ["a"], [1.0], [], [], 1.0, 1e-3, 0.1, 0.1))
+    server.writer.close()
+    assert sorted(p.name for p in tmp_path.glob("*round.pth")) == ["2round.pth", "3round.pth"]
+    name = next(iter(server.server_params))
+    assert torch.load(tmp_path / "valid.acc.best.pth")[name].flatten()[0].item() == 3.0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["dev_score"] for row in rows] == [-0.8, -0.4, -0.3, -0.9]
+
+
+def test_best_criterion_is_checked():
+    with pytest.raises(ValueError, match="best_criterion must be one of"):
+        FLConfig.from_yaml(CONF_DIR / "fl_fedavg.yaml", ["best_criterion=cer"])
+
+
 def test_init_param_and_freeze_param_apply_as_in_espnet(fl_data, conformer_config, tmp_path):
     """init_param loads a seed model (ESPnet's load_pretrained_model, here `path:encoder:encoder`);
     freeze_param keeps the frozen parameters where the seed put them through a federated round."""

@@ -4,9 +4,9 @@ As ESPnet's `keep_nbest_models`, the trainer keeps the `<N>round.pth` of the N b
 rounds by the dev criterion (`round_score`), and averaging takes the N best of those.
 The centralized reference keeps `<N>epoch.pth` files and logs `epoch` in metrics.jsonl;
 they are averaged the same way, so `--inference_model valid.acc.ave` decodes both.
-The criterion is the one `valid.acc.best.pth` is chosen by: dev accuracy, or minus
-the dev loss for a model that reports no accuracy (CTC-only), so "best" and
-"average" never disagree on what good means.
+The criterion is the one `valid.acc.best.pth` is chosen by (fl_train's `best_criterion`,
+recorded per round as `dev_score`; by default dev accuracy, or minus the dev loss for a
+model that reports no accuracy), so "best" and "average" never disagree on what good means.
 
 Why not ESPnet's own `average_nbest_models`: it ranks the `<N>epoch.pth` files of a
 `Reporter` that holds the whole training history in memory, writes its output in
@@ -26,6 +26,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ..atomic import atomic_path
+from ..fl.config import BEST_CRITERIA
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +41,33 @@ def round_checkpoints(exp_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def criterion_score(criterion: str, dev_loss: Optional[float], dev_acc: Optional[float], dev_wer: Optional[float]) -> Optional[float]:
+    """The dev score a validated round is ranked by, higher is better; None when nothing was validated.
+
+    acc: dev accuracy, or minus the dev loss for a model that reports none (CTC-only), as
+    ESPnet's valid.acc falls back; loss: minus the dev loss; wer: minus the CTC-greedy dev WER,
+    for a CTC-only model whose loss stops tracking its errors (a few noisy labels).
+    """
+    if criterion not in BEST_CRITERIA:
+        raise ValueError(f"best_criterion must be one of {BEST_CRITERIA}, got {criterion!r}")
+    if dev_loss is None and dev_acc is None and dev_wer is None:
+        return None
+    if criterion == "wer":
+        if dev_wer is None:
+            raise ValueError("best_criterion: wer needs the CTC-greedy dev WER, which a model without a CTC head does not give")
+        return -dev_wer
+    if criterion == "acc" and dev_acc is not None:
+        return dev_acc
+    return None if dev_loss is None else -dev_loss
+
+
 def round_score(row: dict) -> Optional[float]:
-    """Higher is better: dev accuracy, or minus the dev loss when the model reports no
-    accuracy (CTC-only); None for a round that was not validated."""
-    if row.get("dev_acc") is not None:
-        return row["dev_acc"]
-    return None if row.get("dev_loss") is None else -row["dev_loss"]
+    """Higher is better: the `dev_score` the run ranked the round by (fl_train's best_criterion),
+    or, for rows without one (the centralized reference, older runs), dev accuracy or minus the
+    dev loss; None for a round that was not validated."""
+    if "dev_score" in row:
+        return row["dev_score"]
+    return criterion_score("acc", row.get("dev_loss"), row.get("dev_acc"), None)
 
 
 def round_scores(exp_dir: Path) -> dict[int, float]:

@@ -134,6 +134,9 @@ class StrategyConfig:
     mu: Optional[float] = None
 
 
+BEST_CRITERIA = ("acc", "loss", "wer")  # fl_lib.asr.average.criterion_score
+
+
 @dataclass
 class FLConfig:
     rounds: int = 10
@@ -152,6 +155,9 @@ class FLConfig:
     server_optim: ServerOptimConfig = field(default_factory=ServerOptimConfig)
     validate_every: int = 1
     keep_checkpoints: int = 5  # <round>round.pth of the N best rounds by dev score kept, for averaging
+    # What "best" means for valid.acc.best.pth and the kept rounds: acc (dev accuracy, or minus
+    # the dev loss for a CTC-only model, as ESPnet), loss, or wer (CTC-greedy dev WER)
+    best_criterion: str = "acc"
     dev_max_duration: float = 120.0
 
     def __post_init__(self) -> None:
@@ -159,6 +165,8 @@ class FLConfig:
         for key in ("clients_per_round", "min_clients_per_round", "max_failed_rounds", "validate_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.best_criterion not in BEST_CRITERIA:
+            raise ValueError(f"best_criterion must be one of {BEST_CRITERIA}, got {self.best_criterion!r}")
         if self.max_client_failures is not None and self.max_client_failures < 1:
             raise ValueError(f"max_client_failures must be >= 1 (or null: never stop for one client), got {self.max_client_failures}")
         if self.drop_failing_clients and self.max_client_failures is None:

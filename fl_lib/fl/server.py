@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from ..asr.average import rank_rounds, round_checkpoints, round_score, round_scores
+from ..asr.average import criterion_score, rank_rounds, round_checkpoints, round_scores
 from ..asr.model import espnet_config
 from ..atomic import append_text, owned_temp_glob
 from ..data.clients import ClientInfo
@@ -75,6 +75,7 @@ class RoundMetrics:
     client_steps: int = 0
     client_seconds: float = 0.0
     client_cpu_seconds: float = 0.0
+    dev_score: Optional[float] = None  # what the round is ranked by for valid.acc.best.pth (best_criterion)
     strategy: dict = field(default_factory=dict)  # what the strategy decided (rl_dga: reward, agent weights, ...)
     # Clients that raised in every round they were sampled in so far (they never trained),
     # and those left out of every later round after max_client_failures (drop_failing_clients).
@@ -157,6 +158,8 @@ class FederatedServer:
                 f"strategy '{conf.strategy.name}' runs in one process only (its client scores need state that only "
                 f"rank 0 keeps); run it without torchrun, not with {ranks.world_size} ranks"
             )
+        if conf.best_criterion == "wer" and getattr(model, "ctc", None) is None:
+            raise ValueError("best_criterion: wer ranks rounds by the CTC-greedy dev WER: this model has no CTC head (ctc_weight 0)")
         self.held_out_batches = held_out_batches
         if self.strategy.needs_judge:
             if held_out_batches is None:
@@ -188,7 +191,7 @@ class FederatedServer:
         self.resume_checked = False
         self.round = 0  # rounds completed (counted)
         self.draws = 0  # rounds sampled, counted or not: the sampling and client-seed index
-        self.best_score = -math.inf  # dev acc, or -dev loss for models that report no accuracy
+        self.best_score = -math.inf  # the best round's dev_score (best_criterion)
         # Per sampled client: {"sampled", "failed", "in_a_row", "first_draw", "first_error"}, the
         # failures of the current run of failures (max_client_failures counts those).
         self.client_failures: dict[str, dict] = {}
@@ -497,14 +500,14 @@ class FederatedServer:
         if m.always_failed:
             counts = ", ".join(f"{cid} ({self.client_failures[cid]['failed']}x)" for cid in m.always_failed)
             logger.warning(f"round {m.round}: never trained, failed in every round they were sampled in: {counts}")
+        m.dev_score = criterion_score(self.conf.best_criterion, m.dev_loss, m.dev_acc, m.dev_wer)
         append_text(out / "metrics.jsonl", json.dumps(m.__dict__) + "\n")  # a failed write leaves no half line
         self._tensorboard(m)
         round_file = out / f"{m.round}round.pth"
         atomic_save(self.global_state, round_file, OWNER)  # serialized once, then copied
         atomic_copy(round_file, out / "latest.pth", OWNER)
-        score = round_score(m.__dict__)
-        if score is not None and score > self.best_score:
-            self.best_score = score
+        if m.dev_score is not None and m.dev_score > self.best_score:
+            self.best_score = m.dev_score
             atomic_copy(round_file, out / "valid.acc.best.pth", OWNER)
         elif self.dev_batches is None or not (out / "valid.acc.best.pth").exists():
             # Without a dev set (or before the first validation) the best model is the latest.
