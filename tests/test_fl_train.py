@@ -179,7 +179,10 @@ def test_fedprox_pulls_each_step_back_by_mu(fl_data, conformer_config, tmp_path)
     torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-6)
 
 
-def test_resume_after_kill_is_bitwise_identical(fl_data, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_resume_after_kill_is_bitwise_identical(fl_data, tmp_path, sig):
+    """Killed after its first checkpoint, the run resumes to the uninterrupted run's model, bit for
+    bit. SIGTERM is a clean stop: exit status 143, a message, and no temporary file left behind."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     args = [
         sys.executable, "-m", "fl_lib.bin.fl_train",
@@ -192,18 +195,25 @@ def test_resume_after_kill_is_bitwise_identical(fl_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([*args, "--output_dir", str(straight)], check=True, env=env, capture_output=True)
 
-    proc = subprocess.Popen([*args, "--output_dir", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed.log"
+    with open(log, "w") as err:  # a file, not a pipe: a full pipe would stall the run
+        proc = subprocess.Popen([*args, "--output_dir", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=err)
     ckpt = killed / "checkpoint.pth"
     deadline = time.time() + 300
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(sig)
     proc.wait()
+    stderr = log.read_text()
     assert ckpt.exists(), "the run never reached its first checkpoint"
     done = torch.load(ckpt, weights_only=False)["round"]
     assert done < 3, "the run finished before it could be killed; nothing was resumed"
-
-    (killed / ".tmp99999.fl_train.latest.pth").write_bytes(b"half-written")  # what a kill during atomic_save leaves
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143, stderr[-2000:]
+        assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+        assert not list(killed.glob(".tmp*"))
+    else:
+        (killed / ".tmp99999.fl_train.latest.pth").write_bytes(b"half-written")  # what a kill during atomic_save leaves
     resumed = subprocess.run([*args, "--output_dir", str(killed)], check=True, env=env, capture_output=True, text=True)
     assert not list(killed.glob(".tmp*"))
     assert f"resumed from {ckpt}: {done} of 3 rounds done" in resumed.stderr

@@ -7,7 +7,9 @@
         --output_dir exp/fl_dga rounds=20 strategy.beta=2
 
 Trailing `key=value` arguments override the federated config (dotted keys).
-Re-running the same command resumes from the last completed round.
+Re-running the same command resumes from the last completed round. SIGTERM (a scheduler's
+preemption, `kill`) stops the run cleanly: the write in progress removes its temporary file,
+the exit status is 143, and the same command resumes as after any interruption.
 
 Under `torchrun --nproc_per_node N` (or `--nnodes`/`--rdzv_*` across machines)
 each rank trains a share of every round's clients; rank 0 writes the results.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -48,6 +51,17 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM: the run unwinds as from an error, so every atomic
+    write in progress (checkpoint, metrics) removes its temporary file instead of leaving it.
+    A BaseException, as KeyboardInterrupt: the handlers that count a client's error as a failed
+    client must not swallow it."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 @record
 def main(argv=None) -> None:
     args = get_parser().parse_args(argv)
@@ -66,6 +80,7 @@ def main(argv=None) -> None:
     ranks = init_from_env(args.ngpu, args.dist_timeout)
     if not ranks.is_main:  # rank 0 logs the run; the others only their warnings and errors
         logging.getLogger().setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         train(
             conf,
@@ -86,6 +101,10 @@ def main(argv=None) -> None:
     # Exit 1 with the message (the file, the clients, the first traceback), not the server's stack.
     except (RoundsFailedError, ClientFailuresError, CheckpointError, RanksDisagreeError, RoundCoverageError) as e:
         raise SystemExit(f"fl_train: {e}") from None
+    except Terminated:
+        logging.getLogger(__name__).error(
+            f"fl_train: stopped by SIGTERM; the rounds checkpointed in {args.output_dir} are kept: rerun the same command to resume")
+        raise SystemExit(128 + signal.SIGTERM) from None
     finally:
         if ranks.distributed:
             torch.distributed.destroy_process_group()
