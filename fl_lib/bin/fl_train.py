@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     ranks = init_from_env(args.ngpu, args.dist_timeout)
     if not ranks.is_main:  # rank 0 logs the run; the others only their warnings and errors
         logging.getLogger().setLevel(logging.WARNING)
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         train(
             conf,
@@ -106,6 +106,7 @@ def main(argv=None) -> None:
             f"fl_train: stopped by SIGTERM; the rounds checkpointed in {args.output_dir} are kept: rerun the same command to resume")
         raise SystemExit(128 + signal.SIGTERM) from None
     finally:
+        signal.signal(signal.SIGTERM, previous)  # main() may run inside another program (tests)
         if ranks.distributed:
             torch.distributed.destroy_process_group()
 
