@@ -20,6 +20,8 @@ import torch
 
 from ..atomic import atomic_path
 
+logger = logging.getLogger(__name__)
+
 # Besides tensors and plain containers, a checkpoint holds numpy's RNG state: a
 # ('MT19937', uint32 array, ...) tuple. These are the globals that array's pickle names.
 _multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
@@ -106,7 +108,7 @@ def truncate_metrics(path: Path, key: str, done: int, owner: str) -> list[dict]:
         except json.JSONDecodeError:
             if i < len(lines) - 1:
                 raise ValueError(f"{path}, line {i + 1}: not JSON, and not the last line: edited or corrupted") from None
-            logging.getLogger(__name__).warning(f"{path}: dropped its last line, cut short by a crash: {line[:80]!r}")
+            logger.warning(f"{path}: dropped its last line, cut short by a crash: {line[:80]!r}")
             continue
         if row[key] <= done:
             keep.append(line)
