@@ -179,7 +179,7 @@ def test_keeps_the_best_epochs_by_the_federated_criterion(data, short_epochs, tm
 def test_a_rerun_resumes_bitwise_and_refuses_another_experiment(data, short_epochs, tmp_path):
     """A rerun into the same dir continues from the last completed epoch (model, Adam, WarmupLR,
     RNG, budget spent, epoch count): bitwise the uninterrupted run's weights."""
-    short_epochs.accs += [0.1, 0.2, 0.1, 0.2]
+    short_epochs.accs += [0.1, 0.2, 0.1, 0.2, 0.2]
     conf = CentralizedConfig(max_epoch=2, max_duration=15.0, warmup_steps=2)
     straight = train_centralized(conf, output_dir=tmp_path / "straight", **data)
     first = train_centralized(CentralizedConfig(max_epoch=1, max_duration=15.0, warmup_steps=2),
@@ -196,6 +196,14 @@ def test_a_rerun_resumes_bitwise_and_refuses_another_experiment(data, short_epoc
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # A finished run reruns as a no-op.
     assert train_centralized(conf, output_dir=tmp_path / "resumed", **data) == resumed and short_epochs.evaluated == 4
+    # A damaged checkpoint.pth: epoch 2 is redone from the previous checkpoint, to the same weights.
+    ckpt = tmp_path / "resumed/checkpoint.pth"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    redone = train_centralized(conf, output_dir=tmp_path / "resumed", **data)
+    assert short_epochs.evaluated == 5 and redone[0] == resumed[0] and redone[1]["steps"] == resumed[1]["steps"]
+    assert (tmp_path / "resumed/checkpoint.damaged.pth").stat().st_size == 1000
+    b = torch.load(tmp_path / "resumed/latest.pth", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
     before = (tmp_path / "resumed/centralized_config.yaml").read_text()
     with pytest.raises(CheckpointError, match="belongs to another experiment: lr differ"):

@@ -9,6 +9,7 @@ import errno
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import types
@@ -67,21 +68,57 @@ def test_resume_refuses_a_malicious_checkpoint_and_never_runs_it(fl_data, tmp_pa
     assert not (out / "metrics.jsonl").exists() and not (out / "1round.pth").exists()
 
 
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":  # what a copy cut short leaves
+        path.write_bytes(data[: len(data) // 2])
+    else:  # the zip's directory records overwritten
+        path.write_bytes(data[:2000] + bytes(range(256)) * 4 + data[3024:])
+
+
 @pytest.mark.parametrize("damage", ["truncated", "overwritten"])
-def test_a_truncated_or_corrupted_checkpoint_is_refused_naming_the_file(fl_data, tmp_path, damage):
+def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_previous_round_resumes(fl_data, tmp_path, damage, caplog):
+    """Round 2's checkpoint damaged: refused by name, kept aside, and round 2 redone from round 1's
+    checkpoint gives round 2's model bit for bit. With both damaged, the run stops naming the file."""
     from fl_lib.fl.checkpoint import CheckpointError
 
     out = tmp_path / "exp"
-    run_inprocess(fl_data, out, "fl_fedavg.yaml", ["rounds=1"])
-    ckpt = out / "checkpoint.pth"
-    data = ckpt.read_bytes()
-    if damage == "truncated":  # what a copy cut short leaves
-        ckpt.write_bytes(data[: len(data) // 2])
-    else:  # the zip's directory records overwritten
-        ckpt.write_bytes(data[:2000] + bytes(range(256)) * 4 + data[3024:])
-    with pytest.raises(CheckpointError, match=rf"^{ckpt}: unreadable, truncated or corrupted"):
+    run_inprocess(fl_data, out, "fl_fedavg.yaml", ["rounds=2"])
+    ckpt, prev = out / "checkpoint.pth", out / "checkpoint.prev.pth"
+    assert torch.load(prev, weights_only=False)["round"] == 1
+    straight = torch.load(out / "latest.pth")
+    _damage(ckpt, damage)
+    damaged = ckpt.read_bytes()
+    with caplog.at_level(logging.INFO):
         run_inprocess(fl_data, out, "fl_fedavg.yaml", ["rounds=2"])
-    assert [r["round"] for r in metrics(out)] == [1]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith(f"{ckpt}: unreadable, truncated or corrupted")
+    assert errors[0].endswith(f"kept as checkpoint.damaged.pth, resuming from the previous checkpoint, {prev}")
+    assert f"resumed from {prev}: 1 of 2 rounds done" in caplog.text
+    assert (out / "checkpoint.damaged.pth").read_bytes() == damaged
+    resumed = torch.load(out / "latest.pth")
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert [r["round"] for r in metrics(out)] == [1, 2] and torch.load(ckpt, weights_only=False)["round"] == 2
+
+    _damage(ckpt, damage)
+    _damage(prev, damage)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(prev))}: unreadable, truncated or corrupted"):
+        run_inprocess(fl_data, out, "fl_fedavg.yaml", ["rounds=3"])
+    assert [r["round"] for r in metrics(out)] == [1, 2]
+
+
+def test_a_kill_between_keeping_the_previous_checkpoint_and_writing_the_next_resumes_from_it(fl_data, tmp_path, caplog):
+    out = tmp_path / "exp"
+    run_inprocess(fl_data, out, "fl_fedavg.yaml", ["rounds=2"])
+    straight = torch.load(out / "latest.pth")
+    # save_checkpoint killed after keeping round 1's checkpoint, before writing round 2's
+    (out / "checkpoint.pth").unlink()
+    with caplog.at_level(logging.INFO):
+        run_inprocess(fl_data, out, "fl_fedavg.yaml", ["rounds=2"])
+    assert f"resumed from {out / 'checkpoint.prev.pth'}: 1 of 2 rounds done" in caplog.text
+    assert "checkpoint.pth is missing and checkpoint.prev.pth is there" in caplog.text
+    resumed = torch.load(out / "latest.pth")
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 
 
 def test_a_seed_model_that_is_not_weights_only_is_refused(tmp_path, monkeypatch):

@@ -29,8 +29,8 @@ from ..data.clients import load_clients
 from ..data.dataset import make_dataloader
 from ..data.markers import content_digest
 from ..data.tokenizer import Tokenizer
-from ..fl.checkpoint import (CheckpointError, atomic_copy, atomic_save, load_checkpoint, rng_states, set_rng_states,
-                             truncate_metrics)
+from ..fl.checkpoint import (CheckpointError, atomic_copy, atomic_save, load_resumable, rng_states, save_checkpoint,
+                             set_rng_states, truncate_metrics)
 from ..fl.config import load_config
 from ..fl.validation import evaluate
 from .average import rank_rounds, round_checkpoints, round_score, round_scores
@@ -134,15 +134,15 @@ def run_identity(espnet_args, train_clients: Path, seed: int) -> dict:
     }
 
 
-def _resumable(output_dir: Path, conf: CentralizedConfig, identity: dict) -> Optional[dict]:
-    """checkpoint.pth of `output_dir` (loaded weights-only) if there is one; a CheckpointError
-    if it belongs to another experiment."""
+def _resumable(output_dir: Path, conf: CentralizedConfig, identity: dict) -> Optional[tuple[dict, Path]]:
+    """checkpoint.pth of `output_dir` (loaded weights-only; the one before it if it is damaged)
+    and its path, if there is one; a CheckpointError if it belongs to another experiment."""
     for stale in output_dir.glob(owned_temp_glob(OWNER)):  # half-written by a killed run
         stale.unlink()
-    path = output_dir / CHECKPOINT
-    if not path.exists():
+    loaded = load_resumable(output_dir / CHECKPOINT, CHECKPOINT_KEYS, OWNER)
+    if loaded is None:
         return None
-    state = load_checkpoint(path, CHECKPOINT_KEYS, OWNER)
+    state, path = loaded
     saved, current = dict(state["centralized_config"]), dataclasses.asdict(conf)
     for key in RESUME_MAY_CHANGE:
         saved.pop(key, None), current.pop(key)
@@ -154,7 +154,7 @@ def _resumable(output_dir: Path, conf: CentralizedConfig, identity: dict) -> Opt
             f"config (except {', '.join(RESUME_MAY_CHANGE)}), ESPnet config, seed and clients (manifest content); "
             f"use another --output_dir, or remove {output_dir} to start over."
         )
-    return state
+    return state, path
 
 
 def _start_over(output_dir: Path) -> None:
@@ -195,11 +195,12 @@ def train_centralized(
     budget = _Budget(conf.budget_cpu_seconds)
     identity = run_identity(args, train_clients, seed)
     metrics = output_dir / "metrics.jsonl"
-    state = _resumable(output_dir, conf, identity)  # refuses another experiment's dir before anything is rewritten
-    if state is None:
+    loaded = _resumable(output_dir, conf, identity)  # refuses another experiment's dir before anything is rewritten
+    if loaded is None:
         _start_over(output_dir)
         done, best, rows = 0, -math.inf, []
     else:
+        state, path = loaded
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -210,7 +211,7 @@ def train_centralized(
         for epoch, path in round_checkpoints(output_dir).items():
             if epoch > done:  # written by the killed run after its last checkpoint
                 path.unlink()
-        logger.info(f"resumed from {output_dir / CHECKPOINT}: {done} epochs done, {budget.spent:.1f} CPU-s spent")
+        logger.info(f"resumed from {path}: {done} epochs done, {budget.spent:.1f} CPU-s spent")
     save_espnet_config(args, output_dir / "config.yaml")
     (output_dir / "centralized_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(conf), sort_keys=False))
     (output_dir / "asr_config.yaml").write_text(Path(asr_config).read_text())
@@ -254,7 +255,7 @@ def train_centralized(
         kept = round_checkpoints(output_dir)
         for worse in rank_rounds(kept, round_scores(output_dir))[conf.keep_checkpoints :]:
             kept[worse].unlink()
-        atomic_save({
+        save_checkpoint({
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "budget": budget.state_dict(), "rng": rng_states(),
             "best_score": best, "centralized_config": dataclasses.asdict(conf), "run_identity": identity,

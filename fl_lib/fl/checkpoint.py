@@ -1,9 +1,11 @@
 """Atomic checkpoints of everything a federated run (or the centralized reference) needs to continue bit-for-bit.
 
 A checkpoint is written through `atomic_path`, so a `kill -9` at any moment
-leaves either the previous round's or this round's. It is read back with
-`weights_only=True`: a checkpoint.pth found in an output directory may come from
-anyone, and a full unpickler would run whatever code it names.
+leaves either the previous round's or this round's. The one it replaces is kept as
+checkpoint.prev.pth: a checkpoint damaged after it was written (a bad disk, a copy
+cut short) costs one round, not the run. It is read back with `weights_only=True`:
+a checkpoint.pth found in an output directory may come from anyone, and a full
+unpickler would run whatever code it names.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pickle
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +34,18 @@ CHECKPOINT_KEYS = ("round", "draws", "model", "server_optimizer", "scheduler", "
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from; the message names the file and why."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose bytes are not a readable checkpoint (truncated, overwritten), as
+    opposed to one that reads but is refused (foreign objects, missing keys)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.damage = f"{path}: unreadable, truncated or corrupted ({reason})"
+        super().__init__(
+            f"{self.damage}. Remove it and {previous_path(path).name} to start over (the <N>round.pth and "
+            "<N>epoch.pth files hold weights only and cannot resume a run)."
+        )
 
 
 def atomic_save(obj: Any, path: Path, owner: str = "") -> None:
@@ -58,25 +72,62 @@ def set_rng_states(states: dict) -> None:
 def load_checkpoint(path: Path, keys: Sequence[str] = CHECKPOINT_KEYS, writer: str = "fl_train") -> dict:
     """A checkpoint of `writer` holding `keys` (fl_train's by default), loaded weights-only:
     tensors, plain containers and numpy's RNG state, nothing else."""
-    unreadable = f"{path}: unreadable, truncated or corrupted ({{}}). Remove it to start over (the <N>round.pth and <N>epoch.pth files hold weights only and cannot resume a run)."
     try:
         with torch.serialization.safe_globals(NUMPY_RNG_GLOBALS):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = unpickler_reason(e)
         if not names_a_global(reason):  # a damaged pickle stream, not a refused object
-            raise CheckpointError(unreadable.format(reason)) from None
+            raise DamagedCheckpointError(path, reason) from None
         raise CheckpointError(
             f"{path}: refused, it is not loaded: it holds something a checkpoint of {writer} never holds ({reason}), "
             "and unpickling that could run code. If you did not write this file, remove it; otherwise start over "
             "in another --output_dir."
         ) from None
     except (RuntimeError, EOFError, ValueError, KeyError) as e:  # a truncated or overwritten zip (UnicodeDecodeError is a ValueError)
-        raise CheckpointError(unreadable.format(f"{type(e).__name__}: {e}")) from e
+        raise DamagedCheckpointError(path, f"{type(e).__name__}: {e}") from e
     missing = [k for k in keys if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path}: not a checkpoint of {writer}: it lacks {', '.join(missing)}")
     return state
+
+
+def previous_path(path: Path) -> Path:
+    """Where `save_checkpoint` keeps the checkpoint that `path` replaced: checkpoint.prev.pth."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(state: dict, path: Path, owner: str) -> None:
+    """Write `path` atomically and keep the checkpoint it replaces (twice a checkpoint's disk).
+
+    A kill between the two steps leaves only the previous one, which `load_resumable` takes."""
+    if path.exists():
+        path.rename(previous_path(path))
+    atomic_save(state, path, owner)
+
+
+def load_resumable(path: Path, keys: Sequence[str] = CHECKPOINT_KEYS, writer: str = "fl_train") -> Optional[tuple[dict, Path]]:
+    """The state to resume from and the file it came from: `path`, or the previous checkpoint
+    when `path` is damaged (moved aside to checkpoint.damaged.pth for inspection) or missing
+    after a kill mid-save. None when there is neither; a `CheckpointError` when neither loads.
+
+    Only damage falls back: a checkpoint refused for what it holds stops the run."""
+    previous = previous_path(path)
+    if not path.exists():
+        if not previous.exists():
+            return None
+        logger.warning(f"{path} is missing and {previous.name} is there (a run killed while saving?): resuming from {previous}")
+        return load_checkpoint(previous, keys, writer), previous
+    try:
+        return load_checkpoint(path, keys, writer), path
+    except DamagedCheckpointError as e:
+        if not previous.exists():
+            raise
+        state = load_checkpoint(previous, keys, writer)
+        damaged = path.with_name(f"{path.stem}.damaged{path.suffix}")
+        path.rename(damaged)
+        logger.error(f"{e.damage}; kept as {damaged.name}, resuming from the previous checkpoint, {previous}")
+        return state, previous
 
 
 def names_a_global(reason: str) -> bool:

@@ -31,7 +31,8 @@ from ..asr.model import espnet_config
 from ..atomic import append_text, owned_temp_glob
 from ..data.clients import ClientInfo
 from ..data.markers import content_digest
-from .checkpoint import atomic_copy, atomic_save, load_checkpoint, rng_states, set_rng_states, truncate_metrics
+from .checkpoint import (atomic_copy, atomic_save, load_resumable, rng_states, save_checkpoint, set_rng_states,
+                         truncate_metrics)
 from .client import LocalTrainer
 from .executor import BatchSpec, ProcessClients, SerialClients, Task, espnet_trainer
 from .config import FLConfig, with_defaults
@@ -241,7 +242,7 @@ class FederatedServer:
         self.excluded = list(state.get("excluded", []))
 
     def maybe_resume(self) -> None:
-        """Load checkpoint.pth if there is one, after checking it belongs to this experiment.
+        """Load checkpoint.pth (or the one before it, if it is damaged) after checking it belongs to this experiment.
 
         Under torchrun every rank first checks that all ranks read the same clients and
         settings; then rank 0 alone resumes: the other ranks get the round counters in
@@ -253,10 +254,10 @@ class FederatedServer:
             return
         for stale in self.output_dir.glob(owned_temp_glob(OWNER)):  # half-written by a killed run (atomic_save)
             stale.unlink()
-        path = self.output_dir / CHECKPOINT
-        if not path.exists():
+        loaded = load_resumable(self.output_dir / CHECKPOINT)
+        if loaded is None:
             return
-        state = load_checkpoint(path)
+        state, path = loaded
         # A key added since the checkpoint was written is at its default there: with_defaults fills it in.
         saved, current = with_defaults(state["fl_config"], FLConfig().to_dict()), self.conf.to_dict()
         for key in RESUME_MAY_CHANGE:
@@ -515,7 +516,7 @@ class FederatedServer:
         # ESPnet's keep_nbest_models: the best rounds by the dev criterion, not the latest.
         for worse in rank_rounds(round_checkpoints(out), round_scores(out))[self.conf.keep_checkpoints :]:
             (out / f"{worse}round.pth").unlink()
-        atomic_save(self.state_dict(), out / CHECKPOINT, OWNER)
+        save_checkpoint(self.state_dict(), out / CHECKPOINT, OWNER)
 
     def _tensorboard(self, m: RoundMetrics) -> None:
         w, step = self.writer, m.round
