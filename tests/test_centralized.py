@@ -124,15 +124,16 @@ def data(tiny_clients, tiny_sets, tiny_tokens, tiny_stats, tiny_asr_config):
 
 @pytest.fixture
 def short_epochs(monkeypatch):
-    """Epochs of 2 batches; each validation's dev accuracy is the next of `script.accs` (the
-    test fills it; 0.0 when empty), and `script.evaluated` counts the epochs validated."""
+    """Epochs of 2 batches; each validation's dev accuracy (WER) is the next of `script.accs`
+    (`script.wers`; the test fills them, 0.0 (0.5) when empty), and `script.evaluated` counts
+    the epochs validated."""
     real = centralized.make_dataloader
     monkeypatch.setattr(centralized, "make_dataloader", lambda *a, **k: list(itertools.islice(real(*a, **k), 2)))
-    script = SimpleNamespace(accs=[], evaluated=0)
+    script = SimpleNamespace(accs=[], wers=[], evaluated=0)
 
     def evaluate(*args):
         script.evaluated += 1
-        return {"loss": 1.0, "acc": script.accs.pop(0) if script.accs else 0.0, "wer": 0.5}
+        return {"loss": 1.0, "acc": script.accs.pop(0) if script.accs else 0.0, "wer": script.wers.pop(0) if script.wers else 0.5}
 
     monkeypatch.setattr(centralized, "evaluate", evaluate)
     return script
@@ -151,7 +152,6 @@ def test_federated_rounds_record_client_cpu_seconds_and_budget_from_spends_them(
     train(conf, output_dir=fl_dir, **{**data, "dev_cuts": None})
     rows = [json.loads(line) for line in (fl_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < r["client_cpu_seconds"] for r in rows)
-    assert federated_client_cpu_seconds(fl_dir) == pytest.approx(sum(r["client_cpu_seconds"] for r in rows))
 
     out = tmp_path / "central"
     main(["--asr_config", str(data["asr_config"]), "--train_clients", str(data["train_clients"]),
@@ -174,6 +174,33 @@ def test_keeps_the_best_epochs_by_the_federated_criterion(data, short_epochs, tm
     assert list(round_checkpoints(tmp_path)) == [2, 4]
     assert list(select_checkpoints(tmp_path, None)) == [2, 4]
     assert (tmp_path / "valid.acc.best.pth").read_bytes() == (tmp_path / "2epoch.pth").read_bytes()
+
+
+def test_best_criterion_wer_keeps_the_lowest_dev_wer_epochs_and_must_match_the_federated_run(data, short_epochs, tmp_path):
+    """A federated run with best_criterion wer keeps its rounds by dev WER; its reference must too."""
+    from fl_lib.asr.average import round_checkpoints
+    from fl_lib.bin.train_centralized import main
+
+    short_epochs.accs += [0.5, 0.9, 0.1, 0.8]  # by accuracy the best would be 2 and 4
+    short_epochs.wers += [0.3, 0.6, 0.2, 0.7]
+    rows = train_centralized(CentralizedConfig(max_epoch=4, keep_checkpoints=2, max_duration=15.0, best_criterion="wer"),
+                             output_dir=tmp_path / "ref", **data)
+    assert [r["dev_score"] for r in rows] == [-0.3, -0.6, -0.2, -0.7]
+    assert list(round_checkpoints(tmp_path / "ref")) == [1, 3]
+    assert (tmp_path / "ref/valid.acc.best.pth").read_bytes() == (tmp_path / "ref/3epoch.pth").read_bytes()
+
+    fl = tmp_path / "fl"
+    fl.mkdir()
+    (fl / "fl_config.yaml").write_text("best_criterion: wer\n")
+    (fl / "metrics.jsonl").write_text(json.dumps({"round": 1, "client_cpu_seconds": 5.0}) + "\n")
+    argv = [str(a) for a in ["--asr_config", data["asr_config"], "--train_clients", data["train_clients"],
+                             "--token_list", data["token_list"], "--bpemodel", data["bpemodel"],
+                             "--budget_from", fl, "--output_dir", tmp_path / "cli"]]
+    with pytest.raises(SystemExit, match=f"{fl} ranks its rounds by best_criterion wer, this reference by acc: give best_criterion=wer"):
+        main(argv)
+    assert not (tmp_path / "cli").exists()
+    with pytest.raises(ValueError, match="best_criterion must be one of"):
+        CentralizedConfig(best_criterion="cer")
 
 
 def test_a_rerun_resumes_bitwise_and_refuses_another_experiment(data, short_epochs, tmp_path):

@@ -1,5 +1,6 @@
-"""fl_train under torchrun: 2 gloo ranks on CPU against 1 process, a rank that fails, resume with
-another number of ranks, `--ngpu 1` without CUDA, and the division of a round's clients.
+"""fl_train under torchrun: 2 gloo ranks on CPU against 1 process, a rank that fails, hangs or is
+killed (and the resume after it), resume with another number of ranks, `--ngpu 1` without CUDA,
+and the division of a round's clients.
 
 Tolerance of 2 ranks against 1: max |Δw| ≤ 1e-5 over every weight, after each of 2 rounds.
 Every client trains bitwise as in one process (seeded per client, from the same broadcast
@@ -144,6 +145,45 @@ def test_a_rank_that_hangs_fails_the_job_within_the_collective_timeout(fl_data, 
     proc = torchrun(2, argv, script, timeout=400)  # a hang would end in subprocess.TimeoutExpired
     assert proc.returncode != 0
     assert re.search(r"rank\s*:\s*0", proc.stderr) and "timed out" in proc.stderr.lower(), proc.stderr[-3000:]
+
+
+def test_a_rank_killed_mid_round_fails_the_job_within_the_timeout_and_the_resume_is_correct(fl_data, tmp_path):
+    """SIGKILL to rank 1 two seconds into round 2 (it is training its clients): the job fails
+    within --dist_timeout of the kill, round 1 is checkpointed and round 2 is not, and rerunning
+    the command finishes the run as an uninterrupted one (within the 2-against-1 tolerance)."""
+    script = tmp_path / "rank1_killed.py"
+    killed_at = tmp_path / "killed_at"
+    script.write_text(
+        "import os, signal, threading, time\n"
+        "from fl_lib.bin.fl_train import main\n"
+        "from fl_lib.fl.server import FederatedServer\n"
+        "run_round = FederatedServer.run_round\n"
+        "def killed(self, draw):\n"
+        "    if os.environ['RANK'] == '1' and draw == 1:\n"
+        "        def kill():\n"
+        f"            open({str(killed_at)!r}, 'w').write(repr(time.time()))\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "        threading.Timer(2.0, kill).start()\n"
+        "    return run_round(self, draw)\n"
+        "FederatedServer.run_round = killed\n"
+        "main()\n"
+    )
+    timeout, out = 60, tmp_path / "exp"
+    argv = fl_train_argv(fl_data, "fl_fedavg.yaml", out, DIST, ["--dist_timeout", str(timeout)])
+    proc = torchrun(2, argv, script, timeout=400)
+    ended = time.time()
+    assert proc.returncode != 0 and killed_at.exists(), proc.stderr[-3000:]
+    assert ended - float(killed_at.read_text()) < timeout, "the job outlived --dist_timeout after losing a rank"
+    assert re.search(r"Signal 9 \(SIGKILL\)", proc.stderr), proc.stderr[-3000:]
+    assert [r["round"] for r in metrics(out)] == [1]
+    assert torch.load(out / "checkpoint.pth", weights_only=False)["round"] == 1
+
+    resumed = torchrun(2, fl_train_argv(fl_data, "fl_fedavg.yaml", out, DIST))
+    assert resumed.returncode == 0 and "1 of 2 rounds done" in resumed.stderr, resumed.stderr[-3000:]
+    straight = tmp_path / "straight"
+    run_inprocess(fl_data, straight, "fl_fedavg.yaml", DIST)
+    assert [r["clients"] for r in metrics(out)] == [r["clients"] for r in metrics(straight)]
+    assert max_abs_diff(straight / "latest.pth", out / "latest.pth") <= TOLERANCE
 
 
 def test_two_ranks_resume_with_one(fl_data, tmp_path):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import CONF, UTTS, flite_cuts
@@ -169,7 +170,7 @@ def test_pack_refuses_what_it_cannot_carry(tmp_path):
     exp = tmp_path / "exp"
     exp.mkdir()
     (exp / "config.yaml").write_text(yaml.safe_dump({"token_list": ["<blank>", "<unk>", "A", "<sos/eos>"]}))
-    (exp / "valid.acc.best.pth").write_text("x")
+    torch.save({"w": torch.zeros(1)}, exp / "valid.acc.best.pth")  # stage 6 checks it loads, weights-only
     ngram = tmp_path / "ngram.yaml"
     ngram.write_text("beam_size: 4\nctc_weight: 1.0\nlm_weight: 0.0\nngram_file: x.bin\nngram_weight: 0.5\n")
     with pytest.raises(ValueError, match="n-gram"):

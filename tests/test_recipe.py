@@ -89,7 +89,9 @@ def test_run_sh_stages_0_to_7(tmp_path):
     central = exp / "centralized_train_asr_conformer_ctc"
     fl_cpu_seconds = sum(r["client_cpu_seconds"] for r in rows)
     budget = yaml.safe_load((central / "centralized_config.yaml").read_text())["budget_cpu_seconds"]
-    assert budget == pytest.approx(fl_cpu_seconds)
+    assert budget == pytest.approx(fl_cpu_seconds)  # run.sh's wiring: --budget_from the federated exp dir
+    spent = [json.loads(line)["train_cpu_seconds"] for line in (central / "metrics.jsonl").read_text().splitlines()]
+    assert spent[-1] >= budget and (len(spent) < 2 or spent[-2] < budget)  # it stopped because the budget was spent
     for d in (exp / "smoke", central):
         assert "decode_asr_ctc_valid.acc.best/test-other" in (d / "RESULTS.md").read_text()
         with zipfile.ZipFile(d / f"{d.name}_valid.acc.best.zip") as packed:  # no LM in it

@@ -81,3 +81,18 @@ def test_dev_curve_has_an_accuracy_panel_only_when_the_model_reports_accuracy():
     assert [ax.get_ylabel() for ax in dev_curve_figure(rows).axes] == ["loss", "dev WER % (CTC greedy)"]
     rows[1]["dev_acc"] = 0.4
     assert [ax.get_ylabel() for ax in dev_curve_figure(rows).axes] == ["loss", "dev accuracy", "dev WER % (CTC greedy)"]
+
+
+def test_compute_lines_give_the_client_cpu_minutes_and_the_reference_budget(tmp_path):
+    """The compute line of RESULTS.md: a federated run's client CPU-seconds summed over rounds, and a
+    centralized reference's own CPU time against the budget it was given (hand values)."""
+    from fl_lib.asr.results import compute_lines
+
+    fl = [{"round": 1, "client_cpu_seconds": 90.0}, {"round": 2, "client_cpu_seconds": 150.0}]
+    assert compute_lines(tmp_path, fl)[0].startswith("- training compute: 4.0 client CPU-minutes")
+    assert compute_lines(tmp_path, [{"round": 1, "seconds": 3.0}]) == []  # older than the CPU-second budget
+    central = [{"epoch": 1, "train_cpu_seconds": 100.0}, {"epoch": 2, "train_cpu_seconds": 246.0}]
+    assert compute_lines(tmp_path, central) == ["- training compute: 4.1 CPU-minutes of its one process (time.process_time, training only)"]
+    (tmp_path / "centralized_config.yaml").write_text("budget_cpu_seconds: 240.0\n")
+    assert compute_lines(tmp_path, central)[0].startswith("- training compute: 4.1 CPU-minutes of its one process "
+                                                          "(time.process_time, training only), budget 4.0: the federated run's")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -70,10 +69,8 @@ def import_seed(seed_exp: Optional[Path], model: str, output_dir: Path) -> Path:
     ``adapt_asr_config.yaml`` is the seed's model config with ``init_param`` set to
     the seed weights: what federated adaptation starts from.
     """
-    import torch
-
     from fl_lib.asr.average import resolve_model
-    from fl_lib.fl.checkpoint import unpickler_reason
+    from fl_lib.fl.checkpoint import CheckpointError, load_weights
 
     if not seed_exp:
         raise SeedError(f"no seed model given (--seed_exp); {HOW_TO_TRAIN}")
@@ -83,10 +80,13 @@ def import_seed(seed_exp: Optional[Path], model: str, output_dir: Path) -> Path:
         if not path.is_file():
             raise SeedError(f"seed model {seed_exp}: {path.name} missing (not an fl_lib experiment, or not trained); "
                             f"{HOW_TO_TRAIN}")
-    try:
+    try:  # weights only: a seed model comes from another experiment directory, and a full unpickler runs code
         model_path = resolve_model(seed_exp, model)
+        state = load_weights(model_path)
     except FileNotFoundError as err:
         raise SeedError(f"seed model: {err}; {HOW_TO_TRAIN}") from None
+    except CheckpointError as err:
+        raise SeedError(f"seed model {err}") from None
     done = output_dir / DONE_MARKER
     stamp = {"config": file_stamp(config_path), "model": file_stamp(model_path)}
     outputs = [output_dir / n for n in ("config.yaml", "model.pth", "adapt_asr_config.yaml")]
@@ -99,11 +99,6 @@ def import_seed(seed_exp: Optional[Path], model: str, output_dir: Path) -> Path:
     if not isinstance(token_list, list) or not config.get("bpemodel"):
         raise SeedError(f"{config_path}: needs token_list and bpemodel to detokenize the pseudo-labels")
     bpemodel = _resolve(config["bpemodel"], seed_exp)
-    try:  # weights only: a seed model comes from another experiment directory, and a full unpickler runs code
-        state = torch.load(model_path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise SeedError(f"seed model {model_path}: refused, not a weights-only state_dict "
-                        f"({unpickler_reason(e)}); loading it could run code") from None
     check_tokens(token_list, state, bpemodel, str(model_path))
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -143,10 +138,8 @@ def import_lm(lm_exp: Path, output_dir: Path) -> Path:
 
     Run after import_seed: the LM must speak the seed's tokens, or its scores would mean nothing.
     """
-    import torch
-
     from fl_lib.asr.lm import INPUTS, MODEL
-    from fl_lib.fl.checkpoint import unpickler_reason
+    from fl_lib.fl.checkpoint import CheckpointError, load_weights
 
     lm_exp, seed_dir = Path(lm_exp).resolve(), Path(output_dir)
     out = seed_dir / LM_DIR
@@ -171,11 +164,10 @@ def import_lm(lm_exp: Path, output_dir: Path) -> Path:
     if lm_tokens != tokens:
         raise SeedError(f"seed LM {lm_exp} has another token list than the seed ({len(lm_tokens or [])} and "
                         f"{len(tokens)} tokens): train the LM in the seed's recipe, on its token list")
-    try:
-        torch.load(lm_exp / MODEL, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise SeedError(f"seed LM {lm_exp / MODEL}: refused, not a weights-only state_dict "
-                        f"({unpickler_reason(e)}); loading it could run code") from None
+    try:  # weights only, as the seed model
+        load_weights(lm_exp / MODEL)
+    except CheckpointError as err:
+        raise SeedError(f"seed LM {err}") from None
     out.mkdir(parents=True, exist_ok=True)
     done.unlink(missing_ok=True)
     config["token_list"] = tokens

@@ -26,6 +26,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ..atomic import atomic_path
+from ..fl.checkpoint import load_weights
 from ..fl.config import BEST_CRITERIA
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def average_state_dicts(paths: Sequence[Path]) -> dict[str, torch.Tensor]:
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     for path in paths:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights(path)
         if dtypes and state.keys() != dtypes.keys():
             raise ValueError(f"{path} has different parameters from {paths[0]}")
         for key, value in state.items():
@@ -132,7 +133,8 @@ def resolve_model(exp_dir: Path, model: str) -> Path:
     valid.acc.ave.pth. `valid.acc.ave[.pth]` averages every kept round checkpoint,
     `valid.acc.ave_<N>best.pth` the N best; the result is written into exp_dir
     under that name (atomically, so parallel decodes may share it).
-    Any other name is a file in exp_dir, or a path.
+    Any other name is a file in exp_dir, or a path. A file that does not load weights-only is
+    a `CheckpointError` naming it.
     """
     model = ALIASES.get(model, model)
     m = AVE_NAME.match(model)
@@ -145,6 +147,7 @@ def resolve_model(exp_dir: Path, model: str) -> Path:
         return out
     for candidate in (exp_dir / model, Path(model)):
         if candidate.is_file():
+            load_weights(candidate)  # a damaged file is named here, not in each decoding worker's trace
             return candidate
     available = sorted(p.name for p in exp_dir.glob("*.pth"))
     raise FileNotFoundError(f"model {model!r} not found in {exp_dir}; available: {available}")

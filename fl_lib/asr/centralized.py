@@ -31,9 +31,9 @@ from ..data.markers import content_digest
 from ..data.tokenizer import Tokenizer
 from ..fl.checkpoint import (CheckpointError, atomic_copy, atomic_save, load_resumable, rng_states, save_checkpoint,
                              set_rng_states, truncate_metrics)
-from ..fl.config import load_config
+from ..fl.config import BEST_CRITERIA, load_config, with_defaults
 from ..fl.validation import evaluate
-from .average import rank_rounds, round_checkpoints, round_score, round_scores
+from .average import criterion_score, rank_rounds, round_checkpoints, round_score, round_scores
 from .model import build_asr_args, build_asr_model, espnet_config, save_espnet_config
 
 logger = logging.getLogger(__name__)
@@ -58,10 +58,13 @@ class CentralizedConfig:
     max_epoch: int = 100
     budget_cpu_seconds: Optional[float] = None  # stop when training has spent this much process CPU time
     keep_checkpoints: int = 3  # the <N>epoch.pth of the N best epochs (round_score), as fl_train keeps rounds
+    best_criterion: str = "acc"  # acc | loss | wer: what ranks epochs (best, kept, averaged), as fl_train's key
 
     def __post_init__(self) -> None:
         if self.budget_cpu_seconds is not None and self.budget_cpu_seconds <= 0:
             raise ValueError(f"budget_cpu_seconds must be > 0, got {self.budget_cpu_seconds}")
+        if self.best_criterion not in BEST_CRITERIA:
+            raise ValueError(f"best_criterion must be one of {BEST_CRITERIA}, got {self.best_criterion!r}")
         for key in ("max_epoch", "keep_checkpoints", "warmup_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -143,7 +146,9 @@ def _resumable(output_dir: Path, conf: CentralizedConfig, identity: dict) -> Opt
     if loaded is None:
         return None
     state, path = loaded
-    saved, current = dict(state["centralized_config"]), dataclasses.asdict(conf)
+    # A key added since the checkpoint was written is at its default there.
+    saved = with_defaults(state["centralized_config"], dataclasses.asdict(CentralizedConfig()))
+    current = dataclasses.asdict(conf)
     for key in RESUME_MAY_CHANGE:
         saved.pop(key, None), current.pop(key)
     differs = [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
@@ -238,6 +243,7 @@ def train_centralized(
         if dev_cuts is not None:
             dev = evaluate(model, make_dataloader(dev_cuts, tokenizer, max_duration=120.0), tokenizer)
             row.update(dev_loss=dev.get("loss"), dev_acc=dev.get("acc"), dev_wer=dev.get("wer"))
+            row["dev_score"] = criterion_score(conf.best_criterion, row["dev_loss"], row["dev_acc"], row["dev_wer"])
         rows.append(row)
         append_text(metrics, json.dumps(row) + "\n")
         logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
@@ -264,6 +270,12 @@ def train_centralized(
             logger.info(f"training budget of {conf.budget_cpu_seconds:.1f} CPU-s spent after {epoch} epochs")
             break
     return rows
+
+
+def federated_best_criterion(exp_dir: Path) -> str:
+    """The `best_criterion` a federated run ranked its rounds by (its fl_config.yaml)."""
+    conf = yaml.safe_load((Path(exp_dir) / "fl_config.yaml").read_text()) or {}
+    return conf.get("best_criterion", "acc")
 
 
 def federated_client_cpu_seconds(exp_dir: Path) -> float:

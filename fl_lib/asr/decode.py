@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional, Sequence
 import yaml
 
 from fl_lib.asr import scoring
+from fl_lib.atomic import atomic_path
 from fl_lib.log import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -133,16 +134,22 @@ def decode_iter(cuts: Sequence, settings: dict[str, Any], nj: int, task=None) ->
 
 
 def write_outputs(hyps: Sequence[Hypothesis], output_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
-    """Write ESPnet's decode-dir files (text, ref.trn, hyp.trn) plus score.json and result.txt."""
+    """Write ESPnet's decode-dir files (text, ref.trn, hyp.trn) plus score.json and result.txt.
+
+    Each file is written atomically and score.json, which RESULTS.md reads, goes last and is
+    removed first: a decode killed part-way (or a full disk) leaves no score.json, never one
+    that scores another decode's hypotheses."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "score.json").unlink(missing_ok=True)
     ids = [h.utt_id for h in hyps]
     spks = [h.speaker for h in hyps]
     refs = [h.ref for h in hyps]
     texts = [h.hyp for h in hyps]
-    with open(output_dir / "text", "w", encoding="utf-8") as f:
-        f.writelines(f"{u} {scoring.normalize(t)}".rstrip() + "\n" for u, t in zip(ids, texts))
-    scoring.write_trn(output_dir / "ref.trn", refs, ids, spks)
-    scoring.write_trn(output_dir / "hyp.trn", texts, ids, spks)
+    with atomic_path(output_dir / "text") as tmp:
+        tmp.write_text("".join(f"{u} {scoring.normalize(t)}".rstrip() + "\n" for u, t in zip(ids, texts)), encoding="utf-8")
+    for name, sentences in (("ref.trn", refs), ("hyp.trn", texts)):
+        with atomic_path(output_dir / name) as tmp:
+            scoring.write_trn(tmp, sentences, ids, spks)
 
     wer = scoring.score(refs, texts, "word")
     cer = scoring.score(refs, texts, "char")
@@ -157,13 +164,13 @@ def write_outputs(hyps: Sequence[Hypothesis], output_dir: Path, info: dict[str, 
         "cer": cer.to_dict(),
         "per_speaker_wer": {spk: s.to_dict() for spk, s in per_spk.items()},
     }
-    with open(output_dir / "score.json", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
     name = output_dir.name
-    with open(output_dir / "result.txt", "w", encoding="utf-8") as f:
-        f.write(f"# {name}: {info.get('model')}\n\n## WER\n\n{scoring.format_table({name: wer})}\n\n")
-        f.write(f"## CER\n\n{scoring.format_table({name: cer})}\n\n")
-        f.write(f"## WER per speaker\n\n{scoring.format_table(per_spk, 'speaker')}\n")
+    with atomic_path(output_dir / "result.txt") as tmp:
+        tmp.write_text(f"# {name}: {info.get('model')}\n\n## WER\n\n{scoring.format_table({name: wer})}\n\n"
+                       f"## CER\n\n{scoring.format_table({name: cer})}\n\n"
+                       f"## WER per speaker\n\n{scoring.format_table(per_spk, 'speaker')}\n", encoding="utf-8")
+    with atomic_path(output_dir / "score.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
 
 

@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
-from fl_lib.log import setup_logging
 
+from fl_lib.log import setup_logging
+from fl_lib.terminate import EXIT_STATUS, Terminated, sigterm_raises
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     args = get_parser().parse_args(argv)
     setup_logging(args.log_level)
     from fl_lib.asr.decode import decode_cuts
+    from fl_lib.fl.checkpoint import CheckpointError
     from fl_lib.fl.distributed import resolve_device
 
     try:
@@ -40,10 +43,14 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"decode: {e}") from None
     try:
-        decode_cuts(args.exp_dir, args.model, args.inference_config, args.cuts, args.output_dir,
-                    nj=args.nj, device=str(device), lm_train_config=args.lm_train_config, lm_file=args.lm_file)
-    except ValueError as e:
+        with sigterm_raises():
+            decode_cuts(args.exp_dir, args.model, args.inference_config, args.cuts, args.output_dir,
+                        nj=args.nj, device=str(device), lm_train_config=args.lm_train_config, lm_file=args.lm_file)
+    except (ValueError, CheckpointError) as e:
         raise SystemExit(f"decode: {e}") from None
+    except Terminated:  # the worker pool is terminated on the way out, and no score.json is left half-written
+        logging.getLogger(__name__).error(f"decode: stopped by SIGTERM; {args.output_dir} has no score.json: rerun the same command")
+        raise SystemExit(EXIT_STATUS) from None
 
 
 if __name__ == "__main__":

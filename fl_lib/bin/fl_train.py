@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from fl_lib.log import setup_logging
+from fl_lib.terminate import EXIT_STATUS, Terminated, sigterm_raises
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -51,17 +51,6 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-class Terminated(BaseException):
-    """Raised in the main thread on SIGTERM: the run unwinds as from an error, so every atomic
-    write in progress (checkpoint, metrics) removes its temporary file instead of leaving it.
-    A BaseException, as KeyboardInterrupt: the handlers that count a client's error as a failed
-    client must not swallow it."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
-
-
 @record
 def main(argv=None) -> None:
     args = get_parser().parse_args(argv)
@@ -80,33 +69,32 @@ def main(argv=None) -> None:
     ranks = init_from_env(args.ngpu, args.dist_timeout)
     if not ranks.is_main:  # rank 0 logs the run; the others only their warnings and errors
         logging.getLogger().setLevel(logging.WARNING)
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        train(
-            conf,
-            asr_config=args.asr_config,
-            train_clients=args.train_clients,
-            dev_cuts=args.dev_cuts,
-            token_list=args.token_list,
-            bpemodel=args.bpemodel,
-            feats_stats=args.feats_stats,
-            output_dir=args.output_dir,
-            seed=args.seed,
-            num_threads=args.num_threads,
-            client_jobs=args.client_jobs,
-            ngpu=args.ngpu,
-            ranks=ranks,
-            command=[sys.executable, "-m", "fl_lib.bin.fl_train", *(argv or sys.argv[1:])],
-        )
+        with sigterm_raises():
+            train(
+                conf,
+                asr_config=args.asr_config,
+                train_clients=args.train_clients,
+                dev_cuts=args.dev_cuts,
+                token_list=args.token_list,
+                bpemodel=args.bpemodel,
+                feats_stats=args.feats_stats,
+                output_dir=args.output_dir,
+                seed=args.seed,
+                num_threads=args.num_threads,
+                client_jobs=args.client_jobs,
+                ngpu=args.ngpu,
+                ranks=ranks,
+                command=[sys.executable, "-m", "fl_lib.bin.fl_train", *(argv or sys.argv[1:])],
+            )
     # Exit 1 with the message (the file, the clients, the first traceback), not the server's stack.
     except (RoundsFailedError, ClientFailuresError, CheckpointError, RanksDisagreeError, RoundCoverageError) as e:
         raise SystemExit(f"fl_train: {e}") from None
     except Terminated:
         logging.getLogger(__name__).error(
             f"fl_train: stopped by SIGTERM; the rounds checkpointed in {args.output_dir} are kept: rerun the same command to resume")
-        raise SystemExit(128 + signal.SIGTERM) from None
+        raise SystemExit(EXIT_STATUS) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)  # main() may run inside another program (tests)
         if ranks.distributed:
             torch.distributed.destroy_process_group()
 

@@ -41,7 +41,8 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = get_parser().parse_args(argv)
     setup_logging()
-    from fl_lib.asr.centralized import CentralizedConfig, federated_client_cpu_seconds, train_centralized
+    from fl_lib.asr.centralized import (CentralizedConfig, federated_best_criterion, federated_client_cpu_seconds,
+                                       train_centralized)
     from fl_lib.fl.checkpoint import CheckpointError
 
     overrides = list(args.overrides)
@@ -52,6 +53,9 @@ def main(argv=None) -> None:
         logging.getLogger(__name__).info(f"budget: {seconds:.1f} CPU-s, the client CPU-seconds of {args.budget_from}")
         overrides.append(f"budget_cpu_seconds={seconds:.6f}")
     conf = CentralizedConfig.from_yaml(args.config, overrides)
+    if args.budget_from is not None and conf.best_criterion != (fl := federated_best_criterion(args.budget_from)):
+        raise SystemExit(f"train_centralized: {args.budget_from} ranks its rounds by best_criterion {fl}, this reference "
+                         f"by {conf.best_criterion}: give best_criterion={fl}, so both keep and average by one criterion")
     try:
         train_centralized(
             conf, asr_config=args.asr_config, train_clients=args.train_clients, dev_cuts=args.dev_cuts,

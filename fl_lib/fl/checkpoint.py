@@ -37,15 +37,12 @@ class CheckpointError(RuntimeError):
 
 
 class DamagedCheckpointError(CheckpointError):
-    """A checkpoint whose bytes are not a readable checkpoint (truncated, overwritten), as
-    opposed to one that reads but is refused (foreign objects, missing keys)."""
+    """A file whose bytes are not a readable torch file (truncated, overwritten), as opposed
+    to one that reads but is refused (foreign objects, missing keys)."""
 
-    def __init__(self, path: Path, reason: str) -> None:
+    def __init__(self, path: Path, reason: str, advice: str) -> None:
         self.damage = f"{path}: unreadable, truncated or corrupted ({reason})"
-        super().__init__(
-            f"{self.damage}. Remove it and {previous_path(path).name} to start over (the <N>round.pth and "
-            "<N>epoch.pth files hold weights only and cannot resume a run)."
-        )
+        super().__init__(f"{self.damage}. {advice}")
 
 
 def atomic_save(obj: Any, path: Path, owner: str = "") -> None:
@@ -72,24 +69,45 @@ def set_rng_states(states: dict) -> None:
 def load_checkpoint(path: Path, keys: Sequence[str] = CHECKPOINT_KEYS, writer: str = "fl_train") -> dict:
     """A checkpoint of `writer` holding `keys` (fl_train's by default), loaded weights-only:
     tensors, plain containers and numpy's RNG state, nothing else."""
-    try:
-        with torch.serialization.safe_globals(NUMPY_RNG_GLOBALS):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = unpickler_reason(e)
-        if not names_a_global(reason):  # a damaged pickle stream, not a refused object
-            raise DamagedCheckpointError(path, reason) from None
-        raise CheckpointError(
-            f"{path}: refused, it is not loaded: it holds something a checkpoint of {writer} never holds ({reason}), "
-            "and unpickling that could run code. If you did not write this file, remove it; otherwise start over "
-            "in another --output_dir."
-        ) from None
-    except (RuntimeError, EOFError, ValueError, KeyError) as e:  # a truncated or overwritten zip (UnicodeDecodeError is a ValueError)
-        raise DamagedCheckpointError(path, f"{type(e).__name__}: {e}") from e
+    state = _load_weights_only(
+        path, f"a checkpoint of {writer}", NUMPY_RNG_GLOBALS,
+        if_damaged=f"Remove it and {previous_path(path).name} to start over (the <N>round.pth and <N>epoch.pth "
+                   "files hold weights only and cannot resume a run).",
+        if_refused="If you did not write this file, remove it; otherwise start over in another --output_dir.",
+    )
     missing = [k for k in keys if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path}: not a checkpoint of {writer}: it lacks {', '.join(missing)}")
     return state
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A model state_dict file (<N>round.pth, valid.acc.best.pth, ...), loaded weights-only, with
+    an error that names the file instead of torch's unpickler trace."""
+    state = _load_weights_only(
+        path, "a model file", [],
+        if_damaged="Decode another model (--inference_model), or rerun the training that wrote it.",
+        if_refused="If you did not write this file, remove it.",
+    )
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a model state_dict (a mapping of parameter names to tensors)")
+    return state
+
+
+def _load_weights_only(path: Path, what: str, allowed: list, if_damaged: str, if_refused: str) -> Any:
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = unpickler_reason(e)
+        if not names_a_global(reason):  # a damaged pickle stream, not a refused object
+            raise DamagedCheckpointError(path, reason, if_damaged) from None
+        raise CheckpointError(
+            f"{path}: refused, it is not loaded: it holds something {what} never holds ({reason}), "
+            f"and unpickling that could run code. {if_refused}"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, KeyError) as e:  # a truncated or overwritten zip (UnicodeDecodeError is a ValueError)
+        raise DamagedCheckpointError(path, f"{type(e).__name__}: {e}", if_damaged) from e
 
 
 def previous_path(path: Path) -> Path:
@@ -100,10 +118,13 @@ def previous_path(path: Path) -> Path:
 def save_checkpoint(state: dict, path: Path, owner: str) -> None:
     """Write `path` atomically and keep the checkpoint it replaces (twice a checkpoint's disk).
 
-    A kill between the two steps leaves only the previous one, which `load_resumable` takes."""
-    if path.exists():
-        path.rename(previous_path(path))
-    atomic_save(state, path, owner)
+    The old one is moved aside only once the new one is on disk: a failed write (ENOSPC) leaves
+    `path` as it was, and a kill between the two renames leaves only the previous checkpoint,
+    which `load_resumable` takes."""
+    with atomic_path(path, owner) as tmp:
+        torch.save(state, tmp)
+        if path.exists():
+            path.rename(previous_path(path))
 
 
 def load_resumable(path: Path, keys: Sequence[str] = CHECKPOINT_KEYS, writer: str = "fl_train") -> Optional[tuple[dict, Path]]:
