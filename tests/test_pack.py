@@ -114,7 +114,6 @@ def test_packed_model_decodes_with_from_pretrained_as_stage_6(tmp_path, monkeypa
     import soundfile
     import torch
     from espnet2.bin.asr_inference import Speech2Text
-    from espnet2.main_funcs.pack_funcs import unpack
     from lhotse import load_manifest
 
     from fl_lib.asr.decode import decode_cuts
@@ -141,9 +140,16 @@ def test_packed_model_decodes_with_from_pretrained_as_stage_6(tmp_path, monkeypa
     shutil.rmtree(recipe)  # nothing of the experiment is left but the zip
     monkeypatch.chdir(tmp_path)
 
-    # The README's three lines.
-    files = unpack(packed, "model", use_cache=False)
-    s2t = Speech2Text.from_pretrained(**files, **yaml.safe_load(open("model/decode.yaml")))
+    # The README's lines, read from the README, on the packed zip and the first utterance.
+    readme = (REPO / "README.md").read_text().split("**Decoding a WAV.**", 1)[1]
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    first = load_manifest(cuts)[0].recording.sources[0].source
+    assert '"exp/<tag>/<tag>_valid.acc.best.zip"' in code and '"utt.wav"' in code
+    torch.set_num_threads(1)  # as the stage-6 worker: the same float sums
+    readme_run: dict = {}
+    exec(code.replace('"exp/<tag>/<tag>_valid.acc.best.zip"', repr(str(packed))).replace('"utt.wav"', repr(first)), readme_run)
+    files, s2t = readme_run["files"], readme_run["s2t"]
+    assert isinstance(s2t, Speech2Text) and normalize(readme_run["text"]) == stage6[load_manifest(cuts)[0].id]
     assert set(files) == {"asr_train_config", "asr_model_file", "lm_train_config", "lm_file"}
     assert yaml.safe_load(open("model/decode.yaml")) == decode
     asr_conf = yaml.safe_load(open(files["asr_train_config"]))
@@ -155,7 +161,6 @@ def test_packed_model_decodes_with_from_pretrained_as_stage_6(tmp_path, monkeypa
     assert s2t.asr_model.decoder is None and type(s2t.tokenizer).__name__ == "SentencepiecesTokenizer"
     assert s2t.beam_search.weights["lm"] == 0.2 and s2t.beam_search.weights["ctc"] == 1.0
 
-    torch.set_num_threads(1)  # as the stage-6 worker: the same float sums
     for cut in load_manifest(cuts):
         speech, rate = soundfile.read(cut.recording.sources[0].source)
         assert rate == 16000
