@@ -9,7 +9,8 @@ faster and better than FedAvg and BMUF? The protocol (bench/convergence.yaml):
 3. Run: each method at its lr, on both federations, for every seed of `seeds` (corpus and
    training seed together), and the centralized reference on every clean federation.
    A run trains in chunks of `chunk_rounds` until its dev WER curve has flattened
-   (curves.flattened) or `max_rounds`; the centralized one for `central_epochs` epochs.
+   (curves.flattened) or its cap: `max_rounds` for the tuning grid, `report_max_rounds` for
+   the reported runs; the centralized one for `central_epochs` epochs.
 4. Score: every validated checkpoint is decoded (CTC greedy) on test-clean. A run's
    plateau WER is the test WER at its best dev round. Targets, fixed here before any run:
    `target_factor` x the centralized plateau dev WER of the same seed, and the baseline's
@@ -49,7 +50,7 @@ logger = logging.getLogger("convergence")
 CLEAN = "clean"
 STUDY_KEYS = {
     "recipe_dir", "corpus_config", "asr_config", "centralized_config", "tune_seed", "seeds", "num_corrupted",
-    "parallel_jobs", "chunk_rounds", "max_rounds", "central_epochs", "flatten", "target_factor", "baselines",
+    "parallel_jobs", "chunk_rounds", "max_rounds", "report_max_rounds", "central_epochs", "flatten", "target_factor", "baselines",
     "common", "methods",
 }
 
@@ -68,8 +69,10 @@ def load_study(path: Path) -> dict:
         if len(set(labels)) != len(labels):
             raise ValueError(f"{path}: method {m}'s grid points share a directory label: {labels}")
     every = cfg["common"]["validate_every"]
-    if cfg["chunk_rounds"] % every or cfg["max_rounds"] % cfg["chunk_rounds"]:
-        raise ValueError(f"{path}: chunk_rounds must be a multiple of validate_every and divide max_rounds")
+    if cfg["chunk_rounds"] % every or cfg["max_rounds"] % cfg["chunk_rounds"] or cfg["report_max_rounds"] % cfg["chunk_rounds"]:
+        raise ValueError(f"{path}: chunk_rounds must be a multiple of validate_every and divide max_rounds and report_max_rounds")
+    if cfg["report_max_rounds"] < cfg["max_rounds"]:
+        raise ValueError(f"{path}: report_max_rounds must be at least max_rounds")
     return cfg
 
 
@@ -169,6 +172,10 @@ class Study:
     def record_dir(self, run: Run) -> Path:
         return self.results / "runs" / run.name
 
+    def cap(self, run: Run) -> int:
+        """The rounds after which `run` stops, flattened or not."""
+        return self.cfg["max_rounds"] if run.seed == self.cfg["tune_seed"] else self.cfg["report_max_rounds"]
+
     def fingerprint(self, run: Run) -> dict:
         """Everything that decides what a run trains and when it stops (configs by content, not
         by text: comments may change). keep_checkpoints and rounds are left out: they do not."""
@@ -180,7 +187,7 @@ class Study:
         method = self.cfg["methods"][run.method]
         overrides = [o for o in fl_overrides(self.cfg, method, run.overrides) if not o.startswith("keep_checkpoints=")]
         return {**common, "fl_config": read(method["fl_config"]), "overrides": overrides,
-                "max_rounds": self.cfg["max_rounds"], "chunk_rounds": self.cfg["chunk_rounds"],
+                "max_rounds": self.cap(run), "chunk_rounds": self.cfg["chunk_rounds"],
                 "num_corrupted": self.cfg["num_corrupted"]}
 
     def record(self, run: Run) -> Optional[dict]:
@@ -212,7 +219,7 @@ class Study:
             while True:
                 rows = metrics(out) if (out / "metrics.jsonl").exists() else []
                 rounds = rows[-1]["round"] if rows else 0
-                if rounds >= self.cfg["max_rounds"] or curves.flattened(dev_curve(rows), **flat):
+                if rounds >= self.cap(run) or curves.flattened(dev_curve(rows), **flat):
                     break
                 # up to the next multiple of chunk_rounds: a run killed mid-chunk gets back in step
                 chunk = self.cfg["chunk_rounds"]
@@ -274,8 +281,10 @@ def fl_overrides(cfg: dict, method: dict, setting: dict) -> list[str]:
     """fl_train's key=value overrides for one run: `common`, then the method's `overrides`, then its grid point.
 
     keep_checkpoints keeps every validated round, whose test WER is read afterwards: every
-    validate_every-th round, and the last round of each fl_train call (fl_train validates it)."""
-    keep = cfg["max_rounds"] // cfg["common"]["validate_every"] + cfg["max_rounds"] // cfg["chunk_rounds"]
+    validate_every-th round, and the last round of each fl_train call (fl_train validates it), up to
+    the larger cap."""
+    cap = max(cfg["max_rounds"], cfg["report_max_rounds"])
+    keep = cap // cfg["common"]["validate_every"] + cap // cfg["chunk_rounds"]
     settings = {**cfg["common"], "keep_checkpoints": keep, **method.get("overrides", {}), **setting}
     return [f"{k}={json.dumps(v)}" for k, v in settings.items()]
 

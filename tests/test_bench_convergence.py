@@ -80,7 +80,7 @@ def study_config(tmp_path):
     cfg = {
         "recipe_dir": "egs/librispeech_fl", "corpus_config": "conf/corpus_fl64.yaml", "asr_config": "conf/train_asr_conformer_ctc_study.yaml",
         "centralized_config": "conf/centralized.yaml", "tune_seed": 1234, "seeds": SEEDS, "num_corrupted": 4,
-        "parallel_jobs": 2, "chunk_rounds": 20, "max_rounds": 100, "central_epochs": 5,
+        "parallel_jobs": 2, "chunk_rounds": 20, "max_rounds": 100, "report_max_rounds": 140, "central_epochs": 5,
         "flatten": {"rel_tol": 0.03, "window": 0.25, "min_points": 4}, "target_factor": 1.1,
         "baselines": ["fedavg", "bmuf"], "common": {"clients_per_round": 8, "validate_every": 10},
         "methods": {
@@ -225,23 +225,25 @@ def test_a_run_is_extended_chunk_by_chunk_until_it_flattens_and_its_record_is_re
     assert study.execute(run)["last"] == 80 and calls == []
 
 
-def test_a_run_that_never_flattens_stops_at_max_rounds_and_says_so(tmp_path, monkeypatch):
+@pytest.mark.parametrize("seed, cap", [(1234, 100), (11, 140)])
+def test_a_run_that_never_flattens_stops_at_its_cap_and_says_so(tmp_path, monkeypatch, seed, cap):
+    """A tuning run stops at max_rounds, a reported one at report_max_rounds."""
     cfg, path = study_config(tmp_path)
     study = conv.Study(conv.load_study(path), tmp_path / "out", tmp_path / "results")
-    run = conv.Run(conv.CLEAN, "bmuf", json.dumps({"client.lr": 0.002}), 11)
+    run = conv.Run(conv.CLEAN, "bmuf", json.dumps({"client.lr": 0.002}), seed)
 
     def fake_train(cmd, out):
         target = int(cmd[-1].split("=")[1])
         done = conv.metrics(out)[-1]["round"] if (out / "metrics.jsonl").exists() else 0
         with open(out / "metrics.jsonl", "a") as f:
             for r in range(done + 1, target + 1):
-                f.write(json.dumps({"round": r, "dev_wer": 1.0 - r / 120 if r % 10 == 0 else None, "client_steps": 40,
+                f.write(json.dumps({"round": r, "dev_wer": 1.0 - r / 200 if r % 10 == 0 else None, "client_steps": 40,
                                     "seconds": 1.0, "train_seconds": 0.9, "lr": 1.0, "client_lr": 0.002, "clients": [], "weights": []}) + "\n")
 
     monkeypatch.setattr(conv.Study, "_call", staticmethod(fake_train))
-    monkeypatch.setattr(conv, "decode_test", lambda exp, data, recipe: {r: 0.5 for r in range(10, 101, 10)})
+    monkeypatch.setattr(conv, "decode_test", lambda exp, data, recipe: {r: 0.5 for r in range(10, cap + 1, 10)})
     rec = study.execute(run)
-    assert rec["last"] == 100 and rec["status"] == "not flattened"
+    assert rec["last"] == cap and rec["status"] == "not flattened" and rec["fingerprint"]["max_rounds"] == cap
 
 
 def test_the_study_config_refuses_a_reported_tuning_seed_and_unknown_keys(tmp_path):
@@ -258,7 +260,8 @@ def test_a_grid_point_s_overrides_reach_fl_train_after_the_common_ones(tmp_path)
     cfg, _ = study_config(tmp_path)
     method = {"fl_config": "conf/fl.yaml", "overrides": {"server_optim.betas": [0.0, 0.99]}}
     out = conv.fl_overrides(cfg, method, {"server_optim.lr": 0.01})
-    assert out == ["clients_per_round=8", "validate_every=10", "keep_checkpoints=15",
+    # 140 // 10 + 140 // 20: every validated round and every chunk end up to the larger cap (report_max_rounds)
+    assert out == ["clients_per_round=8", "validate_every=10", "keep_checkpoints=21",
                    "server_optim.betas=[0.0, 0.99]", "server_optim.lr=0.01"]
     from fl_lib.fl.config import parse_override
 
