@@ -148,24 +148,23 @@ def test_a_rank_that_hangs_fails_the_job_within_the_collective_timeout(fl_data, 
 
 
 def test_a_rank_killed_mid_round_fails_the_job_within_the_timeout_and_the_resume_is_correct(fl_data, tmp_path):
-    """SIGKILL to rank 1 two seconds into round 2 (it is training its clients): the job fails
-    within --dist_timeout of the kill, round 1 is checkpointed and round 2 is not, and rerunning
-    the command finishes the run as an uninterrupted one (within the 2-against-1 tolerance)."""
+    """SIGKILL to rank 1 once round 2's weights are broadcast, while rank 0 trains its share: the job
+    fails within --dist_timeout of the kill, round 1 is checkpointed and round 2 is not, and
+    rerunning the command finishes the run as an uninterrupted one (within the 2-against-1 tolerance)."""
     script = tmp_path / "rank1_killed.py"
     killed_at = tmp_path / "killed_at"
     script.write_text(
-        "import os, signal, threading, time\n"
+        "import os, signal, time\n"
         "from fl_lib.bin.fl_train import main\n"
         "from fl_lib.fl.server import FederatedServer\n"
-        "run_round = FederatedServer.run_round\n"
-        "def killed(self, draw):\n"
-        "    if os.environ['RANK'] == '1' and draw == 1:\n"
-        "        def kill():\n"
-        f"            open({str(killed_at)!r}, 'w').write(repr(time.time()))\n"
-        "            os.kill(os.getpid(), signal.SIGKILL)\n"
-        "        threading.Timer(2.0, kill).start()\n"
-        "    return run_round(self, draw)\n"
-        "FederatedServer.run_round = killed\n"
+        "round_start = FederatedServer._round_start\n"
+        "def killed(self):\n"
+        "    start = round_start(self)  # a collective: rank 0 has recorded round 1 and broadcast round 2's weights\n"
+        "    if os.environ['RANK'] == '1' and self.draws == 1:\n"
+        f"        open({str(killed_at)!r}, 'w').write(repr(time.time()))\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return start\n"
+        "FederatedServer._round_start = killed\n"
         "main()\n"
     )
     timeout, out = 60, tmp_path / "exp"

@@ -118,6 +118,7 @@ def test_a_kill_between_keeping_the_previous_checkpoint_and_writing_the_next_res
         run_inprocess(fl_data, out, "fl_fedavg.yaml", ["rounds=2"])
     assert f"resumed from {out / 'checkpoint.prev.pth'}: 1 of 2 rounds done" in caplog.text
     assert "checkpoint.pth is missing and checkpoint.prev.pth is there" in caplog.text
+    assert [r["round"] for r in metrics(out)] == [1, 2]  # round 2's row of the killed run was dropped, then redone
     resumed = torch.load(out / "latest.pth")
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 

@@ -22,11 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def exp_copy(tiny_exp, tmp_path):
-    """A private copy of the tiny experiment (stage 6 writes averaged models into it) and its cuts."""
+    """A private copy of the tiny experiment (stage 6 writes averaged models into it) and its cuts,
+    without the averages other tests wrote into the shared one."""
     import shutil
 
     exp, cuts = tiny_exp
-    return Path(shutil.copytree(exp, tmp_path / "exp")), cuts
+    return Path(shutil.copytree(exp, tmp_path / "exp", ignore=shutil.ignore_patterns("valid.acc.ave*"))), cuts
 
 
 def decode_cli(exp: Path, model: str, cuts: Path, out: Path, *more, **popen) -> subprocess.Popen:
@@ -128,13 +129,16 @@ def _alive(pid: int) -> bool:
 
 def test_sigterm_during_stage6_stops_the_workers_and_leaves_no_score(exp_copy, tmp_path):
     """SIGTERM mid-decode (nj 2): exit 143 with a message, both decoding workers gone (not orphaned,
-    waiting for work forever), no score.json and no temporary file; the rerun decodes everything."""
+    waiting for work forever), no score.json (an earlier decode's is gone too) and no temporary
+    file; the rerun decodes everything."""
     from lhotse import CutSet, load_manifest
 
     exp, cuts = exp_copy
     many = tmp_path / "many.jsonl.gz"  # long enough to be caught mid-way
     CutSet.from_cuts(c.with_id(f"{c.id}-{i}") for i in range(50) for c in load_manifest(cuts)).to_file(many)
     out, log = tmp_path / "dec", tmp_path / "decode.log"
+    out.mkdir()
+    (out / "score.json").write_text('{"wer": "of an earlier decode"}')  # must not stand for the stopped one
     with open(log, "w") as stderr:
         proc = decode_cli(exp, "best", many, out, "--nj", "2", stderr=stderr)
         deadline = time.monotonic() + 240

@@ -64,7 +64,7 @@ def criterion_score(criterion: str, dev_loss: Optional[float], dev_acc: Optional
 
 def round_score(row: dict) -> Optional[float]:
     """Higher is better: the `dev_score` the run ranked the round by (fl_train's best_criterion),
-    or, for rows without one (the centralized reference, older runs), dev accuracy or minus the
+    or, for rows without one (runs older than best_criterion), dev accuracy or minus the
     dev loss; None for a round that was not validated."""
     if "dev_score" in row:
         return row["dev_score"]

@@ -200,7 +200,7 @@ def train_centralized(
     budget = _Budget(conf.budget_cpu_seconds)
     identity = run_identity(args, train_clients, seed)
     metrics = output_dir / "metrics.jsonl"
-    loaded = _resumable(output_dir, conf, identity)  # refuses another experiment's dir before anything is rewritten
+    loaded = _resumable(output_dir, conf, identity)  # refuses another experiment's dir before anything is rewritten (but a damaged checkpoint, moved aside)
     if loaded is None:
         _start_over(output_dir)
         done, best, rows = 0, -math.inf, []
@@ -213,9 +213,9 @@ def train_centralized(
         set_rng_states(state["rng"])
         done, best = state["epoch"], state["best_score"]
         rows = truncate_metrics(metrics, "epoch", done, OWNER)
-        for epoch, path in round_checkpoints(output_dir).items():
+        for epoch, epoch_file in round_checkpoints(output_dir).items():
             if epoch > done:  # written by the killed run after its last checkpoint
-                path.unlink()
+                epoch_file.unlink()
         logger.info(f"resumed from {path}: {done} epochs done, {budget.spent:.1f} CPU-s spent")
     save_espnet_config(args, output_dir / "config.yaml")
     (output_dir / "centralized_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(conf), sort_keys=False))

@@ -137,8 +137,8 @@ def write_outputs(hyps: Sequence[Hypothesis], output_dir: Path, info: dict[str, 
     """Write ESPnet's decode-dir files (text, ref.trn, hyp.trn) plus score.json and result.txt.
 
     Each file is written atomically and score.json, which RESULTS.md reads, goes last and is
-    removed first: a decode killed part-way (or a full disk) leaves no score.json, never one
-    that scores another decode's hypotheses."""
+    removed first (`decode_cuts` removes it before decoding, too): a decode killed part-way
+    (or a full disk) leaves no score.json, never one that scores another decode's hypotheses."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "score.json").unlink(missing_ok=True)
     ids = [h.utt_id for h in hyps]
@@ -221,6 +221,8 @@ def decode_cuts(
     if nj < 1:
         raise ValueError(f"nj must be >= 1, got {nj}")
     decode = with_lm(load_inference_config(Path(inference_config)), lm_train_config, lm_file)
+    # An earlier decode's score must not stand for this one if this one stops part-way.
+    (Path(output_dir) / "score.json").unlink(missing_ok=True)
     model_path = resolve_model(exp_dir, model)
     cutset = load_manifest(cuts)
     settings = {"config": str(config), "model": str(model_path), "device": device, "decode": decode}

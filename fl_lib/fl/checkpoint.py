@@ -69,10 +69,11 @@ def set_rng_states(states: dict) -> None:
 def load_checkpoint(path: Path, keys: Sequence[str] = CHECKPOINT_KEYS, writer: str = "fl_train") -> dict:
     """A checkpoint of `writer` holding `keys` (fl_train's by default), loaded weights-only:
     tensors, plain containers and numpy's RNG state, nothing else."""
+    current = path.with_name(path.name.replace(".prev.", "."))  # the pair to remove, whichever of the two this is
     state = _load_weights_only(
         path, f"a checkpoint of {writer}", NUMPY_RNG_GLOBALS,
-        if_damaged=f"Remove it and {previous_path(path).name} to start over (the <N>round.pth and <N>epoch.pth "
-                   "files hold weights only and cannot resume a run).",
+        if_damaged=f"Remove {current.name} and {previous_path(current).name} to start over (the <N>round.pth and "
+                   "<N>epoch.pth files hold weights only and cannot resume a run).",
         if_refused="If you did not write this file, remove it; otherwise start over in another --output_dir.",
     )
     missing = [k for k in keys if not isinstance(state, dict) or k not in state]
@@ -116,11 +117,12 @@ def previous_path(path: Path) -> Path:
 
 
 def save_checkpoint(state: dict, path: Path, owner: str) -> None:
-    """Write `path` atomically and keep the checkpoint it replaces (twice a checkpoint's disk).
+    """Write `path` atomically and keep the checkpoint it replaces: twice a checkpoint's disk,
+    three times while the new one is being written.
 
     The old one is moved aside only once the new one is on disk: a failed write (ENOSPC) leaves
     `path` as it was, and a kill between the two renames leaves only the previous checkpoint,
-    which `load_resumable` takes."""
+    which `load_resumable` takes (that round is trained again)."""
     with atomic_path(path, owner) as tmp:
         torch.save(state, tmp)
         if path.exists():
