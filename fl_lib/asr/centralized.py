@@ -29,9 +29,9 @@ from ..data.clients import load_clients
 from ..data.dataset import make_dataloader
 from ..data.markers import content_digest
 from ..data.tokenizer import Tokenizer
-from ..fl.checkpoint import (CheckpointError, atomic_copy, atomic_save, load_resumable, rng_states, save_checkpoint,
-                             set_rng_states, truncate_metrics)
-from ..fl.config import BEST_CRITERIA, load_config, with_defaults
+from ..fl.checkpoint import (CheckpointError, atomic_copy, atomic_save, load_resumable, resume_differences, rng_states,
+                             save_checkpoint, set_rng_states, truncate_metrics)
+from ..fl.config import BEST_CRITERIA, FLConfig, load_config
 from ..fl.validation import evaluate
 from .average import criterion_score, rank_rounds, round_checkpoints, round_score, round_scores
 from .model import build_asr_args, build_asr_model, espnet_config, save_espnet_config
@@ -146,13 +146,8 @@ def _resumable(output_dir: Path, conf: CentralizedConfig, identity: dict) -> Opt
     if loaded is None:
         return None
     state, path = loaded
-    # A key added since the checkpoint was written is at its default there.
-    saved = with_defaults(state["centralized_config"], dataclasses.asdict(CentralizedConfig()))
-    current = dataclasses.asdict(conf)
-    for key in RESUME_MAY_CHANGE:
-        saved.pop(key, None), current.pop(key)
-    differs = [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
-    differs += [key for key, value in identity.items() if state["run_identity"].get(key) != value]
+    differs = resume_differences(state["centralized_config"], dataclasses.asdict(CentralizedConfig()),
+                                 dataclasses.asdict(conf), RESUME_MAY_CHANGE, state["run_identity"], identity)
     if differs:
         raise CheckpointError(
             f"{path} belongs to another experiment: {', '.join(differs)} differ. Resume needs the same centralized "
@@ -275,7 +270,7 @@ def train_centralized(
 def federated_best_criterion(exp_dir: Path) -> str:
     """The `best_criterion` a federated run ranked its rounds by (its fl_config.yaml)."""
     conf = yaml.safe_load((Path(exp_dir) / "fl_config.yaml").read_text()) or {}
-    return conf.get("best_criterion", "acc")
+    return conf.get("best_criterion", FLConfig().best_criterion)
 
 
 def federated_client_cpu_seconds(exp_dir: Path) -> float:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_path
+from .config import with_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,18 @@ def _load_weights_only(path: Path, what: str, allowed: list, if_damaged: str, if
         ) from None
     except (RuntimeError, EOFError, ValueError, KeyError) as e:  # a truncated or overwritten zip (UnicodeDecodeError is a ValueError)
         raise DamagedCheckpointError(path, f"{type(e).__name__}: {e}", if_damaged) from e
+
+
+def resume_differences(saved: dict, defaults: dict, current: dict, may_change: Sequence[str],
+                       saved_identity: dict, identity: dict) -> list[str]:
+    """The config keys and run-identity entries in which a checkpoint's experiment differs from
+    this one. Keys added since the checkpoint was written count at their `defaults`; the
+    `may_change` keys do not count."""
+    saved, current = with_defaults(saved, defaults), dict(current)
+    for key in may_change:
+        saved.pop(key, None), current.pop(key)
+    differs = [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    return differs + [key for key, value in identity.items() if saved_identity.get(key) != value]
 
 
 def previous_path(path: Path) -> Path:

@@ -31,11 +31,11 @@ from ..asr.model import espnet_config
 from ..atomic import append_text, owned_temp_glob
 from ..data.clients import ClientInfo
 from ..data.markers import content_digest
-from .checkpoint import (atomic_copy, atomic_save, load_resumable, rng_states, save_checkpoint, set_rng_states,
-                         truncate_metrics)
+from .checkpoint import (atomic_copy, atomic_save, load_resumable, resume_differences, rng_states, save_checkpoint,
+                         set_rng_states, truncate_metrics)
 from .client import LocalTrainer
 from .executor import BatchSpec, ProcessClients, SerialClients, Task, espnet_trainer
-from .config import FLConfig, with_defaults
+from .config import FLConfig
 from .distributed import Ranks, all_gather_objects, assign_clients, broadcast_state
 from .sampling import ClientSampler
 from .server_optim import build_scheduler, build_server_optimizer, lr_factor, trial_step
@@ -258,12 +258,9 @@ class FederatedServer:
         if loaded is None:
             return
         state, path = loaded
-        # A key added since the checkpoint was written is at its default there: with_defaults fills it in.
-        saved, current = with_defaults(state["fl_config"], FLConfig().to_dict()), self.conf.to_dict()
-        for key in RESUME_MAY_CHANGE:
-            saved.pop(key, None), current.pop(key)
-        differs = [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
-        differs += [key for key, value in self.run_identity.items() if state["run_identity"].get(key) != value]
+        # A key added since the checkpoint was written counts at its default there (resume_differences).
+        differs = resume_differences(state["fl_config"], FLConfig().to_dict(), self.conf.to_dict(), RESUME_MAY_CHANGE,
+                                     state["run_identity"], self.run_identity)
         if differs:
             raise ValueError(
                 f"{path} belongs to another experiment: {', '.join(differs)} differ. Resume needs the same "
