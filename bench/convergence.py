@@ -23,7 +23,12 @@ Each finished run leaves a compact record (config, metrics.jsonl, dev and test c
 no checkpoints) under bench/results/convergence/; a rerun, here or on another machine
 after a git pull, reuses those records and trains only what is missing.
 
-    bench/convergence.sh [--report_only] [--jobs_only tune|report]
+A session that must stop mid-run parks its unfinished runs (`--park`, after stopping the
+study): each one's metrics, the test WERs of its validated rounds and its last checkpoint.pth
+go to bench/results/convergence/parked/, to be committed; the next session, at the same path,
+resumes each parked run from its round instead of from round 0.
+
+    bench/convergence.sh [--report_only] [--jobs_only tune|report] [--park]
 """
 from __future__ import annotations
 
@@ -48,6 +53,9 @@ import curves  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("convergence")
 CLEAN = "clean"
+CHECKPOINT = "checkpoint.pth"  # fl_train's resumable state (fl_lib/fl/server.py)
+TEST_CACHE = "test_wer.json"  # {round: test-clean WER} decoded so far
+PARKED = "parked.json"  # a parked run's round, run directory and fingerprint
 STUDY_KEYS = {
     "recipe_dir", "corpus_config", "asr_config", "centralized_config", "tune_seed", "seeds", "num_corrupted",
     "parallel_jobs", "chunk_rounds", "max_rounds", "report_max_rounds", "central_epochs", "flatten", "target_factor", "baselines",
@@ -210,6 +218,7 @@ class Study:
             return done
         out = self.out / run.name
         out.mkdir(parents=True, exist_ok=True)
+        self.unpark(run)
         t0 = time.time()
         if run.method == "central":
             if not (out / "metrics.jsonl").exists() or len(metrics(out)) < self.cfg["central_epochs"]:
@@ -243,10 +252,7 @@ class Study:
         key = "epoch" if central else "round"
         dev = dev_curve(rows)
         steps = cumulative_steps(rows)
-        test = decode_test(out, self.corpus(run.seed) / "data", list(dev))
-        missing = sorted(set(dev) - set(test))
-        if missing:
-            raise RuntimeError(f"{out}: no checkpoint kept for validated {key}s {missing[:5]}...; keep_checkpoints is too small")
+        test = self.test_curve(run, out, dev)
         flat = curves.flattened(dev, **self.cfg["flatten"])
         rec = {
             "run": run.__dict__, "fingerprint": self.fingerprint(run), "unit": key, "last": rows[-1][key], "status": "flattened" if flat else "not flattened",
@@ -270,7 +276,69 @@ class Study:
 
         with atomic_path(dest / "record.json") as tmp:  # the record is the run's "done" marker: written last, atomically
             tmp.write_text(json.dumps(rec, indent=None, sort_keys=True) + "\n")
+        shutil.rmtree(self.parked_dir(run), ignore_errors=True)  # the record supersedes it
         return rec
+
+    def test_curve(self, run: Run, out: Path, dev: dict[int, float]) -> dict[int, float]:
+        """{validated round or epoch: test-clean WER}: the ones decoded before (TEST_CACHE, which
+        a parked run brings along) and the kept checkpoints of the others, decoded now."""
+        cache = out / TEST_CACHE
+        known = by_key(json.loads(cache.read_text())) if cache.exists() else {}
+        todo = [k for k in dev if k not in known]
+        test = {**known, **(decode_test(out, self.corpus(run.seed) / "data", todo) if todo else {})}
+        missing = sorted(set(dev) - set(test))
+        if missing:
+            raise RuntimeError(f"{out}: no checkpoint kept for validated rounds or epochs {missing[:5]}...; "
+                               "keep_checkpoints is too small")
+        cache.write_text(json.dumps({k: test[k] for k in dev}) + "\n")
+        return {k: test[k] for k in dev}
+
+    # -- parking: an unfinished run carried over to the next session -----------
+    def parked_dir(self, run: Run) -> Path:
+        return self.results / "parked" / run.name
+
+    def park(self, run: Run) -> bool:
+        """Keep what `run` needs to go on from its last round under results/parked/: checkpoint.pth,
+        metrics.jsonl up to that round and the test WERs of its validated rounds (its <N>round.pth
+        files stay behind). False when there is nothing to park: no run directory, a finished
+        run, or the centralized reference (ESPnet's Trainer run here does not resume)."""
+        out = self.out / run.name
+        if run.method == "central" or self.record(run) is not None or not (out / CHECKPOINT).exists():
+            return False
+        from fl_lib.fl.checkpoint import load_resumable
+
+        state, path = load_resumable(out / CHECKPOINT)
+        rows = [r for r in metrics(out) if r["round"] <= state["round"]]
+        test = self.test_curve(run, out, dev_curve(rows))
+        dest = self.parked_dir(run)
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        shutil.copy(path, dest / CHECKPOINT)
+        (dest / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (dest / TEST_CACHE).write_text(json.dumps(test) + "\n")
+        (dest / PARKED).write_text(json.dumps({"round": state["round"], "out": str(out), "fingerprint": self.fingerprint(run)}) + "\n")
+        logger.info(f"parked {run.name} at round {state['round']} in {dest}")
+        return True
+
+    def unpark(self, run: Run) -> None:
+        """Start a parked run from its parked round: into a run directory with no metrics yet.
+
+        Its checkpoint holds absolute paths (the ESPnet config's token list and feature
+        statistics), which fl_train's resume check compares: a run parked under another
+        --out starts over, with a warning. A parked run made with other settings is an error."""
+        src, out = self.parked_dir(run), self.out / run.name
+        if not (src / PARKED).exists() or (out / "metrics.jsonl").exists():
+            return
+        info = json.loads((src / PARKED).read_text())
+        if info["fingerprint"] != json.loads(json.dumps(self.fingerprint(run))):
+            raise ValueError(f"{src} was parked with other settings; remove it to train that run from round 0")
+        if info["out"] != str(out):
+            logger.warning(f"{src} was parked from {info['out']}, not {out}: its checkpoint names that path, "
+                           f"so {run.name} starts over from round 0")
+            return
+        for name in (CHECKPOINT, "metrics.jsonl", TEST_CACHE):
+            shutil.copy(src / name, out / name)
+        logger.info(f"{run.name}: resumes from round {info['round']}, parked in {src}")
 
     def run_all(self, runs: list[Run]) -> dict[Run, dict]:
         with ThreadPoolExecutor(self.cfg["parallel_jobs"]) as pool:
@@ -565,6 +633,8 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=ROOT / "bench/results/convergence", help="compact records and the report (committed)")
     p.add_argument("--report_only", action="store_true", help="report on the committed records, train nothing")
     p.add_argument("--jobs_only", choices=("tune", "report"), help="train only this phase, then report")
+    p.add_argument("--park", action="store_true",
+                   help="after the study was stopped: keep every unfinished run's state under <results>/parked/ to commit")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s")
     cfg = load_study(args.config)
@@ -585,6 +655,10 @@ def main() -> None:
     settings = {m: g and json.loads(g) for m, g in chosen.items()}
     report_runs = [Run(fed, m, chosen[m], s) for s in seeds for fed in feds for m in methods if chosen[m] is not None]
     central_runs = [Run(CLEAN, "central", None, s) for s in seeds]
+    if args.park:
+        parked = [r.name for r in [*grid, *report_runs] if study.park(r)]
+        print(json.dumps({"parked": parked}))
+        return
     if not args.report_only and args.jobs_only != "tune":
         if None in settings.values():
             sys.exit(f"the tuning grid has not finished for {[m for m, g in settings.items() if g is None]}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -292,3 +293,80 @@ def test_a_run_killed_mid_chunk_resumes_to_the_next_chunk_boundary(tmp_path, mon
     with pytest.raises(RuntimeError, match="stop here"):
         study.execute(run)
     assert calls == ["rounds=40"]
+
+
+def test_a_parked_run_goes_on_from_its_round_in_a_fresh_run_directory_and_keeps_its_test_curve(tmp_path, monkeypatch):
+    """Stopped at round 29, parked, its run directory lost (a new session): the next execute
+    restores the parked checkpoint and rows, trains from round 29 (fl_train truncates nothing
+    more), decodes only the rounds validated since, and the record's test curve has every round."""
+    import torch
+
+    from fl_lib.fl.checkpoint import CHECKPOINT_KEYS
+
+    cfg, path = study_config(tmp_path)
+    study = conv.Study(conv.load_study(path), tmp_path / "out", tmp_path / "results")
+    run = conv.Run(conv.CLEAN, "fedavg", json.dumps({"client.lr": 0.002}), 11)
+    out = tmp_path / "out" / run.name
+    out.mkdir(parents=True)
+
+    def row(r):
+        return json.dumps({"round": r, "dev_wer": 0.2 + 0.6 * math.exp(-r / 10) if r % 10 == 0 else None, "client_steps": 40,
+                           "seconds": 1.0, "train_seconds": 0.9, "lr": 1.0, "client_lr": 0.002, "clients": [], "weights": []}) + "\n"
+
+    # killed after logging round 29 but before checkpointing it: checkpoint.pth holds round 28
+    (out / "metrics.jsonl").write_text("".join(row(r) for r in range(1, 30)))
+    torch.save({**{k: None for k in CHECKPOINT_KEYS}, "round": 28}, out / "checkpoint.pth")
+    decoded = []
+
+    def fake_decode(exp, data, rounds):
+        decoded.append(list(rounds))
+        return {r: r / 1000 for r in rounds}
+
+    monkeypatch.setattr(conv, "decode_test", fake_decode)
+    assert study.park(run)
+    parked = study.parked_dir(run)
+    assert [json.loads(x)["round"] for x in (parked / "metrics.jsonl").read_text().splitlines()] == list(range(1, 29))
+    assert json.loads((parked / "test_wer.json").read_text()) == {"10": 0.01, "20": 0.02}
+    assert json.loads((parked / "parked.json").read_text())["round"] == 28
+    assert torch.load(parked / "checkpoint.pth")["round"] == 28
+    assert not study.park(conv.Run(conv.CLEAN, "central", None, 11))  # it does not resume: nothing to park
+
+    shutil.rmtree(tmp_path / "out")  # a new session: the run directory is gone
+    calls = []
+
+    def fake_train(cmd, out):  # fl_train resuming from checkpoint.pth up to rounds=<N>
+        calls.append(int(cmd[-1].split("=")[1]))
+        done = torch.load(out / "checkpoint.pth")["round"]
+        rows = conv.metrics(out)
+        assert rows[-1]["round"] == done  # the parked rows end at the checkpoint's round
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write("".join(row(r) for r in range(done + 1, calls[-1] + 1)))
+        torch.save({**{k: None for k in CHECKPOINT_KEYS}, "round": calls[-1]}, out / "checkpoint.pth")
+
+    monkeypatch.setattr(conv.Study, "_call", staticmethod(fake_train))
+    decoded.clear()
+    rec = study.execute(run)
+    assert calls == [40, 60, 80] and rec["last"] == 80
+    assert decoded == [[30, 40, 50, 60, 70, 80]]  # rounds 10 and 20 came with the parked run
+    assert conv.by_key(rec["test"]) == {r: r / 1000 for r in range(10, 81, 10)}
+    assert rec["steps"][80] == 3200  # the parked rows count: 40 steps in each of 80 rounds
+    assert not parked.exists()  # the record supersedes it
+
+
+def test_a_run_parked_from_another_directory_starts_over_and_one_with_other_settings_is_refused(tmp_path, monkeypatch):
+    cfg, path = study_config(tmp_path)
+    study = conv.Study(conv.load_study(path), tmp_path / "out", tmp_path / "results")
+    run = conv.Run(conv.CLEAN, "fedavg", json.dumps({"client.lr": 0.002}), 11)
+    parked = study.parked_dir(run)
+    parked.mkdir(parents=True)
+    for name in ("checkpoint.pth", "metrics.jsonl", "test_wer.json"):
+        (parked / name).write_text("x")
+    fingerprint = json.loads(json.dumps(study.fingerprint(run)))
+    (parked / "parked.json").write_text(json.dumps({"round": 28, "out": "/elsewhere/" + run.name, "fingerprint": fingerprint}))
+    out = tmp_path / "out" / run.name
+    out.mkdir(parents=True)
+    study.unpark(run)
+    assert not any(out.iterdir())  # the checkpoint names /elsewhere: fl_train would refuse it
+    (parked / "parked.json").write_text(json.dumps({"round": 28, "out": str(out), "fingerprint": {**fingerprint, "max_rounds": 1}}))
+    with pytest.raises(ValueError, match="parked with other settings"):
+        study.unpark(run)
