@@ -26,6 +26,10 @@ $(VENV)/.installed: requirements.txt constraints.txt
 	$(VENV)/bin/pip install -q -r requirements.txt -c constraints.txt
 	touch $@
 
+$(VENV)/.test-installed: requirements-test.txt constraints.txt $(VENV)/.installed
+	$(VENV)/bin/pip install -q -r requirements-test.txt -c constraints.txt
+	touch $@
+
 $(VENV)/.editable: setup.py $(VENV)/.installed
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
@@ -40,7 +44,7 @@ demo: install
 
 # Two pytest workers, one per core (tests run single-threaded); a file's tests share one worker
 # and so its module fixtures; files start in collection order, slowest first (tests/conftest.py).
-test: install
+test: install $(VENV)/.test-installed
 	$(VENV)/bin/python -m pytest -x -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 bench: install

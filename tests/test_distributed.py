@@ -77,15 +77,18 @@ def test_ngpu_without_cuda_is_a_clear_error(fl_data, tmp_path):
         decode.main(argv)
 
 
-@pytest.mark.parametrize("conf_name", ["fl_fedavg.yaml", "fl_dga_sgd.yaml", "fl_bmuf.yaml"])
-def test_two_ranks_match_one_process(fl_data, tmp_path, conf_name):
-    """Same clients, weights and model within TOLERANCE; rank 0 trained only its share of each round."""
+@pytest.mark.parametrize("conf_name, rule", [("fl_fedavg.yaml", []), ("fl_dga_sgd.yaml", []), ("fl_bmuf.yaml", []),
+                                             ("fl_fedavg.yaml", ["strategy.name=median", "strategy.weight_by=null"])],
+                         ids=["fedavg", "dga", "bmuf", "median"])
+def test_two_ranks_match_one_process(fl_data, tmp_path, conf_name, rule):
+    """Same clients, weights and model within TOLERANCE; rank 0 trained only its share of each round.
+    The median (a rule that needs every update at once) gathers the other ranks' updates on rank 0."""
     from fl_lib.data.clients import load_clients
     from fl_lib.fl.distributed import assign_clients
 
     one, two = tmp_path / "one", tmp_path / "two"
-    run_inprocess(fl_data, one, conf_name, DIST)
-    proc = torchrun(2, fl_train_argv(fl_data, conf_name, two, DIST))
+    run_inprocess(fl_data, one, conf_name, [*DIST, *rule])
+    proc = torchrun(2, fl_train_argv(fl_data, conf_name, two, [*DIST, *rule]))
     assert proc.returncode == 0, proc.stderr[-5000:]
     m1, m2 = metrics(one), metrics(two)
     assert [r["clients"] for r in m1] == [r["clients"] for r in m2]

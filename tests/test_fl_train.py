@@ -150,6 +150,42 @@ def test_each_strategy_on_a_batchnorm_model(fl_data, conformer_config, tmp_path,
         assert all((server.global_state[k] > 0).all() for k in buffers if k.endswith("running_var"))
 
 
+def test_a_robust_rule_feeds_its_aggregate_to_the_server_adam(fl_data, conformer_config, tmp_path):
+    """Hierarchical optimization with the coordinate-wise median: one round of 3 clients on a conformer.
+    The parameters take one server Adam step on the median of the replayed clients' Δ, the BatchNorm
+    buffers move by that median; metrics.jsonl gets each client's share of the kept coordinates."""
+    from fl_lib.asr.model import build_asr_model
+    from fl_lib.fl.client import LocalTrainer
+
+    server = build_server(fl_data, tmp_path, "fl_fedadam.yaml", ["clients_per_round=3", "strategy.name=median", "strategy.weight_by=null"],
+                          asr_config=conformer_config)
+    serial = server.clients_executor.trainer
+    replay = LocalTrainer(build_asr_model(server.args), server.args, server.conf.client, serial.make_batches, serial.seed)
+    start = _copy(server.global_state)
+    results = [replay.train(cid, server.clients[cid].manifest, start, 0) for cid in server.sampler.sample(0)]
+    median = {k: torch.stack([r.delta[k] for r in results]).median(0).values for k in results[0].delta}  # odd K: the middle value
+    params = {k: torch.nn.Parameter(start[k].clone()) for k in server.param_names}
+    o = server.conf.server_optim
+    adam = torch.optim.Adam(params.values(), lr=server.optimizer.param_groups[0]["lr"], betas=tuple(o.betas), eps=o.eps)
+    for k, p in params.items():
+        p.grad = median[k]
+    adam.step()
+    m = server.run_round(0)
+    for k, v in server.global_state.items():
+        if not v.is_floating_point():
+            continue
+        expected = params[k].detach() if k in params else start[k] - median[k]
+        assert torch.allclose(v, expected, rtol=1e-5, atol=1e-7), k
+    assert sum(m.weights) == pytest.approx(1.0) and len(m.weights) == 3
+
+
+def test_a_robust_rule_refuses_a_round_that_would_not_fit_before_training(fl_data, tmp_path):
+    with pytest.raises(ValueError, match="K=4 clients of .* floats need .* above strategy.memory_limit_mb=0.01"):
+        build_server(fl_data, tmp_path, "fl_fedavg.yaml", ["clients_per_round=4", "strategy.name=median", "strategy.weight_by=null",
+                                                          "strategy.memory_limit_mb=0.01"])
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_fedprox_pulls_each_step_back_by_mu(fl_data, conformer_config, tmp_path):
     """With client SGD (lr η), FedProx's second step differs from FedAvg's by exactly −η·μ·(w₁ − w₀).
 

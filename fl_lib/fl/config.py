@@ -110,7 +110,7 @@ class ServerOptimConfig:
 class StrategyConfig:
     """Aggregation strategy; keys not used by the chosen strategy are rejected by it."""
 
-    name: str = "fedavg"  # fedavg | dga | rl_dga | bmuf | fedprox
+    name: str = "fedavg"  # fedavg | dga | rl_dga | bmuf | fedprox | a robust rule (below)
     # fedavg / fedprox
     weight_by: Optional[str] = None  # fedavg: num_utts | num_frames | uniform; dga, rl_dga: loss_per_token | train_loss | grad_rms | grad_var | uniform
     # dga; rl_dga's softmax-DGA reference
@@ -132,6 +132,16 @@ class StrategyConfig:
     nesterov: Optional[bool] = None
     # fedprox
     mu: Optional[float] = None
+    # robust rules (see strategies/robust.py): median | trimmed_mean | krum | geometric_median | centered_clipping | norm_bounding
+    trim_fraction: Optional[float] = None  # trimmed_mean: β, the fraction dropped at each end per coordinate
+    num_byzantine: Optional[int] = None  # krum: f, the attackers among the K clients it tolerates
+    num_selected: Optional[int] = None  # krum: m, the rows averaged (null: K - f)
+    tolerance: Optional[float] = None  # geometric_median: stop when a Weiszfeld step is below tolerance x the norm
+    max_iterations: Optional[int] = None  # geometric_median: Weiszfeld iterations at most
+    clip_radius: Optional[float] = None  # centered_clipping: τ
+    clip_iterations: Optional[int] = None  # centered_clipping: clipping iterations per round
+    bucket_size: Optional[int] = None  # any robust rule: average random buckets of this many clients first
+    memory_limit_mb: Optional[float] = None  # any robust rule: refuse a K whose K x d matrices exceed this
 
 
 BEST_CRITERIA = ("acc", "loss", "wer")  # fl_lib.asr.average.criterion_score

@@ -7,12 +7,24 @@ from .bmuf import BMUF
 from .dga import DGA
 from .fedavg import FedAvg, FedProx
 from .rl_dga import RLDGA
+from .robust import CenteredClipping, GeometricMedian, Median, MultiKrum, NormBounding, StackedStrategy, TrimmedMean
 
 # rl_dga's own keys; every other strategy rejects them.
 RL_KEYS = (
     "held_out_utts", "temperature", "explore_std", "explore_decay", "explore_min", "agent_hidden", "agent_lr",
     "memory_size", "batch_rounds", "updates_per_round",
 )
+# The robust rules' keys (strategies/robust.py): each rule takes its own and the shared ones.
+ROBUST = {
+    "median": (Median, ()),
+    "trimmed_mean": (TrimmedMean, ("trim_fraction",)),
+    "krum": (MultiKrum, ("num_byzantine", "num_selected")),
+    "geometric_median": (GeometricMedian, ("tolerance", "max_iterations")),
+    "centered_clipping": (CenteredClipping, ("clip_radius", "clip_iterations")),
+    "norm_bounding": (NormBounding, ()),
+}
+ROBUST_SHARED = ("bucket_size", "memory_limit_mb")
+ROBUST_REQUIRED = ("trim_fraction", "num_byzantine", "clip_radius")
 
 
 def build_strategy(conf: StrategyConfig, seed: int = 0) -> Strategy:
@@ -21,6 +33,16 @@ def build_strategy(conf: StrategyConfig, seed: int = 0) -> Strategy:
     name = conf.name
     if name != "rl_dga":
         reject(name, **{k: getattr(conf, k) for k in RL_KEYS})
+    if name in ROBUST:
+        cls, own = ROBUST[name]
+        reject(name, **{k: getattr(conf, k) for k in ("weight_by", "beta", "block_momentum", "block_lr", "nesterov", "mu")},
+               **{k: getattr(conf, k) for _, keys in ROBUST.values() for k in keys if k not in own})
+        kwargs = {k: getattr(conf, k) for k in (*own, *ROBUST_SHARED) if getattr(conf, k) is not None}
+        for k in own:
+            if k in ROBUST_REQUIRED:
+                require(getattr(conf, k), k, name)
+        return cls(seed=seed, **kwargs)
+    reject(name, **{k: getattr(conf, k) for _, keys in ROBUST.values() for k in (*keys, *ROBUST_SHARED)})
     if name == "fedavg":
         reject(name, beta=conf.beta, block_momentum=conf.block_momentum, block_lr=conf.block_lr, nesterov=conf.nesterov, mu=conf.mu)
         return FedAvg(weight_by=conf.weight_by or "num_utts")
@@ -50,7 +72,8 @@ def build_strategy(conf: StrategyConfig, seed: int = 0) -> Strategy:
             block_lr=1.0 if conf.block_lr is None else conf.block_lr,
             nesterov=True if conf.nesterov is None else conf.nesterov,
         )
-    raise ValueError(f"unknown strategy '{name}'; choose fedavg, fedprox, dga, rl_dga or bmuf")
+    raise ValueError(f"unknown strategy '{name}'; choose fedavg, fedprox, dga, rl_dga, bmuf or one of {', '.join(ROBUST)}")
 
 
-__all__ = ["Aggregate", "ClientResult", "Strategy", "FedAvg", "FedProx", "DGA", "RLDGA", "BMUF", "build_strategy"]
+__all__ = ["Aggregate", "ClientResult", "Strategy", "FedAvg", "FedProx", "DGA", "RLDGA", "BMUF", "StackedStrategy", "Median",
+           "TrimmedMean", "MultiKrum", "GeometricMedian", "CenteredClipping", "NormBounding", "build_strategy"]

@@ -186,6 +186,9 @@ class Strategy(ABC):
     def check_sampler(self, sampler: str) -> None:
         """Reject a client sampler that would bias this strategy's weights."""
 
+    def check_memory(self, clients_per_round: int, num_floats: int) -> None:
+        """Refuse a round whose aggregation would not fit in memory; a streaming strategy holds one sum: nothing to refuse."""
+
     def round_metrics(self) -> dict:
         """What the strategy decided in the last aggregated round, for metrics.jsonl and TensorBoard."""
         return {}

@@ -1,0 +1,297 @@
+"""Byzantine-robust aggregation: rules that bound what a few lying clients can do to a round.
+
+Unlike FedAvg and DGA, these rules need every update of the round at once: each client's
+Δ_k (every float entry of its state, parameters and buffers alike) is flattened into one
+row of a K×d float32 matrix X, so server memory grows with K (`memory_bytes`, checked
+against `strategy.memory_limit_mb` before training). Each rule returns one vector, which
+the server optimizer steps on as it does on FedAvg's mean (hierarchical optimization).
+
+Rows are ordered by client id before the rule runs, so the result does not depend on the
+order results arrive in, nor on how torchrun ranks split the clients. The weight reported
+for a client is its share of the aggregate: for the coordinate-wise rules, the share of
+coordinates at which its value is kept; for Krum, 1/m if selected; for the geometric
+median, its final Weiszfeld weight; for the clipping rules, its clip factor, normalized.
+
+- median: coordinate-wise median (mean of the two middle values for even K);
+- trimmed_mean: per coordinate, drop the ⌊βK⌋ largest and smallest values, average the rest
+  (Yin et al., 2018);
+- krum: Multi-Krum (Blanchard et al., 2017): score_i = Σ of the squared distances from
+  row i to its K − f − 2 nearest rows; average the m rows of lowest score;
+- geometric_median: RFA (Pillutla et al., 2022), smoothed Weiszfeld iterations
+  z ← Σ_i w_i x_i / Σ_i w_i, w_i = 1 / max(ν, ‖x_i − z‖), from the mean, until the step is
+  below `tolerance`·‖z‖ or `max_iterations`;
+- centered_clipping (Karimireddy et al., 2021): from v (the previous round's aggregate),
+  `clip_iterations` times v ← v + mean_i clip_τ(x_i − v), clip_τ(y) = y·min(1, τ/‖y‖);
+- norm_bounding (Sun et al., 2019): each Δ_k scaled to at most the round's median norm,
+  then averaged.
+
+`bucket_size` s > 1 first averages random buckets of s clients (Karimireddy et al., 2022:
+bucketing makes non-IID honest clients look alike to the rule); the bucket's share is
+split evenly among its clients.
+"""
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .base import Aggregate, ClientResult, State, Strategy
+from ..sampling import derive_seed
+
+SMOOTHING = 1e-6  # RFA's ν: a row at the current estimate does not get an infinite weight
+
+
+class StackedStrategy(Strategy):
+    """The rules that see the whole K×d matrix of a round's updates."""
+
+    #: strategy.name in the federated config.
+    name: str = ""
+    #: Resident copies of the K×d float32 matrix a rule needs at its peak (X itself included).
+    matrix_copies: float = 1.0
+
+    def __init__(self, bucket_size: int = 1, memory_limit_mb: float = 4096.0, seed: int = 0) -> None:
+        if not (isinstance(bucket_size, int) and bucket_size >= 1):
+            raise ValueError(f"bucket_size must be an integer >= 1, got {bucket_size}")
+        if memory_limit_mb <= 0:
+            raise ValueError(f"memory_limit_mb must be > 0, got {memory_limit_mb}")
+        self.bucket_size = bucket_size
+        self.memory_limit_mb = float(memory_limit_mb)
+        self.seed = seed
+        self.rounds_seen = 0  # the bucketing permutation's index
+        self.last_metrics: dict = {}
+
+    # -- memory --------------------------------------------------------------
+    def memory_bytes(self, k: int, d: int) -> int:
+        """Peak bytes of the round's matrices for K clients of d floats each."""
+        return int(self.matrix_copies * k * d * 4)
+
+    def check_memory(self, k: int, d: int) -> None:
+        """Refuse, before any training, a K whose matrices would exceed memory_limit_mb."""
+        need = self.memory_bytes(k, d) / 2**20
+        if need > self.memory_limit_mb:
+            raise ValueError(
+                f"strategy '{self.name}' holds every update of a round at once: K={k} clients of {d:,} floats need "
+                f"{need:,.0f} MB ({self.matrix_copies:g} copies of the K×d float32 matrix), above "
+                f"strategy.memory_limit_mb={self.memory_limit_mb:g}. Lower clients_per_round, or raise the limit "
+                "if the server has the memory."
+            )
+
+    # -- the round -----------------------------------------------------------
+    def begin_round(self) -> None:
+        self._rows: Dict[str, torch.Tensor] = {}
+        self._layout: Optional[List[Tuple[str, torch.Size]]] = None
+
+    def score(self, result: ClientResult) -> float:
+        raise TypeError(f"strategy '{self.name}' aggregates the round's updates together: a client has no score of its own")
+
+    def add(self, result: ClientResult) -> None:
+        keys = [k for k, v in result.delta.items() if v.is_floating_point()]
+        layout = [(k, result.delta[k].shape) for k in keys]
+        if self._layout is None:
+            self._layout = layout
+        elif layout != self._layout:
+            raise ValueError(f"client {result.client_id}: its update has other entries or shapes than the round's first")
+        self._rows[result.client_id] = torch.cat([result.delta[k].detach().reshape(-1).to(torch.float32) for k in keys])
+
+    def all_reduce(self, like: State) -> None:
+        """Under torchrun: rank 0 gathers every rank's rows (the rule runs there only)."""
+        import torch.distributed as dist
+
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(self._rows, gathered, dst=0)
+        if gathered is not None:
+            self._rows = {cid: row for part in gathered for cid, row in part.items()}
+            if self._layout is None:  # rank 0 trained no client itself
+                self._layout = [(k, v.shape) for k, v in like.items() if v.is_floating_point()]
+
+    def aggregate(self) -> Optional[Aggregate]:
+        if not self._rows:
+            return None
+        ids = sorted(self._rows)
+        x = torch.stack([self._rows.pop(c) for c in ids])
+        groups = self._buckets(len(ids))
+        if groups is not None:
+            x = torch.stack([x[g].mean(0) for g in groups])
+        vector, shares = self.combine(x)
+        if groups is None:
+            weights = dict(zip(ids, shares.tolist()))
+        else:
+            weights = {ids[i]: float(shares[b]) / len(g) for b, g in enumerate(groups) for i in g}
+        self.rounds_seen += 1
+        return Aggregate(self._unflatten(vector), weights)
+
+    def _buckets(self, k: int) -> Optional[List[List[int]]]:
+        """A random partition of the K rows into buckets of bucket_size (the last may be smaller), seeded by round."""
+        if self.bucket_size == 1:
+            return None
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "buckets", self.rounds_seen))
+        perm = torch.randperm(k, generator=g).tolist()
+        return [perm[i : i + self.bucket_size] for i in range(0, k, self.bucket_size)]
+
+    def _unflatten(self, vector: torch.Tensor) -> State:
+        out, offset = {}, 0
+        for k, shape in self._layout:
+            n = math.prod(shape)
+            out[k] = vector[offset : offset + n].view(shape).clone()
+            offset += n
+        return out
+
+    @abstractmethod
+    def combine(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The aggregate of the rows of x (K×d), and each row's share of it (K, summing to 1)."""
+
+    def round_metrics(self) -> dict:
+        return dict(self.last_metrics)
+
+    def state_dict(self) -> dict:
+        return {"rounds_seen": self.rounds_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rounds_seen = state["rounds_seen"]
+
+
+def _middle_mean(values: torch.Tensor) -> torch.Tensor:
+    """The median along dim 0 of values sorted along dim 0: the middle one, or the mean of the two middle ones."""
+    k = values.shape[0]
+    return (values[(k - 1) // 2] + values[k // 2]) / 2
+
+
+def _kept_shares(indices: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's share of the kept entries, from the row indices of the kept entries."""
+    counts = torch.bincount(indices.reshape(-1), minlength=k).to(torch.float64)
+    return counts / counts.sum()
+
+
+class Median(StackedStrategy):
+    name = "median"
+    matrix_copies = 4.0  # X, sorted values, and their int64 row indices (two copies' worth)
+
+    def combine(self, x):
+        k = x.shape[0]
+        values, rows = x.sort(dim=0)
+        return _middle_mean(values), _kept_shares(rows[(k - 1) // 2 : k // 2 + 1], k)
+
+
+class TrimmedMean(StackedStrategy):
+    name = "trimmed_mean"
+    matrix_copies = 4.0
+
+    def __init__(self, trim_fraction: float, **kw) -> None:
+        super().__init__(**kw)
+        if not 0.0 <= trim_fraction < 0.5:
+            raise ValueError(f"trimmed_mean trim_fraction must be in [0, 0.5), got {trim_fraction}")
+        self.trim_fraction = float(trim_fraction)
+
+    def combine(self, x):
+        k = x.shape[0]
+        b = int(math.floor(self.trim_fraction * k))
+        values, rows = x.sort(dim=0)
+        self.last_metrics = {"trimmed_per_side": b}
+        return values[b : k - b].mean(0), _kept_shares(rows[b : k - b], k)
+
+
+class MultiKrum(StackedStrategy):
+    name = "krum"
+    matrix_copies = 1.0  # the K×K distances are small next to X
+
+    def __init__(self, num_byzantine: int, num_selected: Optional[int] = None, **kw) -> None:
+        super().__init__(**kw)
+        if not (isinstance(num_byzantine, int) and num_byzantine >= 0):
+            raise ValueError(f"krum num_byzantine (f) must be an integer >= 0, got {num_byzantine}")
+        if num_selected is not None and not (isinstance(num_selected, int) and num_selected >= 1):
+            raise ValueError(f"krum num_selected (m) must be an integer >= 1, got {num_selected}")
+        self.f, self.m = num_byzantine, num_selected
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Krum's score of each row: the sum of its squared distances to its K − f − 2 nearest other rows."""
+        k = x.shape[0]
+        n = k - self.f - 2
+        if n < 1:
+            raise ValueError(f"krum needs K > f + 2 rows to score (K={k}, f={self.f}); lower num_byzantine or bucket_size")
+        x64 = x.double()
+        sq = torch.cdist(x64, x64).square()
+        sq.fill_diagonal_(math.inf)
+        return sq.sort(dim=1).values[:, :n].sum(1)
+
+    def combine(self, x):
+        k = x.shape[0]
+        m = k - self.f if self.m is None else self.m
+        if m > k:
+            raise ValueError(f"krum num_selected={m} is more than the K={k} rows of the round")
+        scores = self.scores(x)
+        chosen = torch.sort(scores, stable=True).indices[:m]
+        shares = torch.zeros(k, dtype=torch.float64)
+        shares[chosen] = 1.0 / m
+        self.last_metrics = {"krum_selected": int(m)}
+        return x[chosen].mean(0), shares
+
+
+class GeometricMedian(StackedStrategy):
+    name = "geometric_median"
+    matrix_copies = 2.0  # X and x_i − z
+
+    def __init__(self, tolerance: float = 1e-5, max_iterations: int = 100, **kw) -> None:
+        super().__init__(**kw)
+        if tolerance <= 0 or not (isinstance(max_iterations, int) and max_iterations >= 1):
+            raise ValueError(f"geometric_median needs tolerance > 0 and max_iterations >= 1, got {tolerance}, {max_iterations}")
+        self.tolerance, self.max_iterations = float(tolerance), max_iterations
+
+    def combine(self, x):
+        x64 = x.double()
+        z = x64.mean(0)
+        for it in range(1, self.max_iterations + 1):
+            w = 1.0 / (x64 - z).norm(dim=1).clamp(min=SMOOTHING)
+            new = (w[:, None] * x64).sum(0) / w.sum()
+            step = float((new - z).norm())
+            z = new
+            if step <= self.tolerance * max(float(z.norm()), SMOOTHING):
+                break
+        w = 1.0 / (x64 - z).norm(dim=1).clamp(min=SMOOTHING)
+        self.last_metrics = {"weiszfeld_iterations": it, "weiszfeld_converged": step <= self.tolerance * max(float(z.norm()), SMOOTHING)}
+        return z.float(), w / w.sum()
+
+
+class CenteredClipping(StackedStrategy):
+    name = "centered_clipping"
+    matrix_copies = 2.0  # X and x_i − v
+
+    def __init__(self, clip_radius: float, clip_iterations: int = 1, **kw) -> None:
+        super().__init__(**kw)
+        if clip_radius <= 0 or not (isinstance(clip_iterations, int) and clip_iterations >= 1):
+            raise ValueError(f"centered_clipping needs clip_radius > 0 and clip_iterations >= 1, got {clip_radius}, {clip_iterations}")
+        self.tau, self.iterations = float(clip_radius), clip_iterations
+        self.center: Optional[torch.Tensor] = None  # the previous round's aggregate: where clipping is centred
+
+    def combine(self, x):
+        v = torch.zeros(x.shape[1], dtype=torch.float64) if self.center is None else self.center.double()
+        x64 = x.double()
+        factors = torch.zeros(x.shape[0], dtype=torch.float64)
+        for _ in range(self.iterations):
+            y = x64 - v
+            c = (self.tau / y.norm(dim=1).clamp(min=1e-30)).clamp(max=1.0)
+            v = v + (c[:, None] * y).mean(0)
+            factors += c
+        self.center = v.float()
+        self.last_metrics = {"clipped": int((c < 1).sum())}
+        return self.center.clone(), factors / factors.sum()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "center": self.center}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.center = state["center"]
+
+
+class NormBounding(StackedStrategy):
+    name = "norm_bounding"
+    matrix_copies = 1.0
+
+    def combine(self, x):
+        norms = x.double().norm(dim=1)
+        bound = float(_middle_mean(norms.sort().values))
+        c = (bound / norms.clamp(min=1e-30)).clamp(max=1.0)
+        self.last_metrics = {"norm_bound": bound, "clipped": int((c < 1).sum())}
+        return (c[:, None].float() * x).mean(0), c / c.sum()
