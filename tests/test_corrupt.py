@@ -44,3 +44,21 @@ def test_client_ids_that_are_not_file_names_stay_in_the_output_dir(tiny_clients,
     assert not (out / "escaped.jsonl.gz").exists()
     assert sorted(c.manifest.name for c in corrupted) == sorted(f"{safe_file_name(i)}.jsonl.gz" for i in ("../escaped", "a/b"))
     assert all(c.manifest.parent == (out / "cuts").resolve() for c in corrupted)
+
+
+def test_random_transcripts_keep_lengths_and_draw_from_the_federation_s_vocabulary(tiny_clients, tmp_path):
+    import pytest
+
+    listing = corrupt_clients(tiny_clients, tmp_path, num_corrupted=1, seed=3, mode="random")
+    bad = (tmp_path / "corrupted.txt").read_text().split()
+    before = {c.id: c for c in load_clients(tiny_clients)}
+    vocabulary = {w for c in before.values() for x in load_manifest_lazy(c.manifest) for w in x.supervisions[0].text.split()}
+    after = {c.id: c for c in load_clients(listing)}
+    old = [x.supervisions[0].text.split() for x in load_manifest_lazy(before[bad[0]].manifest)]
+    new = [x.supervisions[0].text.split() for x in load_manifest_lazy(after[bad[0]].manifest)]
+    assert [len(t) for t in old] == [len(t) for t in new] and new != old
+    assert set(w for t in new for w in t) <= vocabulary
+    # not a permutation of its own words: some come from other clients' transcripts
+    assert Counter(w for t in new for w in t) != Counter(w for t in old for w in t)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        corrupt_clients(tiny_clients, tmp_path / "x", num_corrupted=1, seed=3, mode="flip")

@@ -68,7 +68,7 @@ def conformer_config(tmp_path_factory, tiny_asr_config) -> Path:
     return path
 
 
-def build_server(fl_data, out: Path, conf_name: str, overrides=(), asr_config=None, seed=7, client_jobs=1):
+def build_server(fl_data, out: Path, conf_name: str, overrides=(), asr_config=None, seed=7, client_jobs=1, **kw):
     """What `train()` builds, without fitting it: a test drives the rounds and inspects the server."""
     from fl_lib.asr.model import build_asr_args, build_asr_model
     from fl_lib.data.clients import load_clients
@@ -80,7 +80,7 @@ def build_server(fl_data, out: Path, conf_name: str, overrides=(), asr_config=No
     args = build_asr_args(asr_config or fl_data["asr_config"], fl_data["token_list"], fl_data["bpemodel"], fl_data["feats_stats"])
     batches = BatchSpec(fl_data["bpemodel"], fl_data["token_list"], conf.client.max_duration, conf.client.max_cuts)
     clients = load_clients(fl_data["train_clients"])
-    return FederatedServer(build_asr_model(args), args, conf, clients, batches, None, out, seed, client_jobs)
+    return FederatedServer(build_asr_model(args), args, conf, clients, batches, None, out, seed, client_jobs, **kw)
 
 
 def _floats(state) -> dict:
@@ -177,6 +177,41 @@ def test_a_robust_rule_feeds_its_aggregate_to_the_server_adam(fl_data, conformer
         expected = params[k].detach() if k in params else start[k] - median[k]
         assert torch.allclose(v, expected, rtol=1e-5, atol=1e-7), k
     assert sum(m.weights) == pytest.approx(1.0) and len(m.weights) == 3
+
+
+def test_an_attacker_s_forged_update_reaches_the_aggregate_and_is_logged(fl_data, conformer_config, tmp_path):
+    """attack sign_flip, f = 1 of K = 3: FedAvg averages the two honest Δ and the attacker's −Δ (weights by
+    utterances, its own), and metrics.jsonl names the attacker."""
+    from fl_lib.asr.model import build_asr_model
+    from fl_lib.fl.client import LocalTrainer
+
+    server = build_server(fl_data, tmp_path, "fl_fedavg.yaml", ["clients_per_round=3", "attack.name=sign_flip", "attack.per_round=1"],
+                          asr_config=conformer_config)
+    serial = server.clients_executor.trainer
+    replay = LocalTrainer(build_asr_model(server.args), server.args, server.conf.client, serial.make_batches, serial.seed)
+    start = _copy(server.global_state)
+    sampled = server.sampler.sample(0)
+    attacker = server.attack.choose(sampled, 0)
+    results = [replay.train(cid, server.clients[cid].manifest, start, 0) for cid in sampled]
+    m = server.run_round(0)
+    assert m.attacked == attacker and len(attacker) == 1
+    a = _expected_weights("fl_fedavg.yaml", results, 0.0)
+    for k, v in _floats(server.global_state).items():
+        mean = sum(ak * (-1 if r.client_id in attacker else 1) * r.delta[k] for ak, r in zip(a, results))
+        assert torch.allclose(v, start[k] - mean, rtol=1e-5, atol=1e-6), k
+    from torch.utils.tensorboard import SummaryWriter
+
+    server.writer = SummaryWriter(str(tmp_path / "tensorboard"))  # what fit() opens before the rounds
+    server._record(m)
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["attacked"] == attacker
+
+
+def test_an_attack_forged_from_every_honest_update_refuses_torchrun_ranks(fl_data, tmp_path):
+    from fl_lib.fl.distributed import Ranks
+
+    with pytest.raises(ValueError, match="attack 'alie' forges from every honest update of a round.*without torchrun"):
+        build_server(fl_data, tmp_path, "fl_fedavg.yaml", ["clients_per_round=3", "attack.name=alie", "attack.per_round=1"],
+                     ranks=Ranks(rank=0, world_size=2))
 
 
 def test_a_robust_rule_refuses_a_round_that_would_not_fit_before_training(fl_data, tmp_path):

@@ -144,6 +144,35 @@ class StrategyConfig:
     memory_limit_mb: Optional[float] = None  # any robust rule: refuse a K whose K x d matrices exceed this
 
 
+ATTACKS = ("none", "sign_flip", "scale", "gaussian", "alie", "ipm")
+
+
+@dataclass
+class AttackConfig:
+    """Byzantine clients (fl_lib/fl/attacks.py): `per_round` of each round's sampled clients send a forged update."""
+
+    name: str = "none"  # none | sign_flip | scale | gaussian | alie | ipm
+    per_round: int = 0  # f: attackers among the clients sampled in each round
+    scale: Optional[float] = None  # scale: the factor c (10, 100: model replacement)
+    epsilon: Optional[float] = None  # ipm: the forged update is -epsilon x the honest mean
+    z: Optional[float] = None  # alie: mean - z x std (null: Baruch et al.'s z_max for K and f)
+
+    def __post_init__(self) -> None:
+        if self.name not in ATTACKS:
+            raise ValueError(f"attack.name must be one of {ATTACKS}, got {self.name!r}")
+        own = {"scale": ("scale",), "ipm": ("epsilon",), "alie": ("z",)}.get(self.name, ())
+        unused = [k for k in ("scale", "epsilon", "z") if getattr(self, k) is not None and k not in own]
+        if self.name == "none" and self.per_round:
+            unused.append("per_round")
+        if unused:
+            raise ValueError(f"attack '{self.name}' does not use: {', '.join(unused)}")
+        if self.name != "none" and not (isinstance(self.per_round, int) and self.per_round >= 1):
+            raise ValueError(f"attack '{self.name}' needs attack.per_round >= 1 (attackers per round), got {self.per_round}")
+        for k in own:
+            if k != "z" and getattr(self, k) is None:
+                raise ValueError(f"attack '{self.name}' needs attack.{k}")
+
+
 BEST_CRITERIA = ("acc", "loss", "wer")  # fl_lib.asr.average.criterion_score
 
 
@@ -163,6 +192,7 @@ class FLConfig:
     client: ClientConfig = field(default_factory=ClientConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     server_optim: ServerOptimConfig = field(default_factory=ServerOptimConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)  # robustness experiments only
     validate_every: int = 1
     keep_checkpoints: int = 5  # <round>round.pth of the N best rounds by dev score kept, for averaging
     # What "best" means for valid.acc.best.pth and the kept rounds: acc (dev accuracy, or minus
@@ -182,6 +212,8 @@ class FLConfig:
         if self.drop_failing_clients and self.max_client_failures is None:
             raise ValueError("drop_failing_clients: true does nothing without max_client_failures (after how many failures "
                              "in a row a client is dropped): set it, or remove drop_failing_clients")
+        if self.attack.per_round > self.clients_per_round:
+            raise ValueError(f"attack.per_round={self.attack.per_round} exceeds clients_per_round={self.clients_per_round}")
         if self.min_clients_per_round > self.clients_per_round:
             raise ValueError(
                 f"min_clients_per_round={self.min_clients_per_round} exceeds clients_per_round={self.clients_per_round}: no round could count"

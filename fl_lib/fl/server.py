@@ -31,6 +31,7 @@ from ..asr.model import espnet_config
 from ..atomic import append_text, owned_temp_glob
 from ..data.clients import ClientInfo
 from ..data.markers import content_digest
+from .attacks import NEEDS_HONEST, Attack
 from .checkpoint import (atomic_copy, atomic_save, load_resumable, resume_differences, rng_states, save_checkpoint,
                          set_rng_states, truncate_metrics)
 from .client import LocalTrainer
@@ -82,6 +83,7 @@ class RoundMetrics:
     # and those left out of every later round after max_client_failures (drop_failing_clients).
     always_failed: list = field(default_factory=list)
     excluded: list = field(default_factory=list)
+    attacked: list = field(default_factory=list)  # clients that sent a forged update (attack.*): ground truth, never shown to the strategy
 
 
 @dataclass
@@ -166,6 +168,10 @@ class FederatedServer:
             if held_out_batches is None:
                 raise ValueError(f"strategy '{conf.strategy.name}' scores candidate updates on a server-side held-out set: none was given")
             self.strategy.judge = self._held_out_loss
+        self.attack = Attack(conf.attack, seed)
+        if ranks.distributed and conf.attack.name in NEEDS_HONEST:
+            raise ValueError(f"attack '{conf.attack.name}' forges from every honest update of a round, which torchrun ranks "
+                             "split between them: run it without torchrun")
         self.strategy.check_server_optimizer(conf.server_optim)
         self.strategy.check_sampler(conf.sampler)
         self.sampler = ClientSampler(
@@ -182,6 +188,7 @@ class FederatedServer:
         # optimizer steps on; float buffers move by the plain aggregate.
         self.param_names = [name for name, p in model.named_parameters() if p.requires_grad]
         self.strategy.bind(self.param_names)
+        self.attack.bind(self.param_names)
         self.global_state: State = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.server_params = {name: torch.nn.Parameter(self.global_state[name]) for name in self.param_names}
         for name, p in self.server_params.items():
@@ -316,6 +323,9 @@ class FederatedServer:
             seconds = [self.clients[cid].duration for cid in sampled]
             mine = assign_clients(sampled, seconds, self.ranks.world_size)[self.ranks.rank]
         self.strategy.begin_round()
+        self.attack.begin_round()
+        attackers = set(self.attack.choose(sampled, draw))
+        held = []  # the attackers' results, forged once every honest result was seen
         losses, used, dropped, failed, errors, work = {}, [], [], [], {}, {}
         lr_scale = lr_factor(self.round, self.conf.client.schedule)
         tasks = (Task(cid, self.clients[cid].manifest, start, draw, self.strategy.proximal_mu, lr_scale) for cid in mine)
@@ -337,12 +347,21 @@ class FederatedServer:
                 f"{label}: client {cid}: train_loss={result.train_loss:.4f} utts={result.num_utts} "
                 f"steps={result.num_steps} {result.seconds:.1f}s pid={worker}"
             )
-            self.strategy.add(result)
+            if cid in attackers:
+                held.append(result)
+            else:
+                self.attack.observe(result)
+                self.strategy.add(result)
             losses[cid] = result.train_loss
             work[cid] = (result.num_steps, result.seconds, result.cpu_seconds)
             used.append(cid)
             del result
+        for result in held:
+            self.strategy.add(self.attack.forge(result, draw, len(sampled)))
+        attacked = sorted(r.client_id for r in held)
+        del held
         if self.ranks.distributed:
+            attacked = sorted(c for part in all_gather_objects(attacked) for c in part)
             used, dropped, failed, errors, losses, work = _merge(all_gather_objects((used, dropped, failed, errors, losses, work)), sampled)
         self._count_failures(draw, sampled, failed, errors)
         if len(used) < self.conf.min_clients_per_round:
@@ -386,6 +405,7 @@ class FederatedServer:
             strategy=self.strategy.round_metrics(),
             always_failed=self.always_failed(),
             excluded=list(self.excluded),
+            attacked=attacked,
         )
 
     def _count_failures(self, draw: int, sampled: Sequence[str], failed: Sequence[str], errors: dict) -> None:

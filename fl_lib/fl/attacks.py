@@ -1,0 +1,124 @@
+"""Byzantine clients for robustness experiments: forged updates, applied outside the strategies.
+
+In each round `attack.per_round` of the sampled clients (drawn from the run's seed and the
+round, independently of the sampler) train as usual, then send a forged Δ instead of their
+own. The server holds the attackers' results back until every honest result of the round
+has been seen (the omniscient attacks forge from the honest updates' statistics, which are
+accumulated while the honest results stream into the strategy), then hands the forged ones
+to the strategy like any other. Which clients attacked is logged in metrics.jsonl
+(`attacked`); the strategies never see it.
+
+- sign_flip: −Δ_own;
+- scale: c·Δ_own (c = 10, 100: model replacement);
+- gaussian: a random direction with the honest updates' mean norm;
+- alie (Baruch et al., 2019, "A little is enough"): μ − z·σ per coordinate, μ and σ (ddof 1)
+  over the round's honest updates, z given or z_max = Φ⁻¹((K − s)/K), s = ⌊K/2 + 1⌋ − f;
+- ipm (Xie et al., 2020, inner-product manipulation): −ε·μ.
+
+Every attacker of a round sends the same forged update under alie and ipm (they collude);
+the statistics a strategy reads from a result (grad_mean, grad_rms, grad_var) are those of
+the forged Δ, while its reported loss and sizes stay its own.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from statistics import NormalDist
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .config import AttackConfig
+from .sampling import derive_seed
+from .strategies.base import ClientResult, State
+
+NEEDS_HONEST = ("gaussian", "alie", "ipm")  # forged from the round's honest updates
+
+
+def alie_z(k: int, f: int) -> float:
+    """Baruch et al.'s z_max: the largest shift that still leaves the forged value inside the
+    range a majority-based rule accepts, for K clients of which f attack."""
+    s = math.floor(k / 2 + 1) - f
+    return NormalDist().inv_cdf((k - s) / k)
+
+
+class Attack:
+    def __init__(self, conf: AttackConfig, seed: int) -> None:
+        self.conf = conf
+        self.seed = seed
+        self.parameter_names: Optional[frozenset] = None
+
+    @property
+    def active(self) -> bool:
+        return self.conf.name != "none"
+
+    def bind(self, parameter_names: Iterable[str]) -> None:
+        """The trainable parameters, over which a forged result's gradient statistics are taken."""
+        self.parameter_names = frozenset(parameter_names)
+
+    def choose(self, sampled: Sequence[str], draw: int) -> list[str]:
+        """The attackers among the `draw`-th round's sampled clients (f of them, seeded by round)."""
+        if not self.active:
+            return []
+        if self.conf.per_round > len(sampled):
+            raise ValueError(f"attack.per_round={self.conf.per_round} exceeds the {len(sampled)} clients sampled this round")
+        rng = np.random.default_rng(derive_seed(self.seed, "attack", draw))
+        return sorted(rng.choice(sorted(sampled), size=self.conf.per_round, replace=False).tolist())
+
+    # -- the round's honest statistics ----------------------------------------------
+    def begin_round(self) -> None:
+        self._n, self._sum, self._sq, self._norms = 0, None, None, 0.0
+
+    def observe(self, result: ClientResult) -> None:
+        """Accumulate an honest result's Δ (float64 sums, not the Δ itself)."""
+        if self.conf.name not in NEEDS_HONEST:
+            return
+        if self._sum is None:
+            self._sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in result.delta.items()}
+            self._sq = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in result.delta.items()}
+        sq_norm = 0.0
+        for k, v in result.delta.items():
+            v = v.double()
+            self._sum[k] += v
+            self._sq[k] += v * v
+            sq_norm += float((v * v).sum())
+        self._n += 1
+        self._norms += math.sqrt(sq_norm)
+
+    def forge(self, result: ClientResult, draw: int, num_clients: int) -> ClientResult:
+        """The attacker's result with its forged Δ, after every honest result of the round was observed."""
+        name = self.conf.name
+        if name == "sign_flip":
+            delta = {k: -v for k, v in result.delta.items()}
+        elif name == "scale":
+            delta = {k: self.conf.scale * v for k, v in result.delta.items()}
+        else:
+            delta = self._forge_from_honest(result, draw, num_clients)
+        return replace(result, delta=delta, **self._gradient_stats(delta))
+
+    def _forge_from_honest(self, result: ClientResult, draw: int, num_clients: int) -> State:
+        need = 2 if self.conf.name == "alie" else 1
+        if self._n < need:
+            raise ValueError(f"attack '{self.conf.name}' forges from the round's honest updates: it needs at least {need}, "
+                             f"round {draw + 1} has {self._n} (lower attack.per_round or raise clients_per_round)")
+        mean = {k: s / self._n for k, s in self._sum.items()}
+        if self.conf.name == "ipm":
+            return {k: (-self.conf.epsilon * m).to(result.delta[k].dtype) for k, m in mean.items()}
+        if self.conf.name == "alie":
+            z = alie_z(num_clients, self.conf.per_round) if self.conf.z is None else self.conf.z
+            std = {k: ((self._sq[k] - self._n * mean[k] ** 2).clamp(min=0) / (self._n - 1)).sqrt() for k in mean}
+            return {k: (mean[k] - z * std[k]).to(result.delta[k].dtype) for k in mean}
+        # gaussian: a direction drawn per (round, client), scaled to the honest mean norm
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "gaussian", draw, result.client_id))
+        noise = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in result.delta.items()}
+        norm = math.sqrt(sum(float((n * n).sum()) for n in noise.values()))
+        target = self._norms / self._n
+        return {k: (n * (target / norm)).to(result.delta[k].dtype) for k, n in noise.items()}
+
+    def _gradient_stats(self, delta: State) -> dict:
+        """grad_mean, grad_rms and grad_var of Δ over the trainable parameters, as the client computes them."""
+        d = torch.cat([delta[k].double().reshape(-1) for k in delta if k in self.parameter_names])
+        mean, ms = float(d.mean()), float(d.square().mean())
+        return {"grad_mean": mean, "grad_rms": math.sqrt(ms), "grad_var": max(ms - mean * mean, 0.0),
+                "delta_finite": bool(torch.isfinite(d).all())}

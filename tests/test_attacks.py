@@ -1,0 +1,95 @@
+"""Forged updates (fl_lib/fl/attacks.py): each attack applied exactly, against its formula and
+against byzfl's implementation where it has one, and the attackers logged but hidden from the strategy."""
+from __future__ import annotations
+
+import math
+
+import byzfl  # test-only oracle (requirements-test.txt)
+import numpy as np
+import pytest
+import torch
+
+from fl_lib.fl.attacks import Attack, alie_z
+from fl_lib.fl.config import AttackConfig, FLConfig
+from fl_lib.fl.strategies import ClientResult
+
+
+def result(cid: str, vector) -> ClientResult:
+    v = torch.as_tensor(vector, dtype=torch.float32)
+    return ClientResult(cid, {"w": v[:-1].reshape(1, -1), "b": v[-1:]}, num_utts=10, num_frames=1000, train_loss=2.0,
+                        grad_mean=0.0, grad_rms=1.0, grad_var=1.0, num_tokens=50)
+
+
+def flat(r: ClientResult) -> np.ndarray:
+    return torch.cat([r.delta["w"].reshape(-1), r.delta["b"]]).double().numpy()
+
+
+def forge(conf: AttackConfig, honest, own, num_clients=None):
+    attack = Attack(conf, seed=5)
+    attack.bind(["w", "b"])
+    attack.begin_round()
+    for i, h in enumerate(honest):
+        attack.observe(result(f"h{i}", h))
+    return attack.forge(result("a0", own), draw=0, num_clients=num_clients or len(honest) + conf.per_round)
+
+
+@pytest.fixture
+def honest():
+    return np.random.default_rng(0).normal(size=(6, 5))
+
+
+def test_sign_flip_and_scaling_are_exact(honest):
+    own = [1.0, -2.0, 0.5, 3.0, -1.0]
+    assert flat(forge(AttackConfig(name="sign_flip", per_round=1), honest, own)).tolist() == [-1.0, 2.0, -0.5, -3.0, 1.0]
+    scaled = forge(AttackConfig(name="scale", per_round=1, scale=100.0), honest, own)
+    assert flat(scaled).tolist() == [100.0, -200.0, 50.0, 300.0, -100.0]
+    # the statistics a strategy reads are the forged Δ's; the loss and sizes stay the attacker's own
+    d = np.array([100.0, -200.0, 50.0, 300.0, -100.0])
+    assert scaled.grad_rms == pytest.approx(math.sqrt((d**2).mean())) and scaled.grad_mean == pytest.approx(d.mean())
+    assert scaled.train_loss == 2.0 and scaled.num_utts == 10
+
+
+def test_alie_matches_its_formula_and_byzfl(honest):
+    f, k = 2, 8
+    forged = flat(forge(AttackConfig(name="alie", per_round=f), honest, np.zeros(5), num_clients=k))
+    z = alie_z(k, f)  # s = floor(8/2 + 1) - 2 = 3; z = Φ⁻¹(5/8)
+    assert z == pytest.approx(0.318639, abs=1e-6)
+    expected = honest.mean(0) - z * honest.std(0, ddof=1)
+    assert forged == pytest.approx(expected, abs=1e-6)
+    assert forged == pytest.approx(byzfl.ALittleIsEnough(tau=-z)(honest), abs=1e-6)
+    given = flat(forge(AttackConfig(name="alie", per_round=f, z=1.5), honest, np.zeros(5)))
+    assert given == pytest.approx(honest.mean(0) - 1.5 * honest.std(0, ddof=1), abs=1e-6)
+
+
+def test_ipm_matches_byzfl_and_gaussian_has_the_honest_mean_norm(honest):
+    forged = flat(forge(AttackConfig(name="ipm", per_round=1, epsilon=0.5), honest, np.zeros(5)))
+    assert forged == pytest.approx(byzfl.InnerProductManipulation(tau=0.5)(honest), abs=1e-6)
+    noise = flat(forge(AttackConfig(name="gaussian", per_round=1), honest, np.zeros(5)))
+    assert np.linalg.norm(noise) == pytest.approx(np.linalg.norm(honest, axis=1).mean(), rel=1e-6)
+    again = flat(forge(AttackConfig(name="gaussian", per_round=1), honest, np.zeros(5)))
+    assert np.array_equal(noise, again)  # seeded by (seed, round, client)
+
+
+def test_attackers_are_f_of_the_sampled_clients_seeded_by_round():
+    attack = Attack(AttackConfig(name="sign_flip", per_round=2), seed=5)
+    sampled = [f"c{i}" for i in range(8)]
+    picks = [attack.choose(sampled, draw) for draw in range(20)]
+    assert all(len(p) == 2 and set(p) <= set(sampled) for p in picks)
+    assert picks == [Attack(AttackConfig(name="sign_flip", per_round=2), seed=5).choose(sampled, d) for d in range(20)]
+    assert len({tuple(p) for p in picks}) > 5  # not the same two every round
+    assert Attack(AttackConfig(), seed=5).choose(sampled, 0) == []
+
+
+def test_attack_config_refuses_unused_and_missing_keys():
+    with pytest.raises(ValueError, match="does not use: scale"):
+        AttackConfig(name="sign_flip", per_round=1, scale=10.0)
+    with pytest.raises(ValueError, match="needs attack.epsilon"):
+        AttackConfig(name="ipm", per_round=1)
+    with pytest.raises(ValueError, match="needs attack.per_round >= 1"):
+        AttackConfig(name="scale", scale=10.0)
+    with pytest.raises(ValueError, match="does not use: per_round"):
+        AttackConfig(per_round=2)
+    with pytest.raises(ValueError, match="exceeds clients_per_round=4"):
+        FLConfig.from_yaml(None, ["clients_per_round=4", "attack.name=sign_flip", "attack.per_round=5"])
+    with pytest.raises(ValueError, match="needs at least 2, round 1 has 1"):
+        forge(AttackConfig(name="alie", per_round=1), [[1.0, 2.0]], [0.0, 0.0])
