@@ -11,7 +11,7 @@ import torch
 
 from fl_lib.fl.config import StrategyConfig
 from fl_lib.fl.strategies import ClientResult, build_strategy
-from fl_lib.fl.strategies.robust import CenteredClipping, GeometricMedian, Median, MultiKrum, NormBounding, TrimmedMean
+from fl_lib.fl.strategies.robust import CenteredClipping, GeometricMedian, Median, MultiKrum, NormBounding, Rows, TrimmedMean
 
 
 def result(cid: str, vector, shape=None) -> ClientResult:
@@ -94,8 +94,7 @@ def test_krum_scores_hand_computed():
     # 1-D points 0, 1, 3, 10 (and a zero bias): K = 4, f = 1, so each row's K - f - 2 = 1 nearest other row
     rows = [[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [10.0, 0.0]]
     krum = MultiKrum(num_byzantine=1, num_selected=2)
-    krum.begin_round()
-    assert krum.scores(torch.tensor(rows)).tolist() == [1.0, 1.0, 4.0, 49.0]
+    assert krum.scores(Rows(list(torch.tensor(rows)))).tolist() == [1.0, 1.0, 4.0, 49.0]
     agg, w = run(krum, rows)
     assert agg.tolist() == [0.5, 0.0] and w == {"c0": 0.5, "c1": 0.5, "c2": 0.0, "c3": 0.0}
     with pytest.raises(ValueError, match="K > f \\+ 2"):
@@ -105,7 +104,7 @@ def test_krum_scores_hand_computed():
 def test_weiszfeld_reaches_the_brute_force_minimiser_of_summed_distances():
     pts = np.array([[0.0, 0.0], [4.0, 0.0], [0.0, 3.0], [5.0, 5.0], [1.0, 1.5]])
     gm = GeometricMedian(tolerance=1e-12, max_iterations=5000)
-    z = gm.combine(torch.tensor(pts, dtype=torch.float32))[0].double().numpy()
+    z = gm.combine(Rows(list(torch.tensor(pts, dtype=torch.float32))))[0].double().numpy()
 
     def argmin_on_grid(xs, ys):
         grid = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
@@ -216,14 +215,28 @@ def test_build_strategy_takes_each_rule_s_keys_and_refuses_the_others():
 
 def test_memory_is_stated_in_k_and_a_k_above_the_limit_is_refused():
     median = Median(memory_limit_mb=100.0)
-    assert median.memory_bytes(8, 1_000_000) == 4 * 8 * 1_000_000 * 4
-    median.check_memory(3, 1_000_000)  # 45.8 MB
-    with pytest.raises(ValueError, match=r"K=4 clients of 2,000,000 floats need 122 MB .*memory_limit_mb=100"):
-        median.check_memory(4, 2_000_000)
-    assert MultiKrum(num_byzantine=1).memory_bytes(8, 1000) == 8 * 1000 * 4
+    assert median.memory_bytes(8, 1_000_000) == 8 * 1_000_000 * 4  # the K rows, float32
+    assert Median(bucket_size=3).memory_bytes(8, 1000) == (8 + 3) * 1000 * 4  # and the ceil(8/3) bucket means
+    median.check_memory(3, 8_000_000)  # 91.6 MB
+    with pytest.raises(ValueError, match=r"K=4 clients of 8,000,000 floats need 122 MB, above strategy.memory_limit_mb=100"):
+        median.check_memory(4, 8_000_000)
 
 
 def test_a_client_has_no_score_of_its_own():
     with pytest.raises(TypeError, match="no score of its own"):
         Median().score(result("c0", [1.0, 2.0]))
     assert math.isclose(sum(run(Median(), [[1.0, 2.0], [3.0, 1.0]])[1].values()), 1.0)
+
+
+def test_column_blocks_change_nothing(updates, monkeypatch):
+    """The rules work on blocks of CHUNK coordinates; blocks of 4 over 6 coordinates (a full and a
+    partial block) give what one block gives."""
+    from fl_lib.fl.strategies import robust
+
+    rules = [Median, lambda: TrimmedMean(0.25), lambda: MultiKrum(num_byzantine=1), GeometricMedian,
+             lambda: CenteredClipping(clip_radius=1.0, clip_iterations=2), NormBounding]
+    whole = [run(rule(), updates) for rule in rules]
+    monkeypatch.setattr(robust, "CHUNK", 4)
+    for rule, (agg, weights) in zip(rules, whole):
+        blocked, blocked_weights = run(rule(), updates)
+        assert torch.allclose(blocked, agg, atol=1e-6) and blocked_weights == pytest.approx(weights)

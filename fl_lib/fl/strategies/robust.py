@@ -1,10 +1,13 @@
 """Byzantine-robust aggregation: rules that bound what a few lying clients can do to a round.
 
 Unlike FedAvg and DGA, these rules need every update of the round at once: each client's
-Δ_k (every float entry of its state, parameters and buffers alike) is flattened into one
-row of a K×d float32 matrix X, so server memory grows with K (`memory_bytes`, checked
-against `strategy.memory_limit_mb` before training). Each rule returns one vector, which
-the server optimizer steps on as it does on FedAvg's mean (hierarchical optimization).
+Δ_k (every float entry of its state, parameters and buffers alike) is kept as one float32
+row of d entries, so server memory grows with K: K·d·4 bytes (plus K/s rows of bucket
+means with bucketing), checked against `strategy.memory_limit_mb` before training. The
+rules never stack the rows into a second K×d matrix: they work on column blocks of
+CHUNK coordinates (sorts, distances) and on weighted sums of rows, so their working
+memory beyond the rows is O(K·CHUNK + d). Each rule returns one vector, which the server
+optimizer steps on as it does on FedAvg's mean (hierarchical optimization).
 
 Rows are ordered by client id before the rule runs, so the result does not depend on the
 order results arrive in, nor on how torchrun ranks split the clients. The weight reported
@@ -41,15 +44,48 @@ from .base import Aggregate, ClientResult, State, Strategy
 from ..sampling import derive_seed
 
 SMOOTHING = 1e-6  # RFA's ν: a row at the current estimate does not get an infinite weight
+CHUNK = 1 << 16  # coordinates per column block
+
+
+class Rows:
+    """A round's updates as K float32 rows of d entries, and the few operations the rules need."""
+
+    def __init__(self, rows: List[torch.Tensor]) -> None:
+        self.rows = rows
+        self.k, self.d = len(rows), rows[0].numel()
+
+    def blocks(self):
+        """(start, K×c block) over column blocks of CHUNK coordinates: the only K-row temporaries."""
+        for j in range(0, self.d, CHUNK):
+            yield j, torch.stack([r[j : j + CHUNK] for r in self.rows])
+
+    def combination(self, w: torch.Tensor) -> torch.Tensor:
+        """Σ_i w_i x_i."""
+        out = torch.zeros(self.d, dtype=torch.float32)
+        for wi, r in zip(w.tolist(), self.rows):
+            out.add_(r, alpha=wi)
+        return out
+
+    def sq_distances(self, z: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """‖x_i − z‖² for every row (z = 0: the squared norms), accumulated in float64."""
+        out = torch.zeros(self.k, dtype=torch.float64)
+        for j, block in self.blocks():
+            b = block.double() if z is None else block.double() - z[j : j + CHUNK].double()
+            out += b.square().sum(1)
+        return out
+
+    def pairwise_sq_distances(self) -> torch.Tensor:
+        out = torch.zeros(self.k, self.k, dtype=torch.float64)
+        for _, block in self.blocks():
+            out += torch.cdist(block.double(), block.double()).square()
+        return out
 
 
 class StackedStrategy(Strategy):
-    """The rules that see the whole K×d matrix of a round's updates."""
+    """The rules that see every update of a round."""
 
     #: strategy.name in the federated config.
     name: str = ""
-    #: Resident copies of the K×d float32 matrix a rule needs at its peak (X itself included).
-    matrix_copies: float = 1.0
 
     def __init__(self, bucket_size: int = 1, memory_limit_mb: float = 4096.0, seed: int = 0) -> None:
         if not (isinstance(bucket_size, int) and bucket_size >= 1):
@@ -64,18 +100,19 @@ class StackedStrategy(Strategy):
 
     # -- memory --------------------------------------------------------------
     def memory_bytes(self, k: int, d: int) -> int:
-        """Peak bytes of the round's matrices for K clients of d floats each."""
-        return int(self.matrix_copies * k * d * 4)
+        """Bytes of the round's rows for K clients of d floats: K rows, and K/s bucket means
+        beside them while they are made. The O(K·CHUNK + d) working memory is left out."""
+        rows = k + (math.ceil(k / self.bucket_size) if self.bucket_size > 1 else 0)
+        return rows * d * 4
 
-    def check_memory(self, k: int, d: int) -> None:
-        """Refuse, before any training, a K whose matrices would exceed memory_limit_mb."""
-        need = self.memory_bytes(k, d) / 2**20
+    def check_memory(self, clients_per_round: int, num_floats: int) -> None:
+        """Refuse, before any training, a K whose rows would exceed memory_limit_mb."""
+        need = self.memory_bytes(clients_per_round, num_floats) / 2**20
         if need > self.memory_limit_mb:
             raise ValueError(
-                f"strategy '{self.name}' holds every update of a round at once: K={k} clients of {d:,} floats need "
-                f"{need:,.0f} MB ({self.matrix_copies:g} copies of the K×d float32 matrix), above "
-                f"strategy.memory_limit_mb={self.memory_limit_mb:g}. Lower clients_per_round, or raise the limit "
-                "if the server has the memory."
+                f"strategy '{self.name}' holds every update of a round at once: K={clients_per_round} clients of "
+                f"{num_floats:,} floats need {need:,.0f} MB, above strategy.memory_limit_mb={self.memory_limit_mb:g}. "
+                "Lower clients_per_round, or raise the limit if the server has the memory."
             )
 
     # -- the round -----------------------------------------------------------
@@ -110,11 +147,12 @@ class StackedStrategy(Strategy):
         if not self._rows:
             return None
         ids = sorted(self._rows)
-        x = torch.stack([self._rows.pop(c) for c in ids])
+        rows = [self._rows.pop(c) for c in ids]
         groups = self._buckets(len(ids))
         if groups is not None:
-            x = torch.stack([x[g].mean(0) for g in groups])
-        vector, shares = self.combine(x)
+            rows = [torch.stack([rows[i] for i in g]).mean(0) for g in groups]
+        vector, shares = self.combine(Rows(rows))
+        del rows
         if groups is None:
             weights = dict(zip(ids, shares.tolist()))
         else:
@@ -139,8 +177,8 @@ class StackedStrategy(Strategy):
         return out
 
     @abstractmethod
-    def combine(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The aggregate of the rows of x (K×d), and each row's share of it (K, summing to 1)."""
+    def combine(self, x: Rows) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The aggregate of the rows, and each row's share of it (K, summing to 1)."""
 
     def round_metrics(self) -> dict:
         return dict(self.last_metrics)
@@ -158,25 +196,33 @@ def _middle_mean(values: torch.Tensor) -> torch.Tensor:
     return (values[(k - 1) // 2] + values[k // 2]) / 2
 
 
-def _kept_shares(indices: torch.Tensor, k: int) -> torch.Tensor:
-    """Each row's share of the kept entries, from the row indices of the kept entries."""
-    counts = torch.bincount(indices.reshape(-1), minlength=k).to(torch.float64)
-    return counts / counts.sum()
+class _CoordinateWise(StackedStrategy):
+    """Per coordinate: sort the K values, average the kept ranks [lo, hi)."""
 
-
-class Median(StackedStrategy):
-    name = "median"
-    matrix_copies = 4.0  # X, sorted values, and their int64 row indices (two copies' worth)
+    @abstractmethod
+    def kept(self, k: int) -> Tuple[int, int]:
+        """The sorted ranks [lo, hi) averaged at each coordinate, for K rows."""
 
     def combine(self, x):
-        k = x.shape[0]
-        values, rows = x.sort(dim=0)
-        return _middle_mean(values), _kept_shares(rows[(k - 1) // 2 : k // 2 + 1], k)
+        lo, hi = self.kept(x.k)
+        out = torch.empty(x.d, dtype=torch.float32)
+        counts = torch.zeros(x.k, dtype=torch.float64)
+        for j, block in x.blocks():
+            values, rows = block.sort(dim=0)
+            out[j : j + block.shape[1]] = values[lo:hi].mean(0)
+            counts += torch.bincount(rows[lo:hi].reshape(-1), minlength=x.k)
+        return out, counts / counts.sum()
 
 
-class TrimmedMean(StackedStrategy):
+class Median(_CoordinateWise):
+    name = "median"
+
+    def kept(self, k):
+        return (k - 1) // 2, k // 2 + 1  # the middle value, or the two middle ones
+
+
+class TrimmedMean(_CoordinateWise):
     name = "trimmed_mean"
-    matrix_copies = 4.0
 
     def __init__(self, trim_fraction: float, **kw) -> None:
         super().__init__(**kw)
@@ -184,17 +230,14 @@ class TrimmedMean(StackedStrategy):
             raise ValueError(f"trimmed_mean trim_fraction must be in [0, 0.5), got {trim_fraction}")
         self.trim_fraction = float(trim_fraction)
 
-    def combine(self, x):
-        k = x.shape[0]
+    def kept(self, k):
         b = int(math.floor(self.trim_fraction * k))
-        values, rows = x.sort(dim=0)
         self.last_metrics = {"trimmed_per_side": b}
-        return values[b : k - b].mean(0), _kept_shares(rows[b : k - b], k)
+        return b, k - b
 
 
 class MultiKrum(StackedStrategy):
     name = "krum"
-    matrix_copies = 1.0  # the K×K distances are small next to X
 
     def __init__(self, num_byzantine: int, num_selected: Optional[int] = None, **kw) -> None:
         super().__init__(**kw)
@@ -204,33 +247,28 @@ class MultiKrum(StackedStrategy):
             raise ValueError(f"krum num_selected (m) must be an integer >= 1, got {num_selected}")
         self.f, self.m = num_byzantine, num_selected
 
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
+    def scores(self, x: Rows) -> torch.Tensor:
         """Krum's score of each row: the sum of its squared distances to its K − f − 2 nearest other rows."""
-        k = x.shape[0]
-        n = k - self.f - 2
+        n = x.k - self.f - 2
         if n < 1:
-            raise ValueError(f"krum needs K > f + 2 rows to score (K={k}, f={self.f}); lower num_byzantine or bucket_size")
-        x64 = x.double()
-        sq = torch.cdist(x64, x64).square()
+            raise ValueError(f"krum needs K > f + 2 rows to score (K={x.k}, f={self.f}); lower num_byzantine or bucket_size")
+        sq = x.pairwise_sq_distances()
         sq.fill_diagonal_(math.inf)
         return sq.sort(dim=1).values[:, :n].sum(1)
 
     def combine(self, x):
-        k = x.shape[0]
-        m = k - self.f if self.m is None else self.m
-        if m > k:
-            raise ValueError(f"krum num_selected={m} is more than the K={k} rows of the round")
-        scores = self.scores(x)
-        chosen = torch.sort(scores, stable=True).indices[:m]
-        shares = torch.zeros(k, dtype=torch.float64)
+        m = x.k - self.f if self.m is None else self.m
+        if m > x.k:
+            raise ValueError(f"krum num_selected={m} is more than the K={x.k} rows of the round")
+        chosen = torch.sort(self.scores(x), stable=True).indices[:m]
+        shares = torch.zeros(x.k, dtype=torch.float64)
         shares[chosen] = 1.0 / m
         self.last_metrics = {"krum_selected": int(m)}
-        return x[chosen].mean(0), shares
+        return x.combination(shares), shares
 
 
 class GeometricMedian(StackedStrategy):
     name = "geometric_median"
-    matrix_copies = 2.0  # X and x_i − z
 
     def __init__(self, tolerance: float = 1e-5, max_iterations: int = 100, **kw) -> None:
         super().__init__(**kw)
@@ -239,23 +277,23 @@ class GeometricMedian(StackedStrategy):
         self.tolerance, self.max_iterations = float(tolerance), max_iterations
 
     def combine(self, x):
-        x64 = x.double()
-        z = x64.mean(0)
+        z = x.combination(torch.full((x.k,), 1.0 / x.k))
+        converged = False
         for it in range(1, self.max_iterations + 1):
-            w = 1.0 / (x64 - z).norm(dim=1).clamp(min=SMOOTHING)
-            new = (w[:, None] * x64).sum(0) / w.sum()
-            step = float((new - z).norm())
+            w = 1.0 / x.sq_distances(z).sqrt().clamp(min=SMOOTHING)
+            new = x.combination(w / w.sum())
+            step = float((new.double() - z.double()).norm())
             z = new
             if step <= self.tolerance * max(float(z.norm()), SMOOTHING):
+                converged = True
                 break
-        w = 1.0 / (x64 - z).norm(dim=1).clamp(min=SMOOTHING)
-        self.last_metrics = {"weiszfeld_iterations": it, "weiszfeld_converged": step <= self.tolerance * max(float(z.norm()), SMOOTHING)}
-        return z.float(), w / w.sum()
+        w = 1.0 / x.sq_distances(z).sqrt().clamp(min=SMOOTHING)
+        self.last_metrics = {"weiszfeld_iterations": it, "weiszfeld_converged": converged}
+        return z, w / w.sum()
 
 
 class CenteredClipping(StackedStrategy):
     name = "centered_clipping"
-    matrix_copies = 2.0  # X and x_i − v
 
     def __init__(self, clip_radius: float, clip_iterations: int = 1, **kw) -> None:
         super().__init__(**kw)
@@ -265,17 +303,16 @@ class CenteredClipping(StackedStrategy):
         self.center: Optional[torch.Tensor] = None  # the previous round's aggregate: where clipping is centred
 
     def combine(self, x):
-        v = torch.zeros(x.shape[1], dtype=torch.float64) if self.center is None else self.center.double()
-        x64 = x.double()
-        factors = torch.zeros(x.shape[0], dtype=torch.float64)
+        v = torch.zeros(x.d, dtype=torch.float32) if self.center is None else self.center.clone()
+        factors = torch.zeros(x.k, dtype=torch.float64)
         for _ in range(self.iterations):
-            y = x64 - v
-            c = (self.tau / y.norm(dim=1).clamp(min=1e-30)).clamp(max=1.0)
-            v = v + (c[:, None] * y).mean(0)
+            c = (self.tau / x.sq_distances(v).sqrt().clamp(min=1e-30)).clamp(max=1.0)
+            # v + mean_i c_i (x_i − v), without forming the x_i − v
+            v = v * (1.0 - float(c.sum()) / x.k) + x.combination(c / x.k)
             factors += c
-        self.center = v.float()
+        self.center = v
         self.last_metrics = {"clipped": int((c < 1).sum())}
-        return self.center.clone(), factors / factors.sum()
+        return v.clone(), factors / factors.sum()
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "center": self.center}
@@ -287,11 +324,10 @@ class CenteredClipping(StackedStrategy):
 
 class NormBounding(StackedStrategy):
     name = "norm_bounding"
-    matrix_copies = 1.0
 
     def combine(self, x):
-        norms = x.double().norm(dim=1)
+        norms = x.sq_distances().sqrt()
         bound = float(_middle_mean(norms.sort().values))
         c = (bound / norms.clamp(min=1e-30)).clamp(max=1.0)
         self.last_metrics = {"norm_bound": bound, "clipped": int((c < 1).sum())}
-        return (c[:, None].float() * x).mean(0), c / c.sum()
+        return x.combination(c / x.k), c / c.sum()
