@@ -21,6 +21,7 @@ setup(
         "matplotlib>=3.7",
         "tqdm",
         "PyYAML",
+        "dp-accounting>=0.6",
     ],
     extras_require={"test": ["pytest>=8"]},
 )

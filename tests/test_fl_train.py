@@ -214,6 +214,49 @@ def test_an_attack_forged_from_every_honest_update_refuses_torchrun_ranks(fl_dat
                      ranks=Ranks(rank=0, world_size=2))
 
 
+DP = ["strategy.weight_by=uniform", "privacy.clip=0.05", "privacy.noise_multiplier=0.5"]
+
+
+def test_a_private_round_is_the_clipped_sum_plus_one_draw_of_noise_over_k(fl_data, conformer_config, tmp_path):
+    """DP-FedAvg on a conformer: start − (Σ_k clip(Δ_k) + N(0, σ²C²)) / K, the noise the round's own seeded draw."""
+    from fl_lib.asr.model import build_asr_model
+    from fl_lib.fl.client import LocalTrainer
+    from fl_lib.fl.sampling import derive_seed
+
+    server = build_server(fl_data, tmp_path, "fl_fedavg.yaml", ["clients_per_round=3", *DP], asr_config=conformer_config)
+    serial = server.clients_executor.trainer
+    replay = LocalTrainer(build_asr_model(server.args), server.args, server.conf.client, serial.make_batches, serial.seed)
+    start = _copy(server.global_state)
+    results = [replay.train(cid, server.clients[cid].manifest, start, 0) for cid in server.sampler.sample(0)]
+    m = server.run_round(0)
+    total = {k: torch.zeros_like(v) for k, v in results[0].delta.items()}
+    for r in results:
+        norm = torch.sqrt(sum(v.double().square().sum() for v in r.delta.values())).item()
+        assert norm > 0.05  # the bound binds: the test would not see a missing clip otherwise
+        for k, v in r.delta.items():
+            total[k] += v * (0.05 / norm)
+    g = torch.Generator().manual_seed(derive_seed(7, "dp_noise", 0))
+    for k, v in _floats(server.global_state).items():
+        noise = torch.randn(v.shape, generator=g) * 0.5 * 0.05
+        assert torch.allclose(v, start[k] - (total[k] + noise) / 3, rtol=1e-5, atol=1e-6), k
+    assert m.privacy["epsilon"] > 0 and m.privacy["rounds_charged"] == 1 and m.privacy["clipped_fraction"] == 1.0
+
+
+def test_a_private_run_resumed_has_the_same_model_and_the_same_epsilon(fl_data, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run_inprocess(fl_data, whole, "fl_fedavg.yaml", [*DP, "rounds=2"])
+    run_inprocess(fl_data, split, "fl_fedavg.yaml", [*DP, "rounds=1"])
+    run_inprocess(fl_data, split, "fl_fedavg.yaml", [*DP, "rounds=2"])  # resumes from round 1
+    a, b = torch.load(whole / "2round.pth"), torch.load(split / "2round.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    eps = [[r["privacy"]["epsilon"] for r in metrics(d)] for d in (whole, split)]
+    assert eps[0] == eps[1] and eps[0][0] < eps[0][1]
+    from fl_lib.asr.results import privacy_lines
+
+    line = privacy_lines(metrics(split)[-1])[0]
+    assert f"(ε = {eps[0][1]:.3g}, δ = " in line and "after 2 sampled rounds; noise multiplier σ = 0.5, clip C = 0.05" in line
+
+
 def test_a_robust_rule_refuses_a_round_that_would_not_fit_before_training(fl_data, tmp_path):
     with pytest.raises(ValueError, match="K=4 clients of .* floats need .* above strategy.memory_limit_mb=0.01"):
         build_server(fl_data, tmp_path, "fl_fedavg.yaml", ["clients_per_round=4", "strategy.name=median", "strategy.weight_by=null",

@@ -106,6 +106,16 @@ def failing_clients(last_row: dict[str, Any]) -> list[str]:
     return lines
 
 
+def privacy_lines(last_row: dict[str, Any]) -> list[str]:
+    """The DP ledger after the last round (privacy.* in fl_config), where the results are read."""
+    p = last_row.get("privacy")
+    if not p:
+        return []
+    return [f"- **client-level DP**: (ε = {p['epsilon']:.3g}, δ = {p['delta']:.3g}) after {p['rounds_charged']} sampled rounds; "
+            f"noise multiplier σ = {p['noise_multiplier']:.4g}, clip C = {p['clip']:g}{' per layer' if p['per_layer'] else ''}, "
+            f"sampling rate q = {p['sampling_rate']:.4g} (RDP accountant, replace-one, cohorts without replacement)"]
+
+
 def plot_dev_curve(metrics: Sequence[dict[str, Any]], png: Path) -> None:
     png.parent.mkdir(parents=True, exist_ok=True)
     dev_curve_figure(metrics).savefig(png, dpi=100, bbox_inches="tight")
@@ -213,6 +223,7 @@ def render(exp_dir: Path, decode_dirs: Sequence[Path], metrics: Sequence[dict[st
               f"- experiment: `{exp_dir}`",
               f"- {unit}s: {len(metrics)}, training time: {minutes:.1f} min"]
     lines += compute_lines(exp_dir, metrics)
+    lines += privacy_lines(metrics[-1] if metrics else {})
     accs = [r for r in metrics if r.get("dev_acc") is not None]
     if accs:
         best = max(accs, key=lambda r: r["dev_acc"])

@@ -144,6 +144,37 @@ class StrategyConfig:
     memory_limit_mb: Optional[float] = None  # any robust rule: refuse a K whose K x d matrices exceed this
 
 
+@dataclass
+class PrivacyConfig:
+    """Client-level differential privacy (DP-FedAvg; fl_lib/fl/privacy.py). `clip: null` is no DP,
+    and then every other key must stay at its default."""
+
+    clip: Optional[float] = None  # L2 bound of each client's Δ (all float entries)
+    per_layer: bool = False  # bound each tensor of Δ by clip / sqrt(number of tensors) instead of the whole Δ by clip
+    noise_multiplier: Optional[float] = None  # σ: Gaussian noise of std σ·clip on the round's sum of clipped Δ
+    target_epsilon: Optional[float] = None  # or: σ solved before training so that `rounds` rounds spend this ε
+    delta: Optional[float] = None  # null: 1 / N^1.1 for N clients
+
+    def __post_init__(self) -> None:
+        if self.clip is None:
+            given = [k for k in ("noise_multiplier", "target_epsilon", "delta") if getattr(self, k) is not None]
+            if self.per_layer:
+                given.append("per_layer")
+            if given:
+                raise ValueError(f"privacy.{', privacy.'.join(given)} do nothing without privacy.clip (the L2 bound that makes DP)")
+            return
+        if self.clip <= 0:
+            raise ValueError(f"privacy.clip must be > 0, got {self.clip}")
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("privacy needs exactly one of noise_multiplier (σ) and target_epsilon (σ solved for it)")
+        if self.noise_multiplier is not None and self.noise_multiplier <= 0:
+            raise ValueError(f"privacy.noise_multiplier must be > 0, got {self.noise_multiplier}")
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
+            raise ValueError(f"privacy.target_epsilon must be > 0, got {self.target_epsilon}")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ValueError(f"privacy.delta must be in (0, 1), got {self.delta}")
+
+
 ATTACKS = ("none", "sign_flip", "scale", "gaussian", "alie", "ipm")
 
 
@@ -193,6 +224,7 @@ class FLConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     server_optim: ServerOptimConfig = field(default_factory=ServerOptimConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)  # robustness experiments only
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # client-level DP
     validate_every: int = 1
     keep_checkpoints: int = 5  # <round>round.pth of the N best rounds by dev score kept, for averaging
     # What "best" means for valid.acc.best.pth and the kept rounds: acc (dev accuracy, or minus

@@ -36,12 +36,13 @@ from .checkpoint import (atomic_copy, atomic_save, load_resumable, resume_differ
                          set_rng_states, truncate_metrics)
 from .client import LocalTrainer
 from .executor import BatchSpec, ProcessClients, SerialClients, Task, espnet_trainer
+from .privacy import ClientDP
 from .config import FLConfig
 from .distributed import Ranks, all_gather_objects, assign_clients, broadcast_state
 from .sampling import ClientSampler
 from .server_optim import build_scheduler, build_server_optimizer, lr_factor, trial_step
 from .strategies import build_strategy
-from .strategies.base import State, weights_entropy
+from .strategies.base import ClientResult, State, weights_entropy
 from .validation import evaluate, held_out_loss
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class RoundMetrics:
     always_failed: list = field(default_factory=list)
     excluded: list = field(default_factory=list)
     attacked: list = field(default_factory=list)  # clients that sent a forged update (attack.*): ground truth, never shown to the strategy
+    privacy: dict = field(default_factory=dict)  # the DP ledger after this round: epsilon, delta, sigma, ... (privacy.*)
 
 
 @dataclass
@@ -174,6 +176,7 @@ class FederatedServer:
                              "split between them: run it without torchrun")
         self.strategy.check_server_optimizer(conf.server_optim)
         self.strategy.check_sampler(conf.sampler)
+        self.privacy = ClientDP(conf.privacy, conf, len(clients), seed) if conf.privacy.clip is not None else None
         self.sampler = ClientSampler(
             [c.id for c in clients], [c.num_cuts for c in clients], conf.clients_per_round, conf.sampler, seed
         )
@@ -324,6 +327,8 @@ class FederatedServer:
             mine = assign_clients(sampled, seconds, self.ranks.world_size)[self.ranks.rank]
         self.strategy.begin_round()
         self.attack.begin_round()
+        if self.privacy is not None:
+            self.privacy.begin_round()
         attackers = set(self.attack.choose(sampled, draw))
         held = []  # the attackers' results, forged once every honest result was seen
         losses, used, dropped, failed, errors, work = {}, [], [], [], {}, {}
@@ -351,13 +356,13 @@ class FederatedServer:
                 held.append(result)
             else:
                 self.attack.observe(result)
-                self.strategy.add(result)
+                self._add(result)
             losses[cid] = result.train_loss
             work[cid] = (result.num_steps, result.seconds, result.cpu_seconds)
             used.append(cid)
             del result
         for result in held:
-            self.strategy.add(self.attack.forge(result, draw, len(sampled)))
+            self._add(self.attack.forge(result, draw, len(sampled)))
         attacked = sorted(r.client_id for r in held)
         del held
         if self.ranks.distributed:
@@ -376,6 +381,8 @@ class FederatedServer:
             if not self.ranks.is_main:
                 return None
         aggregate = self.strategy.aggregate()
+        if self.privacy is not None:
+            aggregate = self.privacy.privatize(aggregate, len(used), draw)
         lr = self.optimizer.param_groups[0]["lr"]
         self._server_step(aggregate.pseudo_grad)
         self.scheduler.step()
@@ -406,7 +413,12 @@ class FederatedServer:
             always_failed=self.always_failed(),
             excluded=list(self.excluded),
             attacked=attacked,
+            privacy={} if self.privacy is None else self.privacy.report(draw + 1),
         )
+
+    def _add(self, result: ClientResult) -> None:
+        """Hand a result to the strategy, its Δ bounded first under privacy.*."""
+        self.strategy.add(result if self.privacy is None else self.privacy.clip(result))
 
     def _count_failures(self, draw: int, sampled: Sequence[str], failed: Sequence[str], errors: dict) -> None:
         """Count each sampled client's failures in a row; at `max_client_failures` stop the run
@@ -515,6 +527,7 @@ class FederatedServer:
             f"dev_acc={_fmt(m.dev_acc)} dev_wer={_fmt(m.dev_wer)} clients={len(m.clients)} dropped={len(m.dropped)} failed={len(m.failed)} "
             f"lr={m.lr:.3g} client_lr={m.client_lr:.3g} {m.seconds:.1f}s"
             + "".join(f" {k}={v:.4g}" if isinstance(v, float) else f" {k}={v}" for k, v in m.strategy.items() if not isinstance(v, dict))
+            + (f" epsilon={m.privacy['epsilon']:.3g} (delta={m.privacy['delta']:.2g})" if m.privacy else "")
         )
         if m.always_failed:
             counts = ", ".join(f"{cid} ({self.client_failures[cid]['failed']}x)" for cid in m.always_failed)
@@ -546,6 +559,8 @@ class FederatedServer:
             w.add_scalar("dev/acc", m.dev_acc, step)
         if m.dev_wer is not None:
             w.add_scalar("dev/wer_ctc_greedy", m.dev_wer, step)
+        if m.privacy:
+            w.add_scalar("privacy/epsilon", m.privacy["epsilon"], step)
         if m.weights:
             w.add_scalar("weights/mean", sum(m.weights) / len(m.weights), step)
             w.add_scalar("weights/min", min(m.weights), step)

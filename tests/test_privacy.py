@@ -1,0 +1,110 @@
+"""Client-level DP (fl_lib/fl/privacy.py): clipping on hand values, the noise's measured spread,
+the accountant against the exact Gaussian mechanism, calibration and refusals."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.optimize import brentq
+from scipy.stats import norm
+
+from fl_lib.fl.config import FLConfig
+from fl_lib.fl.privacy import ClientDP, calibrate_sigma, epsilon
+from fl_lib.fl.sampling import derive_seed
+from fl_lib.fl.strategies import Aggregate, ClientResult
+
+DP = ["strategy.weight_by=uniform", "clients_per_round=8"]
+
+
+def client_dp(*overrides, num_clients=64) -> ClientDP:
+    conf = FLConfig.from_yaml(None, [*DP, *overrides])
+    return ClientDP(conf.privacy, conf, num_clients, seed=3)
+
+
+def result(delta: dict) -> ClientResult:
+    return ClientResult("c0", {k: torch.tensor(v) for k, v in delta.items()}, num_utts=5, num_frames=500, train_loss=1.0,
+                        grad_mean=0.0, grad_rms=1.0, grad_var=1.0, num_tokens=20)
+
+
+def test_clipping_whole_model_and_per_layer_on_hand_values():
+    dp = client_dp("privacy.clip=6.5", "privacy.noise_multiplier=1.0")
+    dp.begin_round()
+    out = dp.clip(result({"w": [3.0, 4.0], "b": [12.0]}))  # ‖Δ‖ = 13: scaled by 6.5 / 13
+    assert out.delta["w"].tolist() == [1.5, 2.0] and out.delta["b"].tolist() == [6.0]
+    out = dp.clip(result({"w": [0.3, 0.4], "b": [1.2]}))  # ‖Δ‖ = 1.3 < 6.5: unchanged
+    assert out.delta["w"].tolist() == pytest.approx([0.3, 0.4]) and out.delta["b"].tolist() == pytest.approx([1.2])
+    assert dp.report(1)["clipped_fraction"] == 0.5
+    layer = client_dp("privacy.clip=6.5", "privacy.noise_multiplier=1.0", "privacy.per_layer=true")
+    layer.begin_round()
+    out = layer.clip(result({"w": [3.0, 4.0], "b": [1.0]}))  # each tensor to 6.5 / √2 = 4.596: w shrinks, b stays
+    bound = 6.5 / math.sqrt(2)
+    assert out.delta["w"].tolist() == pytest.approx([3.0 * bound / 5, 4.0 * bound / 5]) and out.delta["b"].tolist() == [1.0]
+
+
+def test_noise_has_std_sigma_clip_over_k_and_is_the_round_s_own():
+    dp = client_dp("privacy.clip=2.0", "privacy.noise_multiplier=0.75")
+    zero = Aggregate({"w": torch.zeros(1000, 1000)}, {"c0": 1.0})
+    noised = dp.privatize(zero, num_used=8, draw=4).pseudo_grad["w"]
+    # std σ·C / K = 0.75 · 2 / 8 = 0.1875; over 10⁶ draws the sample std is within 0.3 % (5 standard errors)
+    assert float(noised.std()) == pytest.approx(0.1875, rel=3e-3) and abs(float(noised.mean())) < 1e-3
+    assert torch.equal(noised, dp.privatize(zero, num_used=8, draw=4).pseudo_grad["w"])  # seeded by round
+    assert not torch.equal(noised, dp.privatize(zero, num_used=8, draw=5).pseudo_grad["w"])
+    # the mean of n clipped Δ goes back to their sum, and the denominator is the fixed K, not n
+    mean = Aggregate({"w": torch.full((3,), 0.5)}, {"c0": 0.5, "c1": 0.5})
+    g = torch.Generator().manual_seed(derive_seed(3, "dp_noise", 0))
+    expected = (torch.full((3,), 0.5) * 2 + torch.randn(3, generator=g) * 1.5) / 8
+    got = dp.privatize(mean, num_used=2, draw=0)
+    assert torch.allclose(got.pseudo_grad["w"], expected) and got.weights == {"c0": 0.125, "c1": 0.125}
+
+
+def exact_gaussian_epsilon(mu: float, delta: float) -> float:
+    """ε of a Gaussian mechanism with sensitivity/std ratio μ, from its exact privacy profile
+    (Balle & Wang, ICML 2018, Theorem 8): δ(ε) = Φ(−ε/μ + μ/2) − e^ε Φ(−ε/μ − μ/2)."""
+    profile = lambda eps: norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2) - delta  # noqa: E731
+    return brentq(profile, 0.0, 100.0)
+
+
+def test_the_ledger_against_the_exact_gaussian_mechanism_when_every_client_trains():
+    """K = N: no sampling, so T rounds compose to one Gaussian with μ = 2√T/σ (replace-one: sensitivity 2C,
+    std σC). The RDP accountant's ε is an upper bound of that exact ε, and a tight one."""
+    sigma, rounds, delta = 4.0, 100, 1e-5
+    exact = exact_gaussian_epsilon(2 * math.sqrt(rounds) / sigma, delta)
+    rdp = epsilon(sigma, 16, 16, rounds, delta)
+    assert exact_gaussian_epsilon(1.0, norm.cdf(0.5) - norm.cdf(-0.5) - 1e-12) == pytest.approx(0.0, abs=1e-6)  # δ(0) by hand
+    assert exact <= rdp <= 1.15 * exact
+    # the library's own computation, called directly
+    import dp_accounting
+
+    acc = dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    acc.compose(dp_accounting.GaussianDpEvent(sigma / 2 / math.sqrt(rounds)))
+    assert rdp == pytest.approx(acc.get_epsilon(delta), rel=1e-6)
+    # sampling 8 of 64 spends less
+    assert epsilon(sigma, 64, 8, rounds, delta) < 0.5 * rdp
+
+
+def test_target_epsilon_solves_sigma_and_an_impossible_target_is_refused():
+    delta = 64 ** -1.1
+    sigma = calibrate_sigma(3.0, 64, 8, 100, delta)
+    assert epsilon(sigma, 64, 8, 100, delta) <= 3.0 < epsilon(0.98 * sigma, 64, 8, 100, delta)
+    dp = client_dp("privacy.clip=1.0", "privacy.target_epsilon=3.0", "rounds=100")
+    assert dp.sigma == pytest.approx(sigma) and dp.delta == pytest.approx(delta)
+    with pytest.raises(ValueError, match="target_epsilon=0.01 cannot be met: even σ=100 spends ε=0.0454"):
+        client_dp("privacy.clip=1.0", "privacy.target_epsilon=0.01", "rounds=100")
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["strategy.name=dga", "strategy.beta=2.0", "strategy.weight_by=loss_per_token"], "privacy needs the equal-weight sum"),
+    (["strategy.weight_by=num_utts"], "privacy needs the equal-weight sum"),
+    (["sampler=weighted"], "privacy needs sampler: uniform"),
+])
+def test_what_the_accountant_cannot_bound_is_refused(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        client_dp("privacy.clip=1.0", "privacy.noise_multiplier=1.0", *overrides)
+
+
+def test_privacy_keys_without_clip_or_with_both_noise_settings_are_refused():
+    with pytest.raises(ValueError, match="do nothing without privacy.clip"):
+        FLConfig.from_yaml(None, ["privacy.noise_multiplier=1.0"])
+    with pytest.raises(ValueError, match="exactly one of noise_multiplier"):
+        FLConfig.from_yaml(None, ["privacy.clip=1.0", "privacy.noise_multiplier=1.0", "privacy.target_epsilon=2.0"])
