@@ -257,6 +257,20 @@ def test_a_private_run_resumed_has_the_same_model_and_the_same_epsilon(fl_data, 
     assert f"(ε = {eps[0][1]:.3g}, δ = " in line and "after 2 sampled rounds; noise multiplier σ = 0.5, clip C = 0.05" in line
 
 
+def test_an_empty_poisson_cohort_under_dp_still_releases_its_noise(fl_data, tmp_path, monkeypatch):
+    """Skipping an empty cohort would reveal its size: the round counts, and the model moves by the noise over K."""
+    from fl_lib.fl.sampling import derive_seed
+
+    server = build_server(fl_data, tmp_path, "fl_fedavg.yaml", [*DP, "sampler=poisson", "clients_per_round=2"])
+    monkeypatch.setattr(server.sampler, "sample", lambda draw: [])
+    start = _floats(server.global_state)
+    m = server.run_round(0)
+    assert m.clients == [] and m.train_loss is None and m.privacy["rounds_charged"] == 1
+    g = torch.Generator().manual_seed(derive_seed(7, "dp_noise", 0))
+    for k, v in _floats(server.global_state).items():
+        assert torch.allclose(v, start[k] - torch.randn(v.shape, generator=g) * 0.5 * 0.05 / 2, atol=1e-7), k
+
+
 def test_a_robust_rule_refuses_a_round_that_would_not_fit_before_training(fl_data, tmp_path):
     with pytest.raises(ValueError, match="K=4 clients of .* floats need .* above strategy.memory_limit_mb=0.01"):
         build_server(fl_data, tmp_path, "fl_fedavg.yaml", ["clients_per_round=4", "strategy.name=median", "strategy.weight_by=null",

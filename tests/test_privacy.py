@@ -45,16 +45,16 @@ def test_clipping_whole_model_and_per_layer_on_hand_values():
 def test_noise_has_std_sigma_clip_over_k_and_is_the_round_s_own():
     dp = client_dp("privacy.clip=2.0", "privacy.noise_multiplier=0.75")
     zero = Aggregate({"w": torch.zeros(1000, 1000)}, {"c0": 1.0})
-    noised = dp.privatize(zero, num_used=8, draw=4).pseudo_grad["w"]
+    noised = dp.privatize(zero, num_used=8, draw=4, like={}).pseudo_grad["w"]
     # std σ·C / K = 0.75 · 2 / 8 = 0.1875; over 10⁶ draws the sample std is within 0.3 % (5 standard errors)
     assert float(noised.std()) == pytest.approx(0.1875, rel=3e-3) and abs(float(noised.mean())) < 1e-3
-    assert torch.equal(noised, dp.privatize(zero, num_used=8, draw=4).pseudo_grad["w"])  # seeded by round
-    assert not torch.equal(noised, dp.privatize(zero, num_used=8, draw=5).pseudo_grad["w"])
+    assert torch.equal(noised, dp.privatize(zero, num_used=8, draw=4, like={}).pseudo_grad["w"])  # seeded by round
+    assert not torch.equal(noised, dp.privatize(zero, num_used=8, draw=5, like={}).pseudo_grad["w"])
     # the mean of n clipped Δ goes back to their sum, and the denominator is the fixed K, not n
     mean = Aggregate({"w": torch.full((3,), 0.5)}, {"c0": 0.5, "c1": 0.5})
     g = torch.Generator().manual_seed(derive_seed(3, "dp_noise", 0))
     expected = (torch.full((3,), 0.5) * 2 + torch.randn(3, generator=g) * 1.5) / 8
-    got = dp.privatize(mean, num_used=2, draw=0)
+    got = dp.privatize(mean, num_used=2, draw=0, like={})
     assert torch.allclose(got.pseudo_grad["w"], expected) and got.weights == {"c0": 0.125, "c1": 0.125}
 
 
@@ -96,7 +96,7 @@ def test_target_epsilon_solves_sigma_and_an_impossible_target_is_refused():
 @pytest.mark.parametrize("overrides, match", [
     (["strategy.name=dga", "strategy.beta=2.0", "strategy.weight_by=loss_per_token"], "privacy needs the equal-weight sum"),
     (["strategy.weight_by=num_utts"], "privacy needs the equal-weight sum"),
-    (["sampler=weighted"], "privacy needs sampler: uniform"),
+    (["sampler=weighted"], "privacy needs sampler uniform"),
 ])
 def test_what_the_accountant_cannot_bound_is_refused(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -108,3 +108,49 @@ def test_privacy_keys_without_clip_or_with_both_noise_settings_are_refused():
         FLConfig.from_yaml(None, ["privacy.noise_multiplier=1.0"])
     with pytest.raises(ValueError, match="exactly one of noise_multiplier"):
         FLConfig.from_yaml(None, ["privacy.clip=1.0", "privacy.noise_multiplier=1.0", "privacy.target_epsilon=2.0"])
+
+
+def test_poisson_sampling_includes_each_client_with_probability_k_over_n():
+    from fl_lib.fl.sampling import ClientSampler
+
+    ids = [f"c{i}" for i in range(40)]
+    sampler = ClientSampler(ids, [1] * 40, per_round=8, mode="poisson", seed=1)
+    cohorts = [sampler.sample(r) for r in range(500)]
+    sizes = [len(c) for c in cohorts]
+    assert min(sizes) < 8 < max(sizes)  # the cohort size varies
+    assert sum(sizes) / 500 == pytest.approx(8, abs=0.4)  # q N = 8; standard error of the mean 0.08
+    per_client = [sum(cid in c for c in cohorts) / 500 for cid in ids]
+    assert all(0.12 < p < 0.29 for p in per_client)  # q = 0.2 each, 500 draws: 4.5 standard errors either way
+    assert cohorts[7] == ClientSampler(ids, [1] * 40, per_round=8, mode="poisson", seed=1).sample(7)
+
+
+def test_poisson_ledgers_rdp_and_pld_against_the_moments_accountant_of_abadi_et_al():
+    """Abadi et al. (CCS 2016, §3.1): q = 0.01, σ = 4, T = 10,000 steps give ε = 1.26 at δ = 1e-5 by the
+    moments accountant. RDP with dp-accounting's conversion and PLD are tighter analyses of the same
+    mechanism: both below 1.26, PLD the tightest."""
+    rdp = epsilon(4.0, 100, 1, 10_000, 1e-5, "poisson", "rdp")
+    pld = epsilon(4.0, 100, 1, 10_000, 1e-5, "poisson", "pld")
+    assert 0.8 < pld < rdp < 1.26
+
+
+def test_a_pld_ledger_for_fixed_size_cohorts_and_small_poisson_cohorts_skipped_are_refused():
+    with pytest.raises(ValueError, match="accountant pld cannot account for sampler uniform"):
+        client_dp("privacy.clip=1.0", "privacy.noise_multiplier=1.0", "privacy.accountant=pld")
+    with pytest.raises(ValueError, match="min_clients_per_round=2 would skip small cohorts"):
+        client_dp("privacy.clip=1.0", "privacy.noise_multiplier=1.0", "sampler=poisson", "min_clients_per_round=2")
+    dp = client_dp("privacy.clip=1.0", "privacy.noise_multiplier=1.0", "sampler=poisson", "privacy.accountant=pld")
+    assert dp.report(3)["epsilon"] == pytest.approx(epsilon(1.0, 64, 8, 3, 64 ** -1.1, "poisson", "pld"))
+
+
+def test_the_plan_keeps_a_dev_run_s_noise_per_coordinate_at_a_larger_cohort(capsys):
+    import json
+
+    from fl_lib.bin import dp_plan
+
+    dp_plan.main(["--population", "100000", "--cohort", "200", "--rounds", "500", "--delta", "0.00001", "--same_noise_as", "0.5", "8"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["noise_multiplier"] == pytest.approx(0.5 * 200 / 8) and out["noise_std_over_clip"] == pytest.approx(0.5 / 8)
+    # what a run with that plan would report, for each sampler and accountant; PLD the tightest
+    for sampler, accountant in (("uniform", "rdp"), ("poisson", "rdp"), ("poisson", "pld")):
+        assert out[f"epsilon_{sampler}_{accountant}"] == pytest.approx(epsilon(12.5, 100000, 200, 500, 1e-5, sampler, accountant))
+    assert out["epsilon_poisson_pld"] < out["epsilon_poisson_rdp"]

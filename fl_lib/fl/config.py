@@ -154,12 +154,17 @@ class PrivacyConfig:
     noise_multiplier: Optional[float] = None  # σ: Gaussian noise of std σ·clip on the round's sum of clipped Δ
     target_epsilon: Optional[float] = None  # or: σ solved before training so that `rounds` rounds spend this ε
     delta: Optional[float] = None  # null: 1 / N^1.1 for N clients
+    accountant: str = "rdp"  # rdp | pld (pld: Poisson sampling only; dp-accounting has no PLD for fixed-size cohorts)
 
     def __post_init__(self) -> None:
+        if self.accountant not in ("rdp", "pld"):
+            raise ValueError(f"privacy.accountant must be rdp or pld, got {self.accountant!r}")
         if self.clip is None:
             given = [k for k in ("noise_multiplier", "target_epsilon", "delta") if getattr(self, k) is not None]
             if self.per_layer:
                 given.append("per_layer")
+            if self.accountant != "rdp":
+                given.append("accountant")
             if given:
                 raise ValueError(f"privacy.{', privacy.'.join(given)} do nothing without privacy.clip (the L2 bound that makes DP)")
             return
@@ -219,7 +224,9 @@ class FLConfig:
     # traceback (null: never; such a client is still named in the log, metrics.jsonl and RESULTS.md) ...
     max_client_failures: Optional[int] = None
     drop_failing_clients: bool = False  # ... or, if true, is left out of every later round and the run goes on
-    sampler: str = "uniform"  # uniform | weighted (by number of utterances; fedavg then needs weight_by: uniform)
+    # uniform (K without replacement) | weighted (by number of utterances; fedavg then needs weight_by: uniform)
+    # | poisson (each client with probability K/N: cohorts of varying size)
+    sampler: str = "uniform"
     client: ClientConfig = field(default_factory=ClientConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     server_optim: ServerOptimConfig = field(default_factory=ServerOptimConfig)
@@ -244,6 +251,8 @@ class FLConfig:
         if self.drop_failing_clients and self.max_client_failures is None:
             raise ValueError("drop_failing_clients: true does nothing without max_client_failures (after how many failures "
                              "in a row a client is dropped): set it, or remove drop_failing_clients")
+        if self.attack.name != "none" and self.sampler == "poisson":
+            raise ValueError("attack.per_round attackers need a fixed cohort: use sampler uniform or weighted with attacks")
         if self.attack.per_round > self.clients_per_round:
             raise ValueError(f"attack.per_round={self.attack.per_round} exceeds clients_per_round={self.clients_per_round}")
         if self.min_clients_per_round > self.clients_per_round:

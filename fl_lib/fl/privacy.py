@@ -6,12 +6,16 @@ weights, adds Gaussian noise N(0, σ²C²) once, and divides by the fixed cohort
 
     Δ̄ = (Σ_k clip_C(Δ_k) + N(0, σ²C² I)) / K
 
-The cohort is K clients drawn without replacement from N (the `uniform` sampler), so a round
-is dp-accounting's `SampledWithoutReplacementDpEvent(N, K, Gaussian)` under the replace-one
-relation, which only its RDP accountant supports. Replacing one client moves the clipped sum
-by up to 2C, so the accountant's noise multiplier is σ/2. A round that does not count
-(too few usable clients) is still charged: the ledger counts every sampled round, which can
-only overstate ε.
+Two samplers, each with the dp-accounting event that models it:
+- `uniform`: K of N without replacement, `SampledWithoutReplacementDpEvent(N, K, Gaussian)`
+  under the replace-one relation, which only the RDP accountant supports. Replacing one
+  client moves the clipped sum by up to 2C, so the accountant's noise multiplier is σ/2.
+  A round that does not count (too few usable clients) is still charged: the ledger counts
+  every sampled round, which can only overstate ε.
+- `poisson`: each client with probability q = K/N, `PoissonSampledDpEvent(q, Gaussian(σ))`
+  under add-or-remove (sensitivity C), by RDP or PLD. The denominator stays the expected K,
+  and every round releases its noised sum whatever the cohort's size, empty included:
+  skipping a small cohort would reveal its size, which the accountant does not charge for.
 
 The noise of round r is drawn from a generator seeded by (seed, r): a resumed run draws the
 same noise for the same round, and the ledger is the number of sampled rounds, which the
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -39,40 +43,57 @@ from .strategies.base import Aggregate, ClientResult, State
 SIGMA_BRACKET = (1e-2, 100.0)
 
 
-def round_event(sigma: float, num_clients: int, per_round: int):
-    """One round as dp-accounting sees it: K of N without replacement, then the Gaussian sum
-    (std σC, replace-one sensitivity 2C: noise multiplier σ/2)."""
+ACCOUNTANTS = {"uniform": ("rdp",), "poisson": ("rdp", "pld")}  # what dp-accounting can do for each sampler
+
+
+def round_event(sigma: float, num_clients: int, per_round: int, sampler: str):
+    """One round as dp-accounting sees it (module docstring): the sampling, then the Gaussian sum of std σC."""
     import dp_accounting
 
+    if sampler == "poisson":
+        return dp_accounting.PoissonSampledDpEvent(per_round / num_clients, dp_accounting.GaussianDpEvent(sigma))
     return dp_accounting.SampledWithoutReplacementDpEvent(num_clients, per_round, dp_accounting.GaussianDpEvent(sigma / 2))
 
 
+def make_accountant(sampler: str, accountant: str):
+    import dp_accounting
+
+    if accountant not in ACCOUNTANTS[sampler]:
+        raise ValueError(f"privacy.accountant {accountant} cannot account for sampler {sampler}: use {' or '.join(ACCOUNTANTS[sampler])}")
+    if accountant == "pld":
+        return dp_accounting.pld.PLDAccountant()
+    relation = dp_accounting.NeighboringRelation.REPLACE_ONE if sampler == "uniform" else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+    return dp_accounting.rdp.RdpAccountant(neighboring_relation=relation)
+
+
 @lru_cache(maxsize=4096)
-def epsilon(sigma: float, num_clients: int, per_round: int, rounds: int, delta: float) -> float:
-    """ε(δ) after `rounds` rounds, by dp-accounting's RDP accountant (replace-one)."""
+def epsilon(sigma: float, num_clients: int, per_round: int, rounds: int, delta: float,
+            sampler: str = "uniform", accountant: str = "rdp") -> float:
+    """ε(δ) after `rounds` rounds of the sampler's event, by the named dp-accounting accountant."""
     import dp_accounting
 
     if rounds == 0:
         return 0.0
-    acc = dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-    acc.compose(dp_accounting.SelfComposedDpEvent(round_event(sigma, num_clients, per_round), rounds))
+    acc = make_accountant(sampler, accountant)
+    acc.compose(dp_accounting.SelfComposedDpEvent(round_event(sigma, num_clients, per_round, sampler), rounds))
     return float(acc.get_epsilon(delta))
 
 
-def calibrate_sigma(target_epsilon: float, num_clients: int, per_round: int, rounds: int, delta: float) -> float:
+def calibrate_sigma(target_epsilon: float, num_clients: int, per_round: int, rounds: int, delta: float,
+                    sampler: str = "uniform", accountant: str = "rdp") -> float:
     """The smallest σ whose `rounds` rounds spend at most target_epsilon; an error if none in SIGMA_BRACKET does."""
     import dp_accounting
 
     lo, hi = SIGMA_BRACKET
-    best = epsilon(hi, num_clients, per_round, rounds, delta)
+    best = epsilon(hi, num_clients, per_round, rounds, delta, sampler, accountant)
     if best > target_epsilon:
         raise ValueError(
             f"privacy.target_epsilon={target_epsilon} cannot be met: even σ={hi:g} spends ε={best:.3g} over {rounds} rounds "
             f"of {per_round} of {num_clients} clients at δ={delta:.3g}. Plan fewer rounds or a larger federation."
         )
     return float(dp_accounting.calibrate_dp_mechanism(
-        lambda: dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE),
-        lambda s: dp_accounting.SelfComposedDpEvent(round_event(s, num_clients, per_round), rounds),
+        lambda: make_accountant(sampler, accountant),
+        lambda s: dp_accounting.SelfComposedDpEvent(round_event(s, num_clients, per_round, sampler), rounds),
         target_epsilon, delta, dp_accounting.ExplicitBracketInterval(lo, hi),
     ))
 
@@ -83,10 +104,12 @@ class ClientDP:
     def __init__(self, conf: PrivacyConfig, fl: FLConfig, num_clients: int, seed: int) -> None:
         check_compatible(fl)
         self.conf, self.seed = conf, seed
-        self.num_clients, self.per_round = num_clients, fl.clients_per_round
+        self.num_clients, self.per_round, self.sampler = num_clients, fl.clients_per_round, fl.sampler
+        make_accountant(self.sampler, conf.accountant)  # refuses a pair dp-accounting cannot do, before training
         self.delta = conf.delta if conf.delta is not None else 1.0 / num_clients**1.1
         self.sigma = conf.noise_multiplier if conf.noise_multiplier is not None else \
-            calibrate_sigma(conf.target_epsilon, num_clients, self.per_round, fl.rounds, self.delta)
+            calibrate_sigma(conf.target_epsilon, num_clients, self.per_round, fl.rounds, self.delta, self.sampler, conf.accountant)
+        self.begin_round()
 
     def begin_round(self) -> None:
         self.clipped, self.seen = 0, 0
@@ -107,11 +130,14 @@ class ClientDP:
         self.seen += 1
         return result
 
-    def privatize(self, aggregate: Aggregate, num_used: int, draw: int) -> Aggregate:
+    def privatize(self, aggregate: Optional[Aggregate], num_used: int, draw: int, like: State) -> Aggregate:
         """(mean · n + noise) / K: the strategy's equal-weight mean of the n clipped Δ back to their
-        sum, the round's noise added once, and the fixed cohort size as denominator."""
+        sum, the round's noise added once, and the fixed (or expected) cohort size as denominator.
+        No usable client (a Poisson cohort can be empty): the noise alone, shaped as `like`'s floats."""
         g = torch.Generator().manual_seed(derive_seed(self.seed, "dp_noise", draw))
         std = self.sigma * self.conf.clip
+        if aggregate is None:
+            aggregate = Aggregate({k: torch.zeros_like(v, dtype=torch.float32) for k, v in like.items() if v.is_floating_point()})
         out: State = {}
         for k, mean in aggregate.pseudo_grad.items():
             noise = torch.randn(mean.shape, generator=g, dtype=torch.float32) * std
@@ -120,9 +146,10 @@ class ClientDP:
 
     def report(self, draws: int) -> dict:
         """The ledger after `draws` sampled rounds, for metrics.jsonl, TensorBoard and RESULTS.md."""
-        return {"epsilon": epsilon(self.sigma, self.num_clients, self.per_round, draws, self.delta), "delta": self.delta,
-                "noise_multiplier": self.sigma, "sampling_rate": self.per_round / self.num_clients, "clip": self.conf.clip,
-                "per_layer": self.conf.per_layer, "rounds_charged": draws, "clipped_fraction": self.clipped / max(self.seen, 1)}
+        eps = epsilon(self.sigma, self.num_clients, self.per_round, draws, self.delta, self.sampler, self.conf.accountant)
+        return {"epsilon": eps, "delta": self.delta, "noise_multiplier": self.sigma, "sampling_rate": self.per_round / self.num_clients,
+                "sampler": self.sampler, "accountant": self.conf.accountant, "clip": self.conf.clip, "per_layer": self.conf.per_layer,
+                "rounds_charged": draws, "clipped_fraction": self.clipped / max(self.seen, 1)}
 
 
 def check_compatible(fl: FLConfig) -> None:
@@ -135,11 +162,27 @@ def check_compatible(fl: FLConfig) -> None:
             "FedAvg by utterances) let one client move every other weight, with no sensitivity bound, and BMUF's and "
             "the robust rules' outputs are not the bounded sum the noise protects"
         )
-    if fl.sampler != "uniform":
-        raise ValueError(f"privacy needs sampler: uniform (K of N without replacement, which the accountant models), got {fl.sampler}")
+    if fl.sampler not in ACCOUNTANTS:
+        raise ValueError(f"privacy needs sampler uniform (K of N without replacement) or poisson, which the accountant "
+                         f"models, got {fl.sampler}")
+    if fl.sampler == "poisson" and fl.min_clients_per_round != 1:
+        raise ValueError("privacy with sampler poisson releases every round's noised sum, whatever the cohort's size: "
+                         f"min_clients_per_round={fl.min_clients_per_round} would skip small cohorts and reveal their size")
     if fl.attack.name != "none":
         raise ValueError("privacy and attack together: the accountant assumes every client runs the clipped protocol")
 
 
 def _norm(tensors: Iterable[torch.Tensor]) -> float:
     return math.sqrt(sum(float(t.double().square().sum()) for t in tensors))
+
+
+def plan(population: int, cohort: int, rounds: int, delta: float, sigma: float) -> dict:
+    """ε of a planned deployment (population N, cohorts of K, T rounds, noise multiplier σ) by
+    every sampler/accountant pair dp-accounting supports, side by side. The noise per coordinate
+    of the averaged update is σC/K: a plan that keeps a dev run's σ₀C/K₀ scales σ with K."""
+    out = {"population": population, "cohort": cohort, "rounds": rounds, "delta": delta, "noise_multiplier": sigma,
+           "noise_std_over_clip": sigma / cohort}
+    for sampler, accountants in ACCOUNTANTS.items():
+        for accountant in accountants:
+            out[f"epsilon_{sampler}_{accountant}"] = epsilon(sigma, population, cohort, rounds, delta, sampler, accountant)
+    return out

@@ -9,6 +9,8 @@ from typing import Sequence
 
 import numpy as np
 
+SAMPLERS = ("uniform", "weighted", "poisson")
+
 
 def derive_seed(*parts) -> int:
     """A 63-bit seed from (seed, round, client, ...) that is stable across processes."""
@@ -19,12 +21,15 @@ def derive_seed(*parts) -> int:
 
 
 class ClientSampler:
-    """`weighted` draws each pick ∝ client size, without replacement: with several clients per
-    round, inclusion is flatter than proportional (a large client can be drawn only once)."""
+    """`uniform` draws K clients without replacement. `weighted` draws each pick ∝ client size,
+    without replacement: with several clients per round, inclusion is flatter than
+    proportional (a large client can be drawn only once). `poisson` includes each client
+    independently with probability q = K/N: the cohort size varies (it may be empty), as
+    the Poisson-sampled Gaussian mechanism of DP accounting assumes."""
 
     def __init__(self, client_ids: Sequence[str], sizes: Sequence[int], per_round: int, mode: str = "uniform", seed: int = 0):
-        if mode not in ("uniform", "weighted"):
-            raise ValueError(f"sampler must be 'uniform' or 'weighted', got '{mode}'")
+        if mode not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got '{mode}'")
         if not 1 <= per_round <= len(client_ids):
             raise ValueError(f"clients_per_round must be between 1 and the number of clients ({len(client_ids)}), got {per_round}")
         if len(set(client_ids)) != len(client_ids) or len(sizes) != len(client_ids):
@@ -37,9 +42,13 @@ class ClientSampler:
             raise ValueError("the weighted sampler needs every client size > 0 (a client of size 0 could never be drawn)")
         self.probs = sizes / sizes.sum() if mode == "weighted" else None
         self.per_round = per_round
+        self.mode = mode
         self.seed = seed
 
     def sample(self, round_idx: int) -> list[str]:
         rng = np.random.default_rng(derive_seed(self.seed, "sample", round_idx))
+        if self.mode == "poisson":
+            keep = rng.random(len(self.client_ids)) < self.per_round / len(self.client_ids)
+            return [cid for cid, k in zip(self.client_ids, keep) if k]
         idx = rng.choice(len(self.client_ids), size=self.per_round, replace=False, p=self.probs)
         return [self.client_ids[i] for i in idx]

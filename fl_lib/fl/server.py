@@ -369,7 +369,8 @@ class FederatedServer:
             attacked = sorted(c for part in all_gather_objects(attacked) for c in part)
             used, dropped, failed, errors, losses, work = _merge(all_gather_objects((used, dropped, failed, errors, losses, work)), sampled)
         self._count_failures(draw, sampled, failed, errors)
-        if len(used) < self.conf.min_clients_per_round:
+        released = self.privacy is not None and self.conf.sampler == "poisson"  # every round, empty ones too (privacy.py)
+        if len(used) < self.conf.min_clients_per_round and not released:
             # Checked before aggregate(): a stateful strategy (BMUF) must not see this round either.
             logger.error(
                 f"{label}: only {len(used)} of {len(sampled)} clients usable, min_clients_per_round is "
@@ -382,7 +383,7 @@ class FederatedServer:
                 return None
         aggregate = self.strategy.aggregate()
         if self.privacy is not None:
-            aggregate = self.privacy.privatize(aggregate, len(used), draw)
+            aggregate = self.privacy.privatize(aggregate, len(used), draw, self.global_state)
         lr = self.optimizer.param_groups[0]["lr"]
         self._server_step(aggregate.pseudo_grad)
         self.scheduler.step()
@@ -394,7 +395,7 @@ class FederatedServer:
             dev = evaluate(self.model, self.dev_batches(), self.tokenizer)
         return RoundMetrics(
             round=round_no,
-            train_loss=sum(losses[c] for c in used) / len(used),
+            train_loss=sum(losses[c] for c in used) / len(used) if used else None,
             dev_loss=dev.get("loss"),
             dev_acc=dev.get("acc"),
             dev_wer=dev.get("wer"),
