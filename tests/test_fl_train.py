@@ -243,18 +243,22 @@ def test_a_private_round_is_the_clipped_sum_plus_one_draw_of_noise_over_k(fl_dat
 
 
 def test_a_private_run_resumed_has_the_same_model_and_the_same_epsilon(fl_data, tmp_path):
+    """With adaptive clipping, so round 2 also needs the clip that round 1 adapted (checkpointed)."""
     whole, split = tmp_path / "whole", tmp_path / "split"
-    run_inprocess(fl_data, whole, "fl_fedavg.yaml", [*DP, "rounds=2"])
-    run_inprocess(fl_data, split, "fl_fedavg.yaml", [*DP, "rounds=1"])
-    run_inprocess(fl_data, split, "fl_fedavg.yaml", [*DP, "rounds=2"])  # resumes from round 1
+    adaptive = [*DP, "privacy.target_quantile=0.5", "privacy.count_noise=1.0"]
+    run_inprocess(fl_data, whole, "fl_fedavg.yaml", [*adaptive, "rounds=2"])
+    run_inprocess(fl_data, split, "fl_fedavg.yaml", [*adaptive, "rounds=1"])
+    run_inprocess(fl_data, split, "fl_fedavg.yaml", [*adaptive, "rounds=2"])  # resumes from round 1
     a, b = torch.load(whole / "2round.pth"), torch.load(split / "2round.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
     eps = [[r["privacy"]["epsilon"] for r in metrics(d)] for d in (whole, split)]
     assert eps[0] == eps[1] and eps[0][0] < eps[0][1]
     from fl_lib.asr.results import privacy_lines
 
+    clips = [[r["privacy"]["clip"] for r in metrics(d)] for d in (whole, split)]
+    assert clips[0] == clips[1] and clips[0][0] != 0.05  # the clip adapted after round 1, and the resumed run kept it
     line = privacy_lines(metrics(split)[-1])[0]
-    assert f"(ε = {eps[0][1]:.3g}, δ = " in line and "after 2 sampled rounds; noise multiplier σ = 0.5, clip C = 0.05" in line
+    assert f"(ε = {eps[0][1]:.3g}, δ = " in line and f"after 2 sampled rounds; noise multiplier σ = 0.5, clip C = {clips[0][1]:g}" in line
 
 
 def test_an_empty_poisson_cohort_under_dp_still_releases_its_noise(fl_data, tmp_path, monkeypatch):

@@ -154,3 +154,27 @@ def test_the_plan_keeps_a_dev_run_s_noise_per_coordinate_at_a_larger_cohort(caps
     for sampler, accountant in (("uniform", "rdp"), ("poisson", "rdp"), ("poisson", "pld")):
         assert out[f"epsilon_{sampler}_{accountant}"] == pytest.approx(epsilon(12.5, 100000, 200, 500, 1e-5, sampler, accountant))
     assert out["epsilon_poisson_pld"] < out["epsilon_poisson_rdp"]
+
+
+def test_adaptive_clipping_pays_for_its_count_and_follows_the_quantile():
+    import dp_accounting
+
+    dp = client_dp("privacy.clip=1.0", "privacy.noise_multiplier=1.0", "privacy.target_quantile=0.5", "privacy.count_noise=2.0")
+    # replace-one: the sum's ratio z_sum = sum_sigma / 2, the count's σ_b / 1; together one Gaussian of ratio σ / 2
+    single, both = (dp_accounting.rdp.RdpAccountant() for _ in range(2))
+    single.compose(dp_accounting.GaussianDpEvent(0.5))
+    both.compose(dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(dp.sum_sigma / 2), dp_accounting.GaussianDpEvent(2.0)]))
+    assert both.get_epsilon(1e-5) == pytest.approx(single.get_epsilon(1e-5), rel=1e-9)
+    assert dp.sum_sigma == pytest.approx(2 * (4 - 0.25) ** -0.5)
+    # every client within the clip: b̃ = (8 + noise) / 8 and C ← C · exp(−0.2 (b̃ − 0.5))
+    dp.begin_round()
+    for _ in range(8):
+        dp.clip(result({"w": [0.1, 0.1], "b": [0.1]}))
+    dp.privatize(Aggregate({"w": torch.zeros(2), "b": torch.zeros(1)}, {}), num_used=8, draw=0, like={})
+    g = torch.Generator().manual_seed(derive_seed(3, "dp_count", 0))
+    b = (8 + float(torch.randn((), generator=g, dtype=torch.float64)) * 2.0) / 8
+    assert dp.last_quantile == pytest.approx(b) and dp.clip_norm == pytest.approx(math.exp(-0.2 * (b - 0.5)))
+    with pytest.raises(ValueError, match="count_noise=0.4 must exceed 0.5"):
+        client_dp("privacy.clip=1.0", "privacy.noise_multiplier=1.0", "privacy.target_quantile=0.5", "privacy.count_noise=0.4")
+    with pytest.raises(ValueError, match="do nothing without privacy.target_quantile"):
+        FLConfig.from_yaml(None, ["privacy.clip=1.0", "privacy.noise_multiplier=1.0", "privacy.clip_lr=0.1"])

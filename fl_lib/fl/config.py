@@ -155,6 +155,11 @@ class PrivacyConfig:
     target_epsilon: Optional[float] = None  # or: σ solved before training so that `rounds` rounds spend this ε
     delta: Optional[float] = None  # null: 1 / N^1.1 for N clients
     accountant: str = "rdp"  # rdp | pld (pld: Poisson sampling only; dp-accounting has no PLD for fixed-size cohorts)
+    # Adaptive clipping (Andrew et al., 2021): clip follows the target quantile γ of the clients' norms,
+    # clip ← clip · exp(−clip_lr (b̃ − γ)), b̃ the noised fraction of unclipped clients (noise std count_noise)
+    target_quantile: Optional[float] = None  # γ; null: a fixed clip
+    clip_lr: Optional[float] = None  # η_C (default 0.2)
+    count_noise: Optional[float] = None  # σ_b, std of the noise on the count (default K / 20)
 
     def __post_init__(self) -> None:
         if self.accountant not in ("rdp", "pld"):
@@ -165,6 +170,7 @@ class PrivacyConfig:
                 given.append("per_layer")
             if self.accountant != "rdp":
                 given.append("accountant")
+            given += [k for k in ("target_quantile", "clip_lr", "count_noise") if getattr(self, k) is not None]
             if given:
                 raise ValueError(f"privacy.{', privacy.'.join(given)} do nothing without privacy.clip (the L2 bound that makes DP)")
             return
@@ -178,6 +184,12 @@ class PrivacyConfig:
             raise ValueError(f"privacy.target_epsilon must be > 0, got {self.target_epsilon}")
         if self.delta is not None and not 0 < self.delta < 1:
             raise ValueError(f"privacy.delta must be in (0, 1), got {self.delta}")
+        if self.target_quantile is None:
+            unused = [k for k in ("clip_lr", "count_noise") if getattr(self, k) is not None]
+            if unused:
+                raise ValueError(f"privacy.{', privacy.'.join(unused)} do nothing without privacy.target_quantile (adaptive clipping)")
+        elif not 0 < self.target_quantile < 1:
+            raise ValueError(f"privacy.target_quantile must be in (0, 1), got {self.target_quantile}")
 
 
 ATTACKS = ("none", "sign_flip", "scale", "gaussian", "alie", "ipm")

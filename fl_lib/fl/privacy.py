@@ -17,9 +17,18 @@ Two samplers, each with the dp-accounting event that models it:
   and every round releases its noised sum whatever the cohort's size, empty included:
   skipping a small cohort would reveal its size, which the accountant does not charge for.
 
+With `target_quantile` γ the clip adapts (Andrew et al., NeurIPS 2021): each round also
+releases the count of clients whose Δ was within the clip, noised with std σ_b, and
+C ← C · exp(−η_C (b̃ − γ)), b̃ = (count + N(0, σ_b²)) / K. The two releases are one Gaussian
+mechanism for the ledger: with z_sum and z_count their noise-to-sensitivity ratios,
+z⁻² = z_sum⁻² + z_count⁻² must equal the configured (or calibrated) σ's z, so the sum's
+noise is raised to pay for the count. The count's sensitivity is 1; the sum's is C
+(add-or-remove) or 2C (replace-one).
+
 The noise of round r is drawn from a generator seeded by (seed, r): a resumed run draws the
 same noise for the same round, and the ledger is the number of sampled rounds, which the
-checkpoint holds; so a resumed run reports the ε an uninterrupted one does.
+checkpoint holds with the adaptive clip; so a resumed run reports the ε an uninterrupted
+one does.
 
 Refused under DP: weights that depend on the clients' data (DGA, RL-DGA, FedAvg by size: one
 client's loss or size moves every other weight, and no sensitivity bound is known for that),
@@ -109,14 +118,34 @@ class ClientDP:
         self.delta = conf.delta if conf.delta is not None else 1.0 / num_clients**1.1
         self.sigma = conf.noise_multiplier if conf.noise_multiplier is not None else \
             calibrate_sigma(conf.target_epsilon, num_clients, self.per_round, fl.rounds, self.delta, self.sampler, conf.accountant)
+        self.clip_norm = conf.clip  # C_t: changes each round under adaptive clipping
+        self.adaptive = conf.target_quantile is not None
+        self.clip_lr = 0.2 if conf.clip_lr is None else conf.clip_lr
+        self.count_noise = self.per_round / 20 if conf.count_noise is None else conf.count_noise
+        self.sum_sigma = self._sum_sigma() if self.adaptive else self.sigma
+        self.last_quantile: Optional[float] = None
         self.begin_round()
 
+    def _sum_sigma(self) -> float:
+        """The sum's noise multiplier (std / C) that, with the count's σ_b, spends what σ alone would."""
+        scale = 2.0 if self.sampler == "uniform" else 1.0  # the sum's sensitivity in units of C
+        z = self.sigma / scale
+        if self.count_noise <= z:
+            raise ValueError(
+                f"privacy.count_noise={self.count_noise:g} must exceed {z:.4g} (σ={self.sigma:.4g} in the accountant's units): "
+                "the count alone would spend the whole budget. Raise count_noise or lower the noise multiplier"
+            )
+        return scale * (z**-2 - self.count_noise**-2) ** -0.5
     def begin_round(self) -> None:
         self.clipped, self.seen = 0, 0
 
+    def merge_counts(self, per_rank: list) -> None:
+        """Under torchrun: every rank's (clipped, seen), summed, so rank 0 releases the round's count."""
+        self.clipped, self.seen = (sum(c for c, _ in per_rank), sum(n for _, n in per_rank))
+
     def clip(self, result: ClientResult) -> ClientResult:
         """The result with its Δ bounded (counted when the bound changed it, a hint for choosing clip)."""
-        delta, c = result.delta, self.conf.clip
+        delta, c = result.delta, self.clip_norm
         if self.conf.per_layer:
             bound = c / math.sqrt(len(delta))
             norms = {k: _norm([v]) for k, v in delta.items()}
@@ -135,21 +164,38 @@ class ClientDP:
         sum, the round's noise added once, and the fixed (or expected) cohort size as denominator.
         No usable client (a Poisson cohort can be empty): the noise alone, shaped as `like`'s floats."""
         g = torch.Generator().manual_seed(derive_seed(self.seed, "dp_noise", draw))
-        std = self.sigma * self.conf.clip
+        std = self.sum_sigma * self.clip_norm
         if aggregate is None:
             aggregate = Aggregate({k: torch.zeros_like(v, dtype=torch.float32) for k, v in like.items() if v.is_floating_point()})
         out: State = {}
         for k, mean in aggregate.pseudo_grad.items():
             noise = torch.randn(mean.shape, generator=g, dtype=torch.float32) * std
             out[k] = (mean * num_used + noise) / self.per_round
+        if self.adaptive:
+            self._adapt_clip(draw)
         return Aggregate(out, {cid: 1.0 / self.per_round for cid in aggregate.weights})
+
+    def _adapt_clip(self, draw: int) -> None:
+        """C ← C · exp(−η_C (b̃ − γ)), b̃ the noised fraction of this round's clients within C."""
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "dp_count", draw))
+        within = (self.seen - self.clipped) + float(torch.randn((), generator=g, dtype=torch.float64)) * self.count_noise
+        self.last_quantile = within / self.per_round
+        self.clip_norm *= math.exp(-self.clip_lr * (self.last_quantile - self.conf.target_quantile))
+
+    def state_dict(self) -> dict:
+        return {"clip": self.clip_norm}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clip_norm = state["clip"]
 
     def report(self, draws: int) -> dict:
         """The ledger after `draws` sampled rounds, for metrics.jsonl, TensorBoard and RESULTS.md."""
         eps = epsilon(self.sigma, self.num_clients, self.per_round, draws, self.delta, self.sampler, self.conf.accountant)
         return {"epsilon": eps, "delta": self.delta, "noise_multiplier": self.sigma, "sampling_rate": self.per_round / self.num_clients,
-                "sampler": self.sampler, "accountant": self.conf.accountant, "clip": self.conf.clip, "per_layer": self.conf.per_layer,
-                "rounds_charged": draws, "clipped_fraction": self.clipped / max(self.seen, 1)}
+                "sampler": self.sampler, "accountant": self.conf.accountant, "clip": self.clip_norm, "per_layer": self.conf.per_layer,
+                "rounds_charged": draws, "clipped_fraction": self.clipped / max(self.seen, 1),
+                **({"sum_noise_multiplier": self.sum_sigma, "count_noise": self.count_noise, "noised_unclipped_fraction": self.last_quantile}
+                   if self.adaptive else {})}
 
 
 def check_compatible(fl: FLConfig) -> None:

@@ -236,6 +236,7 @@ class FederatedServer:
             "run_identity": self.run_identity,
             "client_failures": self.client_failures,
             "excluded": self.excluded,
+            "privacy": None if self.privacy is None else self.privacy.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -251,6 +252,8 @@ class FederatedServer:
         # A checkpoint written before failures were counted has none: counting starts at the resume.
         self.client_failures = {cid: dict(c) for cid, c in state.get("client_failures", {}).items()}
         self.excluded = list(state.get("excluded", []))
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state["privacy"])
 
     def maybe_resume(self) -> None:
         """Load checkpoint.pth (or the one before it, if it is damaged) after checking it belongs to this experiment.
@@ -367,6 +370,8 @@ class FederatedServer:
         del held
         if self.ranks.distributed:
             attacked = sorted(c for part in all_gather_objects(attacked) for c in part)
+            if self.privacy is not None:
+                self.privacy.merge_counts(all_gather_objects((self.privacy.clipped, self.privacy.seen)))
             used, dropped, failed, errors, losses, work = _merge(all_gather_objects((used, dropped, failed, errors, losses, work)), sampled)
         self._count_failures(draw, sampled, failed, errors)
         released = self.privacy is not None and self.conf.sampler == "poisson"  # every round, empty ones too (privacy.py)
