@@ -1,0 +1,218 @@
+"""The attack table: each aggregation rule's acoustic model under each attack (bench/robustness.yaml).
+
+Per seed, one FedAvg run on the clean 64-speaker federation (`base_rounds`) gives the model every
+cell starts from (ESPnet's init_param). A cell trains `rounds` more rounds with one rule under one
+attack and f attackers among the K clients of each round:
+- an update attack (attack.*): f of each round's sampled clients send forged updates;
+- data poisoning: f·N/K of the N clients have shuffled or random transcripts (f per round on average).
+The table gives the CTC-greedy test-clean WER of each cell's last round; the clean column's cost
+against FedAvg (ΔWER, seconds per round); and the attackers' mean weight relative to a uniform
+1/K where the rule weights clients. Each finished cell leaves a compact record under
+bench/results/robustness/runs/; a rerun trains only the missing cells.
+
+    bench/robustness.sh [--report_only] [--corpora DIR] [--only RULE,...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+from typing import Optional
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import convergence  # noqa: E402
+
+ROOT = convergence.ROOT
+KEYS = {"convergence_config", "seeds", "base_rounds", "rounds", "base", "rules", "attacks", "attackers"}
+logger = logging.getLogger("robustness")
+
+
+@dataclass(frozen=True)
+class Cell:
+    rule: str
+    attack: str
+    f: int  # attackers per round (0 for no attack)
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.rule}/{self.attack}" + (f"_f{self.f}" if self.f else "") + f"_seed{self.seed}"
+
+
+def load(path: Path) -> dict:
+    cfg = yaml.safe_load(Path(path).read_text())
+    if set(cfg) != KEYS:
+        raise ValueError(f"{path}: unknown keys {sorted(set(cfg) - KEYS)}, missing keys {sorted(KEYS - set(cfg))}")
+    for a, spec in cfg["attacks"].items():
+        if "data" in spec and (set(spec) != {"data"} or spec["data"] not in ("shuffle", "random")):
+            raise ValueError(f"{path}: attack {a}: a poisoned federation is {{data: shuffle|random}} alone")
+    return cfg
+
+
+def cells(cfg: dict) -> list[Cell]:
+    out = []
+    for seed in cfg["seeds"]:
+        for rule in cfg["rules"]:
+            for attack, spec in cfg["attacks"].items():
+                out += [Cell(rule, attack, 0, seed)] if not spec else [Cell(rule, attack, f, seed) for f in cfg["attackers"]]
+    return out
+
+
+class Bench:
+    def __init__(self, cfg: dict, study: convergence.Study, out: Path, results: Path) -> None:
+        self.cfg, self.study, self.out, self.results = cfg, study, out, results
+        self.k = study.cfg["common"]["clients_per_round"]
+
+    def train(self, exp: Path, fl_config: str, listing: Path, seed: int, overrides: dict, asr_config: Path) -> None:
+        cmd = [sys.executable, "-m", "fl_lib.bin.fl_train", "--asr_config", str(asr_config),
+               "--fl_config", str(self.study.recipe / fl_config), "--train_clients", str(listing), *self.study.data_args(seed),
+               "--client_jobs", "1", "--seed", str(seed), "--output_dir", str(exp),
+               *[f"{k}={json.dumps(v)}" for k, v in overrides.items()]]
+        exp.mkdir(parents=True, exist_ok=True)
+        with open(exp / "bench.log", "a") as log:
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode:
+                raise RuntimeError(f"{exp}: fl_train failed; see {exp / 'bench.log'}")
+
+    def common(self) -> dict:
+        return {**self.study.cfg["common"], **self.cfg["base"]["overrides"], "keep_checkpoints": 1}
+
+    def base_model(self, seed: int) -> Path:
+        """FedAvg on the clean federation for base_rounds: the weights every cell of this seed starts from."""
+        exp = self.out / f"base_seed{seed}"
+        rows = convergence.metrics(exp) if (exp / "metrics.jsonl").exists() else []
+        if not rows or rows[-1]["round"] < self.cfg["base_rounds"]:
+            self.train(exp, self.cfg["base"]["fl_config"], self.study.listing(convergence.CLEAN, seed), seed,
+                       {**self.common(), "rounds": self.cfg["base_rounds"]}, self.study.recipe / self.study.cfg["asr_config"])
+        return exp / "latest.pth"
+
+    def asr_config(self, seed: int) -> Path:
+        """The study's ASR config starting from the base model (init_param)."""
+        path = self.out / f"asr_from_base_seed{seed}.yaml"
+        conf = yaml.safe_load((self.study.recipe / self.study.cfg["asr_config"]).read_text())
+        conf["init_param"] = [str(self.base_model(seed).resolve())]
+        path.write_text(yaml.safe_dump(conf))
+        return path
+
+    def listing(self, cell: Cell) -> tuple[Path, list[str]]:
+        """The cell's client listing, and the clients whose transcripts were poisoned (none for update attacks)."""
+        spec = self.cfg["attacks"][cell.attack]
+        clean = self.study.listing(convergence.CLEAN, cell.seed)
+        if "data" not in spec:
+            return clean, []
+        from fl_lib.data.clients import load_clients
+        from fl_lib.data.corrupt import corrupt_clients
+
+        n = cell.f * len(load_clients(clean)) // self.k
+        dest = self.out / f"poison_{spec['data']}{n}_seed{cell.seed}"
+        if not (dest / "corrupted.txt").exists():
+            corrupt_clients(clean, dest, n, cell.seed, spec["data"])
+        return dest / "clients.jsonl", (dest / "corrupted.txt").read_text().split()
+
+    def overrides(self, cell: Cell) -> dict:
+        spec = self.cfg["attacks"][cell.attack]
+        attack = {} if not spec or "data" in spec else {**spec, "attack.per_round": cell.f}
+        return {**self.common(), **self.cfg["rules"][cell.rule]["overrides"], **attack,
+                "rounds": self.cfg["rounds"], "validate_every": self.cfg["rounds"]}
+
+    def run(self, cell: Cell) -> dict:
+        record = self.results / "runs" / cell.name / "record.json"
+        fingerprint = json.loads(json.dumps({"overrides": self.overrides(cell), "fl_config": self.cfg["rules"][cell.rule]["fl_config"],
+                                             "base_rounds": self.cfg["base_rounds"], "attack": self.cfg["attacks"][cell.attack]}))
+        if record.exists():
+            rec = json.loads(record.read_text())
+            if rec["fingerprint"] != fingerprint:
+                raise ValueError(f"{record} was made with other settings; remove {record.parent} to run it again")
+            return rec
+        exp = self.out / cell.name
+        listing, poisoned = self.listing(cell)
+        self.train(exp, self.cfg["rules"][cell.rule]["fl_config"], listing, cell.seed, self.overrides(cell), self.asr_config(cell.seed))
+        rows = convergence.metrics(exp)
+        data = self.study.corpus(cell.seed) / "data"
+        rec = {"cell": cell.__dict__, "fingerprint": fingerprint, "dev_wer": rows[-1]["dev_wer"],
+               "test_wer": convergence.decode_test(exp, data, [rows[-1]["round"]])[rows[-1]["round"]],
+               "seconds_per_round": mean(r["train_seconds"] for r in rows),
+               "attacker_weight": attacker_weight(rows, set(poisoned), self.k)}
+        record.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(exp / "metrics.jsonl", record.parent / "metrics.jsonl")
+        record.write_text(json.dumps(rec, sort_keys=True) + "\n")
+        logger.info(f"finished {cell.name}: test WER {rec['test_wer']:.3f}")
+        return rec
+
+
+def attacker_weight(rows: list[dict], poisoned: set[str], k: int) -> Optional[float]:
+    """The attackers' mean weight when sampled, relative to a uniform 1/K: the update attackers
+    logged in `attacked`, or the poisoned clients. None when no attacker was ever aggregated."""
+    rel = [w * k for r in rows for c, w in zip(r["clients"], r["weights"]) if c in set(r.get("attacked", [])) | poisoned]
+    return sum(rel) / len(rel) if rel else None
+
+
+def report(cfg: dict, records: dict[Cell, dict]) -> str:
+    """Rows: rules; columns: the attacks with f attackers; a cell is its test WER, seed mean (and range)."""
+    cols = [c for a, spec in cfg["attacks"].items() for c in ([(a, 0)] if not spec else [(a, f) for f in cfg["attackers"]])]
+
+    def cell_text(rule: str, attack: str, f: int) -> str:
+        recs = [records[c] for c in records if (c.rule, c.attack, c.f) == (rule, attack, f)]
+        if not recs:
+            return "—"
+        wers = [100 * r["test_wer"] for r in recs]
+        text = f"{mean(wers):.1f}" + (f" ({min(wers):.1f}–{max(wers):.1f})" if len(wers) > 1 else "")
+        weights = [r["attacker_weight"] for r in recs if r["attacker_weight"] is not None]
+        return text + (f" w×{mean(weights):.2f}" if weights and f else "")
+
+    head = ["# Attack table (bench/robustness.py)", "",
+            f"Test-clean WER % (CTC greedy, acoustic model alone) after {cfg['rounds']} rounds from a FedAvg model of "
+            f"{cfg['base_rounds']} rounds; seed mean over {cfg['seeds']} (range). `w×`: the attackers' mean weight relative "
+            "to a uniform 1/K. Update attacks: f of the K clients of each round; data poisoning: f·N/K of the N clients.", "",
+            "|rule|" + "|".join(f"{a}" + (f" f={f}" if f else "") for a, f in cols) + "|clean ΔWER vs fedavg|s/round ÷ fedavg|",
+            "|---|" + "---|" * (len(cols) + 2)]
+    clean = {r: [x for c, x in records.items() if (c.rule, c.attack) == (r, "none")] for r in cfg["rules"]}
+    for rule in cfg["rules"]:
+        extra = ["—", "—"]
+        if clean[rule] and clean["fedavg"]:
+            extra = [f"{100 * (mean(x['test_wer'] for x in clean[rule]) - mean(x['test_wer'] for x in clean['fedavg'])):+.1f}",
+                     f"{mean(x['seconds_per_round'] for x in clean[rule]) / mean(x['seconds_per_round'] for x in clean['fedavg']):.2f}"]
+        head.append("|" + "|".join([rule, *(cell_text(rule, a, f) for a, f in cols), *extra]) + "|")
+    return "\n".join(head) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=ROOT / "bench/robustness.yaml")
+    p.add_argument("--corpora", type=Path, default=ROOT / "bench/out/convergence", help="the convergence study's corpora (made if missing)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench/out/robustness")
+    p.add_argument("--results", type=Path, default=ROOT / "bench/results/robustness")
+    p.add_argument("--only", help="comma-separated rules to train (the report covers every committed record)")
+    p.add_argument("--report_only", action="store_true")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s")
+    cfg = load(args.config)
+    bench = Bench(cfg, convergence.Study(convergence.load_study(ROOT / cfg["convergence_config"]), args.corpora, args.results),
+                  args.out, args.results)
+    only = set(args.only.split(",")) if args.only else set(cfg["rules"])
+    if not only <= set(cfg["rules"]):
+        p.error(f"--only: unknown rules {sorted(only - set(cfg['rules']))}")
+    records = {}
+    for cell in cells(cfg):
+        done = (args.results / "runs" / cell.name / "record.json").exists()
+        if args.report_only or cell.rule not in only:
+            if done:
+                records[cell] = bench.run(cell)  # the committed record, checked against the config
+            continue
+        if not bench.study.listing(convergence.CLEAN, cell.seed).exists():
+            bench.study.prepare(cell.seed)
+        records[cell] = bench.run(cell)
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "report.md").write_text(report(cfg, records))
+    print(json.dumps({"cells": len(records), "of": len(cells(cfg)), "report": str(args.results / "report.md")}))
+
+
+if __name__ == "__main__":
+    main()

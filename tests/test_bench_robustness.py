@@ -1,0 +1,68 @@
+"""bench/robustness.py on fake training: its cells, overrides, poisoned federations, records and table."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import bench_module
+
+rob = bench_module("robustness")
+conv = rob.convergence  # the module robustness.py imported (bench_module would load a second copy)
+
+
+@pytest.fixture
+def bench(tmp_path, tiny_clients, monkeypatch):
+    cfg = rob.load(conv.ROOT / "bench/robustness.yaml")
+    cfg.update(seeds=[11], rules={k: cfg["rules"][k] for k in ("fedavg", "median")},
+               attacks={k: cfg["attacks"][k] for k in ("none", "sign_flip", "shuffled")}, attackers=[1, 2])
+    study = conv.Study(conv.load_study(conv.ROOT / cfg["convergence_config"]), tmp_path / "corpora", tmp_path / "results")
+    monkeypatch.setattr(study, "listing", lambda fed, seed: tiny_clients)  # 4 clients
+    b = rob.Bench(cfg, study, tmp_path / "out", tmp_path / "results")
+    b.k = 2
+    calls = []
+
+    def fake_train(exp, fl_config, listing, seed, overrides, asr_config):
+        calls.append((exp.name, listing, overrides))
+        exp.mkdir(parents=True, exist_ok=True)
+        ids = [json.loads(x)["id"] for x in open(listing)]
+        attacked = [ids[0]] if "attack.per_round" in overrides else []
+        rows = [{"round": r, "clients": ids[:2], "weights": [0.25, 0.75], "attacked": attacked, "dev_wer": 0.5,
+                 "train_seconds": 2.0 if "strategy.name" in overrides else 1.0} for r in range(1, overrides["rounds"] + 1)]
+        (exp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (exp / "latest.pth").write_text("weights")
+
+    monkeypatch.setattr(b, "train", fake_train)
+    monkeypatch.setattr(rob.convergence, "decode_test", lambda exp, data, rounds: {rounds[0]: 0.4 if "median" in str(exp) else 0.3})
+    b.calls = calls
+    return b
+
+
+def test_cells_overrides_and_poisoned_federations(bench):
+    cells = rob.cells(bench.cfg)
+    # per rule: none, sign_flip with f = 1 and 2, shuffled with f = 1 and 2
+    assert [c.name for c in cells if c.rule == "fedavg"] == [
+        "fedavg/none_seed11", "fedavg/sign_flip_f1_seed11", "fedavg/sign_flip_f2_seed11",
+        "fedavg/shuffled_f1_seed11", "fedavg/shuffled_f2_seed11"]
+    o = bench.overrides(rob.Cell("median", "sign_flip", 2, 11))
+    assert o["attack.name"] == "sign_flip" and o["attack.per_round"] == 2 and o["strategy.name"] == "median"
+    assert o["rounds"] == bench.cfg["rounds"] and "attack.per_round" not in bench.overrides(rob.Cell("median", "shuffled", 2, 11))
+    listing, poisoned = bench.listing(rob.Cell("fedavg", "shuffled", 1, 11))
+    assert len(poisoned) == 2  # f · N / K = 1 · 4 / 2: one poisoned client per round on average
+
+
+def test_a_cell_records_its_wer_cost_and_attackers_weight_and_is_reused(bench):
+    rec = bench.run(rob.Cell("fedavg", "sign_flip", 1, 11))
+    # the attacker (first client) had weight 0.25 of K = 2: half a uniform weight
+    assert rec["test_wer"] == 0.3 and rec["attacker_weight"] == pytest.approx(0.5) and rec["seconds_per_round"] == 1.0
+    assert [c[0] for c in bench.calls] == ["base_seed11", "sign_flip_f1_seed11"]  # the base first, once
+    bench.calls.clear()
+    assert bench.run(rob.Cell("fedavg", "sign_flip", 1, 11))["test_wer"] == 0.3 and bench.calls == []
+    records = {c: bench.run(c) for c in [rob.Cell("fedavg", "none", 0, 11), rob.Cell("median", "none", 0, 11),
+                                         rob.Cell("fedavg", "sign_flip", 1, 11)]}
+    table = rob.report(bench.cfg, records)
+    assert "|median|40.0|—|—|—|—|+10.0|2.00|" in table
+    assert "|fedavg|30.0|30.0 w×0.50|—|—|—|+0.0|1.00|" in table
+    bench.cfg["rounds"] += 1  # other settings: the record is refused
+    with pytest.raises(ValueError, match="was made with other settings"):
+        bench.run(rob.Cell("fedavg", "sign_flip", 1, 11))
