@@ -626,6 +626,17 @@ def plot_grid(grid_records: dict[str, dict[str, dict]], png: Path) -> None:
     plt.close(fig)
 
 
+def study_bench_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The options of a bench that trains on this study's corpora (bench/privacy.py, bench/robustness.py)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=ROOT / f"bench/{name}.yaml")
+    p.add_argument("--corpora", type=Path, default=ROOT / "bench/out/convergence", help="the convergence study's corpora (made if missing)")
+    p.add_argument("--out", type=Path, default=ROOT / f"bench/out/{name}", help="run directories (not committed)")
+    p.add_argument("--results", type=Path, default=ROOT / f"bench/results/{name}", help="compact records and the report (committed)")
+    p.add_argument("--report_only", action="store_true", help="report on the committed records, train nothing")
+    return p
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=ROOT / "bench/convergence.yaml")

@@ -12,7 +12,6 @@ bench/results/privacy/runs/; a rerun trains only the points without one.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -120,12 +119,7 @@ def report(cfg: dict, records: list[dict], k: int) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=ROOT / "bench/privacy.yaml")
-    p.add_argument("--corpora", type=Path, default=ROOT / "bench/out/convergence", help="the convergence study's corpora (made if missing)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench/out/privacy")
-    p.add_argument("--results", type=Path, default=ROOT / "bench/results/privacy")
-    p.add_argument("--report_only", action="store_true")
+    p = convergence.study_bench_parser("privacy", __doc__)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s")
     cfg = load(args.config)

@@ -14,7 +14,6 @@ bench/results/robustness/runs/; a rerun trains only the missing cells.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -184,13 +183,8 @@ def report(cfg: dict, records: dict[Cell, dict]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=ROOT / "bench/robustness.yaml")
-    p.add_argument("--corpora", type=Path, default=ROOT / "bench/out/convergence", help="the convergence study's corpora (made if missing)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench/out/robustness")
-    p.add_argument("--results", type=Path, default=ROOT / "bench/results/robustness")
+    p = convergence.study_bench_parser("robustness", __doc__)
     p.add_argument("--only", help="comma-separated rules to train (the report covers every committed record)")
-    p.add_argument("--report_only", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s")
     cfg = load(args.config)
