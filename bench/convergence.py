@@ -219,6 +219,8 @@ class Study:
         out = self.out / run.name
         out.mkdir(parents=True, exist_ok=True)
         self.unpark(run)
+        if not (out / "metrics.jsonl").exists():  # a run (re)starting from round 0: earlier test WERs are not its own
+            (out / TEST_CACHE).unlink(missing_ok=True)
         t0 = time.time()
         if run.method == "central":
             if not (out / "metrics.jsonl").exists() or len(metrics(out)) < self.cfg["central_epochs"]:

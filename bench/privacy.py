@@ -85,6 +85,11 @@ def run_point(study: convergence.Study, cfg: dict, name: str, point: dict, seed:
     return rec
 
 
+def sum_sigma(ledger: dict) -> float:
+    """The noise multiplier of the sum: σ itself, or with adaptive clipping the larger σ that pays for the count."""
+    return ledger.get("sum_noise_multiplier", ledger["noise_multiplier"])
+
+
 def report(cfg: dict, records: list[dict], k: int) -> str:
     from fl_lib.fl.privacy import plan
 
@@ -95,12 +100,12 @@ def report(cfg: dict, records: list[dict], k: int) -> str:
              f"FedAvg with equal weights, {cfg['rounds']} rounds, K = {k} clients per round of 64, the convergence study's "
              "client settings; CTC-greedy WER of the best-dev round, acoustic model alone. ε at δ = 1/N^1.1 (RDP, "
              "replace-one, cohorts without replacement). noise/coord = σ/K: the noise std per coordinate of the averaged "
-             "update, in units of the clip C.", "",
+             "update (the sum's noise multiplier over K), in units of the clip C.", "",
              "|point|seed|σ|final clip C|ε|noise/coord|" + "|".join(f"{s} WER %" for s in SETS) + "|best round|minutes|",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         p = r["privacy"]
-        cells = [f"{p['noise_multiplier']:g}", f"{p['clip']:.3g}", eps(p["epsilon"]), f"{p['noise_multiplier'] / k:.2g}"] if p \
+        cells = [f"{p['noise_multiplier']:g}", f"{p['next_clip']:.3g}", eps(p["epsilon"]), f"{sum_sigma(p) / k:.2g}"] if p \
             else ["—", "—", "∞", "0"]
         cells += [f"{100 * r['wer'][s]:.1f}" for s in SETS] + [str(r["best_dev_round"]), str(r["minutes"])]
         lines.append("|" + "|".join([r["name"], str(r["seed"]), *cells]) + "|")
@@ -109,9 +114,9 @@ def report(cfg: dict, records: list[dict], k: int) -> str:
               f"δ = {cfg['plan']['delta']:g} (`python -m fl_lib.bin.dp_plan`).", "",
               "|point|population N|cohort K'|σ|ε fixed-size RDP|ε Poisson RDP|ε Poisson PLD|", "|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["name"] for r in records if r["privacy"]):
-        sigma = next(r["privacy"]["noise_multiplier"] for r in records if r["name"] == name)
+        sigma = next(sum_sigma(r["privacy"]) for r in records if r["name"] == name)
         for n in cfg["plan"]["populations"]:
-            for cohort in cfg["plan"]["cohorts"]:
+            for cohort in cfg["plan"]["cohorts"]:  # on paper the clip is fixed: the sum gets the whole σ
                 x = plan(n, cohort, cfg["rounds"], cfg["plan"]["delta"], sigma * cohort / k)
                 lines.append(f"|{name}|{n:,}|{cohort:,}|{x['noise_multiplier']:.3g}|{eps(x['epsilon_uniform_rdp'])}|"
                              f"{eps(x['epsilon_poisson_rdp'])}|{eps(x['epsilon_poisson_pld'])}|")

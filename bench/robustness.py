@@ -118,7 +118,9 @@ class Bench:
     def overrides(self, cell: Cell) -> dict:
         spec = self.cfg["attacks"][cell.attack]
         attack = {} if not spec or "data" in spec else {**spec, "attack.per_round": cell.f}
-        return {**self.common(), **self.cfg["rules"][cell.rule]["overrides"], **attack,
+        # min_clients_per_round = K: a round with a failed client does not count, so every counted round
+        # has the K clients that Krum's f and the attackers' honest statistics were planned for
+        return {**self.common(), **self.cfg["rules"][cell.rule]["overrides"], **attack, "min_clients_per_round": self.k,
                 "rounds": self.cfg["rounds"], "validate_every": self.cfg["rounds"]}
 
     def run(self, cell: Cell) -> dict:
@@ -175,7 +177,7 @@ def report(cfg: dict, records: dict[Cell, dict]) -> str:
     clean = {r: [x for c, x in records.items() if (c.rule, c.attack) == (r, "none")] for r in cfg["rules"]}
     for rule in cfg["rules"]:
         extra = ["—", "—"]
-        if clean[rule] and clean["fedavg"]:
+        if clean[rule] and clean.get("fedavg"):
             extra = [f"{100 * (mean(x['test_wer'] for x in clean[rule]) - mean(x['test_wer'] for x in clean['fedavg'])):+.1f}",
                      f"{mean(x['seconds_per_round'] for x in clean[rule]) / mean(x['seconds_per_round'] for x in clean['fedavg']):.2f}"]
         head.append("|" + "|".join([rule, *(cell_text(rule, a, f) for a, f in cols), *extra]) + "|")

@@ -3,6 +3,7 @@ against byzfl's implementation where it has one, and the attackers logged but hi
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import byzfl  # test-only oracle (requirements-test.txt)
 import numpy as np
@@ -30,7 +31,7 @@ def forge(conf: AttackConfig, honest, own, num_clients=None):
     attack.begin_round()
     for i, h in enumerate(honest):
         attack.observe(result(f"h{i}", h))
-    return attack.forge(result("a0", own), draw=0, num_clients=num_clients or len(honest) + conf.per_round)
+    return attack.forge(result("a0", own), draw=0, cohort_size=num_clients or len(honest) + conf.per_round)
 
 
 @pytest.fixture
@@ -93,3 +94,13 @@ def test_attack_config_refuses_unused_and_missing_keys():
         FLConfig.from_yaml(None, ["clients_per_round=4", "attack.name=sign_flip", "attack.per_round=5"])
     with pytest.raises(ValueError, match="needs at least 2, round 1 has 1"):
         forge(AttackConfig(name="alie", per_round=1), [[1.0, 2.0]], [0.0, 0.0])
+
+
+def test_alie_s_z_max_needs_at_most_half_of_the_cohort_attacking():
+    assert alie_z(8, 4) == pytest.approx(NormalDist().inv_cdf(7 / 8))  # s = 5 − 4 = 1
+    with pytest.raises(ValueError, match="needs f <= K/2"):
+        alie_z(8, 5)
+    with pytest.raises(ValueError, match="needs attack.per_round <= clients_per_round / 2"):
+        FLConfig.from_yaml(None, ["clients_per_round=8", "attack.name=alie", "attack.per_round=5"])
+    FLConfig.from_yaml(None, ["clients_per_round=8", "attack.name=alie", "attack.per_round=5", "attack.z=1.0"])  # z given: fine
+    assert Attack(AttackConfig(name="alie", per_round=3), seed=0).min_clients() == 5  # 3 attackers and 2 honest to forge from

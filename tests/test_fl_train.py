@@ -255,10 +255,10 @@ def test_a_private_run_resumed_has_the_same_model_and_the_same_epsilon(fl_data, 
     assert eps[0] == eps[1] and eps[0][0] < eps[0][1]
     from fl_lib.asr.results import privacy_lines
 
-    clips = [[r["privacy"]["clip"] for r in metrics(d)] for d in (whole, split)]
+    clips = [[r["privacy"]["next_clip"] for r in metrics(d)] for d in (whole, split)]
     assert clips[0] == clips[1] and clips[0][0] != 0.05  # the clip adapted after round 1, and the resumed run kept it
     line = privacy_lines(metrics(split)[-1])[0]
-    assert f"(ε = {eps[0][1]:.3g}, δ = " in line and f"after 2 sampled rounds; noise multiplier σ = 0.5, clip C = {clips[0][1]:g}" in line
+    assert f"(ε = {eps[0][1]:.3g}, δ = " in line and f"after 2 sampled rounds; noise multiplier σ = 0.5, clip C = {clips[0][1]:g} after the last round" in line
 
 
 def test_an_empty_poisson_cohort_under_dp_still_releases_its_noise(fl_data, tmp_path, monkeypatch):
@@ -273,6 +273,14 @@ def test_an_empty_poisson_cohort_under_dp_still_releases_its_noise(fl_data, tmp_
     g = torch.Generator().manual_seed(derive_seed(7, "dp_noise", 0))
     for k, v in _floats(server.global_state).items():
         assert torch.allclose(v, start[k] - torch.randn(v.shape, generator=g) * 0.5 * 0.05 / 2, atol=1e-7), k
+
+
+def test_a_round_size_krum_cannot_score_is_refused_at_start(fl_data, tmp_path):
+    """Krum with f = 1 needs 4 usable clients: min_clients_per_round must make a smaller round not count
+    rather than stop the run."""
+    with pytest.raises(ValueError, match="min_clients_per_round=1 is below the 4 usable clients a round needs"):
+        build_server(fl_data, tmp_path, "fl_fedavg.yaml", ["clients_per_round=4", "strategy.name=krum", "strategy.weight_by=null",
+                                                          "strategy.num_byzantine=1"])
 
 
 def test_a_robust_rule_refuses_a_round_that_would_not_fit_before_training(fl_data, tmp_path):

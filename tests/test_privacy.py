@@ -30,14 +30,14 @@ def result(delta: dict) -> ClientResult:
 def test_clipping_whole_model_and_per_layer_on_hand_values():
     dp = client_dp("privacy.clip=6.5", "privacy.noise_multiplier=1.0")
     dp.begin_round()
-    out = dp.clip(result({"w": [3.0, 4.0], "b": [12.0]}))  # ‖Δ‖ = 13: scaled by 6.5 / 13
+    out = dp.bound(result({"w": [3.0, 4.0], "b": [12.0]}))  # ‖Δ‖ = 13: scaled by 6.5 / 13
     assert out.delta["w"].tolist() == [1.5, 2.0] and out.delta["b"].tolist() == [6.0]
-    out = dp.clip(result({"w": [0.3, 0.4], "b": [1.2]}))  # ‖Δ‖ = 1.3 < 6.5: unchanged
+    out = dp.bound(result({"w": [0.3, 0.4], "b": [1.2]}))  # ‖Δ‖ = 1.3 < 6.5: unchanged
     assert out.delta["w"].tolist() == pytest.approx([0.3, 0.4]) and out.delta["b"].tolist() == pytest.approx([1.2])
     assert dp.report(1)["clipped_fraction"] == 0.5
     layer = client_dp("privacy.clip=6.5", "privacy.noise_multiplier=1.0", "privacy.per_layer=true")
     layer.begin_round()
-    out = layer.clip(result({"w": [3.0, 4.0], "b": [1.0]}))  # each tensor to 6.5 / √2 = 4.596: w shrinks, b stays
+    out = layer.bound(result({"w": [3.0, 4.0], "b": [1.0]}))  # each tensor to 6.5 / √2 = 4.596: w shrinks, b stays
     bound = 6.5 / math.sqrt(2)
     assert out.delta["w"].tolist() == pytest.approx([3.0 * bound / 5, 4.0 * bound / 5]) and out.delta["b"].tolist() == [1.0]
 
@@ -169,7 +169,7 @@ def test_adaptive_clipping_pays_for_its_count_and_follows_the_quantile():
     # every client within the clip: b̃ = (8 + noise) / 8 and C ← C · exp(−0.2 (b̃ − 0.5))
     dp.begin_round()
     for _ in range(8):
-        dp.clip(result({"w": [0.1, 0.1], "b": [0.1]}))
+        dp.bound(result({"w": [0.1, 0.1], "b": [0.1]}))
     dp.privatize(Aggregate({"w": torch.zeros(2), "b": torch.zeros(1)}, {}), num_used=8, draw=0, like={})
     g = torch.Generator().manual_seed(derive_seed(3, "dp_count", 0))
     b = (8 + float(torch.randn((), generator=g, dtype=torch.float64)) * 2.0) / 8
@@ -178,3 +178,12 @@ def test_adaptive_clipping_pays_for_its_count_and_follows_the_quantile():
         client_dp("privacy.clip=1.0", "privacy.noise_multiplier=1.0", "privacy.target_quantile=0.5", "privacy.count_noise=0.4")
     with pytest.raises(ValueError, match="do nothing without privacy.target_quantile"):
         FLConfig.from_yaml(None, ["privacy.clip=1.0", "privacy.noise_multiplier=1.0", "privacy.clip_lr=0.1"])
+
+
+def test_a_resumed_run_keeps_the_sigma_its_past_rounds_were_noised_with():
+    """target_epsilon solves σ for `rounds`; resumed with more rounds, the checkpoint's σ stands."""
+    first = client_dp("privacy.clip=1.0", "privacy.target_epsilon=3.0", "rounds=100")
+    longer = client_dp("privacy.clip=1.0", "privacy.target_epsilon=3.0", "rounds=200")
+    assert longer.sigma > first.sigma
+    longer.load_state_dict(first.state_dict())
+    assert longer.sigma == first.sigma and longer.report(150)["epsilon"] > 3.0  # the longer plan overspends, and says so

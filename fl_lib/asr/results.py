@@ -111,9 +111,11 @@ def privacy_lines(last_row: dict[str, Any]) -> list[str]:
     p = last_row.get("privacy")
     if not p:
         return []
+    relation = "replace-one, cohorts of K without replacement" if p["sampler"] == "uniform" else "add-or-remove, Poisson cohorts"
     return [f"- **client-level DP**: (ε = {p['epsilon']:.3g}, δ = {p['delta']:.3g}) after {p['rounds_charged']} sampled rounds; "
-            f"noise multiplier σ = {p['noise_multiplier']:.4g}, clip C = {p['clip']:g}{' per layer' if p['per_layer'] else ''}, "
-            f"sampling rate q = {p['sampling_rate']:.4g} (RDP accountant, replace-one, cohorts without replacement)"]
+            f"noise multiplier σ = {p['noise_multiplier']:.4g}, clip C = {p['next_clip']:g} after the last round"
+            f"{' per layer' if p['per_layer'] else ''}, sampling rate q = {p['sampling_rate']:.4g} "
+            f"({p['accountant'].upper()} accountant, {relation})"]
 
 
 def plot_dev_curve(metrics: Sequence[dict[str, Any]], png: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Sequence
 
 from lhotse import CutSet, load_manifest_lazy
 
+from ..fl.sampling import derive_seed
 from .clients import ClientInfo, load_clients, safe_file_name
 
 logger = logging.getLogger(__name__)
@@ -74,8 +75,8 @@ def corrupt_clients(clients_jsonl: Path, output_dir: Path, num_corrupted: int, s
     for c in clients:
         if c.id in chosen:
             path = output_dir / "cuts" / f"{safe_file_name(c.id)}.jsonl.gz"
-            manifest = (shuffle_client_words(c.manifest, path, seed) if mode == "shuffle"
-                        else random_client_words(c.manifest, path, seed, vocabulary))
+            manifest = (shuffle_client_words(c.manifest, path, seed) if mode == "shuffle"  # each client's own words
+                        else random_client_words(c.manifest, path, derive_seed(seed, "random_words", c.id), vocabulary))
             c = replace(c, manifest=manifest.resolve())
         listing.append(c)
     _write_listing(listing, output_dir / "clients.jsonl")

@@ -38,8 +38,11 @@ NEEDS_HONEST = ("gaussian", "alie", "ipm")  # forged from the round's honest upd
 
 def alie_z(k: int, f: int) -> float:
     """Baruch et al.'s z_max: the largest shift that still leaves the forged value inside the
-    range a majority-based rule accepts, for K clients of which f attack."""
+    range a majority-based rule accepts, for K clients of which f attack. It is 0 (the honest
+    mean itself) at f = ⌊K/2 + 1⌋ − K/2, e.g. f = 1 of K = 8, and undefined for f > ⌊K/2⌋."""
     s = math.floor(k / 2 + 1) - f
+    if s < 1:
+        raise ValueError(f"ALIE's z_max needs f <= K/2 attackers (K={k}, f={f}); set attack.z")
     return NormalDist().inv_cdf((k - s) / k)
 
 
@@ -57,14 +60,17 @@ class Attack:
         """The trainable parameters, over which a forged result's gradient statistics are taken."""
         self.parameter_names = frozenset(parameter_names)
 
+    def min_clients(self) -> int:
+        """Usable clients a round needs: the attackers and the honest updates they forge from."""
+        return self.conf.per_round + {"alie": 2, "gaussian": 1, "ipm": 1}.get(self.conf.name, 0) if self.active else 1
+
     def choose(self, sampled: Sequence[str], draw: int) -> list[str]:
-        """The attackers among the `draw`-th round's sampled clients (f of them, seeded by round)."""
+        """The attackers among the `draw`-th round's sampled clients: f of them (all, if fewer were
+        sampled because drop_failing_clients left some out), seeded by round."""
         if not self.active:
             return []
-        if self.conf.per_round > len(sampled):
-            raise ValueError(f"attack.per_round={self.conf.per_round} exceeds the {len(sampled)} clients sampled this round")
         rng = np.random.default_rng(derive_seed(self.seed, "attack", draw))
-        return sorted(rng.choice(sorted(sampled), size=self.conf.per_round, replace=False).tolist())
+        return sorted(rng.choice(sorted(sampled), size=min(self.conf.per_round, len(sampled)), replace=False).tolist())
 
     # -- the round's honest statistics ----------------------------------------------
     def begin_round(self) -> None:
@@ -86,7 +92,7 @@ class Attack:
         self._n += 1
         self._norms += math.sqrt(sq_norm)
 
-    def forge(self, result: ClientResult, draw: int, num_clients: int) -> ClientResult:
+    def forge(self, result: ClientResult, draw: int, cohort_size: int) -> ClientResult:
         """The attacker's result with its forged Δ, after every honest result of the round was observed."""
         name = self.conf.name
         if name == "sign_flip":
@@ -94,10 +100,10 @@ class Attack:
         elif name == "scale":
             delta = {k: self.conf.scale * v for k, v in result.delta.items()}
         else:
-            delta = self._forge_from_honest(result, draw, num_clients)
+            delta = self._forge_from_honest(result, draw, cohort_size)
         return replace(result, delta=delta, **self._gradient_stats(delta))
 
-    def _forge_from_honest(self, result: ClientResult, draw: int, num_clients: int) -> State:
+    def _forge_from_honest(self, result: ClientResult, draw: int, cohort_size: int) -> State:
         need = 2 if self.conf.name == "alie" else 1
         if self._n < need:
             raise ValueError(f"attack '{self.conf.name}' forges from the round's honest updates: it needs at least {need}, "
@@ -106,7 +112,7 @@ class Attack:
         if self.conf.name == "ipm":
             return {k: (-self.conf.epsilon * m).to(result.delta[k].dtype) for k, m in mean.items()}
         if self.conf.name == "alie":
-            z = alie_z(num_clients, self.conf.per_round) if self.conf.z is None else self.conf.z
+            z = alie_z(cohort_size, self.conf.per_round) if self.conf.z is None else self.conf.z
             std = {k: ((self._sq[k] - self._n * mean[k] ** 2).clamp(min=0) / (self._n - 1)).sqrt() for k in mean}
             return {k: (mean[k] - z * std[k]).to(result.delta[k].dtype) for k in mean}
         # gaussian: a direction drawn per (round, client), scaled to the honest mean norm
@@ -114,7 +120,7 @@ class Attack:
         noise = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in result.delta.items()}
         norm = math.sqrt(sum(float((n * n).sum()) for n in noise.values()))
         target = self._norms / self._n
-        return {k: (n * (target / norm)).to(result.delta[k].dtype) for k, n in noise.items()}
+        return {k: (n * (target / norm)).to(result.delta[k].dtype).to(result.delta[k].device) for k, n in noise.items()}
 
     def _gradient_stats(self, delta: State) -> dict:
         """grad_mean, grad_rms and grad_var of Δ over the trainable parameters, as the client computes them."""

@@ -190,6 +190,9 @@ class PrivacyConfig:
                 raise ValueError(f"privacy.{', privacy.'.join(unused)} do nothing without privacy.target_quantile (adaptive clipping)")
         elif not 0 < self.target_quantile < 1:
             raise ValueError(f"privacy.target_quantile must be in (0, 1), got {self.target_quantile}")
+        for k in ("clip_lr", "count_noise"):
+            if getattr(self, k) is not None and getattr(self, k) <= 0:
+                raise ValueError(f"privacy.{k} must be > 0, got {getattr(self, k)}")
 
 
 ATTACKS = ("none", "sign_flip", "scale", "gaussian", "alie", "ipm")
@@ -265,6 +268,9 @@ class FLConfig:
                              "in a row a client is dropped): set it, or remove drop_failing_clients")
         if self.attack.name != "none" and self.sampler == "poisson":
             raise ValueError("attack.per_round attackers need a fixed cohort: use sampler uniform or weighted with attacks")
+        if self.attack.name == "alie" and self.attack.z is None and self.attack.per_round > self.clients_per_round // 2:
+            raise ValueError(f"attack alie: Baruch et al.'s z_max needs attack.per_round <= clients_per_round / 2 "
+                             f"({self.attack.per_round} of {self.clients_per_round}); set attack.z")
         if self.attack.per_round > self.clients_per_round:
             raise ValueError(f"attack.per_round={self.attack.per_round} exceeds clients_per_round={self.clients_per_round}")
         if self.min_clients_per_round > self.clients_per_round:

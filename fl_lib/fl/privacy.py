@@ -27,8 +27,12 @@ noise is raised to pay for the count. The count's sensitivity is 1; the sum's is
 
 The noise of round r is drawn from a generator seeded by (seed, r): a resumed run draws the
 same noise for the same round, and the ledger is the number of sampled rounds, which the
-checkpoint holds with the adaptive clip; so a resumed run reports the ε an uninterrupted
-one does.
+checkpoint holds with σ and the adaptive clip; so a resumed run reports the ε an
+uninterrupted one does. This is a simulation: anyone who knows the seed can regenerate the
+noise and remove it, so ε holds only while the seed stays secret, and a deployment must
+draw its noise from a secret source. ε covers the sequence of models; `metrics.jsonl` also
+keeps non-private diagnostics of the simulation (client ids, losses, the exact clipped
+fraction), which a deployment would not release.
 
 Refused under DP: weights that depend on the clients' data (DGA, RL-DGA, FedAvg by size: one
 client's loss or size moves every other weight, and no sensitivity bound is known for that),
@@ -37,6 +41,7 @@ protects), samplers the accountant cannot model (`weighted`), and attacks.
 """
 from __future__ import annotations
 
+import logging
 import math
 from functools import lru_cache
 from typing import Iterable, Optional
@@ -50,6 +55,7 @@ from .strategies.base import Aggregate, ClientResult, State
 # Where target_epsilon's σ is searched. Above σ = 100 the noise (std 100·C) drowns the sum it
 # protects (at most K·C) for any cohort trained here: a plan that needs more is refused.
 SIGMA_BRACKET = (1e-2, 100.0)
+logger = logging.getLogger(__name__)
 
 
 ACCOUNTANTS = {"uniform": ("rdp",), "poisson": ("rdp", "pld")}  # what dp-accounting can do for each sampler
@@ -118,12 +124,14 @@ class ClientDP:
         self.delta = conf.delta if conf.delta is not None else 1.0 / num_clients**1.1
         self.sigma = conf.noise_multiplier if conf.noise_multiplier is not None else \
             calibrate_sigma(conf.target_epsilon, num_clients, self.per_round, fl.rounds, self.delta, self.sampler, conf.accountant)
+        self.target_epsilon = conf.target_epsilon
         self.clip_norm = conf.clip  # C_t: changes each round under adaptive clipping
         self.adaptive = conf.target_quantile is not None
         self.clip_lr = 0.2 if conf.clip_lr is None else conf.clip_lr
         self.count_noise = self.per_round / 20 if conf.count_noise is None else conf.count_noise
         self.sum_sigma = self._sum_sigma() if self.adaptive else self.sigma
         self.last_quantile: Optional[float] = None
+        self.over_target = False
         self.begin_round()
 
     def _sum_sigma(self) -> float:
@@ -143,7 +151,7 @@ class ClientDP:
         """Under torchrun: every rank's (clipped, seen), summed, so rank 0 releases the round's count."""
         self.clipped, self.seen = (sum(c for c, _ in per_rank), sum(n for _, n in per_rank))
 
-    def clip(self, result: ClientResult) -> ClientResult:
+    def bound(self, result: ClientResult) -> ClientResult:
         """The result with its Δ bounded (counted when the bound changed it, a hint for choosing clip)."""
         delta, c = result.delta, self.clip_norm
         if self.conf.per_layer:
@@ -169,7 +177,7 @@ class ClientDP:
             aggregate = Aggregate({k: torch.zeros_like(v, dtype=torch.float32) for k, v in like.items() if v.is_floating_point()})
         out: State = {}
         for k, mean in aggregate.pseudo_grad.items():
-            noise = torch.randn(mean.shape, generator=g, dtype=torch.float32) * std
+            noise = torch.randn(mean.shape, generator=g, dtype=torch.float32).to(mean.device) * std  # drawn on the CPU: the same on any device
             out[k] = (mean * num_used + noise) / self.per_round
         if self.adaptive:
             self._adapt_clip(draw)
@@ -183,16 +191,26 @@ class ClientDP:
         self.clip_norm *= math.exp(-self.clip_lr * (self.last_quantile - self.conf.target_quantile))
 
     def state_dict(self) -> dict:
-        return {"clip": self.clip_norm}
+        return {"clip": self.clip_norm, "sigma": self.sigma, "sum_sigma": self.sum_sigma}
 
     def load_state_dict(self, state: dict) -> None:
-        self.clip_norm = state["clip"]
+        """The clip, and the σ the rounds run so far were charged at: a target_epsilon run resumed
+        with more `rounds` keeps its σ (and says what ε the longer plan spends) rather than
+        charging the past rounds at a σ solved for the new plan."""
+        if state["sigma"] != self.sigma:
+            logger.warning(f"privacy: resuming with the checkpoint's σ={state['sigma']:.4g}, not {self.sigma:.4g} "
+                           "(solved again for the current `rounds`): the rounds run so far were noised with it")
+        self.clip_norm, self.sigma, self.sum_sigma = state["clip"], state["sigma"], state["sum_sigma"]
 
     def report(self, draws: int) -> dict:
         """The ledger after `draws` sampled rounds, for metrics.jsonl, TensorBoard and RESULTS.md."""
         eps = epsilon(self.sigma, self.num_clients, self.per_round, draws, self.delta, self.sampler, self.conf.accountant)
+        if self.target_epsilon is not None and eps > self.target_epsilon and not self.over_target:
+            self.over_target = True
+            logger.warning(f"privacy: ε={eps:.3g} after {draws} sampled rounds exceeds target_epsilon={self.target_epsilon} "
+                           "(σ was solved for `rounds` rounds; rounds that did not count or more rounds were charged too)")
         return {"epsilon": eps, "delta": self.delta, "noise_multiplier": self.sigma, "sampling_rate": self.per_round / self.num_clients,
-                "sampler": self.sampler, "accountant": self.conf.accountant, "clip": self.clip_norm, "per_layer": self.conf.per_layer,
+                "sampler": self.sampler, "accountant": self.conf.accountant, "next_clip": self.clip_norm, "per_layer": self.conf.per_layer,
                 "rounds_charged": draws, "clipped_fraction": self.clipped / max(self.seen, 1),
                 **({"sum_noise_multiplier": self.sum_sigma, "count_noise": self.count_noise, "noised_unclipped_fraction": self.last_quantile}
                    if self.adaptive else {})}

@@ -171,6 +171,13 @@ class FederatedServer:
                 raise ValueError(f"strategy '{conf.strategy.name}' scores candidate updates on a server-side held-out set: none was given")
             self.strategy.judge = self._held_out_loss
         self.attack = Attack(conf.attack, seed)
+        need = max(self.strategy.min_clients(), self.attack.min_clients())
+        if conf.min_clients_per_round < need:
+            raise ValueError(
+                f"min_clients_per_round={conf.min_clients_per_round} is below the {need} usable clients a round needs here "
+                f"(strategy {conf.strategy.name}, attack {conf.attack.name}): a round with fewer would stop the run instead "
+                f"of not counting. Set min_clients_per_round={need}"
+            )
         if ranks.distributed and conf.attack.name in NEEDS_HONEST:
             raise ValueError(f"attack '{conf.attack.name}' forges from every honest update of a round, which torchrun ranks "
                              "split between them: run it without torchrun")
@@ -332,6 +339,10 @@ class FederatedServer:
         self.attack.begin_round()
         if self.privacy is not None:
             self.privacy.begin_round()
+            if self.ranks.distributed:  # rank 0 adapts the clip (and resumed it): every rank bounds by it
+                clip = [self.privacy.clip_norm]
+                torch.distributed.broadcast_object_list(clip, 0)
+                self.privacy.clip_norm = clip[0]
         attackers = set(self.attack.choose(sampled, draw))
         held = []  # the attackers' results, forged once every honest result was seen
         losses, used, dropped, failed, errors, work = {}, [], [], [], {}, {}
@@ -364,6 +375,18 @@ class FederatedServer:
             work[cid] = (result.num_steps, result.seconds, result.cpu_seconds)
             used.append(cid)
             del result
+        if self.ranks.distributed:
+            used, dropped, failed, errors, losses, work = _merge(all_gather_objects((used, dropped, failed, errors, losses, work)), sampled)
+        self._count_failures(draw, sampled, failed, errors)
+        released = self.privacy is not None and self.conf.sampler == "poisson"  # every round, empty ones too (privacy.py)
+        if len(used) < self.conf.min_clients_per_round and not released:
+            # Checked before aggregate(): a stateful strategy (BMUF) must not see this round either; and before
+            # the attackers forge: min_clients_per_round leaves them the honest updates they forge from.
+            logger.error(
+                f"{label}: only {len(used)} of {len(sampled)} clients usable, min_clients_per_round is "
+                f"{self.conf.min_clients_per_round}: the round does not count (model, optimizer and schedule unchanged)"
+            )
+            return FailedRound(draw, used, dropped, failed, errors)
         for result in held:
             self._add(self.attack.forge(result, draw, len(sampled)))
         attacked = sorted(r.client_id for r in held)
@@ -372,17 +395,6 @@ class FederatedServer:
             attacked = sorted(c for part in all_gather_objects(attacked) for c in part)
             if self.privacy is not None:
                 self.privacy.merge_counts(all_gather_objects((self.privacy.clipped, self.privacy.seen)))
-            used, dropped, failed, errors, losses, work = _merge(all_gather_objects((used, dropped, failed, errors, losses, work)), sampled)
-        self._count_failures(draw, sampled, failed, errors)
-        released = self.privacy is not None and self.conf.sampler == "poisson"  # every round, empty ones too (privacy.py)
-        if len(used) < self.conf.min_clients_per_round and not released:
-            # Checked before aggregate(): a stateful strategy (BMUF) must not see this round either.
-            logger.error(
-                f"{label}: only {len(used)} of {len(sampled)} clients usable, min_clients_per_round is "
-                f"{self.conf.min_clients_per_round}: the round does not count (model, optimizer and schedule unchanged)"
-            )
-            return FailedRound(draw, used, dropped, failed, errors)
-        if self.ranks.distributed:
             self.strategy.all_reduce(self.global_state)
             if not self.ranks.is_main:
                 return None
@@ -424,7 +436,7 @@ class FederatedServer:
 
     def _add(self, result: ClientResult) -> None:
         """Hand a result to the strategy, its Δ bounded first under privacy.*."""
-        self.strategy.add(result if self.privacy is None else self.privacy.clip(result))
+        self.strategy.add(result if self.privacy is None else self.privacy.bound(result))
 
     def _count_failures(self, draw: int, sampled: Sequence[str], failed: Sequence[str], errors: dict) -> None:
         """Count each sampled client's failures in a row; at `max_client_failures` stop the run

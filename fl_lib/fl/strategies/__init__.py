@@ -7,7 +7,7 @@ from .bmuf import BMUF
 from .dga import DGA
 from .fedavg import FedAvg, FedProx
 from .rl_dga import RLDGA
-from .robust import CenteredClipping, GeometricMedian, Median, MultiKrum, NormBounding, StackedStrategy, TrimmedMean
+from .robust import CenteredClipping, GeometricMedian, Median, MultiKrum, NormBounding, RobustRule, TrimmedMean
 
 # rl_dga's own keys; every other strategy rejects them.
 RL_KEYS = (
@@ -75,5 +75,5 @@ def build_strategy(conf: StrategyConfig, seed: int = 0) -> Strategy:
     raise ValueError(f"unknown strategy '{name}'; choose fedavg, fedprox, dga, rl_dga, bmuf or one of {', '.join(ROBUST)}")
 
 
-__all__ = ["Aggregate", "ClientResult", "Strategy", "FedAvg", "FedProx", "DGA", "RLDGA", "BMUF", "StackedStrategy", "Median",
+__all__ = ["Aggregate", "ClientResult", "Strategy", "FedAvg", "FedProx", "DGA", "RLDGA", "BMUF", "RobustRule", "Median",
            "TrimmedMean", "MultiKrum", "GeometricMedian", "CenteredClipping", "NormBounding", "build_strategy"]

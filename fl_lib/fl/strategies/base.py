@@ -186,6 +186,10 @@ class Strategy(ABC):
     def check_sampler(self, sampler: str) -> None:
         """Reject a client sampler that would bias this strategy's weights."""
 
+    def min_clients(self) -> int:
+        """The fewest usable clients a round needs to be aggregated at all (min_clients_per_round must allow for it)."""
+        return 1
+
     def check_memory(self, clients_per_round: int, num_floats: int) -> None:
         """Refuse a round whose aggregation would not fit in memory; a streaming strategy holds one sum: nothing to refuse."""
 

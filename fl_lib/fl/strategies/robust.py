@@ -34,6 +34,7 @@ split evenly among its clients.
 """
 from __future__ import annotations
 
+import logging
 import math
 from abc import abstractmethod
 from typing import Dict, List, Optional, Tuple
@@ -43,6 +44,7 @@ import torch
 from .base import Aggregate, ClientResult, State, Strategy
 from ..sampling import derive_seed
 
+logger = logging.getLogger(__name__)
 SMOOTHING = 1e-6  # RFA's ν: a row at the current estimate does not get an infinite weight
 CHUNK = 1 << 16  # coordinates per column block
 
@@ -53,6 +55,7 @@ class Rows:
     def __init__(self, rows: List[torch.Tensor]) -> None:
         self.rows = rows
         self.k, self.d = len(rows), rows[0].numel()
+        self.device = rows[0].device  # the model's (a GPU under --ngpu 1); the small K-vectors stay on the CPU
 
     def blocks(self):
         """(start, K×c block) over column blocks of CHUNK coordinates: the only K-row temporaries."""
@@ -61,7 +64,7 @@ class Rows:
 
     def combination(self, w: torch.Tensor) -> torch.Tensor:
         """Σ_i w_i x_i."""
-        out = torch.zeros(self.d, dtype=torch.float32)
+        out = torch.zeros(self.d, dtype=torch.float32, device=self.device)
         for wi, r in zip(w.tolist(), self.rows):
             out.add_(r, alpha=wi)
         return out
@@ -71,18 +74,18 @@ class Rows:
         out = torch.zeros(self.k, dtype=torch.float64)
         for j, block in self.blocks():
             b = block.double() if z is None else block.double() - z[j : j + CHUNK].double()
-            out += b.square().sum(1)
+            out += b.square().sum(1).cpu()
         return out
 
     def pairwise_sq_distances(self) -> torch.Tensor:
         out = torch.zeros(self.k, self.k, dtype=torch.float64)
         for _, block in self.blocks():
-            out += torch.cdist(block.double(), block.double()).square()
+            out += torch.cdist(block.double(), block.double()).square().cpu()
         return out
 
 
-class StackedStrategy(Strategy):
-    """The rules that see every update of a round."""
+class RobustRule(Strategy):
+    """The rules that see every update of a round (as rows, never stacked into one matrix)."""
 
     #: strategy.name in the federated config.
     name: str = ""
@@ -101,9 +104,16 @@ class StackedStrategy(Strategy):
     # -- memory --------------------------------------------------------------
     def memory_bytes(self, k: int, d: int) -> int:
         """Bytes of the round's rows for K clients of d floats: K rows, and K/s bucket means
-        beside them while they are made. The O(K·CHUNK + d) working memory is left out."""
+        beside them while they are made. The O(K·CHUNK + d) working memory is left out, and so
+        is, under torchrun, the pickled copy of the other ranks' rows that rank 0 holds while
+        it gathers them."""
         rows = k + (math.ceil(k / self.bucket_size) if self.bucket_size > 1 else 0)
         return rows * d * 4
+
+    def check_sampler(self, sampler: str) -> None:
+        if sampler == "poisson":
+            raise ValueError(f"strategy '{self.name}' budgets its memory for K clients: a Poisson cohort has no upper "
+                             "bound. Use sampler uniform or weighted")
 
     def check_memory(self, clients_per_round: int, num_floats: int) -> None:
         """Refuse, before any training, a K whose rows would exceed memory_limit_mb."""
@@ -196,7 +206,7 @@ def _middle_mean(values: torch.Tensor) -> torch.Tensor:
     return (values[(k - 1) // 2] + values[k // 2]) / 2
 
 
-class _CoordinateWise(StackedStrategy):
+class _CoordinateWise(RobustRule):
     """Per coordinate: sort the K values, average the kept ranks [lo, hi)."""
 
     @abstractmethod
@@ -205,12 +215,12 @@ class _CoordinateWise(StackedStrategy):
 
     def combine(self, x):
         lo, hi = self.kept(x.k)
-        out = torch.empty(x.d, dtype=torch.float32)
+        out = torch.empty(x.d, dtype=torch.float32, device=x.device)
         counts = torch.zeros(x.k, dtype=torch.float64)
         for j, block in x.blocks():
             values, rows = block.sort(dim=0)
             out[j : j + block.shape[1]] = values[lo:hi].mean(0)
-            counts += torch.bincount(rows[lo:hi].reshape(-1), minlength=x.k)
+            counts += torch.bincount(rows[lo:hi].reshape(-1), minlength=x.k).cpu()
         return out, counts / counts.sum()
 
 
@@ -236,7 +246,7 @@ class TrimmedMean(_CoordinateWise):
         return b, k - b
 
 
-class MultiKrum(StackedStrategy):
+class MultiKrum(RobustRule):
     name = "krum"
 
     def __init__(self, num_byzantine: int, num_selected: Optional[int] = None, **kw) -> None:
@@ -246,6 +256,15 @@ class MultiKrum(StackedStrategy):
         if num_selected is not None and not (isinstance(num_selected, int) and num_selected >= 1):
             raise ValueError(f"krum num_selected (m) must be an integer >= 1, got {num_selected}")
         self.f, self.m = num_byzantine, num_selected
+
+    def min_clients(self) -> int:
+        return self.f + 3  # a score needs K − f − 2 >= 1 other rows
+
+    def check_memory(self, clients_per_round: int, num_floats: int) -> None:
+        super().check_memory(clients_per_round, num_floats)
+        if clients_per_round <= 2 * self.f + 2:
+            logger.warning(f"krum: K={clients_per_round} <= 2f + 2 = {2 * self.f + 2}: Blanchard et al.'s guarantee "
+                           f"needs K > 2f + 2 (num_byzantine={self.f})")
 
     def scores(self, x: Rows) -> torch.Tensor:
         """Krum's score of each row: the sum of its squared distances to its K − f − 2 nearest other rows."""
@@ -267,7 +286,7 @@ class MultiKrum(StackedStrategy):
         return x.combination(shares), shares
 
 
-class GeometricMedian(StackedStrategy):
+class GeometricMedian(RobustRule):
     name = "geometric_median"
 
     def __init__(self, tolerance: float = 1e-5, max_iterations: int = 100, **kw) -> None:
@@ -292,7 +311,7 @@ class GeometricMedian(StackedStrategy):
         return z, w / w.sum()
 
 
-class CenteredClipping(StackedStrategy):
+class CenteredClipping(RobustRule):
     name = "centered_clipping"
 
     def __init__(self, clip_radius: float, clip_iterations: int = 1, **kw) -> None:
@@ -303,7 +322,7 @@ class CenteredClipping(StackedStrategy):
         self.center: Optional[torch.Tensor] = None  # the previous round's aggregate: where clipping is centred
 
     def combine(self, x):
-        v = torch.zeros(x.d, dtype=torch.float32) if self.center is None else self.center.clone()
+        v = torch.zeros(x.d, dtype=torch.float32, device=x.device) if self.center is None else self.center.to(x.device).clone()
         factors = torch.zeros(x.k, dtype=torch.float64)
         for _ in range(self.iterations):
             c = (self.tau / x.sq_distances(v).sqrt().clamp(min=1e-30)).clamp(max=1.0)
@@ -322,7 +341,7 @@ class CenteredClipping(StackedStrategy):
         self.center = state["center"]
 
 
-class NormBounding(StackedStrategy):
+class NormBounding(RobustRule):
     name = "norm_bounding"
 
     def combine(self, x):
@@ -330,4 +349,5 @@ class NormBounding(StackedStrategy):
         bound = float(_middle_mean(norms.sort().values))
         c = (bound / norms.clamp(min=1e-30)).clamp(max=1.0)
         self.last_metrics = {"norm_bound": bound, "clipped": int((c < 1).sum())}
-        return x.combination(c / x.k), c / c.sum()
+        shares = c / c.sum() if c.sum() > 0 else torch.full_like(c, 1.0 / x.k)  # half or more of the Δ are 0: so is the bound
+        return x.combination(c / x.k), shares
