@@ -25,8 +25,8 @@ median, its final Weiszfeld weight; for the clipping rules, its clip factor, nor
   below `tolerance`·‖z‖ or `max_iterations`;
 - centered_clipping (Karimireddy et al., 2021): from v (the previous round's aggregate),
   `clip_iterations` times v ← v + mean_i clip_τ(x_i − v), clip_τ(y) = y·min(1, τ/‖y‖);
-- norm_bounding (Sun et al., 2019): each Δ_k scaled to at most the round's median norm,
-  then averaged.
+- norm_bounding: each Δ_k scaled to at most the round's median norm, then averaged (Sun et
+  al., 2019, bound by a fixed norm; the median adapts it to the round).
 
 `bucket_size` s > 1 first averages random buckets of s clients (Karimireddy et al., 2022:
 bucketing makes non-IID honest clients look alike to the rule); the bucket's share is
