@@ -210,7 +210,8 @@ def test_an_attack_forged_from_every_honest_update_refuses_torchrun_ranks(fl_dat
     from fl_lib.fl.distributed import Ranks
 
     with pytest.raises(ValueError, match="attack 'alie' forges from every honest update of a round.*without torchrun"):
-        build_server(fl_data, tmp_path, "fl_fedavg.yaml", ["clients_per_round=3", "attack.name=alie", "attack.per_round=1"],
+        build_server(fl_data, tmp_path, "fl_fedavg.yaml", ["clients_per_round=3", "attack.name=alie", "attack.per_round=1",
+                                                          "min_clients_per_round=3"],
                      ranks=Ranks(rank=0, world_size=2))
 
 

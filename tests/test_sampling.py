@@ -65,7 +65,7 @@ def test_clients_per_round_out_of_range(per_round):
 
 
 def test_bad_inputs_are_clear_errors():
-    with pytest.raises(ValueError, match="sampler must be 'uniform' or 'weighted'"):
+    with pytest.raises(ValueError, match=r"sampler must be one of \('uniform', 'weighted', 'poisson'\), got 'by_size'"):
         ClientSampler(IDS, SIZES, per_round=2, mode="by_size")
     with pytest.raises(ValueError, match="unique"):
         ClientSampler(["a", "a", "b"], [1, 1, 1], per_round=2)
