@@ -27,6 +27,7 @@ import convergence  # noqa: E402
 
 ROOT = convergence.ROOT
 SETS = ("dev-clean", "test-clean", "test-other")
+MIN_PLAN_SIGMA = 0.1  # below it the on-paper ε is astronomical; dp-accounting's PLD ran > 20 min for σ ≈ 0.01
 logger = logging.getLogger("privacy")
 
 
@@ -117,6 +118,10 @@ def report(cfg: dict, records: list[dict], k: int) -> str:
         sigma = next(sum_sigma(r["privacy"]) for r in records if r["name"] == name)
         for n in cfg["plan"]["populations"]:
             for cohort in cfg["plan"]["cohorts"]:  # on paper the clip is fixed: the sum gets the whole σ
+                if sigma * cohort / k < MIN_PLAN_SIGMA:
+                    lines.append(f"|{name}|{n:,}|{cohort:,}|{sigma * cohort / k:.3g}|not computed: σ < {MIN_PLAN_SIGMA} "
+                                 "(ε beyond any use; PLD ran over 20 minutes to say so)|||")
+                    continue
                 x = plan(n, cohort, cfg["rounds"], cfg["plan"]["delta"], sigma * cohort / k)
                 lines.append(f"|{name}|{n:,}|{cohort:,}|{x['noise_multiplier']:.3g}|{eps(x['epsilon_uniform_rdp'])}|"
                              f"{eps(x['epsilon_poisson_rdp'])}|{eps(x['epsilon_poisson_pld'])}|")
