@@ -155,14 +155,16 @@ class Study:
 
     def fl_command(self, run: Run, rounds: int) -> list[str]:
         method = self.cfg["methods"][run.method]
+        return self.fl_train_command(self.recipe / self.cfg["asr_config"], method["fl_config"], self.listing(run.fed, run.seed),
+                                     run.seed, self.out / run.name, [*fl_overrides(self.cfg, method, run.overrides), f"rounds={rounds}"])
+
+    def fl_train_command(self, asr_config: Path, fl_config: str, listing: Path, seed: int, out: Path,
+                         overrides: list[str]) -> list[str]:
+        """fl_train on this study's data for `seed`: one client process (runs go side by side, one core each)."""
         return [
-            sys.executable, "-m", "fl_lib.bin.fl_train",
-            "--asr_config", str(self.recipe / self.cfg["asr_config"]),
-            "--fl_config", str(self.recipe / method["fl_config"]),
-            "--train_clients", str(self.listing(run.fed, run.seed)), *self.data_args(run.seed),
-            "--client_jobs", "1",  # parallel_jobs runs side by side, one core each
-            "--seed", str(run.seed), "--output_dir", str(self.out / run.name),
-            *fl_overrides(self.cfg, method, run.overrides), f"rounds={rounds}",
+            sys.executable, "-m", "fl_lib.bin.fl_train", "--asr_config", str(asr_config),
+            "--fl_config", str(self.recipe / fl_config), "--train_clients", str(listing), *self.data_args(seed),
+            "--client_jobs", "1", "--seed", str(seed), "--output_dir", str(out), *overrides,
         ]
 
     def central_command(self, run: Run) -> list[str]:

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -67,14 +66,8 @@ def run_point(study: convergence.Study, cfg: dict, name: str, point: dict, seed:
         return rec
     exp = out / f"{name}_seed{seed}"
     exp.mkdir(parents=True, exist_ok=True)
-    recipe = study.recipe
-    cmd = [sys.executable, "-m", "fl_lib.bin.fl_train", "--asr_config", str(recipe / study.cfg["asr_config"]),
-           "--fl_config", str(recipe / cfg["fl_config"]), "--train_clients", str(study.listing(convergence.CLEAN, seed)),
-           *study.data_args(seed), "--client_jobs", "1", "--seed", str(seed), "--output_dir", str(exp),
-           *overrides(study.cfg, cfg, point)]
-    with open(exp / "bench.log", "a") as log:
-        if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode:
-            raise RuntimeError(f"{exp}: fl_train failed; see {exp / 'bench.log'}")
+    study._call(study.fl_train_command(study.recipe / study.cfg["asr_config"], cfg["fl_config"], study.listing(convergence.CLEAN, seed),
+                                       seed, exp, overrides(study.cfg, cfg, point)), exp)
     rows = convergence.metrics(exp)
     rec = {"name": name, "seed": seed, "fingerprint": fingerprint, "wer": decode_sets(exp, study.corpus(seed) / "data"),
            "best_dev_round": min((r for r in rows if r.get("dev_wer") is not None), key=lambda r: r["dev_wer"])["round"],

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,14 +70,9 @@ class Bench:
         self.k = study.cfg["common"]["clients_per_round"]
 
     def train(self, exp: Path, fl_config: str, listing: Path, seed: int, overrides: dict, asr_config: Path) -> None:
-        cmd = [sys.executable, "-m", "fl_lib.bin.fl_train", "--asr_config", str(asr_config),
-               "--fl_config", str(self.study.recipe / fl_config), "--train_clients", str(listing), *self.study.data_args(seed),
-               "--client_jobs", "1", "--seed", str(seed), "--output_dir", str(exp),
-               *[f"{k}={json.dumps(v)}" for k, v in overrides.items()]]
         exp.mkdir(parents=True, exist_ok=True)
-        with open(exp / "bench.log", "a") as log:
-            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode:
-                raise RuntimeError(f"{exp}: fl_train failed; see {exp / 'bench.log'}")
+        self.study._call(self.study.fl_train_command(asr_config, fl_config, listing, seed, exp,
+                                                     [f"{k}={json.dumps(v)}" for k, v in overrides.items()]), exp)
 
     def common(self) -> dict:
         return {**self.study.cfg["common"], **self.cfg["base"]["overrides"], "keep_checkpoints": 1}
