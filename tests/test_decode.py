@@ -56,23 +56,31 @@ def test_nj2_equals_nj1(tiny_exp, tmp_path):
     assert "|dataset|Snt|Wrd|Corr|Sub|Del|Ins|Err|S.Err|" in (out / "result.txt").read_text()
 
 
-def test_an_lm_steers_decoding(tiny_exp, tmp_path):
-    """fl_lib.bin.train_lm trains an ESPnet LM that decoding then uses. The tiny model reads
-    all four cuts right without an LM (the fixture checks it); an LM that only knows
-    OPEN THE DOOR, at weight 10, must pull the hypotheses away from words it never saw."""
-    exp, cuts = tiny_exp
-    tokens = tmp_path / "tokens.txt"
+@pytest.fixture(scope="module")
+def door_lm(tiny_exp, tmp_path_factory) -> Path:
+    """fl_lib.bin.train_lm's ESPnet LM of a text that is only OPEN THE DOOR (its exp dir)."""
+    exp, _ = tiny_exp
+    tmp = tmp_path_factory.mktemp("door_lm")
+    tokens = tmp / "tokens.txt"
     tokens.write_text("\n".join(yaml.safe_load((exp / "config.yaml").read_text())["token_list"]) + "\n")
-    text = tmp_path / "lm.txt"
+    text = tmp / "lm.txt"
     text.write_text("OPEN THE DOOR\n" * 200)
-    lm = tmp_path / "lm"
-    args = ["--lm_config", tiny_lm_config(tmp_path), "--text", text, "--token_list", tokens, "--output_dir", lm]
+    lm = tmp / "lm"
+    args = ["--lm_config", tiny_lm_config(tmp), "--text", text, "--token_list", tokens, "--output_dir", lm]
     proc = train_lm_cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (lm / "valid.loss.best.pth").is_file() and (lm / "config.yaml").is_file()
     again = train_lm_cli(*args)
     assert again.returncode == 0 and "nothing to do" in again.stderr
+    return lm
 
+
+def test_an_lm_steers_decoding(tiny_exp, door_lm, tmp_path):
+    """fl_lib.bin.train_lm trains an ESPnet LM that decoding then uses. The tiny model reads
+    all four cuts right without an LM (the fixture checks it); an LM that only knows
+    OPEN THE DOOR, at weight 10, must pull the hypotheses away from words it never saw."""
+    exp, cuts = tiny_exp
+    lm = door_lm
     conf = tmp_path / "fused.yaml"
     conf.write_text(yaml.safe_dump({"beam_size": 4, "ctc_weight": 1.0, "lm_weight": 10.0, "nbest": 1}))
     score = decode_cuts(exp, "valid.acc.best.pth", conf, cuts, tmp_path / "fused",
@@ -81,6 +89,44 @@ def test_an_lm_steers_decoding(tiny_exp, tmp_path):
     hyps = [line.split(" ", 1)[1] for line in (tmp_path / "fused/text").read_text().splitlines()]
     # Without the LM two of the four read TURN ON THE LIGHTS / TURN OFF THE RADIO; the LM never saw those words.
     assert len(hyps) == 4 and not {"TURN", "LIGHTS", "RADIO"} & set(" ".join(hyps).split()), hyps
+
+
+def test_tune_decoding_chooses_the_checkpoint_and_lm_weight_of_fewest_dev_errors(tiny_exp, door_lm, tmp_path):
+    """Two checkpoints (the trained one, and one whose CTC output layer is scrambled) times two LM
+    weights of the OPEN THE DOOR LM (10, which pulls every hypothesis off, then 0.01): the trained
+    model at 0.01, the last of the four, is the only trial that reads all four cuts right."""
+    exp, cuts = tiny_exp
+    state = torch.load(exp / "valid.acc.best.pth", map_location="cpu")
+    gen = torch.Generator().manual_seed(0)
+    scrambled = {k: torch.randn(v.shape, generator=gen) if k.startswith("ctc.") and v.is_floating_point() else v
+                 for k, v in state.items()}
+    torch.save(scrambled, exp / "scrambled.pth")
+    conf = tmp_path / "fused.yaml"
+    conf.write_text(yaml.safe_dump({"beam_size": 4, "ctc_weight": 1.0, "lm_weight": 3.0, "nbest": 1}))
+    lm_args = ["--lm_train_config", str(door_lm / "config.yaml"), "--lm_file", str(door_lm / "valid.loss.best.pth")]
+    out = tmp_path / "tune"
+    cmd = [sys.executable, "-m", "fl_lib.bin.tune_decoding", "--exp_dir", str(exp), "--models", "scrambled.pth",
+           "valid.acc.best.pth", "--inference_config", str(conf), "--lm_weights", "10", "0.01", "--cuts", str(cuts),
+           "--nj", "2", "--output_dir", str(out), *lm_args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert [(t["model"], t["lm_weight"]) for t in trials] == [
+        ("scrambled.pth", 10.0), ("scrambled.pth", 0.01), ("valid.acc.best.pth", 10.0), ("valid.acc.best.pth", 0.01)]
+    assert trials[3]["errors"] == 0 and min(t["errors"] for t in trials[:3]) > 0, trials
+    choice = json.loads((out / "choice.json").read_text())
+    assert (choice["model"], choice["lm_weight"], choice["errors"], choice["candidates"]) == ("valid.acc.best.pth", 0.01, 0, 4)
+    assert yaml.safe_load((out / "decode.yaml").read_text()) == {**yaml.safe_load(conf.read_text()), "lm_weight": 0.01}
+    assert (out / "model.pth").read_bytes() == (exp / "valid.acc.best.pth").read_bytes()
+    assert "**0.00**" in (out / "TUNE.md").read_text()
+    # Again: every trial is reused, and the unchanged choice leaves its files as they were.
+    stamps = {name: (out / name).stat().st_mtime_ns for name in ("decode.yaml", "model.pth")}
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stderr.count("decoded already, reused") == 4, again.stderr[-3000:]
+    assert {name: (out / name).stat().st_mtime_ns for name in stamps} == stamps
+    # Weights without an LM have nothing to weigh.
+    bad = subprocess.run(cmd[: cmd.index("--lm_train_config")], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode != 0 and "lm_weights are tried with an LM" in bad.stderr
 
 
 def test_average_is_mean(tmp_path):

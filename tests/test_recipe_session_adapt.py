@@ -26,7 +26,7 @@ def run(cmd, cwd=RECIPE):
     return proc, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("script,num_options", [("run.sh", 27), ("ablation.sh", 6), ("confidence_dev.sh", 8)])
+@pytest.mark.parametrize("script,num_options", [("run.sh", 29), ("ablation.sh", 6), ("confidence_dev.sh", 8)])
 def test_help_lists_every_option_with_its_default(script, num_options):
     head = (RECIPE / script).read_text().split("help_message=", 1)[0]
     defaults = [(n, v.strip('"')) for n, v in re.findall(r'^([a-z_]+)=("[^"]*"|\S*)', head, re.M)]
@@ -94,6 +94,23 @@ def test_session_adapt_stages_0_to_8_and_the_truth_is_never_read(seed_exp, tmp_p
         assert f"### WER on the sessions' test parts: {decoding}" in results
     summary = json.loads((exp / "smoke/summary.json").read_text())
     assert summary["pseudo_labels"][0]["num_all"] == sum(s["num_adapt"] for s in sessions)
+
+    # --tune_on_dev true: stage 7 decodes the kept rounds at two LM weights on the dev parts, stage 8
+    # chooses the seed's weight there too and tests each with its choice.
+    proc, out = run(["./run.sh", "--stage", "7", "--stop_stage", "8", "--seed_exp", str(seed_exp), "--data", str(data),
+                     "--exp", str(exp), "--tag", "smoke", *ADAPT, "--tune_on_dev", "true", "--tune_lm_weights", "1 3"])
+    assert proc.returncode == 0, out[-4000:]
+    fl = exp / "smoke/gen1/fl"
+    kept = sorted(p.name for p in fl.glob("*round.pth"))
+    for tuned, models, tested in ((fl, kept, exp / "smoke"), (exp / "seed", ["model.pth"], exp / "seed")):
+        tune = tuned / "tune_dev_decode_asr_ctc_fusion_lm"
+        trials = [json.loads(line) for line in (tune / "trials.jsonl").read_text().splitlines()]
+        assert sorted((t["model"], t["lm_weight"]) for t in trials) == [(m, w) for m in models for w in (1.0, 3.0)]
+        choice = json.loads((tune / "choice.json").read_text())
+        assert choice["errors"] == min(t["errors"] for t in trials)
+        score = json.loads((tested / "decode_asr_ctc_fusion_lm_tuned/test-other/score.json").read_text())
+        assert score["inference_config"]["lm_weight"] == choice["lm_weight"] and score["model"] == "model.pth"
+    assert "### WER on the sessions' test parts: LM fusion (decode_asr_ctc_fusion_lm_tuned)" in (exp / "smoke/RESULTS.md").read_text()
 
     # The same sessions with garbage transcripts: stages 1-7 must produce the same adapted model.
     garbage = tmp_path / "garbage/LibriSpeech"

@@ -43,6 +43,8 @@ student_config=                   # empty: the seed's model config; e.g. conf/st
 fl_args=                          # key=value overrides of fl_config, e.g. "rounds=20"
 client_jobs=2                     # processes that train a round's clients in parallel
 adapted_model=valid.acc.best.pth  # the adapted weights to decode: the best round on the dev parts, or latest.pth
+tune_on_dev=false                 # choose the adapted round (among those kept) and the LM weight by decoding the dev parts as the test parts are
+tune_lm_weights="1 2 3"           # --tune_on_dev true: LM weights tried, for the seed and the adapted model alike
 tag=                              # experiment name; default from the configs
 data=data
 exp=exp
@@ -75,14 +77,23 @@ Options:
   --student_config   # training-only noise (SpecAugment) for the adapting model; empty: none (default="${student_config}")
   --client_jobs      # processes that train a round's clients in parallel (default="${client_jobs}")
   --adapted_model    # adapted weights to label (generation > 1) and test with: the best round on the dev parts, or latest.pth (default="${adapted_model}")
+  --tune_on_dev      # choose the adapted round (of those kept) and the LM weight by decoding the dev parts with the test decoding (default="${tune_on_dev}")
+  --tune_lm_weights  # --tune_on_dev true: LM weights tried, for the seed and the adapted model alike, in quotes (default="${tune_lm_weights}")
   --tag              # experiment name; empty: from the configs (default="${tag}")
   --data             # where corpus, manifests and sessions go (default="${data}")
   --exp              # where the seed copy and experiments go (default="${exp}")
 HELP
 )
 
+defaults_adapted_model=$adapted_model defaults_tune_lm_weights=$tune_lm_weights
 . ./path.sh
 . utils/parse_options.sh
+if [ "$tune_on_dev" = true ] && [ "$adapted_model" != "$defaults_adapted_model" ]; then
+  echo "$0: --adapted_model does nothing with --tune_on_dev true (the dev parts choose the round)" >&2; exit 1
+fi
+if { [ "$tune_on_dev" != true ] || [ "$use_lm" != true ]; } && [ "$tune_lm_weights" != "$defaults_tune_lm_weights" ]; then
+  echo "$0: --tune_lm_weights does nothing without --tune_on_dev true and --use_lm true" >&2; exit 1
+fi
 
 log() {
   local fname=${BASH_SOURCE[1]##*/}
@@ -108,6 +119,25 @@ if [ "$use_lm" = true ]; then
   inference_tag+=_lm
 fi
 lm_text=${lm_text:-$seed_dir/lm/text.txt}
+tune_args=()
+if [ "$tune_on_dev" = true ] && [ "$use_lm" = true ]; then
+  # shellcheck disable=SC2206
+  tune_args=(--lm_weights $tune_lm_weights)
+fi
+# tune <exp_dir> <models> <output_dir>: the checkpoint and LM weight of lowest WER on the dev parts.
+tune() {
+  python -m fl_lib.bin.tune_decoding --exp_dir "$1" --models $2 --inference_config "$inference_config" \
+    --cuts "$sessions_dir/dev.jsonl.gz" --nj "$nj" --output_dir "$3" "${tune_args[@]}" "${lm_args[@]}"
+}
+# The adapted model of a generation, and the decoding it labels and is tested with.
+adapted() {  # adapted <gen> -> sets adapted_exp, adapted_file, adapted_config
+  adapted_exp=$expdir/gen$1/fl
+  if [ "$tune_on_dev" = true ]; then
+    adapted_file=$adapted_exp/tune_dev_$inference_tag/model.pth; adapted_config=$adapted_exp/tune_dev_$inference_tag/decode.yaml
+  else
+    adapted_file=$adapted_model; adapted_config=$inference_config
+  fi
+}
 
 if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
   if [ -z "$corpus_dir" ]; then
@@ -149,9 +179,11 @@ if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
     gendir=$expdir/gen$gen
     if [ "$gen" = 1 ]; then
       # The seed's labels are the same for every run on these sessions: labelled once, shared.
-      teacher_dir=$seed_dir; teacher_model=model.pth; labels_dir=$seed_dir/$inference_tag/labels_$session_part
+      teacher_dir=$seed_dir; teacher_model=model.pth; teacher_config=$inference_config
+      labels_dir=$seed_dir/$inference_tag/labels_$session_part
     else
-      teacher_dir=$expdir/gen$((gen - 1))/fl; teacher_model=$adapted_model; labels_dir=$gendir/labels
+      adapted $((gen - 1))
+      teacher_dir=$adapted_exp; teacher_model=$adapted_file; teacher_config=$adapted_config; labels_dir=$gendir/labels
     fi
     if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
       if [ "$labels" = oracle ]; then
@@ -159,7 +191,7 @@ if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
       else
         log "Stage 4 (generation $gen): pseudo-label the adaptation parts with $teacher_dir/$teacher_model -> $labels_dir"
         python -m fl_lib.bin.pseudo_label --sessions "$sessions" --exp_dir "$teacher_dir" --model "$teacher_model" \
-          --inference_config "$inference_config" --nj "$nj" --output_dir "$labels_dir" "${lm_args[@]}"
+          --inference_config "$teacher_config" --nj "$nj" --output_dir "$labels_dir" "${lm_args[@]}"
       fi
     fi
     if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
@@ -218,35 +250,50 @@ if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
         --token_list "$seed_dir/tokens.txt" --bpemodel "$seed_dir/bpe.model" \
         --feats_stats "$seed_dir/feats_stats.npz" --client_jobs "$client_jobs" \
         --seed "$seed" --output_dir "$gendir/fl" $fl_args 2>&1 | tee -a "$gendir/fl/train.log"
+      if [ "$tune_on_dev" = true ]; then
+        log "Stage 7 (generation $gen): choose the round kept and the LM weight on the dev parts with $inference_tag -> $gendir/fl/tune_dev_$inference_tag/TUNE.md"
+        tune "$gendir/fl" kept "$gendir/fl/tune_dev_$inference_tag"
+      fi
     fi
   done
 fi
 
 if [ $stage -le 8 ] && [ $stop_stage -ge 8 ]; then
   generations=$(python -m fl_lib.bin.adapt_config --config "$expdir/adapt_config.json" --get generations)
-  log "Stage 8: decode the sessions' test parts with the seed and with $expdir/gen$generations/fl; score"
-  # decode_both <name> <tag> <config> [LM args]: the seed (once per config, LM and sessions) and the adapted model.
+  adapted "$generations"
+  log "Stage 8: decode the sessions' test parts with the seed and with $adapted_exp ($adapted_file); score"
+  # decode_both <name> <tag> <seed config> <adapted config> [LM args]: the seed (once per config, LM and
+  # sessions) and the adapted model.
   scores=()
   decode_both() {
-    local name=$1 tag=$2 config=$3; shift 3
+    local name=$1 tag=$2 seed_config=$3 config=$4; shift 4
     local seed_score=$seed_dir/$tag/$session_part/score.json newest
-    newest=$(ls -t "$seed_dir/model.pth" "$sessions" "$config" ${4:+"$4"} | head -1)  # $4: the LM file
+    newest=$(ls -t "$seed_dir/model.pth" "$sessions" "$seed_config" ${4:+"$4"} | head -1)  # $4: the LM file
     if [ -f "$seed_score" ] && [ "$seed_score" -nt "$newest" ]; then
       log "Stage 8: $seed_score is newer than the seed, its LM, the decoding config and the sessions: not decoding the seed again"
     else
-      python -m fl_lib.bin.decode --exp_dir "$seed_dir" --model model.pth --inference_config "$config" \
+      python -m fl_lib.bin.decode --exp_dir "$seed_dir" --model model.pth --inference_config "$seed_config" \
         --cuts "$sessions_dir/test.jsonl.gz" --nj "$nj" --output_dir "$seed_dir/$tag/$session_part" "$@"
     fi
-    python -m fl_lib.bin.decode --exp_dir "$expdir/gen$generations/fl" --model "$adapted_model" \
+    python -m fl_lib.bin.decode --exp_dir "$adapted_exp" --model "$adapted_file" \
       --inference_config "$config" --cuts "$sessions_dir/test.jsonl.gz" --nj "$nj" \
       --output_dir "$expdir/$tag/$session_part" "$@"
     scores+=(--scores "$name" "$seed_score" "$expdir/$tag/$session_part/score.json")
   }
+  seed_config=$inference_config; decoding=$inference_tag
+  if [ "$tune_on_dev" = true ]; then
+    # The seed's LM weight is chosen on the same dev parts as the adapted model's (trials decoded
+    # before are reused, and an unchanged choice leaves decode.yaml as it was).
+    seed_tune=$seed_dir/tune_dev_$inference_tag
+    log "Stage 8: choose the seed's LM weight on the dev parts -> $seed_tune/TUNE.md"
+    tune "$seed_dir" model.pth "$seed_tune"
+    seed_config=$seed_tune/decode.yaml; decoding=${inference_tag}_tuned
+  fi
   if [ "$use_lm" = true ]; then
-    decode_both "LM fusion ($inference_tag)" "$inference_tag" "$inference_config" "${lm_args[@]}"
-    decode_both "acoustic model alone" decode_asr_ctc conf/decode_asr_ctc.yaml
+    decode_both "LM fusion ($decoding)" "$decoding" "$seed_config" "$adapted_config" "${lm_args[@]}"
+    decode_both "acoustic model alone" decode_asr_ctc conf/decode_asr_ctc.yaml conf/decode_asr_ctc.yaml
   else
-    decode_both "$inference_tag" "$inference_tag" "$inference_config"
+    decode_both "$decoding" "$decoding" "$seed_config" "$adapted_config"
   fi
   python -m fl_lib.bin.session_results --sessions "$sessions" "${scores[@]}" --exp_dir "$expdir" \
     --wall_seconds "$SECONDS" --student_config "$student_config"
