@@ -83,6 +83,25 @@ def test_the_ledger_against_the_exact_gaussian_mechanism_when_every_client_train
     assert epsilon(sigma, 64, 8, rounds, delta) < 0.5 * rdp
 
 
+@pytest.mark.parametrize("sampler", ["uniform", "poisson"])
+def test_the_rdp_ledger_of_t_rounds_is_the_accountants_own_composition_and_one_round_is_computed_once(sampler):
+    """ε after T rounds, from one round's RDP scaled by T, equals dp-accounting composing the
+    T-fold event itself; 40 round counts compute the round's RDP once."""
+    import dp_accounting
+
+    from fl_lib.fl.privacy import make_accountant, one_round_rdp, round_event
+
+    one_round_rdp.cache_clear()
+    sigma, delta = 0.7, 1e-6
+    for rounds in (1, 7, 250):
+        acc = make_accountant(sampler, "rdp")
+        acc.compose(dp_accounting.SelfComposedDpEvent(round_event(sigma, 64, 8, sampler), rounds))
+        assert epsilon(sigma, 64, 8, rounds, delta, sampler, "rdp") == pytest.approx(acc.get_epsilon(delta), rel=1e-12)
+    for rounds in range(300, 340):
+        epsilon(sigma, 64, 8, rounds, delta, sampler, "rdp")
+    assert one_round_rdp.cache_info().misses == 1
+
+
 def test_target_epsilon_solves_sigma_and_an_impossible_target_is_refused():
     delta = 64 ** -1.1
     sigma = calibrate_sigma(3.0, 64, 8, 100, delta)

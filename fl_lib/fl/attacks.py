@@ -31,7 +31,7 @@ import torch
 
 from .config import AttackConfig
 from .sampling import derive_seed
-from .strategies.base import ClientResult, State
+from .strategies.base import ClientResult, State, l2_norm
 
 NEEDS_HONEST = ("gaussian", "alie", "ipm")  # forged from the round's honest updates
 
@@ -118,7 +118,7 @@ class Attack:
         # gaussian: a direction drawn per (round, client), scaled to the honest mean norm
         g = torch.Generator().manual_seed(derive_seed(self.seed, "gaussian", draw, result.client_id))
         noise = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in result.delta.items()}
-        norm = math.sqrt(sum(float((n * n).sum()) for n in noise.values()))
+        norm = l2_norm(noise.values())
         target = self._norms / self._n
         return {k: (n * (target / norm)).to(result.delta[k].dtype).to(result.delta[k].device) for k, n in noise.items()}
 

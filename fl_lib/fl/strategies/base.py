@@ -216,5 +216,10 @@ def reject(strategy: str, **unused) -> None:
         raise ValueError(f"strategy '{strategy}' does not use: {', '.join(given)}")
 
 
+def l2_norm(tensors: Iterable[torch.Tensor]) -> float:
+    """The L2 norm of several tensors taken as one vector, summed in float64."""
+    return math.sqrt(sum(float(t.double().square().sum()) for t in tensors))
+
+
 def weights_entropy(weights: List[float]) -> float:
     return -sum(w * math.log(w) for w in weights if w > 0)

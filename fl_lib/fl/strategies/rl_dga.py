@@ -55,12 +55,12 @@ Edge cases:
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
 from ..sampling import derive_seed
-from .base import Aggregate, ClientResult, State, Strategy, WeightedSum
+from .base import Aggregate, ClientResult, State, Strategy, WeightedSum, l2_norm
 from .dga import DGA
 
 FEATURES = ("loss_per_token", "log_utts", "log_norm", "mean_over_rms", "log_var", "cos_prev_update")
@@ -153,7 +153,7 @@ class RLDGA(Strategy):
         self._ids: List[str] = []
         self._raw: List[torch.Tensor] = []
         self._z: List[torch.Tensor] = []
-        self._prev_norm = _norm(self.prev_update) if self.prev_update is not None else 0.0
+        self._prev_norm = l2_norm(self.prev_update.values()) if self.prev_update is not None else 0.0
 
     def features(self, result: ClientResult) -> torch.Tensor:
         """The raw feature vector of one client (see FEATURES); ValueError if one is not finite."""
@@ -288,7 +288,3 @@ class RLDGA(Strategy):
         self.mean_rounds, self.var_rounds = state["mean_rounds"], state["var_rounds"]
         self.rounds_seen = state["rounds_seen"]
         self.prev_update = state["prev_update"]
-
-
-def _norm(state: Dict[str, torch.Tensor]) -> float:
-    return math.sqrt(sum(float(v.double().square().sum()) for v in state.values()))
