@@ -100,7 +100,7 @@ def test_tune_decoding_chooses_the_checkpoint_and_lm_weight_of_fewest_dev_errors
     gen = torch.Generator().manual_seed(0)
     scrambled = {k: torch.randn(v.shape, generator=gen) if k.startswith("ctc.") and v.is_floating_point() else v
                  for k, v in state.items()}
-    torch.save(scrambled, exp / "scrambled.pth")
+    torch.save(scrambled, exp / "scrambled.pth")  # only named explicitly: not a round file, so `kept` never sees it
     conf = tmp_path / "fused.yaml"
     conf.write_text(yaml.safe_dump({"beam_size": 4, "ctc_weight": 1.0, "lm_weight": 3.0, "nbest": 1}))
     lm_args = ["--lm_train_config", str(door_lm / "config.yaml"), "--lm_file", str(door_lm / "valid.loss.best.pth")]
@@ -124,7 +124,22 @@ def test_tune_decoding_chooses_the_checkpoint_and_lm_weight_of_fewest_dev_errors
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 0 and again.stderr.count("decoded already, reused") == 4, again.stderr[-3000:]
     assert {name: (out / name).stat().st_mtime_ns for name in stamps} == stamps
-    # Weights without an LM have nothing to weigh.
+    # A checkpoint of another experiment is not a candidate; weights without an LM have nothing to weigh.
+    outside = tmp_path / "elsewhere.pth"
+    outside.write_bytes((exp / "valid.acc.best.pth").read_bytes())
+    bad = subprocess.run([*cmd[: cmd.index("--models") + 1], str(outside), *cmd[cmd.index("--inference_config"):]],
+                         cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode != 0 and "is not a checkpoint of" in bad.stderr
+    # A dev set without words chooses nothing, rather than the first candidate by default.
+    from lhotse import CutSet
+
+    from fl_lib.asr.tune_decoding import tune_decoding
+
+    empty = tmp_path / "empty.jsonl.gz"
+    CutSet.from_cuts([]).to_file(empty)
+    with pytest.raises(ValueError, match="has no words to score"):
+        tune_decoding(exp, ["valid.acc.best.pth"], conf, empty, tmp_path / "tune_empty",
+                      lm_train_config=door_lm / "config.yaml", lm_file=door_lm / "valid.loss.best.pth")
     bad = subprocess.run(cmd[: cmd.index("--lm_train_config")], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode != 0 and "lm_weights are tried with an LM" in bad.stderr
 

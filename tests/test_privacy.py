@@ -92,6 +92,7 @@ def test_the_rdp_ledger_of_t_rounds_is_the_accountants_own_composition_and_one_r
     from fl_lib.fl.privacy import make_accountant, one_round_rdp, round_event
 
     one_round_rdp.cache_clear()
+    epsilon.cache_clear()
     sigma, delta = 0.7, 1e-6
     for rounds in (1, 7, 250):
         acc = make_accountant(sampler, "rdp")

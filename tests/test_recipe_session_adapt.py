@@ -102,8 +102,8 @@ def test_session_adapt_stages_0_to_8_and_the_truth_is_never_read(seed_exp, tmp_p
     assert proc.returncode == 0, out[-4000:]
     fl = exp / "smoke/gen1/fl"
     kept = sorted(p.name for p in fl.glob("*round.pth"))
-    for tuned, models, tested in ((fl, kept, exp / "smoke"), (exp / "seed", ["model.pth"], exp / "seed")):
-        tune = tuned / "tune_dev_decode_asr_ctc_fusion_lm"
+    for tune, models, tested in ((fl / "tune_dev_decode_asr_ctc_fusion_lm", kept, exp / "smoke"),
+                                 (exp / "seed/tune_dev_decode_asr_ctc_fusion_lm/test-other", ["model.pth"], exp / "seed")):
         trials = [json.loads(line) for line in (tune / "trials.jsonl").read_text().splitlines()]
         assert sorted((t["model"], t["lm_weight"]) for t in trials) == [(m, w) for m in models for w in (1.0, 3.0)]
         choice = json.loads((tune / "choice.json").read_text())
@@ -111,6 +111,8 @@ def test_session_adapt_stages_0_to_8_and_the_truth_is_never_read(seed_exp, tmp_p
         score = json.loads((tested / "decode_asr_ctc_fusion_lm_tuned/test-other/score.json").read_text())
         assert score["inference_config"]["lm_weight"] == choice["lm_weight"] and score["model"] == "model.pth"
     assert "### WER on the sessions' test parts: LM fusion (decode_asr_ctc_fusion_lm_tuned)" in (exp / "smoke/RESULTS.md").read_text()
+    am = json.loads((exp / "smoke/decode_asr_ctc_tuned/test-other/score.json").read_text())
+    assert am["model"] == "model.pth"  # the tuned choice, beside the untuned run's decode_asr_ctc/
 
     # The same sessions with garbage transcripts: stages 1-7 must produce the same adapted model.
     garbage = tmp_path / "garbage/LibriSpeech"

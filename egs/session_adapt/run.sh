@@ -175,6 +175,10 @@ if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
     --get generations $adapt_args)
   labels=$(python -m fl_lib.bin.adapt_config --config "$adapt_config" --get labels $adapt_args)
   confidence=$(python -m fl_lib.bin.adapt_config --config "$adapt_config" --get confidence $adapt_args)
+  if [ "$tune_on_dev" = true ] && [ "$generations" -gt 1 ] && [ "$stage" -gt 4 ]; then
+    # Generation g > 1 is labelled by g-1's tuned choice: its stage 4 must run again, after the tuning.
+    log "--tune_on_dev true with $generations generations: run from --stage 4 (later generations are labelled by the tuned teacher)"; exit 1
+  fi
   for gen in $(seq 1 "$generations"); do
     gendir=$expdir/gen$gen
     if [ "$gen" = 1 ]; then
@@ -240,6 +244,8 @@ if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
       dev_args=()
       if [ "$(gzip -dc "$sessions_dir/dev.jsonl.gz" | wc -l)" -gt 0 ]; then
         dev_args=(--dev_cuts "$sessions_dir/dev.jsonl.gz")
+      elif [ "$tune_on_dev" = true ]; then
+        log "Stage 7: --tune_on_dev true, but the sessions have no dev utterances to choose on (--dev_fraction)"; exit 1
       else
         log "Stage 7: the sessions have no dev utterances: no validation, the last round is the adapted model"
       fi
@@ -261,6 +267,9 @@ fi
 if [ $stage -le 8 ] && [ $stop_stage -ge 8 ]; then
   generations=$(python -m fl_lib.bin.adapt_config --config "$expdir/adapt_config.json" --get generations)
   adapted "$generations"
+  if [ "$tune_on_dev" = true ] && [ ! -f "$adapted_file" ]; then
+    log "Stage 8: $adapted_file does not exist: run stage 7 with --tune_on_dev true first"; exit 1
+  fi
   log "Stage 8: decode the sessions' test parts with the seed and with $adapted_exp ($adapted_file); score"
   # decode_both <name> <tag> <seed config> <adapted config> [LM args]: the seed (once per config, LM and
   # sessions) and the adapted model.
@@ -280,18 +289,18 @@ if [ $stage -le 8 ] && [ $stop_stage -ge 8 ]; then
       --output_dir "$expdir/$tag/$session_part" "$@"
     scores+=(--scores "$name" "$seed_score" "$expdir/$tag/$session_part/score.json")
   }
-  seed_config=$inference_config; decoding=$inference_tag
+  seed_config=$inference_config; decoding=$inference_tag; am_decoding=decode_asr_ctc
   if [ "$tune_on_dev" = true ]; then
     # The seed's LM weight is chosen on the same dev parts as the adapted model's (trials decoded
     # before are reused, and an unchanged choice leaves decode.yaml as it was).
-    seed_tune=$seed_dir/tune_dev_$inference_tag
+    seed_tune=$seed_dir/tune_dev_$inference_tag/$session_part
     log "Stage 8: choose the seed's LM weight on the dev parts -> $seed_tune/TUNE.md"
     tune "$seed_dir" model.pth "$seed_tune"
-    seed_config=$seed_tune/decode.yaml; decoding=${inference_tag}_tuned
+    seed_config=$seed_tune/decode.yaml; decoding=${inference_tag}_tuned; am_decoding=decode_asr_ctc_tuned
   fi
   if [ "$use_lm" = true ]; then
     decode_both "LM fusion ($decoding)" "$decoding" "$seed_config" "$adapted_config" "${lm_args[@]}"
-    decode_both "acoustic model alone" decode_asr_ctc conf/decode_asr_ctc.yaml conf/decode_asr_ctc.yaml
+    decode_both "acoustic model alone" "$am_decoding" conf/decode_asr_ctc.yaml conf/decode_asr_ctc.yaml
   else
     decode_both "$decoding" "$decoding" "$seed_config" "$adapted_config"
   fi

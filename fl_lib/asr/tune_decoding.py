@@ -48,7 +48,7 @@ class Trial:
 
     @property
     def wer(self) -> float:
-        return 100.0 * self.errors / self.words if self.words else float("nan")
+        return 100.0 * self.errors / self.words
 
 
 def candidate_models(exp_dir: Path, models: Sequence[str]) -> list[str]:
@@ -61,22 +61,25 @@ def candidate_models(exp_dir: Path, models: Sequence[str]) -> list[str]:
                 raise ValueError(f"{exp_dir} keeps no <N>round.pth to choose from (fl_config keep_checkpoints)")
             names += [p.name for p in kept.values()]
         else:
-            names.append(resolve_model(exp_dir, model).name)
+            path = resolve_model(exp_dir, model)
+            if path.resolve().parent != exp_dir.resolve():
+                raise ValueError(f"candidate {model} is not a checkpoint of {exp_dir}: tuning chooses among one experiment's checkpoints")
+            names.append(path.name)
     if len(set(names)) != len(names):
         raise ValueError(f"a checkpoint is named twice among the candidates: {names}")
     return names
 
 
-def _decoded_already(decode_dir: Path, model_path: Path, decode: dict, cuts: Path) -> Optional[dict]:
-    """The trial's score.json when an earlier run decoded this very model, config and cut set since
-    they last changed; None otherwise."""
+def _decoded_already(decode_dir: Path, inputs: Sequence[Path], model_name: str, decode: dict, cuts: Path) -> Optional[dict]:
+    """The trial's score.json when an earlier run decoded this very model, config and cut set
+    after every input file (model, cuts, training config, LM) last changed; None otherwise."""
     score = decode_dir / "score.json"
     if not score.is_file():
         return None
     summary = json.loads(score.read_text(encoding="utf-8"))
-    same = (summary.get("model") == model_path.name and summary.get("inference_config") == decode
+    same = (summary.get("model") == model_name and summary.get("inference_config") == decode
             and summary.get("cuts") == str(cuts))
-    newer = score.stat().st_mtime > max(model_path.stat().st_mtime, Path(cuts).stat().st_mtime)
+    newer = score.stat().st_mtime > max(Path(p).stat().st_mtime for p in inputs)
     return summary if same and newer else None
 
 
@@ -119,7 +122,8 @@ def tune_decoding(
                 tmp.write_text(yaml.safe_dump(config, sort_keys=True), encoding="utf-8")
             decode_dir = output_dir / tag
             decode = with_lm(config, lm_train_config, lm_file)
-            summary = _decoded_already(decode_dir, model_path, decode, cuts)
+            inputs = [model_path, cuts, exp_dir / "config.yaml", *(p for p in (lm_train_config, lm_file) if p is not None)]
+            summary = _decoded_already(decode_dir, inputs, name, decode, cuts)
             if summary is None:
                 summary = decode_cuts(exp_dir, name, config_path, cuts, decode_dir, nj=nj, device=device,
                                       lm_train_config=lm_train_config, lm_file=lm_file)
@@ -127,6 +131,8 @@ def tune_decoding(
                 logger.info("%s: decoded already, reused", decode_dir)
             counts = summary["wer"]["counts"]
             trials.append(Trial(name, weight, counts["Sub"] + counts["Del"] + counts["Ins"], counts["Wrd"], str(decode_dir)))
+    if trials[0].words == 0:
+        raise ValueError(f"{cuts} has no words to score: nothing to choose by")
     best = min(trials, key=lambda t: t.errors)  # min keeps the first of equals
     _write_outputs(trials, best, own, exp_dir, output_dir, cuts)
     logger.info("chosen on %s: %s, lm_weight %s, WER %.2f %%", cuts, best.model, best.lm_weight, best.wer)

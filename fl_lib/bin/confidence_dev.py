@@ -17,6 +17,7 @@ import argparse
 import os
 from pathlib import Path
 
+from fl_lib.bin import add_lm_options
 from fl_lib.log import setup_logging
 
 
@@ -28,8 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--inference_config", type=Path, required=True, help="ESPnet decode yaml of the labels")
     p.add_argument("--configs", type=Path, nargs="+", required=True, help="adaptation configs with a filter")
     p.add_argument("--lm_text", type=Path, help="the n-gram text of k2_lm configs")
-    p.add_argument("--lm_train_config", type=Path, help="the decoding LM's config.yaml (labels with shallow fusion)")
-    p.add_argument("--lm_file", type=Path, help="that LM's weights")
+    add_lm_options(p)
     p.add_argument("--output_dir", type=Path, required=True)
     p.add_argument("--nj", type=int, default=1, help="parallel decoding processes")
     p.add_argument("--k2_python", default=os.environ.get("FL_K2_PYTHON"), help="python of .venv-k2")

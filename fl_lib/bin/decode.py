@@ -10,6 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from fl_lib.bin import add_lm_options
 from fl_lib.log import setup_logging
 from fl_lib.terminate import EXIT_STATUS, Terminated, sigterm_raises
 
@@ -23,8 +24,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--inference_config", type=Path, required=True, help="ESPnet decode yaml")
     p.add_argument("--cuts", type=Path, required=True, help="Lhotse CutSet manifest (jsonl.gz)")
     p.add_argument("--output_dir", type=Path, required=True)
-    p.add_argument("--lm_train_config", type=Path, default=None, help="an ESPnet LM's config.yaml (fl_lib.bin.train_lm)")
-    p.add_argument("--lm_file", type=Path, default=None, help="that LM's checkpoint, e.g. valid.loss.best.pth")
+    add_lm_options(p)
     p.add_argument("--nj", type=int, default=1, help="parallel decoding processes")
     p.add_argument("--ngpu", type=int, default=0, help="0: decode on the CPU; 1: every worker on the GPU (an error without CUDA)")
     p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

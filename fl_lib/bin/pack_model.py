@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fl_lib.bin import add_lm_options
 from fl_lib.log import setup_logging
 
 
@@ -27,8 +28,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="as fl_lib.bin.decode: best, latest, ave, valid.acc.ave[_<N>best].pth or a file in exp_dir")
     p.add_argument("--inference_config", type=Path, required=True,
                    help="the ESPnet decode yaml stage 6 decodes with; packed as decode.yaml")
-    p.add_argument("--lm_train_config", type=Path, default=None, help="an ESPnet LM's config.yaml (fl_lib.bin.train_lm)")
-    p.add_argument("--lm_file", type=Path, default=None, help="that LM's checkpoint, e.g. valid.loss.best.pth")
+    add_lm_options(p)
     p.add_argument("--outpath", type=Path, required=True, help="the .zip to write")
     p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fl_lib.bin import add_lm_options
 from fl_lib.log import setup_logging
 
 
@@ -24,8 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output_dir", type=Path, required=True)
     p.add_argument("--nj", type=int, default=1, help="parallel decoding processes")
     p.add_argument("--part", choices=("adapt", "dev"), default="adapt", help="which part of every session")
-    p.add_argument("--lm_train_config", type=Path, default=None, help="the decoding LM's config.yaml")
-    p.add_argument("--lm_file", type=Path, default=None, help="that LM's weights")
+    add_lm_options(p)
     args = p.parse_args(argv)
     setup_logging()
     from fl_lib.adapt.pseudo import pseudo_label

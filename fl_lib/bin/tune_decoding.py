@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fl_lib.bin import add_lm_options
 from fl_lib.log import setup_logging
 
 
@@ -27,8 +28,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="LM weights to try (none: the config's own)")
     p.add_argument("--cuts", type=Path, required=True, help="the dev set, a Lhotse CutSet manifest (jsonl.gz)")
     p.add_argument("--output_dir", type=Path, required=True)
-    p.add_argument("--lm_train_config", type=Path, default=None, help="an ESPnet LM's config.yaml")
-    p.add_argument("--lm_file", type=Path, default=None, help="that LM's checkpoint")
+    add_lm_options(p)
     p.add_argument("--nj", type=int, default=1, help="parallel decoding processes")
     p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
