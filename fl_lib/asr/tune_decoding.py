@@ -30,6 +30,7 @@ from ..atomic import atomic_path
 from ..fl.checkpoint import atomic_copy
 from .average import resolve_model, round_checkpoints
 from .decode import decode_cuts, load_inference_config, with_lm
+from .scoring import ErrorStats
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +130,8 @@ def tune_decoding(
                                       lm_train_config=lm_train_config, lm_file=lm_file)
             else:
                 logger.info("%s: decoded already, reused", decode_dir)
-            counts = summary["wer"]["counts"]
-            trials.append(Trial(name, weight, counts["Sub"] + counts["Del"] + counts["Ins"], counts["Wrd"], str(decode_dir)))
+            wer = ErrorStats.from_dict(summary["wer"])
+            trials.append(Trial(name, weight, wer.err, wer.wrd, str(decode_dir)))
     if trials[0].words == 0:
         raise ValueError(f"{cuts} has no words to score: nothing to choose by")
     best = min(trials, key=lambda t: t.errors)  # min keeps the first of equals
