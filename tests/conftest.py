@@ -95,6 +95,14 @@ def tiny_stats(tiny_clients, tiny_asr_config, tmp_path_factory) -> Path:
     return federated_feats_stats(tiny_clients, tiny_asr_config, out)
 
 
+@pytest.fixture(scope="session")
+def fl_data(tiny_clients, tiny_sets, tiny_tokens, tiny_stats, tiny_asr_config) -> dict:
+    """`fl_train`'s data arguments on the tiny corpus (stages 0-4)."""
+    bpemodel, token_list = tiny_tokens
+    return dict(asr_config=tiny_asr_config, train_clients=tiny_clients, dev_cuts=tiny_sets["dev-clean"],
+                token_list=token_list, bpemodel=bpemodel, feats_stats=tiny_stats)
+
+
 # A real ESPnet model overfitted on four flite utterances: decoding and pseudo-labelling tests share it.
 UTTS = {  # speaker: (voice, sentences)
     "slt": ("slt", ["TURN ON THE LIGHTS", "OPEN THE DOOR"]),

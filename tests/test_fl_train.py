@@ -26,19 +26,6 @@ FAST = ["clients_per_round=2", "client.max_steps=2", "client.max_duration=15", "
 CONF_DIR = Path(__file__).resolve().parents[1] / "egs/librispeech_fl/conf"
 
 
-@pytest.fixture(scope="module")
-def fl_data(tiny_clients, tiny_sets, tiny_tokens, tiny_stats, tiny_asr_config):
-    bpemodel, token_list = tiny_tokens
-    return dict(
-        asr_config=tiny_asr_config,
-        train_clients=tiny_clients,
-        dev_cuts=tiny_sets["dev-clean"],
-        token_list=token_list,
-        bpemodel=bpemodel,
-        feats_stats=tiny_stats,
-    )
-
-
 def run_inprocess(fl_data, out: Path, conf_name: str, overrides=(), **kw):
     from fl_lib.fl.train import train
 

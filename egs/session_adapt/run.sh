@@ -271,18 +271,18 @@ if [ $stage -le 8 ] && [ $stop_stage -ge 8 ]; then
     log "Stage 8: $adapted_file does not exist: run stage 7 with --tune_on_dev true first"; exit 1
   fi
   log "Stage 8: decode the sessions' test parts with the seed and with $adapted_exp ($adapted_file); score"
-  # decode_both <name> <tag> <seed config> <adapted config> [LM args]: the seed (once per config, LM and
-  # sessions) and the adapted model.
+  # decode_both <name> <seed tag> <tag> <seed config> <adapted config> [LM args]: the seed (once per
+  # config, LM and sessions) and the adapted model.
   scores=()
   decode_both() {
-    local name=$1 tag=$2 seed_config=$3 config=$4; shift 4
-    local seed_score=$seed_dir/$tag/$session_part/score.json newest
+    local name=$1 seed_tag=$2 tag=$3 seed_config=$4 config=$5; shift 5
+    local seed_score=$seed_dir/$seed_tag/$session_part/score.json newest
     newest=$(ls -t "$seed_dir/model.pth" "$sessions" "$seed_config" ${4:+"$4"} | head -1)  # $4: the LM file
     if [ -f "$seed_score" ] && [ "$seed_score" -nt "$newest" ]; then
       log "Stage 8: $seed_score is newer than the seed, its LM, the decoding config and the sessions: not decoding the seed again"
     else
       python -m fl_lib.bin.decode --exp_dir "$seed_dir" --model model.pth --inference_config "$seed_config" \
-        --cuts "$sessions_dir/test.jsonl.gz" --nj "$nj" --output_dir "$seed_dir/$tag/$session_part" "$@"
+        --cuts "$sessions_dir/test.jsonl.gz" --nj "$nj" --output_dir "$seed_dir/$seed_tag/$session_part" "$@"
     fi
     python -m fl_lib.bin.decode --exp_dir "$adapted_exp" --model "$adapted_file" \
       --inference_config "$config" --cuts "$sessions_dir/test.jsonl.gz" --nj "$nj" \
@@ -298,11 +298,12 @@ if [ $stage -le 8 ] && [ $stop_stage -ge 8 ]; then
     tune "$seed_dir" model.pth "$seed_tune"
     seed_config=$seed_tune/decode.yaml; decoding=${inference_tag}_tuned; am_decoding=decode_asr_ctc_tuned
   fi
+  # The seed's acoustic model alone does not depend on the tuning: its untuned decode serves both.
   if [ "$use_lm" = true ]; then
-    decode_both "LM fusion ($decoding)" "$decoding" "$seed_config" "$adapted_config" "${lm_args[@]}"
-    decode_both "acoustic model alone" "$am_decoding" conf/decode_asr_ctc.yaml conf/decode_asr_ctc.yaml
+    decode_both "LM fusion ($decoding)" "$decoding" "$decoding" "$seed_config" "$adapted_config" "${lm_args[@]}"
+    decode_both "acoustic model alone" decode_asr_ctc "$am_decoding" conf/decode_asr_ctc.yaml conf/decode_asr_ctc.yaml
   else
-    decode_both "$decoding" "$decoding" "$seed_config" "$adapted_config"
+    decode_both "$decoding" "$decoding" "$decoding" "$seed_config" "$adapted_config"
   fi
   python -m fl_lib.bin.session_results --sessions "$sessions" "${scores[@]}" --exp_dir "$expdir" \
     --wall_seconds "$SECONDS" --student_config "$student_config"

@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Protocol, Sequence
 
 import torch
 from tqdm import tqdm
@@ -126,6 +126,17 @@ class ClientFailuresError(RuntimeError):
         )
 
 
+class RemoteClients(Protocol):
+    """Clients that train elsewhere (a Flower federation): their index (manifest paths are the
+    holders'), their manifests' digests as the holders computed them, and the executor that
+    sends them their tasks."""
+
+    clients: list  # ClientInfo
+    digests: dict  # client id -> content digest of its manifest
+
+    def executor(self, espnet_args: argparse.Namespace, client_conf, batches: BatchSpec, seed: int, num_threads: int): ...
+
+
 class RoundCoverageError(RuntimeError):
     """The ranks' reports of a round do not account for each sampled client exactly once."""
 
@@ -148,8 +159,10 @@ class FederatedServer:
         client_jobs: int = 1,
         held_out_batches: Optional[Callable[[], Iterable]] = None,
         ranks: Ranks = Ranks(),
+        remote: Optional["RemoteClients"] = None,
     ) -> None:
         self.model = model
+        self.remote = remote
         self.ranks = ranks
         self.args = espnet_args
         self.conf = conf
@@ -187,7 +200,9 @@ class FederatedServer:
         self.sampler = ClientSampler(
             [c.id for c in clients], [c.num_cuts for c in clients], conf.clients_per_round, conf.sampler, seed
         )
-        if client_jobs > 1:
+        if remote is not None:
+            self.clients_executor = remote.executor(espnet_args, conf.client, batches, seed, torch.get_num_threads())
+        elif client_jobs > 1:
             self.clients_executor = ProcessClients(
                 client_jobs, espnet_trainer, espnet_args, conf.client, batches, seed, torch.get_num_threads()
             )
@@ -225,9 +240,14 @@ class FederatedServer:
         return {
             "seed": self.seed,
             "espnet_config": espnet_config(self.args),
-            # A missing manifest is a client that fails each round it is sampled, not a start-up error.
-            "clients": {cid: content_digest(c.manifest) if c.manifest.exists() else None for cid, c in sorted(self.clients.items())},
+            "clients": self._manifest_digests(),
         }
+
+    def _manifest_digests(self) -> dict:
+        if self.remote is not None:  # the nodes hash their own manifests; the server never opens one
+            return dict(sorted(self.remote.digests.items()))
+        # A missing manifest is a client that fails each round it is sampled, not a start-up error.
+        return {cid: content_digest(c.manifest) if c.manifest.exists() else None for cid, c in sorted(self.clients.items())}
 
     def state_dict(self) -> dict:
         return {

@@ -16,7 +16,7 @@ from ..data.dataset import make_dataloader
 from .config import FLConfig
 from .distributed import Ranks, resolve_device
 from .executor import BatchSpec
-from .server import FederatedServer
+from .server import FederatedServer, RemoteClients
 
 # Fixed, unlike dev_max_duration (which a resumed run may change): the batching of the
 # held-out set changes its loss in the last bits, and with it rl_dga's choices.
@@ -27,7 +27,7 @@ def build_server(
     conf: FLConfig,
     *,
     asr_config: Path,
-    train_clients: Path,
+    train_clients: Optional[Path] = None,
     token_list: Path,
     bpemodel: Path,
     output_dir: Path,
@@ -39,6 +39,7 @@ def build_server(
     command: Optional[Sequence[str]] = None,
     ngpu: int = 0,
     ranks: Ranks = Ranks(),
+    remote: Optional[RemoteClients] = None,
 ) -> FederatedServer:
     """The federated server of this experiment, resumed from `output_dir` if it holds one.
 
@@ -46,7 +47,8 @@ def build_server(
     `strategy.held_out_utts` (rl_dga), that many dev utterances become the server's
     held-out set (`held_out.jsonl.gz` in `output_dir`) and validation uses the rest.
     With `ngpu` 1 the model, the batches and the server step are on this rank's GPU.
-    Under torchrun (`ranks`), only rank 0 writes to `output_dir`.
+    Under torchrun (`ranks`), only rank 0 writes to `output_dir`. With `remote` (a Flower
+    federation) the clients are the nodes' and train there: `train_clients` is not read.
     """
     import torch
 
@@ -64,7 +66,9 @@ def build_server(
     args = build_asr_args(asr_config, token_list, bpemodel, feats_stats)
     model = build_asr_model(args).to(device)
     batches = BatchSpec(bpemodel, token_list, conf.client.max_duration, conf.client.max_cuts, conf.client.audio_cache_mb)
-    clients = load_clients(train_clients)
+    if (remote is None) == (train_clients is None):
+        raise ValueError("give either train_clients (clients.jsonl) or a remote federation, not both")
+    clients = load_clients(train_clients) if remote is None else remote.clients
     dev = held_out = None
     if conf.strategy.held_out_utts is not None and ranks.is_main:
         if dev_cuts is None:
@@ -73,7 +77,7 @@ def build_server(
         held_out = partial(make_dataloader, held_out_cuts, batches.tokenizer, max_duration=HELD_OUT_MAX_DURATION, shuffle=False)
     if dev_cuts is not None:
         dev = partial(make_dataloader, dev_cuts, batches.tokenizer, max_duration=conf.dev_max_duration, shuffle=False)
-    server = FederatedServer(model, args, conf, clients, batches, dev, output_dir, seed, client_jobs, held_out, ranks)
+    server = FederatedServer(model, args, conf, clients, batches, dev, output_dir, seed, client_jobs, held_out, ranks, remote)
     server.maybe_resume()  # refuses another experiment's output_dir before anything there is rewritten
     if not ranks.is_main:
         return server

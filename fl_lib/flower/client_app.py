@@ -1,0 +1,100 @@
+"""The Flower `ClientApp`: a SuperNode's clients train with fl_lib's own `LocalTrainer`.
+
+A SuperNode is started with `--node-config 'clients="<node>/clients.jsonl"'`: the index of
+the clients (speakers) it holds, and nothing else. Two message types:
+
+- `query`: the node's index (ids, sizes, manifest digests), from which the server learns
+  which node holds which client, without reading any manifest itself;
+- `train`: one client's local round, the same `LocalTrainer.train` the native loop calls,
+  on a model built from the setup the server sent. The reply is the pseudo-gradient and
+  the `ClientResult` statistics. A client the node does not hold is refused.
+
+Flower runs each message in a fresh process, so the model is built per message; its
+weights come with the message, so nothing else carries over between rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..data.clients import ClientInfo, load_clients
+from ..data.markers import content_digest
+from .records import ClientSetup, read_task, result_content
+
+app = ClientApp()
+
+
+def node_clients(context: Context) -> tuple[Path, dict[str, ClientInfo]]:
+    """This node's index file and its clients by id."""
+    index = context.node_config.get("clients")
+    if not index:
+        raise ValueError("this SuperNode was started without its client index: --node-config 'clients=\"<path>/clients.jsonl\"'")
+    index = Path(str(index))
+    return index, {c.id: c for c in load_clients(index)}
+
+
+def index_record(clients: dict[str, ClientInfo]) -> ConfigRecord:
+    rows = [{"id": c.id, "num_cuts": c.num_cuts, "duration": c.duration, "digest": content_digest(c.manifest)}
+            for c in clients.values()]
+    return ConfigRecord({"clients": json.dumps(rows)})
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    _, clients = node_clients(context)
+    return Message(RecordDict({"index": index_record(clients)}), reply_to=msg)
+
+
+def setup_files(setup: ClientSetup, cache: Path) -> dict[str, Path]:
+    """The setup's files written once under `cache`, named by their content."""
+    cache.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, data in setup.files.items():
+        path = cache / f"{hashlib.sha256(data).hexdigest()[:16]}.{name}"
+        if not path.exists():
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        paths[name] = path
+    return paths
+
+
+def build_trainer(setup: ClientSetup, cache: Path):
+    """The `LocalTrainer` the server's native loop would use, with the node's copies of the files."""
+    import torch
+
+    from ..asr.model import build_asr_model
+    from ..espnet_env import asr_task
+    from ..fl.client import LocalTrainer
+    from ..fl.config import ClientConfig, from_dict
+    from ..fl.executor import BatchSpec
+
+    files = setup_files(setup, cache)
+    torch.set_num_threads(setup.num_threads)  # the server's count: float reductions in the same order
+    args = asr_task().get_parser().parse_args([])
+    for key, value in setup.espnet_config.items():
+        setattr(args, key, value)
+    args.bpemodel = str(files["bpemodel"])
+    args.init_param = []  # the start weights come with every task
+    if "feats_stats" in files:
+        args.normalize_conf = {**(args.normalize_conf or {}), "stats_file": str(files["feats_stats"])}
+    batches = BatchSpec(files["bpemodel"], files["token_list"], **setup.batches)
+    return LocalTrainer(build_asr_model(args), argparse.Namespace(**vars(args)), from_dict(ClientConfig, setup.client),
+                        batches, setup.seed)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    index, clients = node_clients(context)
+    client_id, start, draw, mu, lr_scale, setup = read_task(msg.content)
+    if client_id not in clients:
+        raise ValueError(f"client {client_id} is not held by this node ({index}): the server sent it to the wrong node")
+    info = clients[client_id]
+    trainer = build_trainer(setup, index.parent / "setup")
+    result = trainer.train(client_id, info.manifest, start, draw, mu, lr_scale)
+    return Message(result_content(result), reply_to=msg)

@@ -1,0 +1,151 @@
+"""A Flower deployment on this machine: a SuperLink and N SuperNodes as separate processes.
+
+Each SuperNode gets its own client index (`split_nodes`), so it can open only its own
+clients' manifests; they talk to the SuperLink over Flower's transport on 127.0.0.1, as
+devices would over the network. `flwr run` submits the app; the deployment stops every
+process it started, also when the run fails or is interrupted.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..data.clients import load_clients
+
+logger = logging.getLogger(__name__)
+CONNECTION = "fl-lib-local"  # the SuperLink connection name in $FLWR_HOME/config.toml
+
+
+def split_nodes(train_clients: Path, num_nodes: int, out_dir: Path) -> list[Path]:
+    """`out_dir/node<i>/clients.jsonl`: client j (in id order) on node j mod N, manifests by absolute path."""
+    clients = sorted(load_clients(train_clients), key=lambda c: c.id)
+    if not 1 <= num_nodes <= len(clients):
+        raise ValueError(f"{num_nodes} SuperNodes for {len(clients)} clients: give between 1 and {len(clients)}")
+    paths = []
+    for i in range(num_nodes):
+        index = Path(out_dir) / f"node{i}" / "clients.jsonl"
+        index.parent.mkdir(parents=True, exist_ok=True)
+        rows = [{"id": c.id, "num_cuts": c.num_cuts, "duration": c.duration, "manifest": str(c.manifest.resolve())}
+                for c in clients[i::num_nodes]]
+        index.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(index)
+    return paths
+
+
+def write_app(app_dir: Path, run_config: dict) -> Path:
+    """The Flower app `flwr run` submits: a pyproject naming fl_lib's ServerApp and ClientApp
+    (imported from the installed fl_lib) and this experiment's run configuration."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    lines = [
+        '[build-system]', 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', '',
+        '[project]', 'name = "fl-lib-app"', 'version = "1.0.0"', 'license = "Apache-2.0"', 'dependencies = []', '',
+        '[tool.hatch.build.targets.wheel]', 'packages = ["."]', '',
+        '[tool.flwr.app]', 'publisher = "fl-lib"', '',
+        '[tool.flwr.app.components]', 'serverapp = "fl_lib.flower.server_app:app"', 'clientapp = "fl_lib.flower.client_app:app"', '',
+        '[tool.flwr.app.config]',
+    ]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in run_config.items()]
+    (app_dir / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    return app_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalDeployment:
+    """`with LocalDeployment(work_dir, node_indexes) as d: d.run(app_dir)`.
+
+    Processes are started in their own session, logs in `work_dir/logs/`, and stopped
+    (SIGTERM, then SIGKILL) on exit. `kill_node(i)` kills SuperNode i, as a device that
+    drops off the network."""
+
+    def __init__(self, work_dir: Path, node_indexes: Sequence[Path], startup_timeout: float = 120.0) -> None:
+        self.work_dir = Path(work_dir)
+        self.node_indexes = list(node_indexes)
+        self.startup_timeout = startup_timeout
+        self.home = self.work_dir / "flwr_home"
+        self.logs = self.work_dir / "logs"
+        self.port = free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        bin_dir = str(Path(sys.executable).parent)  # flower-superlink, flwr-serverapp, ... of this environment
+        self.env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "FLWR_HOME": str(self.home),
+                    "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+
+    def _start(self, name: str, cmd: list[str]) -> None:
+        log = open(self.logs / f"{name}.log", "w")
+        self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+
+    def _wait_port(self, port: int) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.procs["superlink"].poll() is not None:
+                raise RuntimeError(f"the SuperLink exited at start-up: see {self.logs / 'superlink.log'}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"the SuperLink did not listen on 127.0.0.1:{port} within {self.startup_timeout:.0f} s")
+
+    def __enter__(self) -> "LocalDeployment":
+        shutil.rmtree(self.home, ignore_errors=True)
+        self.home.mkdir(parents=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        try:
+            self._start("superlink", ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+                                      "--host", "127.0.0.1", "--port", str(self.port)])
+            self._wait_port(self.port)
+            for i, index in enumerate(self.node_indexes):
+                config = f'clients="{Path(index).resolve()}"'
+                self._start(f"supernode{i}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                                              "--port", str(free_port()), "--node-config", config])
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def run(self, app_dir: Path, timeout: Optional[float] = None) -> int:
+        """`flwr run` of the app on this deployment, its output in logs/flwr_run.log; its exit status."""
+        with open(self.logs / "flwr_run.log", "a") as log:
+            proc = subprocess.run(["flwr", "run", str(app_dir), CONNECTION, "--stream"], env=self.env, stdout=log,
+                                  stderr=subprocess.STDOUT, timeout=timeout)
+        return proc.returncode
+
+    def kill_node(self, i: int) -> None:
+        self._signal(f"supernode{i}", signal.SIGKILL)
+
+    def _signal(self, name: str, sig: int) -> None:
+        proc = self.procs.get(name)
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        for name in self.procs:
+            self._signal(name, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self._signal(name, signal.SIGKILL)
+                proc.wait()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

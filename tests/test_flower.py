@@ -1,0 +1,236 @@
+"""fl_lib over Flower: the wire format, the server's checks on replies, and a real
+SuperLink with two SuperNodes giving the native loop's model bitwise."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fl_lib.fl.config import FLConfig
+from fl_lib.fl.executor import Task
+from fl_lib.fl.strategies.base import ClientResult
+from fl_lib.flower.records import ClientSetup, MalformedUpdate, read_result, read_task, result_content, task_content
+from fl_lib.flower.server_app import FlowerClients, FlowerFederation
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "egs/librispeech_fl/conf"
+SETUP = ClientSetup(espnet_config={"token_list": ["<blank>", "a"]}, client={"lr": 0.1}, batches={"max_duration": 15.0},
+                    files={"bpemodel": b"\x00model", "token_list": b"<blank>\na\n"}, seed=3, num_threads=1)
+
+
+@pytest.fixture
+def task_identity():
+    """Instruction messages need the identity a running ServerApp has."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _state(seed=0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"enc.weight": torch.randn(4, 3, generator=g), "enc.bias": torch.randn(4, generator=g),
+            "norm.count": torch.tensor(5, dtype=torch.long)}
+
+
+def _result(cid: str, delta: dict) -> ClientResult:
+    return ClientResult(client_id=cid, delta=delta, num_utts=6, num_frames=812, train_loss=1 / 3, grad_mean=-1e-7,
+                        grad_rms=math.pi, grad_var=2.5e-3, num_steps=2, seconds=1.25, cpu_seconds=1.5, num_tokens=97)
+
+
+def test_task_and_result_cross_the_wire_bitwise():
+    start = _state()
+    cid, got, draw, mu, lr_scale, setup = read_task(task_content(Task("1089", Path("m"), start, 7, 0.01, 0.98), SETUP))
+    assert (cid, draw, mu, lr_scale, setup) == ("1089", 7, 0.01, 0.98, SETUP)
+    assert got.keys() == start.keys() and all(torch.equal(got[k], start[k]) and got[k].dtype == start[k].dtype for k in start)
+    delta = {k: v for k, v in _state(1).items() if v.is_floating_point()}
+    sent = _result("1089", delta)
+    back = read_result(result_content(sent), "1089", start)
+    assert all(torch.equal(back.delta[k], delta[k]) for k in delta)
+    assert {k: v for k, v in back.__dict__.items() if k != "delta"} == {k: v for k, v in sent.__dict__.items() if k != "delta"}
+
+
+@pytest.mark.parametrize("corrupt,reason", [
+    (lambda d: d.update({"enc.bias": torch.zeros(5)}), r"Δ\[enc.bias\] is \(5,\)"),
+    (lambda d: d.pop("enc.bias"), "missing entries \\['enc.bias'\\]"),
+    (lambda d: d.update({"extra": torch.zeros(1)}), "unknown entries \\['extra'\\]"),
+    (lambda d: d.update({"enc.bias": torch.zeros(4, dtype=torch.float64)}), "torch.float64"),
+])
+def test_a_malformed_update_is_refused_with_its_reason(corrupt, reason):
+    delta = {k: v for k, v in _state(1).items() if v.is_floating_point()}
+    corrupt(delta)
+    with pytest.raises(MalformedUpdate, match=reason):
+        read_result(result_content(_result("1089", delta)), "1089", _state())
+    with pytest.raises(MalformedUpdate, match="for client '7'"):
+        read_result(result_content(_result("7", {k: v for k, v in _state(1).items() if v.is_floating_point()})), "1089", _state())
+
+
+def test_a_non_finite_update_is_flagged_whatever_the_client_says():
+    delta = {k: v for k, v in _state(1).items() if v.is_floating_point()}
+    delta["enc.weight"][2, 1] = math.nan
+    sent = _result("1089", delta)
+    assert sent.delta_finite  # the client claims a finite Δ
+    assert not read_result(result_content(sent), "1089", _state()).is_finite()
+
+
+class FakeGrid:
+    """A Grid whose nodes answer by `behaviour[client id]`: the server's side, without processes."""
+
+    def __init__(self, online, behaviour) -> None:
+        self.online, self.behaviour, self.pushed = online, behaviour, []
+
+    def get_node_ids(self):
+        return list(self.online)
+
+    def push_messages(self, msgs):
+        ids = []
+        for m in msgs:
+            m.metadata.__dict__["_message_id"] = m.object_id
+            self.pushed.append(m)
+            ids.append(m.metadata.message_id)
+        return ids
+
+    def pull_messages(self, ids):
+        out = []
+        for m in [m for m in self.pushed if m.metadata.message_id in ids]:
+            self.pushed.remove(m)
+            cid, start, *_ = read_task(m.content)
+            reply = self.behaviour[cid](m, start)
+            if reply is not None:
+                out.append(reply)
+        return out
+
+
+def test_the_server_turns_each_bad_reply_into_a_failed_client_with_its_reason(task_identity):
+    def good(m, start):
+        return Message(result_content(_result("a", {k: v + 1 for k, v in start.items() if v.is_floating_point()})), reply_to=m)
+
+    misshapen = {"enc.weight": torch.zeros(4, 3), "enc.bias": torch.zeros(3)}
+
+    def wrong_shape(m, start):
+        return Message(result_content(_result("b", misshapen)), reply_to=m)
+
+    behaviour = {"a": good, "b": wrong_shape, "c": lambda m, s: Message(Error(0, "ClientApp raised: boom"), reply_to=m),
+                 "d": lambda m, s: None, "e": good}
+    node_of = {"a": 1, "b": 1, "c": 2, "d": 2, "e": 3}
+    grid = FakeGrid(online=[1, 2], behaviour=behaviour)
+    fed = FlowerFederation(grid, node_of, clients=[], digests={}, round_timeout=1.0, poll_seconds=0.01)
+    start = _state()
+    tasks = [Task(cid, Path(cid), start, 0, 0.0) for cid in "edcba"]
+    outcomes = list(FlowerClients(fed, SETUP).map(tasks))
+    assert [o.client_id for o in outcomes] == list("edcba")  # sampling order, whatever the arrival order
+    by = {o.client_id: o for o in outcomes}
+    assert torch.equal(by["a"].result.delta["enc.weight"], start["enc.weight"] + 1) and by["a"].error is None
+    assert "SuperNode 3 holding client e is not connected" in by["e"].error
+    assert "no reply from SuperNode 2 within the round timeout of 1 s" in by["d"].error
+    assert "boom" in by["c"].error
+    assert "update rejected" in by["b"].error and "Δ[enc.bias] is (3,)" in by["b"].error
+    assert fed.sent_bytes == [{"sent": 4 * ArrayRecord(start).count_bytes(),  # the weights to the 4 connected clients' nodes
+                               "received": ArrayRecord(by["a"].result.delta).count_bytes() + ArrayRecord(misshapen).count_bytes()}]
+
+
+def test_a_node_trains_only_the_clients_in_its_own_index(fl_data, tmp_path, task_identity):
+    from fl_lib.data.clients import load_clients
+    from fl_lib.flower import client_app
+    from fl_lib.flower.deployment import split_nodes
+
+    indexes = split_nodes(fl_data["train_clients"], 2, tmp_path)
+    held = [[c.id for c in load_clients(i)] for i in indexes]
+    everyone = sorted(c.id for c in load_clients(fl_data["train_clients"]))
+    assert sorted(held[0] + held[1]) == everyone and not set(held[0]) & set(held[1])
+    context = Context(run_id=1, node_id=1, node_config={"clients": str(indexes[0])}, state=RecordDict(), run_config={})
+    msg = Message(task_content(Task(held[1][0], Path("x"), _state(), 0, 0.0), SETUP), dst_node_id=1, message_type=MessageType.TRAIN)
+    with pytest.raises(ValueError, match=f"client {held[1][0]} is not held by this node"):
+        client_app.train(msg, context)
+    query = Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY)
+    rows = json.loads(client_app.query(query, context).content.config_records["index"]["clients"])
+    assert [r["id"] for r in rows] == held[0]
+
+
+def _flower_train(fl_data, out: Path, conf: str, overrides, round_timeout=600) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "fl_lib.bin.flower_train", "--nodes", "2", "--seed", "7", "--output_dir", str(out),
+            "--fl_config", str(CONF_DIR / conf), "--round_timeout", str(round_timeout)]
+    for key in ("asr_config", "train_clients", "token_list", "bpemodel", "feats_stats"):
+        args += [f"--{key}", str(fl_data[key])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([*args, *overrides], env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("conf", ["fl_fedavg.yaml", "fl_dga_sgd.yaml"])
+def test_flower_grpc_trains_the_native_model_bitwise_and_resumes(fl_data, tmp_path, conf):
+    """Two SuperNodes behind a real SuperLink, client SGD: 3 rounds give the native loop's
+    global model bit for bit and the same client sample per round. FedAvg stops after 2
+    rounds and a restarted server finishes the third from its checkpoint."""
+    from fl_lib.fl.train import train
+
+    overrides = ["clients_per_round=2", "client.max_steps=2", "client.max_duration=15", "client.optim=sgd", "client.lr=0.05"]
+    data = {k: v for k, v in fl_data.items() if k != "dev_cuts"}
+    native = tmp_path / "native"
+    train(FLConfig.from_yaml(CONF_DIR / conf, [*overrides, "rounds=3"]), output_dir=native, seed=7, **data)
+    out = tmp_path / "flower"
+    stops = (2, 3) if conf == "fl_fedavg.yaml" else (3,)
+    for rounds in stops:
+        proc = _flower_train(fl_data, out, conf, [*overrides, f"rounds={rounds}"])
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if len(stops) == 2:
+        assert "resumed from" in (out / "flower_server.log").read_text()
+    a, b = (torch.load(d / "latest.pth", map_location="cpu") for d in (native, out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (native, out)]
+    assert [r["clients"] for r in rows[0]] == [r["clients"] for r in rows[1]] and len(rows[1]) == 3
+    status = json.loads((out / "flower_status.json").read_text())
+    assert status["status"] == "finished" and all(r["sent"] > 0 and r["received"] > 0 for r in status["bytes_per_round"])
+
+
+def _pids(*pgrep_args) -> list[int]:
+    proc = subprocess.run(["pgrep", *pgrep_args], capture_output=True, text=True)
+    return [int(p) for p in proc.stdout.split()]
+
+
+def test_a_supernode_killed_mid_round_fails_its_clients_and_the_run_goes_on(fl_data, tmp_path):
+    """SuperNode 1 is killed (SIGKILL, its ClientApp with it) while it trains a client of round 1.
+    Its two clients fail with the reason the transport gives; node 0's two keep each round above
+    min_clients_per_round, so both rounds count and the job ends instead of hanging."""
+    import signal
+    import threading
+    import time
+
+    out = tmp_path / "flower"
+    killed = {}
+
+    def kill_node1_mid_round():
+        deadline = time.monotonic() + 600
+        log = out / "flower_server.log"
+        while time.monotonic() < deadline and not (log.exists() and "federation:" in log.read_text()):
+            time.sleep(0.2)
+        while time.monotonic() < deadline:
+            for pid in _pids("-f", f"{out}/flower/node1/clients.jsonl"):
+                if _pids("-P", str(pid)):  # its ClientApp process: a train message is in flight
+                    os.killpg(pid, signal.SIGKILL)
+                    killed["at"] = time.monotonic()
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_node1_mid_round, daemon=True)
+    killer.start()
+    t0 = time.monotonic()
+    proc = _flower_train(fl_data, out, "fl_fedavg.yaml", ["rounds=2", "clients_per_round=4", "min_clients_per_round=2",
+                                                           "client.max_steps=1", "client.max_duration=15"], round_timeout=120)
+    killer.join()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "at" in killed and killed["at"] - t0 < 600
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    node1 = sorted(c["id"] for c in map(json.loads, (out / "flower/node1/clients.jsonl").read_text().splitlines()))
+    assert [r["round"] for r in rows] == [1, 2]
+    assert sorted(rows[0]["failed"]) == node1 and sorted(rows[1]["failed"]) == node1
+    assert not set(rows[0]["clients"]) & set(node1) and len(rows[0]["clients"]) == 2
+    log = (out / "flower_server.log").read_text()
+    assert all(f"client {cid} failed; the round goes on without it" in log for cid in node1)
