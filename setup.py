@@ -22,7 +22,7 @@ setup(
         "tqdm",
         "PyYAML",
         "dp-accounting>=0.6",
-        "flwr==1.42.0",
+        "flwr[simulation]==1.42.0",
     ],
     extras_require={"test": ["pytest>=8"]},
 )

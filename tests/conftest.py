@@ -22,8 +22,8 @@ CONF = Path(__file__).resolve().parents[1] / "egs/librispeech_fl/conf"
 # Files that run whole recipes or several processes, longest first. `make test` hands whole
 # files to its 2 pytest-xdist workers in collection order (--dist loadfile
 # --no-loadscope-reorder); started last, one of them would run alone on one core at the end.
-SLOW_FILES = ("test_recipe.py", "test_recipe_session_adapt.py", "test_distributed.py", "test_fl_train.py", "test_faults.py",
-              "test_decode.py", "test_pack.py")
+SLOW_FILES = ("test_recipe.py", "test_recipe_session_adapt.py", "test_flower.py", "test_distributed.py", "test_fl_train.py",
+              "test_faults.py", "test_decode.py", "test_pack.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -16,6 +16,7 @@
 #   ./run.sh --stage 5 --stop_stage 5 --fl_config conf/fl_fedavg.yaml --fl_args "rounds=20 server_optim.lr=1.0"
 #   ./run.sh --stage 5 --stop_stage 5 --nproc 2 --client_jobs 1     # torchrun: 2 ranks share each round's clients
 #   ./run.sh --stage 5 --stop_stage 5 --backend flower-grpc --flower_nodes 4   # over Flower: a SuperLink, 4 SuperNodes
+#   ./run.sh --stage 5 --stop_stage 5 --backend flower-sim                     # Flower's simulation engine (Ray)
 #   ./run.sh --nproc 8 --ngpu 1 --dist_args "--nnodes 2 --node_rank 0 --rdzv_backend c10d --rdzv_endpoint host0:29400"
 #
 # Everything under data/ and exp/ can be removed and regenerated.
@@ -48,8 +49,8 @@ inference_lm=valid.loss.best.pth
 client_jobs=2                      # processes that train a round's clients in parallel (per rank)
 nproc=1                            # torchrun ranks on this machine (> 1: fl_train runs under torchrun)
 dist_args=                         # more torchrun options, for several machines: "--nnodes 2 --rdzv_backend c10d ..."
-backend=native                     # stage 5: native (this process and its workers or torchrun ranks) | flower-grpc (a SuperLink and SuperNodes on 127.0.0.1)
-flower_nodes=2                     # --backend flower-grpc: SuperNodes, each holding its share of the clients
+backend=native                     # stage 5: native (this process and its workers or torchrun ranks) | flower-grpc (a SuperLink and SuperNodes on 127.0.0.1) | flower-sim (Flower's simulation engine)
+flower_nodes=2                     # --backend flower-*: SuperNodes, each holding its share of the clients
 ngpu=0                             # 1: training (one GPU per rank) and decoding on CUDA; an error without a GPU
 centralized=false                  # true: also train the centralized reference for the same client CPU-seconds (stage 5), decode it (stage 6)
 centralized_config=conf/centralized.yaml
@@ -87,8 +88,8 @@ Options:
   --client_jobs        # processes that train a round's clients in parallel, per rank (default="${client_jobs}")
   --nproc              # torchrun ranks on this machine; > 1 runs fl_train under torchrun (default="${nproc}")
   --dist_args          # more torchrun options, in quotes, e.g. --nnodes / --rdzv_* across machines (default="${dist_args}")
-  --backend            # stage 5: native, or flower-grpc (the same server and clients over Flower's transport) (default="${backend}")
-  --flower_nodes       # --backend flower-grpc: SuperNodes, each holding its share of the clients (default="${flower_nodes}")
+  --backend            # stage 5: native; flower-grpc (the same server and clients over Flower's transport); flower-sim (Flower's simulation engine) (default="${backend}")
+  --flower_nodes       # --backend flower-*: SuperNodes, each holding its share of the clients (default="${flower_nodes}")
   --ngpu               # 1: train (one GPU per rank) and decode on CUDA; an error without a GPU (default="${ngpu}")
   --centralized        # true: also train the centralized reference for the federated run's client CPU-seconds, and decode it (default="${centralized}")
   --centralized_config # centralized reference: lr, warmup, batch size (default="${centralized_config}")
@@ -111,11 +112,11 @@ case $backend in
     if [ "$flower_nodes" != "$defaults_flower_nodes" ]; then
       echo "$0: --flower_nodes does nothing with --backend native" >&2; exit 1
     fi ;;
-  flower-grpc)
+  flower-grpc|flower-sim)
     if [ "$nproc" -gt 1 ] || [ -n "$dist_args" ] || [ "$ngpu" -gt 0 ] || [ "$client_jobs" != "$defaults_client_jobs" ]; then
-      echo "$0: --nproc, --dist_args, --ngpu and --client_jobs do nothing with --backend flower-grpc (each SuperNode trains its clients)" >&2; exit 1
+      echo "$0: --nproc, --dist_args, --ngpu and --client_jobs do nothing with --backend $backend (each SuperNode trains its clients)" >&2; exit 1
     fi ;;
-  *) echo "$0: --backend is native or flower-grpc, not '$backend'" >&2; exit 1 ;;
+  *) echo "$0: --backend is native, flower-grpc or flower-sim, not '$backend'" >&2; exit 1 ;;
 esac
 if [ "$ngpu" -gt 0 ] && [ "$centralized" = true ]; then
   echo "$0: --ngpu applies to federated training and decoding; the centralized reference runs on the CPU only" >&2
@@ -227,8 +228,9 @@ if [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
   mkdir -p "$expdir"
   launcher="python -m fl_lib.bin.fl_train"
   backend_args=(--client_jobs "$client_jobs" --ngpu "$ngpu")
-  if [ "$backend" = flower-grpc ]; then
-    launcher="python -m fl_lib.bin.flower_train"; backend_args=(--nodes "$flower_nodes")
+  if [ "$backend" != native ]; then
+    engine=grpc; [ "$backend" = flower-sim ] && engine=simulation
+    launcher="python -m fl_lib.bin.flower_train"; backend_args=(--nodes "$flower_nodes" --engine "$engine")
   elif [ "$nproc" -gt 1 ] || [ -n "$dist_args" ]; then
     # torchrun; --standalone picks a free local port when no rendezvous is given
     launcher="python -m torch.distributed.run --nproc_per_node $nproc ${dist_args:---standalone} -m fl_lib.bin.fl_train"

@@ -31,6 +31,8 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 parents=[fl_train_parser()], add_help=False, conflict_handler="resolve")
     p.add_argument("--nodes", type=int, default=2, help="SuperNodes, each holding its share of the clients")
+    p.add_argument("--engine", choices=("grpc", "simulation"), default="grpc",
+                   help="grpc: SuperNodes as separate processes; simulation: Flower's simulation engine (Ray actors)")
     p.add_argument("--round_timeout", type=float, default=3600.0,
                    help="seconds the server waits for a round's replies; a client not answered by then fails")
     for name in ("--client_jobs", "--ngpu", "--dist_timeout"):  # fl_train options that mean nothing here
@@ -59,14 +61,16 @@ def main(argv=None) -> None:
         "dev-cuts": str(args.dev_cuts.resolve()) if args.dev_cuts else "",
         "output-dir": str(out), "seed": args.seed, "num-threads": args.num_threads,
         "overrides": shlex.join(args.overrides), "min-nodes": args.nodes, "round-timeout": args.round_timeout,
+        "nodes-dir": str(flower),
     }
     app_dir = write_app(flower / "app", run_config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "flower_train.sh").write_text("#!/usr/bin/env bash\n# The command that ran (and resumes) this experiment.\n"
                                          + shlex.join([sys.executable, "-m", "fl_lib.bin.flower_train", *(argv or sys.argv[1:])]) + "\n")
     (out / STATUS).unlink(missing_ok=True)
-    logger.info(f"Flower: a SuperLink and {args.nodes} SuperNodes on 127.0.0.1; logs in {flower / 'logs'}")
-    with LocalDeployment(flower, indexes) as deployment:
+    what = "its simulation engine with" if args.engine == "simulation" else "and"
+    logger.info(f"Flower: a SuperLink on 127.0.0.1 {what} {args.nodes} SuperNodes; logs in {flower / 'logs'}")
+    with LocalDeployment(flower, indexes, simulation=args.engine == "simulation") as deployment:
         rc = deployment.run(app_dir)
     status = json.loads((out / STATUS).read_text()) if (out / STATUS).exists() else {"status": "failed", "error": "no status written"}
     if rc != 0 or status["status"] != "finished":

@@ -1,7 +1,8 @@
 """The Flower `ClientApp`: a SuperNode's clients train with fl_lib's own `LocalTrainer`.
 
 A SuperNode is started with `--node-config 'clients="<node>/clients.jsonl"'`: the index of
-the clients (speakers) it holds, and nothing else. Two message types:
+the clients (speakers) it holds, and nothing else (in Flower's simulation engine, node i reads
+node i's index). Two message types:
 
 - `query`: the node's index (ids, sizes, manifest digests), from which the server learns
   which node holds which client, without reading any manifest itself;
@@ -30,11 +31,21 @@ app = ClientApp()
 
 
 def node_clients(context: Context) -> tuple[Path, dict[str, ClientInfo]]:
-    """This node's index file and its clients by id."""
-    index = context.node_config.get("clients")
-    if not index:
+    """This node's index file and its clients by id.
+
+    A deployed SuperNode names its index in its node config; Flower's simulation engine
+    numbers its nodes instead (`partition-id`), and node i reads `<nodes-dir>/node<i>/clients.jsonl`."""
+    node = context.node_config
+    if node.get("clients"):
+        index = Path(str(node["clients"]))
+    elif "partition-id" in node and context.run_config.get("nodes-dir"):
+        nodes_dir = Path(str(context.run_config["nodes-dir"]))
+        made = len(list(nodes_dir.glob("node*/clients.jsonl")))
+        if made != int(node["num-partitions"]):
+            raise ValueError(f"the simulation has {node['num-partitions']} SuperNodes, {nodes_dir} holds {made} node indexes")
+        index = nodes_dir / f"node{int(node['partition-id'])}" / "clients.jsonl"
+    else:
         raise ValueError("this SuperNode was started without its client index: --node-config 'clients=\"<path>/clients.jsonl\"'")
-    index = Path(str(index))
     return index, {c.id: c for c in load_clients(index)}
 
 

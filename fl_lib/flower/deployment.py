@@ -2,7 +2,8 @@
 
 Each SuperNode gets its own client index (`split_nodes`), so it can open only its own
 clients' manifests; they talk to the SuperLink over Flower's transport on 127.0.0.1, as
-devices would over the network. `flwr run` submits the app; the deployment stops every
+devices would over the network. With `simulation`, the SuperLink runs Flower's simulation
+engine instead, its N virtual nodes as Ray actors, node i reading node i's index. `flwr run` submits the app; the deployment stops every
 process it started, also when the run fails or is interrupted.
 """
 from __future__ import annotations
@@ -71,9 +72,10 @@ class LocalDeployment:
     (SIGTERM, then SIGKILL) on exit. `kill_node(i)` kills SuperNode i, as a device that
     drops off the network."""
 
-    def __init__(self, work_dir: Path, node_indexes: Sequence[Path], startup_timeout: float = 120.0) -> None:
+    def __init__(self, work_dir: Path, node_indexes: Sequence[Path], simulation: bool = False, startup_timeout: float = 120.0) -> None:
         self.work_dir = Path(work_dir)
         self.node_indexes = list(node_indexes)
+        self.simulation = simulation  # Flower's simulation engine (Ray) runs the nodes inside the SuperLink
         self.startup_timeout = startup_timeout
         self.home = self.work_dir / "flwr_home"
         self.logs = self.work_dir / "logs"
@@ -107,9 +109,9 @@ class LocalDeployment:
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
         try:
             self._start("superlink", ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-                                      "--host", "127.0.0.1", "--port", str(self.port)])
+                                      "--host", "127.0.0.1", "--port", str(self.port)] + ["--simulation"] * self.simulation)
             self._wait_port(self.port)
-            for i, index in enumerate(self.node_indexes):
+            for i, index in enumerate([] if self.simulation else self.node_indexes):
                 config = f'clients="{Path(index).resolve()}"'
                 self._start(f"supernode{i}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
                                               "--port", str(free_port()), "--node-config", config])
@@ -120,9 +122,12 @@ class LocalDeployment:
 
     def run(self, app_dir: Path, timeout: Optional[float] = None) -> int:
         """`flwr run` of the app on this deployment, its output in logs/flwr_run.log; its exit status."""
+        cmd = ["flwr", "run", str(app_dir), CONNECTION, "--stream"]
+        if self.simulation:  # one CPU per ClientApp: as many in flight as this machine has cores
+            cmd += ["--federation-config", f"num-supernodes={len(self.node_indexes)} client-resources-num-cpus=1 "
+                                           f"client-resources-num-gpus=0.0 init-args-num-cpus={os.cpu_count()}"]
         with open(self.logs / "flwr_run.log", "a") as log:
-            proc = subprocess.run(["flwr", "run", str(app_dir), CONNECTION, "--stream"], env=self.env, stdout=log,
-                                  stderr=subprocess.STDOUT, timeout=timeout)
+            proc = subprocess.run(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
         return proc.returncode
 
     def kill_node(self, i: int) -> None:

@@ -152,7 +152,7 @@ class FlowerClients:
                 continue
             reply = replies.pop(cid)
             if reply.has_error():
-                yield Outcome(cid, None, f"SuperNode {reply.metadata.src_node_id}: {reply.error.reason}")
+                yield Outcome(cid, None, f"SuperNode {fed.node_of[cid]}: {reply.error.reason}")
                 continue
             received += sum(r.count_bytes() for r in reply.content.array_records.values())
             try:
