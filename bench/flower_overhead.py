@@ -5,9 +5,11 @@ Both runs are the recipe's stage 5 on the demo's data (`make demo`, or `run.sh -
 each round; no dev set, so a round is the clients' training, the aggregation, the server
 step and the checkpoint. Native trains a round's clients in `--client_jobs 2` worker
 processes; flower-grpc on 2 SuperNodes (a SuperLink and the nodes as separate processes on
-127.0.0.1), so both have two cores' worth of clients in flight. The ratio is the median
-round time of flower-grpc over native's; the bytes are those of the ArrayRecords: the
-start weights sent to each client and the pseudo-gradients received.
+127.0.0.1); flower-sim on Flower's simulation engine with 2 virtual nodes of one CPU each:
+each has two cores' worth of clients in flight. The ratios are median round times over
+native's; the bytes are those of the ArrayRecords: the start weights sent to each client
+and the pseudo-gradients received. Memory is the peak of the summed resident memory of
+every process a run starts (the server, workers, SuperLink, SuperNodes, ClientApps, Ray).
 
     .venv/bin/python bench/flower_overhead.py --rounds 4 --out bench/results/flower_overhead.json
 
@@ -22,13 +24,31 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "egs/librispeech_fl"
 
 
-def stage5(tool: str, out: Path, opts, extra: list[str]) -> list[dict]:
+PROCESSES = ("fl_lib", "flower-", "flwr", "ray", "raylet", "gcs_server", "multiprocessing")  # what a run starts
+
+
+def rss_mb() -> float:
+    """Resident memory of every process a run starts (by command line), summed, in MiB."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if any(p in cmd for p in PROCESSES) and "flower_overhead" not in cmd:
+                total += int((proc / "statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 2**20
+
+
+def stage5(tool: str, out: Path, opts, extra: list[str]) -> tuple[list[dict], float]:
+    """The run's metrics.jsonl rows and the peak memory of its processes."""
     data = Path(opts.data)
     cmd = [sys.executable, "-m", tool, "--asr_config", opts.asr_config, "--fl_config", opts.fl_config,
            "--train_clients", str(data / "clients/train-clean-100/clients.jsonl"),
@@ -36,10 +56,15 @@ def stage5(tool: str, out: Path, opts, extra: list[str]) -> list[dict]:
            "--feats_stats", str(Path(opts.exp) / "asr_stats/feats_stats.npz"), "--seed", str(opts.seed),
            "--output_dir", str(out), *extra, f"rounds={opts.rounds}", *opts.fl_args.split()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=RECIPE, env=env, capture_output=True, text=True)
+    log = open(out.parent / f"{out.name}.log", "w")
+    proc = subprocess.Popen(cmd, cwd=RECIPE, env=env, stdout=log, stderr=subprocess.STDOUT)
+    peak = 0.0
+    while proc.poll() is None:
+        peak = max(peak, rss_mb())
+        time.sleep(0.5)
     if proc.returncode != 0:
-        raise SystemExit(f"{tool} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        raise SystemExit(f"{tool} failed: see {log.name}")
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], peak
 
 
 def main() -> None:
@@ -55,19 +80,25 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="JSON of the result")
     opts = p.parse_args()
     work = Path(opts.work_dir or tempfile.mkdtemp(prefix="flower_overhead_"))
-    native = stage5("fl_lib.bin.fl_train", work / "native", opts, ["--client_jobs", "2"])
-    flower = stage5("fl_lib.bin.flower_train", work / "flower", opts, ["--nodes", "2"])
-    if [r["clients"] for r in native] != [r["clients"] for r in flower]:
-        raise SystemExit("the two runs trained different clients: not the same experiment")
-    status = json.loads((work / "flower/flower_status.json").read_text())
-    result = {
-        "rounds": opts.rounds, "clients_per_round": len(native[0]["clients"]), "fl_config": opts.fl_config,
-        "asr_config": opts.asr_config,
-        "native_round_seconds": [r["seconds"] for r in native], "flower_round_seconds": [r["seconds"] for r in flower],
-        "native_client_seconds": [r["client_seconds"] for r in native], "flower_client_seconds": [r["client_seconds"] for r in flower],
-        "ratio_median_round": statistics.median(r["seconds"] for r in flower) / statistics.median(r["seconds"] for r in native),
-        "bytes_per_round": status["bytes_per_round"],
-    }
+    work.mkdir(parents=True, exist_ok=True)
+    runs, peaks = {}, {}
+    runs["native"], peaks["native"] = stage5("fl_lib.bin.fl_train", work / "native", opts, ["--client_jobs", "2"])
+    for engine in ("grpc", "simulation"):
+        name = f"flower-{engine}"
+        runs[name], peaks[name] = stage5("fl_lib.bin.flower_train", work / engine, opts, ["--nodes", "2", "--engine", engine])
+    samples = {name: [r["clients"] for r in rows] for name, rows in runs.items()}
+    if len({json.dumps(s) for s in samples.values()}) != 1:
+        raise SystemExit("the runs trained different clients: not the same experiment")
+    native = statistics.median(r["seconds"] for r in runs["native"])
+    result = {"rounds": opts.rounds, "clients_per_round": len(runs["native"][0]["clients"]), "fl_config": opts.fl_config,
+              "asr_config": opts.asr_config, "work_dir": str(work)}
+    for name, rows in runs.items():
+        result[name] = {"round_seconds": [round(r["seconds"], 2) for r in rows],
+                        "client_seconds": [round(r["client_seconds"], 2) for r in rows],
+                        "ratio_median_round": statistics.median(r["seconds"] for r in rows) / native,
+                        "peak_rss_mb": round(peaks[name])}
+    for engine in ("grpc", "simulation"):
+        result[f"flower-{engine}"]["bytes_per_round"] = json.loads((work / engine / "flower_status.json").read_text())["bytes_per_round"]
     print(json.dumps(result, indent=1))
     if opts.out:
         opts.out.write_text(json.dumps(result, indent=1) + "\n")

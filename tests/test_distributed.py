@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_fl_train import CONF_DIR, FAST, fl_data, metrics, run_inprocess  # noqa: F401  (fl_data is a fixture)
+from test_fl_train import CONF_DIR, FAST, metrics, run_inprocess
 
 TOLERANCE = 1e-5
 DIST = ["rounds=2", "clients_per_round=3", "client.optim=sgd", "client.lr=0.05"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_fl_train import CONF_DIR, FAST, _listing, fl_data, metrics, run_inprocess  # noqa: F401  (fl_data is a fixture)
+from test_fl_train import CONF_DIR, FAST, _listing, metrics, run_inprocess
 
 REPO = Path(__file__).resolve().parents[1]
 OLD_COMMIT = "034dec7"  # main before safe loading: its checkpoints must still resume

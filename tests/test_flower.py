@@ -18,7 +18,8 @@ from fl_lib.fl.config import FLConfig
 from fl_lib.fl.executor import Task
 from fl_lib.fl.strategies.base import ClientResult
 from fl_lib.flower.records import ClientSetup, MalformedUpdate, read_result, read_task, result_content, task_content
-from fl_lib.flower.server_app import FlowerClients, FlowerFederation
+from fl_lib.flower.deployment import descendants
+from fl_lib.flower.federation import FlowerClients, FlowerFederation
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "egs/librispeech_fl/conf"
@@ -73,6 +74,19 @@ def test_a_malformed_update_is_refused_with_its_reason(corrupt, reason):
         read_result(result_content(_result("7", {k: v for k, v in _state(1).items() if v.is_floating_point()})), "1089", _state())
 
 
+@pytest.mark.parametrize("corrupt,reason", [
+    (lambda c: c.metric_records["metrics"].__setitem__("num_utts", -3), "negative counts"),
+    (lambda c: c.metric_records["metrics"].__setitem__("train_loss", [1.0, 2.0]), "not numbers: \\['train_loss'\\]"),
+    (lambda c: c.metric_records["metrics"].__delitem__("grad_rms"), "lacks the statistics \\['grad_rms'\\]"),
+    (lambda c: c.__delitem__("delta"), "lacks the record 'delta'"),
+])
+def test_a_reply_with_bad_statistics_or_records_is_refused(corrupt, reason):
+    content = result_content(_result("1089", {k: v for k, v in _state(1).items() if v.is_floating_point()}))
+    corrupt(content)
+    with pytest.raises(MalformedUpdate, match=reason):
+        read_result(content, "1089", _state())
+
+
 def test_a_non_finite_update_is_flagged_whatever_the_client_says():
     delta = {k: v for k, v in _state(1).items() if v.is_floating_point()}
     delta["enc.weight"][2, 1] = math.nan
@@ -82,7 +96,8 @@ def test_a_non_finite_update_is_flagged_whatever_the_client_says():
 
 
 class FakeGrid:
-    """A Grid whose nodes answer by `behaviour[client id]`: the server's side, without processes."""
+    """A Grid whose nodes answer by `behaviour[client id]`: the server's side, without processes.
+    Replies arrive one per pull, the last pushed first: never in sampling order."""
 
     def __init__(self, online, behaviour) -> None:
         self.online, self.behaviour, self.pushed = online, behaviour, []
@@ -99,14 +114,13 @@ class FakeGrid:
         return ids
 
     def pull_messages(self, ids):
-        out = []
-        for m in [m for m in self.pushed if m.metadata.message_id in ids]:
+        for m in reversed([m for m in self.pushed if m.metadata.message_id in ids]):
             self.pushed.remove(m)
-            cid, start, *_ = read_task(m.content)
-            reply = self.behaviour[cid](m, start)
+            task = read_task(m.content)
+            reply = self.behaviour[task.client_id](m, task.start)
             if reply is not None:
-                out.append(reply)
-        return out
+                return [reply]
+        return []
 
 
 def test_the_server_turns_each_bad_reply_into_a_failed_client_with_its_reason(task_identity):
@@ -133,8 +147,8 @@ def test_the_server_turns_each_bad_reply_into_a_failed_client_with_its_reason(ta
     assert "no reply from SuperNode 2 within the round timeout of 1 s" in by["d"].error
     assert "boom" in by["c"].error
     assert "update rejected" in by["b"].error and "Δ[enc.bias] is (3,)" in by["b"].error
-    assert fed.sent_bytes == [{"sent": 4 * ArrayRecord(start).count_bytes(),  # the weights to the 4 connected clients' nodes
-                               "received": ArrayRecord(by["a"].result.delta).count_bytes() + ArrayRecord(misshapen).count_bytes()}]
+    assert fed.bytes_per_draw == {0: {"sent": 4 * ArrayRecord(start).count_bytes(),  # the weights to the 4 connected clients' nodes
+                                      "received": ArrayRecord(by["a"].result.delta).count_bytes() + ArrayRecord(misshapen).count_bytes()}}
 
 
 def test_a_node_trains_only_the_clients_in_its_own_index(fl_data, tmp_path, task_identity):
@@ -216,20 +230,20 @@ def test_a_supernode_killed_mid_round_fails_its_clients_and_the_run_goes_on(fl_d
             time.sleep(0.2)
         while time.monotonic() < deadline:
             for pid in _pids("-f", f"{out}/flower/node1/clients.jsonl"):
-                if _pids("-P", str(pid)):  # its ClientApp process: a train message is in flight
+                if set(_pids("-f", "flwr-clientapp")) & descendants([pid]):  # a train message is in flight there
                     os.killpg(pid, signal.SIGKILL)
-                    killed["at"] = time.monotonic()
+                    metrics = out / "metrics.jsonl"
+                    killed["round"] = 1 + (len(metrics.read_text().splitlines()) if metrics.exists() else 0)
                     return
             time.sleep(0.2)
 
     killer = threading.Thread(target=kill_node1_mid_round, daemon=True)
     killer.start()
-    t0 = time.monotonic()
     proc = _flower_train(fl_data, out, "fl_fedavg.yaml", ["rounds=2", "clients_per_round=4", "min_clients_per_round=2",
                                                            "client.max_steps=1", "client.max_duration=15"], round_timeout=120)
     killer.join()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "at" in killed and killed["at"] - t0 < 600
+    assert killed == {"round": 1}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     node1 = sorted(c["id"] for c in map(json.loads, (out / "flower/node1/clients.jsonl").read_text().splitlines()))
     assert [r["round"] for r in rows] == [1, 2]
@@ -237,5 +251,7 @@ def test_a_supernode_killed_mid_round_fails_its_clients_and_the_run_goes_on(fl_d
     assert not set(rows[0]["clients"]) & set(node1) and len(rows[0]["clients"]) == 2
     log = (out / "flower_server.log").read_text()
     round2 = log.split("round 1/2:", 1)[1]
-    assert all(f"round 1: client {cid} failed; the round goes on without it" in log for cid in node1)
+    for cid in node1:  # the SuperLink's reason, or the round timeout's if it came first
+        failure = log.split(f"round 1: client {cid} failed; the round goes on without it\n", 1)[1].split("\n", 1)[0]
+        assert "Node Unavailable" in failure or "within the round timeout" in failure, failure
     assert all(f"holding client {cid} is not connected" in round2 for cid in node1)  # round 2 does not wait for them

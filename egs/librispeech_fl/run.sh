@@ -113,8 +113,17 @@ case $backend in
       echo "$0: --flower_nodes does nothing with --backend native" >&2; exit 1
     fi ;;
   flower-grpc|flower-sim)
-    if [ "$nproc" -gt 1 ] || [ -n "$dist_args" ] || [ "$ngpu" -gt 0 ] || [ "$client_jobs" != "$defaults_client_jobs" ]; then
-      echo "$0: --nproc, --dist_args, --ngpu and --client_jobs do nothing with --backend $backend (each SuperNode trains its clients)" >&2; exit 1
+    # Stage 5's own options; --ngpu also serves stages 4 and 6, --client_jobs the centralized reference's threads.
+    if [ "$nproc" -gt 1 ] || [ -n "$dist_args" ]; then
+      echo "$0: --nproc and --dist_args do nothing with --backend $backend (each SuperNode trains its clients)" >&2; exit 1
+    fi
+    if [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; then
+      if [ "$ngpu" -gt 0 ]; then
+        echo "$0: --backend $backend trains on the CPU: run stage 5 without --ngpu" >&2; exit 1
+      fi
+      if [ "$client_jobs" != "$defaults_client_jobs" ] && [ "$centralized" != true ]; then
+        echo "$0: --client_jobs does nothing with --backend $backend (each SuperNode trains its clients)" >&2; exit 1
+      fi
     fi ;;
   *) echo "$0: --backend is native, flower-grpc or flower-sim, not '$backend'" >&2; exit 1 ;;
 esac

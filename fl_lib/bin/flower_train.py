@@ -35,6 +35,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="grpc: SuperNodes as separate processes; simulation: Flower's simulation engine (Ray actors)")
     p.add_argument("--round_timeout", type=float, default=3600.0,
                    help="seconds the server waits for a round's replies; a client not answered by then fails")
+    p.add_argument("--startup_timeout", type=float, default=300.0,
+                   help="seconds the server waits for the SuperNodes to connect and list their clients")
     for name in ("--client_jobs", "--ngpu", "--dist_timeout"):  # fl_train options that mean nothing here
         p.add_argument(name, help=argparse.SUPPRESS, default=None)
     return p
@@ -61,6 +63,7 @@ def main(argv=None) -> None:
         "dev-cuts": str(args.dev_cuts.resolve()) if args.dev_cuts else "",
         "output-dir": str(out), "seed": args.seed, "num-threads": args.num_threads,
         "overrides": shlex.join(args.overrides), "min-nodes": args.nodes, "round-timeout": args.round_timeout,
+        "startup-timeout": args.startup_timeout,
         "nodes-dir": str(flower),
     }
     app_dir = write_app(flower / "app", run_config)

@@ -75,14 +75,14 @@ class Outcome(NamedTuple):
     client_id: str
     result: Optional[ClientResult]
     error: Optional[str]  # the traceback of a client that raised
-    worker: Optional[int] = None  # pid of the process that trained the client
+    worker: Optional[str] = None  # where the client trained, for the log: "pid=<n>", or "node=<id>" over Flower
 
 
 def _run(trainer, task: Task) -> Outcome:
     try:
-        return Outcome(task.client_id, trainer.train(*task), None, os.getpid())
+        return Outcome(task.client_id, trainer.train(*task), None, f"pid={os.getpid()}")
     except Exception:  # reported with the client id by the server; never swallowed
-        return Outcome(task.client_id, None, traceback.format_exc(), os.getpid())
+        return Outcome(task.client_id, None, traceback.format_exc(), f"pid={os.getpid()}")
 
 
 class SerialClients:

@@ -127,11 +127,11 @@ class ClientFailuresError(RuntimeError):
 
 
 class RemoteClients(Protocol):
-    """Clients that train elsewhere (a Flower federation): their index (manifest paths are the
-    holders'), their manifests' digests as the holders computed them, and the executor that
-    sends them their tasks."""
+    """Clients that train elsewhere (a Flower federation): their index (ids and sizes; the
+    manifests stay with their holders), their manifests' digests as the holders computed
+    them, and the executor that sends them their tasks."""
 
-    clients: list  # ClientInfo
+    clients: list  # ClientInfo; `manifest` only names the holder
     digests: dict  # client id -> content digest of its manifest
 
     def executor(self, espnet_args: argparse.Namespace, client_conf, batches: BatchSpec, seed: int, num_threads: int): ...
@@ -384,7 +384,7 @@ class FederatedServer:
                 continue
             logger.info(
                 f"{label}: client {cid}: train_loss={result.train_loss:.4f} utts={result.num_utts} "
-                f"steps={result.num_steps} {result.seconds:.1f}s pid={worker}"
+                f"steps={result.num_steps} {result.seconds:.1f}s {worker}"
             )
             if cid in attackers:
                 held.append(result)

@@ -10,14 +10,17 @@ node i's index). Two message types:
   on a model built from the setup the server sent. The reply is the pseudo-gradient and
   the `ClientResult` statistics. A client the node does not hold is refused.
 
-Flower runs each message in a fresh process, so the model is built per message; its
-weights come with the message, so nothing else carries over between rounds.
+The model is built per message (a deployed SuperNode runs each message in a fresh process;
+the simulation engine's actors keep only their imports); its weights come with the message,
+so nothing else carries over between rounds.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -50,8 +53,9 @@ def node_clients(context: Context) -> tuple[Path, dict[str, ClientInfo]]:
 
 
 def index_record(clients: dict[str, ClientInfo]) -> ConfigRecord:
-    rows = [{"id": c.id, "num_cuts": c.num_cuts, "duration": c.duration, "digest": content_digest(c.manifest)}
-            for c in clients.values()]
+    # A missing manifest is a client that fails each round it is sampled, as natively, not a node that cannot list.
+    rows = [{"id": c.id, "num_cuts": c.num_cuts, "duration": c.duration,
+             "digest": content_digest(c.manifest) if c.manifest.exists() else None} for c in clients.values()]
     return ConfigRecord({"clients": json.dumps(rows)})
 
 
@@ -62,15 +66,18 @@ def query(msg: Message, context: Context) -> Message:
 
 
 def setup_files(setup: ClientSetup, cache: Path) -> dict[str, Path]:
-    """The setup's files written once under `cache`, named by their content."""
+    """The setup's files written once under `cache`, named by their content. Two ClientApps of one
+    node may write the same file at once (the simulation engine): each writes its own temporary
+    file and renames it, so a reader never sees half a file."""
     cache.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, data in setup.files.items():
         path = cache / f"{hashlib.sha256(data).hexdigest()[:16]}.{name}"
         if not path.exists():
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{path.name}.")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
         paths[name] = path
     return paths
 
@@ -102,10 +109,10 @@ def build_trainer(setup: ClientSetup, cache: Path):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     index, clients = node_clients(context)
-    client_id, start, draw, mu, lr_scale, setup = read_task(msg.content)
-    if client_id not in clients:
-        raise ValueError(f"client {client_id} is not held by this node ({index}): the server sent it to the wrong node")
-    info = clients[client_id]
-    trainer = build_trainer(setup, index.parent / "setup")
-    result = trainer.train(client_id, info.manifest, start, draw, mu, lr_scale)
+    task = read_task(msg.content)
+    if task.client_id not in clients:
+        raise ValueError(f"client {task.client_id} is not held by this node ({index}): the server sent it to the wrong node")
+    trainer = build_trainer(task.setup, index.parent / "setup")
+    result = trainer.train(task.client_id, clients[task.client_id].manifest, task.start, task.draw, task.proximal_mu,
+                           task.lr_scale)
     return Message(result_content(result), reply_to=msg)

@@ -31,6 +31,9 @@ def split_nodes(train_clients: Path, num_nodes: int, out_dir: Path) -> list[Path
     clients = sorted(load_clients(train_clients), key=lambda c: c.id)
     if not 1 <= num_nodes <= len(clients):
         raise ValueError(f"{num_nodes} SuperNodes for {len(clients)} clients: give between 1 and {len(clients)}")
+    for old in Path(out_dir).glob("node*/clients.jsonl"):  # a run before with more nodes
+        if int(old.parent.name[len("node"):]) >= num_nodes:
+            shutil.rmtree(old.parent)
     paths = []
     for i in range(num_nodes):
         index = Path(out_dir) / f"node{i}" / "clients.jsonl"
@@ -57,6 +60,31 @@ def write_app(app_dir: Path, run_config: dict) -> Path:
     lines += [f"{k} = {json.dumps(v)}" for k, v in run_config.items()]
     (app_dir / "pyproject.toml").write_text("\n".join(lines) + "\n")
     return app_dir
+
+
+def descendants(roots) -> set[int]:
+    """Every live process below `roots`, by parent pid (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def free_port() -> int:
@@ -134,23 +162,36 @@ class LocalDeployment:
         self._signal(f"supernode{i}", signal.SIGKILL)
 
     def _signal(self, name: str, sig: int) -> None:
+        """`sig` to the process group of process `name` (the group outlives a dead leader)."""
         proc = self.procs.get(name)
-        if proc is not None and proc.poll() is None:
+        if proc is not None:
             try:
                 os.killpg(proc.pid, sig)
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):
                 pass
 
     def close(self) -> None:
+        """SIGTERM to every process this deployment started, their children included (the
+        SuperLink starts its SuperExec, ServerApp and Ray in sessions of their own), then SIGKILL
+        to whatever is left after 10 s."""
+        started = [p.pid for p in self.procs.values()]
+        family = set(started) | descendants(started)
         for name in self.procs:
             self._signal(name, signal.SIGTERM)
+        for pid in family - set(started):
+            _kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        for name, proc in self.procs.items():
+        for proc in self.procs.values():
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                self._signal(name, signal.SIGKILL)
-                proc.wait()
+                pass
+        for name in self.procs:
+            self._signal(name, signal.SIGKILL)
+        for pid in family | descendants(started):
+            _kill(pid, signal.SIGKILL)
+        for proc in self.procs.values():
+            proc.wait()
 
     def __exit__(self, *exc) -> None:
         self.close()

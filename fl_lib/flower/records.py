@@ -14,22 +14,37 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from ..fl.executor import Task
+from ..fl.executor import Task as ServerTask
 from ..fl.strategies.base import ClientResult, State
 
-# ClientResult's statistics and their types on the wire (MetricRecord holds ints and floats; flags go as 0/1).
-_FLOATS = ("train_loss", "grad_mean", "grad_rms", "grad_var", "seconds", "cpu_seconds")
-_INTS = ("num_utts", "num_frames", "num_steps", "num_tokens")
-_FLAGS = ("delta_finite", "all_steps_invalid")
+# ClientResult's statistics by type, from the dataclass itself, so a field added there crosses the
+# wire too (MetricRecord holds ints and floats; flags go as 0/1).
+_STATS = {f.name: f.type for f in dataclasses.fields(ClientResult) if f.name not in ("client_id", "delta")}
+_FLOATS = tuple(k for k, t in _STATS.items() if t == "float")
+_INTS = tuple(k for k, t in _STATS.items() if t == "int")
+_FLAGS = tuple(k for k, t in _STATS.items() if t == "bool")
+if len(_FLOATS) + len(_INTS) + len(_FLAGS) != len(_STATS):
+    raise TypeError(f"ClientResult has a statistic that is no float, int or bool, which records.py cannot send: {_STATS}")
 
 
 class MalformedUpdate(ValueError):
     """A client reply the server refuses to aggregate; the message says why."""
+
+
+class Task(NamedTuple):
+    """A train instruction as a node reads it."""
+
+    client_id: str
+    start: State
+    draw: int
+    proximal_mu: float
+    lr_scale: float
+    setup: "ClientSetup"
 
 
 @dataclass(frozen=True)
@@ -55,18 +70,17 @@ class ClientSetup:
         return cls(files=files, **meta)
 
 
-def task_content(task: Task, setup: ClientSetup) -> RecordDict:
+def task_content(task: ServerTask, setup: ClientSetup) -> RecordDict:
     config = {"client-id": task.client_id, "draw": task.round_idx, "proximal-mu": float(task.proximal_mu),
               "lr-scale": float(task.lr_scale)}
     return RecordDict({"arrays": ArrayRecord(_cpu(task.start)), "task": ConfigRecord(config), "setup": setup.to_record()})
 
 
-def read_task(content: RecordDict) -> tuple[str, State, int, float, float, ClientSetup]:
-    """(client id, start weights, draw, μ, LR factor, setup) of a train instruction."""
+def read_task(content: RecordDict) -> Task:
     task = content.config_records["task"]
     start = dict(content.array_records["arrays"].to_torch_state_dict())
-    return (str(task["client-id"]), start, int(task["draw"]), float(task["proximal-mu"]), float(task["lr-scale"]),
-            ClientSetup.from_record(content.config_records["setup"]))
+    return Task(str(task["client-id"]), start, int(task["draw"]), float(task["proximal-mu"]), float(task["lr-scale"]),
+                ClientSetup.from_record(content.config_records["setup"]))
 
 
 def result_content(result: ClientResult) -> RecordDict:
@@ -94,15 +108,21 @@ def read_result(content: RecordDict, client_id: str, reference: Mapping[str, tor
         raise MalformedUpdate(f"client {client_id}: reply lacks the record {e}") from None
     if sent_id != client_id:
         raise MalformedUpdate(f"client {client_id}: the reply is for client {sent_id!r}")
-    missing = [k for k in (*_FLOATS, *_INTS, *_FLAGS) if k not in metrics]
+    missing = [k for k in _STATS if k not in metrics]
     if missing:
         raise MalformedUpdate(f"client {client_id}: reply lacks the statistics {missing}")
+    odd = [k for k in _STATS if not isinstance(metrics[k], (int, float))]
+    if odd:
+        raise MalformedUpdate(f"client {client_id}: statistics that are not numbers: {odd}")
     expected = {k: v for k, v in reference.items() if v.is_floating_point()}
     if set(arrays.keys()) != set(expected):
         extra, absent = sorted(set(arrays.keys()) - set(expected)), sorted(set(expected) - set(arrays.keys()))
         raise MalformedUpdate(f"client {client_id}: Δ does not match the model: unknown entries {extra[:5]}, "
                               f"missing entries {absent[:5]}")
-    delta = dict(arrays.to_torch_state_dict())
+    try:
+        delta = dict(arrays.to_torch_state_dict())
+    except (TypeError, ValueError) as e:  # bytes that are no NumPy array, a dtype torch has not
+        raise MalformedUpdate(f"client {client_id}: Δ does not deserialize: {e}") from None
     for name, ref in expected.items():
         if delta[name].shape != ref.shape or delta[name].dtype != ref.dtype:
             raise MalformedUpdate(f"client {client_id}: Δ[{name}] is {tuple(delta[name].shape)} {delta[name].dtype}, "
@@ -112,8 +132,9 @@ def read_result(content: RecordDict, client_id: str, reference: Mapping[str, tor
     if any(v < 0 for v in counts.values()):
         raise MalformedUpdate(f"client {client_id}: negative counts {counts}")
     finite = bool(metrics["delta_finite"]) and all(bool(torch.isfinite(d).all()) for d in delta.values())
-    return ClientResult(client_id=client_id, delta=delta, delta_finite=finite and all(map(math.isfinite, stats.values())),
-                        all_steps_invalid=bool(metrics["all_steps_invalid"]), **stats, **counts)
+    flags = {k: bool(metrics[k]) for k in _FLAGS}
+    flags["delta_finite"] = finite and all(map(math.isfinite, stats.values()))
+    return ClientResult(client_id=client_id, delta=delta, **stats, **counts, **flags)
 
 
 def _cpu(state: Mapping[str, torch.Tensor]) -> dict:
