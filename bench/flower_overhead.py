@@ -8,8 +8,9 @@ processes; flower-grpc on 2 SuperNodes (a SuperLink and the nodes as separate pr
 127.0.0.1); flower-sim on Flower's simulation engine with 2 virtual nodes of one CPU each:
 each has two cores' worth of clients in flight. The ratios are median round times over
 native's; the bytes are those of the ArrayRecords: the start weights sent to each client
-and the pseudo-gradients received. Memory is the peak of the summed resident memory of
-every process a run starts (the server, workers, SuperLink, SuperNodes, ClientApps, Ray).
+and the pseudo-gradients received. Memory is the peak, sampled every 2 s, of the summed
+proportional memory (PSS) of every process a run starts (the server, workers, SuperLink,
+SuperNodes, ClientApps, Ray).
 
     .venv/bin/python bench/flower_overhead.py --rounds 4 --out bench/results/flower_overhead.json
 
@@ -28,23 +29,24 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 RECIPE = REPO / "egs/librispeech_fl"
 
 
-PROCESSES = ("fl_lib", "flower-", "flwr", "ray", "raylet", "gcs_server", "multiprocessing")  # what a run starts
+def pss_mb(root: int) -> float:
+    """Proportional memory (shared pages split between their users) of `root` and every process
+    below it, summed, in MiB."""
+    from fl_lib.flower.deployment import descendants
 
-
-def rss_mb() -> float:
-    """Resident memory of every process a run starts (by command line), summed, in MiB."""
-    total = 0
-    for proc in Path("/proc").iterdir():
+    total_kb = 0
+    for pid in {root} | descendants([root]):
         try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if any(p in cmd for p in PROCESSES) and "flower_overhead" not in cmd:
-                total += int((proc / "statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total_kb += int(line.split()[1])
+        except (OSError, ValueError):
             continue
-    return total / 2**20
+    return total_kb / 1024
 
 
 def stage5(tool: str, out: Path, opts, extra: list[str]) -> tuple[list[dict], float]:
@@ -60,8 +62,8 @@ def stage5(tool: str, out: Path, opts, extra: list[str]) -> tuple[list[dict], fl
     proc = subprocess.Popen(cmd, cwd=RECIPE, env=env, stdout=log, stderr=subprocess.STDOUT)
     peak = 0.0
     while proc.poll() is None:
-        peak = max(peak, rss_mb())
-        time.sleep(0.5)
+        peak = max(peak, pss_mb(proc.pid))
+        time.sleep(2.0)
     if proc.returncode != 0:
         raise SystemExit(f"{tool} failed: see {log.name}")
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], peak
@@ -96,9 +98,9 @@ def main() -> None:
         result[name] = {"round_seconds": [round(r["seconds"], 2) for r in rows],
                         "client_seconds": [round(r["client_seconds"], 2) for r in rows],
                         "ratio_median_round": statistics.median(r["seconds"] for r in rows) / native,
-                        "peak_rss_mb": round(peaks[name])}
+                        "peak_pss_mb": round(peaks[name])}
     for engine in ("grpc", "simulation"):
-        result[f"flower-{engine}"]["bytes_per_round"] = json.loads((work / engine / "flower_status.json").read_text())["bytes_per_round"]
+        result[f"flower-{engine}"]["bytes_per_draw"] = json.loads((work / engine / "flower_status.json").read_text())["bytes_per_draw"]
     print(json.dumps(result, indent=1))
     if opts.out:
         opts.out.write_text(json.dumps(result, indent=1) + "\n")

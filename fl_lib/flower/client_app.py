@@ -28,7 +28,6 @@ from flwr.clientapp import ClientApp
 
 from ..data.clients import ClientInfo, load_clients
 from ..data.markers import content_digest
-from .records import ClientSetup, read_task, result_content
 
 app = ClientApp()
 
@@ -65,7 +64,7 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"index": index_record(clients)}), reply_to=msg)
 
 
-def setup_files(setup: ClientSetup, cache: Path) -> dict[str, Path]:
+def setup_files(setup, cache: Path) -> dict[str, Path]:
     """The setup's files written once under `cache`, named by their content. Two ClientApps of one
     node may write the same file at once (the simulation engine): each writes its own temporary
     file and renames it, so a reader never sees half a file."""
@@ -82,7 +81,7 @@ def setup_files(setup: ClientSetup, cache: Path) -> dict[str, Path]:
     return paths
 
 
-def build_trainer(setup: ClientSetup, cache: Path):
+def build_trainer(setup, cache: Path):
     """The `LocalTrainer` the server's native loop would use, with the node's copies of the files."""
     import torch
 
@@ -108,6 +107,8 @@ def build_trainer(setup: ClientSetup, cache: Path):
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from .records import read_task, result_content  # torch: not for a query, which runs in a process of its own
+
     index, clients = node_clients(context)
     task = read_task(msg.content)
     if task.client_id not in clients:
