@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..atomic import atomic_path
 from ..data.clients import ClientInfo, load_clients
 from ..data.markers import content_digest
 
@@ -66,17 +65,15 @@ def query(msg: Message, context: Context) -> Message:
 
 def setup_files(setup, cache: Path) -> dict[str, Path]:
     """The setup's files written once under `cache`, named by their content. Two ClientApps of one
-    node may write the same file at once (the simulation engine): each writes its own temporary
-    file and renames it, so a reader never sees half a file."""
+    node may write the same file at once (the simulation engine's actors): each process writes its
+    own temporary file and renames it, so a reader never sees half a file."""
     cache.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, data in setup.files.items():
         path = cache / f"{hashlib.sha256(data).hexdigest()[:16]}.{name}"
         if not path.exists():
-            fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{path.name}.")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
         paths[name] = path
     return paths
 
