@@ -16,7 +16,6 @@ so nothing else carries over between rounds.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -79,17 +78,13 @@ def setup_files(setup, cache: Path) -> dict[str, Path]:
 
 
 def build_trainer(setup, cache: Path):
-    """The `LocalTrainer` the server's native loop would use, with the node's copies of the files."""
-    import torch
-
-    from ..asr.model import build_asr_model
+    """The `LocalTrainer` the server's native loop would use (`espnet_trainer`, at the server's
+    thread count), with the node's copies of the files."""
     from ..espnet_env import asr_task
-    from ..fl.client import LocalTrainer
     from ..fl.config import ClientConfig, from_dict
-    from ..fl.executor import BatchSpec
+    from ..fl.executor import BatchSpec, espnet_trainer
 
     files = setup_files(setup, cache)
-    torch.set_num_threads(setup.num_threads)  # the server's count: float reductions in the same order
     args = asr_task().get_parser().parse_args([])
     for key, value in setup.espnet_config.items():
         setattr(args, key, value)
@@ -98,8 +93,7 @@ def build_trainer(setup, cache: Path):
     if "feats_stats" in files:
         args.normalize_conf = {**(args.normalize_conf or {}), "stats_file": str(files["feats_stats"])}
     batches = BatchSpec(files["bpemodel"], files["token_list"], **setup.batches)
-    return LocalTrainer(build_asr_model(args), argparse.Namespace(**vars(args)), from_dict(ClientConfig, setup.client),
-                        batches, setup.seed)
+    return espnet_trainer(args, from_dict(ClientConfig, setup.client), batches, setup.seed, setup.num_threads)
 
 
 @app.train()

@@ -9,7 +9,6 @@ process it started, also when the run fails or is interrupted.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import signal
@@ -18,11 +17,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from ..data.clients import load_clients
 
-logger = logging.getLogger(__name__)
 CONNECTION = "fl-lib-local"  # the SuperLink connection name in $FLWR_HOME/config.toml
 
 
@@ -97,8 +95,7 @@ class LocalDeployment:
     """`with LocalDeployment(work_dir, node_indexes) as d: d.run(app_dir)`.
 
     Processes are started in their own session, logs in `work_dir/logs/`, and stopped
-    (SIGTERM, then SIGKILL) on exit. `kill_node(i)` kills SuperNode i, as a device that
-    drops off the network."""
+    (SIGTERM, then SIGKILL) on exit."""
 
     def __init__(self, work_dir: Path, node_indexes: Sequence[Path], simulation: bool = False, startup_timeout: float = 120.0) -> None:
         self.work_dir = Path(work_dir)
@@ -148,18 +145,15 @@ class LocalDeployment:
             raise
         return self
 
-    def run(self, app_dir: Path, timeout: Optional[float] = None) -> int:
+    def run(self, app_dir: Path) -> int:
         """`flwr run` of the app on this deployment, its output in logs/flwr_run.log; its exit status."""
         cmd = ["flwr", "run", str(app_dir), CONNECTION, "--stream"]
         if self.simulation:  # one CPU per ClientApp: as many in flight as this machine has cores
             cmd += ["--federation-config", f"num-supernodes={len(self.node_indexes)} client-resources-num-cpus=1 "
                                            f"client-resources-num-gpus=0.0 init-args-num-cpus={os.cpu_count()}"]
         with open(self.logs / "flwr_run.log", "a") as log:
-            proc = subprocess.run(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+            proc = subprocess.run(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         return proc.returncode
-
-    def kill_node(self, i: int) -> None:
-        self._signal(f"supernode{i}", signal.SIGKILL)
 
     def _signal(self, name: str, sig: int) -> None:
         """`sig` to the process group of process `name` (the group outlives a dead leader)."""
