@@ -20,7 +20,7 @@ import fl_lib  # noqa: F401  sets MKL_CBWR before any test module loads torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 CONF = Path(__file__).resolve().parents[1] / "egs/librispeech_fl/conf"
 # Files that run whole recipes or several processes, longest first. `make test` hands whole
-# files to its 2 pytest-xdist workers in collection order (--dist loadfile
+# files to its pytest-xdist workers in collection order (--dist loadfile
 # --no-loadscope-reorder); started last, one of them would run alone on one core at the end.
 SLOW_FILES = ("test_recipe.py", "test_recipe_session_adapt.py", "test_flower.py", "test_distributed.py", "test_fl_train.py",
               "test_faults.py", "test_decode.py", "test_pack.py")
