@@ -42,11 +42,11 @@ $(VENV_K2)/.installed: requirements-k2.txt
 demo: install
 	cd egs/librispeech_fl && ./run.sh --stage 0 --stop_stage 7
 
-# Three pytest workers on the 2 cores (tests run single-threaded): with two, the cores idled 13 % of
-# the suite while tests waited on heartbeats, timeouts and subprocesses. A file's tests share one
-# worker and so its module fixtures; files start in collection order, slowest first (tests/conftest.py).
+# Two pytest workers, one per core (tests run single-threaded; a third made the suite slower, 21.9
+# min against 20.4); a file's tests share one worker and so its module fixtures; files start in
+# collection order, slowest first (tests/conftest.py).
 test: install $(VENV)/.test-installed
-	$(VENV)/bin/python -m pytest -x -q -n 3 --dist loadfile --no-loadscope-reorder tests
+	$(VENV)/bin/python -m pytest -x -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 bench: install
 	$(VENV)/bin/python bench/split_clients.py

@@ -107,7 +107,7 @@ def test_tune_decoding_chooses_the_checkpoint_and_lm_weight_of_fewest_dev_errors
     out = tmp_path / "tune"
     cmd = [sys.executable, "-m", "fl_lib.bin.tune_decoding", "--exp_dir", str(exp), "--models", "scrambled.pth",
            "valid.acc.best.pth", "--inference_config", str(conf), "--lm_weights", "10", "0.01", "--cuts", str(cuts),
-           "--nj", "2", "--output_dir", str(out), *lm_args]
+           "--nj", "1", "--output_dir", str(out), *lm_args]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]

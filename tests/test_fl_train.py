@@ -307,11 +307,7 @@ def test_fedprox_pulls_each_step_back_by_mu(fl_data, conformer_config, tmp_path)
     torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-6)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_resume_after_kill_is_bitwise_identical(fl_data, tmp_path, sig):
-    """Killed after its first checkpoint, the run resumes to the uninterrupted run's model, bit for
-    bit. SIGTERM is a clean stop: exit status 143, a message, and no temporary file left behind."""
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
+def kill_test_argv(fl_data) -> list[str]:
     args = [
         sys.executable, "-m", "fl_lib.bin.fl_train",
         "--asr_config", fl_data["asr_config"], "--fl_config", CONF_DIR / "fl_dga.yaml",
@@ -319,9 +315,25 @@ def test_resume_after_kill_is_bitwise_identical(fl_data, tmp_path, sig):
         "--token_list", fl_data["token_list"], "--bpemodel", fl_data["bpemodel"],
         "--feats_stats", fl_data["feats_stats"], "--seed", "7", *FAST, "rounds=3",
     ]
-    args = [str(a) for a in args]
+    return [str(a) for a in args]
+
+
+@pytest.fixture(scope="module")
+def straight_run(fl_data, tmp_path_factory) -> Path:
+    """The uninterrupted run both kill tests resume towards."""
+    straight = tmp_path_factory.mktemp("straight")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([*args, "--output_dir", str(straight)], check=True, env=env, capture_output=True)
+    subprocess.run([*kill_test_argv(fl_data), "--output_dir", str(straight)], check=True, env=env, capture_output=True)
+    return straight
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_resume_after_kill_is_bitwise_identical(fl_data, straight_run, tmp_path, sig):
+    """Killed after its first checkpoint, the run resumes to the uninterrupted run's model, bit for
+    bit. SIGTERM is a clean stop: exit status 143, a message, and no temporary file left behind."""
+    straight, killed = straight_run, tmp_path / "killed"
+    args = kill_test_argv(fl_data)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     log = tmp_path / "killed.log"
     with open(log, "w") as err:  # a file, not a pipe: a full pipe would stall the run

@@ -43,7 +43,7 @@ def test_run_sh_stages_0_to_7(tmp_path):
         "./run.sh", "--stage", "0", "--stop_stage", "7",
         "--corpus_config", "conf/corpus_tiny.yaml", "--min_utts", "1",
         "--data", str(data), "--exp", str(exp), "--tag", "smoke",
-        "--fl_config", "conf/fl_dga.yaml", "--client_jobs", "1",
+        "--fl_config", "conf/fl_dga.yaml", "--client_jobs", "1", "--nj", "1",
         "--fl_args", "rounds=2 clients_per_round=2 client.max_steps=2 client.max_duration=15",
         "--inference_model", "valid.acc.ave.pth",
     ]
@@ -82,7 +82,9 @@ def test_run_sh_stages_0_to_7(tmp_path):
     # Re-running finished stages is safe and quick (done markers / resume); --centralized true
     # adds the centralized reference, trained for the federated run's client CPU-seconds, and decodes both.
     # --use_lm false decodes with the acoustic model alone; RESULTS.md then tables both decodings.
-    again = [*cmd[:-2], "--centralized", "true", "--inference_model", "valid.acc.best.pth", "--use_lm", "false"]
+    # (Only dev and test-other this time: each part decoded is a decoding process to start.)
+    again = [*cmd[:-2], "--centralized", "true", "--inference_model", "valid.acc.best.pth", "--use_lm", "false",
+             "--test_sets", "test-other"]
     again = subprocess.run(again, cwd=RECIPE, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "Stage 5: centralized reference" in again.stdout + again.stderr
