@@ -23,20 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_fl_train import CONF_DIR, FAST, metrics, run_inprocess
+from test_fl_train import CONF_DIR, FAST, fl_train_argv, metrics, run_inprocess
 
 TOLERANCE = 1e-5
 DIST = ["rounds=2", "clients_per_round=3", "client.optim=sgd", "client.lr=0.05"]
-
-
-def fl_train_argv(fl_data, conf_name: str, out: Path, overrides=(), extra=()) -> list[str]:
-    argv = [
-        "--asr_config", fl_data["asr_config"], "--fl_config", CONF_DIR / conf_name,
-        "--train_clients", fl_data["train_clients"], "--dev_cuts", fl_data["dev_cuts"],
-        "--token_list", fl_data["token_list"], "--bpemodel", fl_data["bpemodel"],
-        "--feats_stats", fl_data["feats_stats"], "--seed", "7", "--output_dir", out, *extra, *FAST, *overrides,
-    ]
-    return [str(a) for a in argv]
 
 
 def torchrun(nproc: int, argv: list[str], script=None, timeout: float = 600) -> subprocess.CompletedProcess:

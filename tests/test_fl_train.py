@@ -33,6 +33,17 @@ def run_inprocess(fl_data, out: Path, conf_name: str, overrides=(), **kw):
     return train(conf, output_dir=out, **{"seed": 7, **fl_data, **kw})
 
 
+def fl_train_argv(fl_data, conf_name: str, out: Path, overrides=(), extra=()) -> list[str]:
+    """fl_lib.bin.fl_train's arguments for the tiny federation of `fl_data`, seed 7, written to `out`."""
+    argv = [
+        "--asr_config", fl_data["asr_config"], "--fl_config", CONF_DIR / conf_name,
+        "--train_clients", fl_data["train_clients"], "--dev_cuts", fl_data["dev_cuts"],
+        "--token_list", fl_data["token_list"], "--bpemodel", fl_data["bpemodel"],
+        "--feats_stats", fl_data["feats_stats"], "--seed", "7", "--output_dir", out, *extra, *FAST, *overrides,
+    ]
+    return [str(a) for a in argv]
+
+
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -307,15 +318,9 @@ def test_fedprox_pulls_each_step_back_by_mu(fl_data, conformer_config, tmp_path)
     torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-6)
 
 
-def kill_test_argv(fl_data) -> list[str]:
-    args = [
-        sys.executable, "-m", "fl_lib.bin.fl_train",
-        "--asr_config", fl_data["asr_config"], "--fl_config", CONF_DIR / "fl_dga.yaml",
-        "--train_clients", fl_data["train_clients"], "--dev_cuts", fl_data["dev_cuts"],
-        "--token_list", fl_data["token_list"], "--bpemodel", fl_data["bpemodel"],
-        "--feats_stats", fl_data["feats_stats"], "--seed", "7", *FAST, "rounds=3",
-    ]
-    return [str(a) for a in args]
+def kill_test_argv(fl_data, out: Path) -> list[str]:
+    """The DGA run that the kill tests interrupt and resume, as a command line."""
+    return [sys.executable, "-m", "fl_lib.bin.fl_train", *fl_train_argv(fl_data, "fl_dga.yaml", out, ["rounds=3"])]
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +328,7 @@ def straight_run(fl_data, tmp_path_factory) -> Path:
     """The uninterrupted run both kill tests resume towards."""
     straight = tmp_path_factory.mktemp("straight")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([*kill_test_argv(fl_data), "--output_dir", str(straight)], check=True, env=env, capture_output=True)
+    subprocess.run(kill_test_argv(fl_data, straight), check=True, env=env, capture_output=True)
     return straight
 
 
@@ -332,12 +337,12 @@ def test_resume_after_kill_is_bitwise_identical(fl_data, straight_run, tmp_path,
     """Killed after its first checkpoint, the run resumes to the uninterrupted run's model, bit for
     bit. SIGTERM is a clean stop: exit status 143, a message, and no temporary file left behind."""
     straight, killed = straight_run, tmp_path / "killed"
-    args = kill_test_argv(fl_data)
+    args = kill_test_argv(fl_data, killed)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     log = tmp_path / "killed.log"
     with open(log, "w") as err:  # a file, not a pipe: a full pipe would stall the run
-        proc = subprocess.Popen([*args, "--output_dir", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err)
     ckpt = killed / "checkpoint.pth"
     deadline = time.time() + 300
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
@@ -354,7 +359,7 @@ def test_resume_after_kill_is_bitwise_identical(fl_data, straight_run, tmp_path,
         assert not list(killed.glob(".tmp*"))
     else:
         (killed / ".tmp99999.fl_train.latest.pth").write_bytes(b"half-written")  # what a kill during atomic_save leaves
-    resumed = subprocess.run([*args, "--output_dir", str(killed)], check=True, env=env, capture_output=True, text=True)
+    resumed = subprocess.run(args, check=True, env=env, capture_output=True, text=True)
     assert not list(killed.glob(".tmp*"))
     assert f"resumed from {ckpt}: {done} of 3 rounds done" in resumed.stderr
     a, b = torch.load(straight / "latest.pth"), torch.load(killed / "latest.pth")
