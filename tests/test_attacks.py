@@ -71,6 +71,51 @@ def test_ipm_matches_byzfl_and_gaussian_has_the_honest_mean_norm(honest):
     assert np.array_equal(noise, again)  # seeded by (seed, round, client)
 
 
+def paper_bisection(honest: np.ndarray, p: np.ndarray, rule: str, gamma_init=10.0, tau=1e-9) -> float:
+    """Shejwalkar & Houmansadr's Algorithm 1 (their released code, γ_init 10), an oracle independent
+    of the closed form: move γ by halving steps, keeping the last γ that satisfied the rule. It
+    searches (0, 2·γ_init) only."""
+    dist = ((honest[:, None] - honest[None]) ** 2).sum(-1)
+    bound = dist.max() if rule == "min_max" else dist.sum(1).max()
+
+    def ok(g):
+        d = ((honest.mean(0) + g * p - honest) ** 2).sum(1)
+        return (d.max() if rule == "min_max" else d.sum()) <= bound
+
+    gamma, step, succ = gamma_init, gamma_init, 0.0
+    while abs(succ - gamma) > tau:
+        if ok(gamma):
+            succ, gamma = gamma, gamma + step / 2
+        else:
+            gamma -= step / 2
+        step /= 2
+    return succ
+
+
+@pytest.mark.parametrize("rule", ["min_max", "min_sum"])
+@pytest.mark.parametrize("direction", ["std", "unit", "sign"])
+def test_min_max_and_min_sum_sit_on_their_bound_and_match_the_paper_s_bisection(honest, rule, direction):
+    mean = honest.mean(0)
+    p = {"std": -honest.std(0, ddof=1), "unit": -mean / np.linalg.norm(mean), "sign": -np.sign(mean)}[direction]
+    forged = flat(forge(AttackConfig(name=rule, per_round=2, direction=direction), honest, np.zeros(5)))
+    gamma = np.dot(forged - mean, p) / np.dot(p, p)
+    assert forged == pytest.approx(mean + gamma * p, abs=1e-6)  # on the ray μ + γp, γ > 0
+    assert 0.1 < gamma < 19  # inside the bisection's search range
+    assert gamma == pytest.approx(paper_bisection(honest, p, rule), rel=1e-4)
+    # the forged update is exactly as far from the honest ones as the rule allows
+    d_forged = ((forged - honest) ** 2).sum(1)
+    dist = ((honest[:, None] - honest[None]) ** 2).sum(-1)
+    if rule == "min_max":
+        assert d_forged.max() == pytest.approx(dist.max(), rel=1e-5)
+    else:
+        assert d_forged.sum() == pytest.approx(dist.sum(1).max(), rel=1e-5)
+
+
+def test_min_max_with_identical_honest_updates_sends_their_mean():
+    same = np.ones((3, 5))
+    assert flat(forge(AttackConfig(name="min_max", per_round=1), same, np.zeros(5))).tolist() == [1.0] * 5
+
+
 def test_attackers_are_f_of_the_sampled_clients_seeded_by_round():
     attack = Attack(AttackConfig(name="sign_flip", per_round=2), seed=5)
     sampled = [f"c{i}" for i in range(8)]
@@ -94,6 +139,12 @@ def test_attack_config_refuses_unused_and_missing_keys():
         FLConfig.from_yaml(None, ["clients_per_round=4", "attack.name=sign_flip", "attack.per_round=5"])
     with pytest.raises(ValueError, match="needs at least 2, round 1 has 1"):
         forge(AttackConfig(name="alie", per_round=1), [[1.0, 2.0]], [0.0, 0.0])
+    with pytest.raises(ValueError, match="needs at least 2, round 1 has 1"):
+        forge(AttackConfig(name="min_sum", per_round=1), [[1.0, 2.0]], [0.0, 0.0])
+    with pytest.raises(ValueError, match="does not use: direction"):
+        AttackConfig(name="alie", per_round=1, direction="std")
+    with pytest.raises(ValueError, match="attack.direction must be one of"):
+        AttackConfig(name="min_max", per_round=1, direction="random")
 
 
 def test_alie_s_z_max_needs_at_most_half_of_the_cohort_attacking():

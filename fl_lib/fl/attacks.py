@@ -13,9 +13,16 @@ to the strategy like any other. Which clients attacked is logged in metrics.json
 - gaussian: a random direction with the honest updates' mean norm;
 - alie (Baruch et al., 2019, "A little is enough"): μ − z·σ per coordinate, μ and σ (ddof 1)
   over the round's honest updates, z given or z_max = Φ⁻¹((K − s)/K), s = ⌊K/2 + 1⌋ − f;
-- ipm (Xie et al., 2020, inner-product manipulation): −ε·μ.
+- ipm (Xie et al., 2020, inner-product manipulation): −ε·μ;
+- min_max / min_sum (Shejwalkar & Houmansadr, NDSS 2021, "Manipulating the Byzantine"):
+  μ + γ·p, p = −σ (or −μ/‖μ‖, −sign μ), with the largest γ whose forged update is no farther
+  from the honest ones than they are from each other: its largest distance to one of them
+  (min_max), or its sum of squared distances to all of them (min_sum), at most the largest
+  such figure of an honest update. The paper finds γ by bisection; here it is the exact
+  root of the quadratic in γ. They keep the round's honest updates (K·d float64 at most),
+  since the distances need each of them, not only their sums.
 
-Every attacker of a round sends the same forged update under alie and ipm (they collude);
+Every attacker of a round sends the same forged update under alie, ipm, min_max and min_sum (they collude);
 the statistics a strategy reads from a result (grad_mean, grad_rms, grad_var) are those of
 the forged Δ, while its reported loss and sizes stay its own.
 """
@@ -33,7 +40,8 @@ from .config import AttackConfig
 from .sampling import derive_seed
 from .strategies.base import ClientResult, State, l2_norm
 
-NEEDS_HONEST = ("gaussian", "alie", "ipm")  # forged from the round's honest updates
+NEEDS_HONEST = ("gaussian", "alie", "ipm", "min_max", "min_sum")  # forged from the round's honest updates
+KEEPS_HONEST = ("min_max", "min_sum")  # forged from every honest update itself, not only from sums
 
 
 def alie_z(k: int, f: int) -> float:
@@ -44,6 +52,29 @@ def alie_z(k: int, f: int) -> float:
     if s < 1:
         raise ValueError(f"ALIE's z_max needs f <= K/2 attackers (K={k}, f={f}); set attack.z")
     return NormalDist().inv_cdf((k - s) / k)
+
+
+def min_max_gamma(honest: torch.Tensor, direction: torch.Tensor, rule: str) -> float:
+    """The largest γ ≥ 0 for which μ + γ·p stays within the honest updates' own spread.
+
+    honest: (n, d) float64; p = direction. With a_i = μ − h_i and D the squared pairwise
+    distances of the honest updates:
+    - min_max: max_i ‖a_i + γp‖² ≤ max_ij D_ij. Each ‖a_i + γp‖² is a convex quadratic that
+      starts at or below the bound (‖a_i‖ ≤ max_j ‖h_j − h_i‖), so γ is the smallest of their
+      upper roots;
+    - min_sum: Σ_i ‖a_i + γp‖² ≤ max_i Σ_j D_ij. Σ_i a_i = 0 removes the linear term:
+      γ² = (bound − Σ_i ‖a_i‖²) / (n‖p‖²)."""
+    pp = float(direction @ direction)
+    if pp == 0.0:  # all honest updates equal (std), or a zero mean (unit, sign): γ moves nothing
+        return 0.0
+    a = honest.mean(0, keepdim=True) - honest
+    sq = (a * a).sum(1)
+    dist = torch.cdist(honest, honest).square()
+    if rule == "min_max":
+        b = a @ direction
+        roots = (-b + (b * b - pp * (sq - dist.max())).clamp(min=0).sqrt()) / pp
+        return float(roots.min())
+    return math.sqrt(max(float(dist.sum(1).max() - sq.sum()), 0.0) / (len(honest) * pp))
 
 
 class Attack:
@@ -62,7 +93,8 @@ class Attack:
 
     def min_clients(self) -> int:
         """Usable clients a round needs: the attackers and the honest updates they forge from."""
-        return self.conf.per_round + {"alie": 2, "gaussian": 1, "ipm": 1}.get(self.conf.name, 0) if self.active else 1
+        need = {"alie": 2, "gaussian": 1, "ipm": 1, "min_max": 2, "min_sum": 2}
+        return self.conf.per_round + need.get(self.conf.name, 0) if self.active else 1
 
     def choose(self, sampled: Sequence[str], draw: int) -> list[str]:
         """The attackers among the `draw`-th round's sampled clients: f of them (all, if fewer were
@@ -74,12 +106,15 @@ class Attack:
 
     # -- the round's honest statistics ----------------------------------------------
     def begin_round(self) -> None:
-        self._n, self._sum, self._sq, self._norms = 0, None, None, 0.0
+        self._n, self._sum, self._sq, self._norms, self._honest = 0, None, None, 0.0, []
 
     def observe(self, result: ClientResult) -> None:
         """Accumulate an honest result's Δ (float64 sums, not the Δ itself)."""
         if self.conf.name not in NEEDS_HONEST:
             return
+        if self.conf.name in KEEPS_HONEST:
+            self._keys = list(result.delta)
+            self._honest.append(torch.cat([v.detach().double().reshape(-1).cpu() for v in result.delta.values()]))
         if self._sum is None:
             self._sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in result.delta.items()}
             self._sq = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in result.delta.items()}
@@ -104,13 +139,15 @@ class Attack:
         return replace(result, delta=delta, **self._gradient_stats(delta))
 
     def _forge_from_honest(self, result: ClientResult, draw: int, cohort_size: int) -> State:
-        need = 2 if self.conf.name == "alie" else 1
+        need = 2 if self.conf.name in ("alie", *KEEPS_HONEST) else 1
         if self._n < need:
             raise ValueError(f"attack '{self.conf.name}' forges from the round's honest updates: it needs at least {need}, "
                              f"round {draw + 1} has {self._n} (lower attack.per_round or raise clients_per_round)")
         mean = {k: s / self._n for k, s in self._sum.items()}
         if self.conf.name == "ipm":
             return {k: (-self.conf.epsilon * m).to(result.delta[k].dtype) for k, m in mean.items()}
+        if self.conf.name in KEEPS_HONEST:
+            return self._min_max(result.delta)
         if self.conf.name == "alie":
             z = alie_z(cohort_size, self.conf.per_round) if self.conf.z is None else self.conf.z
             std = {k: ((self._sq[k] - self._n * mean[k] ** 2).clamp(min=0) / (self._n - 1)).sqrt() for k in mean}
@@ -121,6 +158,20 @@ class Attack:
         norm = l2_norm(noise.values())
         target = self._norms / self._n
         return {k: (n * (target / norm)).to(result.delta[k].dtype).to(result.delta[k].device) for k, n in noise.items()}
+
+    def _min_max(self, like: State) -> State:
+        honest = torch.stack(self._honest)
+        mean = honest.mean(0)
+        direction = {"std": lambda: -honest.std(0, unbiased=True), "sign": lambda: -mean.sign(),
+                     "unit": lambda: -mean / mean.norm().clamp(min=1e-30)}[self.conf.direction or "std"]()
+        forged = mean + min_max_gamma(honest, direction, self.conf.name) * direction
+        if list(like) != self._keys:
+            raise ValueError(f"the attacker's update has other parameters than the honest ones: {sorted(like)} vs {sorted(self._keys)}")
+        out, start = {}, 0
+        for k, v in like.items():  # the honest results' key order, which observe() flattened in
+            out[k] = forged[start:start + v.numel()].reshape(v.shape).to(v.dtype).to(v.device)
+            start += v.numel()
+        return out
 
     def _gradient_stats(self, delta: State) -> dict:
         """grad_mean, grad_rms and grad_var of Δ over the trainable parameters, as the client computes them."""

@@ -195,32 +195,37 @@ class PrivacyConfig:
                 raise ValueError(f"privacy.{k} must be > 0, got {getattr(self, k)}")
 
 
-ATTACKS = ("none", "sign_flip", "scale", "gaussian", "alie", "ipm")
+ATTACKS = ("none", "sign_flip", "scale", "gaussian", "alie", "ipm", "min_max", "min_sum")
+ATTACK_DIRECTIONS = ("std", "unit", "sign")  # min_max / min_sum: the perturbation -std, -mean/|mean| or -sign(mean)
 
 
 @dataclass
 class AttackConfig:
     """Byzantine clients (fl_lib/fl/attacks.py): `per_round` of each round's sampled clients send a forged update."""
 
-    name: str = "none"  # none | sign_flip | scale | gaussian | alie | ipm
+    name: str = "none"  # none | sign_flip | scale | gaussian | alie | ipm | min_max | min_sum
     per_round: int = 0  # f: attackers among the clients sampled in each round
     scale: Optional[float] = None  # scale: the factor c (10, 100: model replacement)
     epsilon: Optional[float] = None  # ipm: the forged update is -epsilon x the honest mean
     z: Optional[float] = None  # alie: mean - z x std (null: Baruch et al.'s z_max for K and f)
+    direction: Optional[str] = None  # min_max / min_sum: std | unit | sign (null: std, Shejwalkar & Houmansadr's default)
 
     def __post_init__(self) -> None:
         if self.name not in ATTACKS:
             raise ValueError(f"attack.name must be one of {ATTACKS}, got {self.name!r}")
-        own = {"scale": ("scale",), "ipm": ("epsilon",), "alie": ("z",)}.get(self.name, ())
-        unused = [k for k in ("scale", "epsilon", "z") if getattr(self, k) is not None and k not in own]
+        own = {"scale": ("scale",), "ipm": ("epsilon",), "alie": ("z",), "min_max": ("direction",),
+               "min_sum": ("direction",)}.get(self.name, ())
+        unused = [k for k in ("scale", "epsilon", "z", "direction") if getattr(self, k) is not None and k not in own]
         if self.name == "none" and self.per_round:
             unused.append("per_round")
         if unused:
             raise ValueError(f"attack '{self.name}' does not use: {', '.join(unused)}")
         if self.name != "none" and not (isinstance(self.per_round, int) and self.per_round >= 1):
             raise ValueError(f"attack '{self.name}' needs attack.per_round >= 1 (attackers per round), got {self.per_round}")
+        if self.direction is not None and self.direction not in ATTACK_DIRECTIONS:
+            raise ValueError(f"attack.direction must be one of {ATTACK_DIRECTIONS}, got {self.direction!r}")
         for k in own:
-            if k != "z" and getattr(self, k) is None:
+            if k not in ("z", "direction") and getattr(self, k) is None:
                 raise ValueError(f"attack '{self.name}' needs attack.{k}")
 
 
