@@ -1,0 +1,38 @@
+"""bench/session_adapt_table.py: the variants' table read from records, seeds matched."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import bench_module
+
+table_mod = bench_module("session_adapt_table")
+
+
+def write_seed(root, seed, dev_wers, lm, am):
+    d = root / f"seed{seed}"
+    d.mkdir(parents=True)
+    rows = [{"round": 5 * (i + 1), "dev_wer": w} for i, w in enumerate(dev_wers)] + [{"round": 99, "dev_wer": None}]
+    (d / "fl_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    decodings = {"LM fusion (decode_asr_ctc_fusion_lm)": {"pooled_werr": lm}, "acoustic model alone": {"pooled_werr": am}}
+    (d / "summary.json").write_text(json.dumps({"exp_dir": str(d), "decodings": decodings}))
+
+
+def test_table_gives_best_dev_and_the_t_interval_over_seeds(tmp_path):
+    write_seed(tmp_path / "a", 1, [0.5, 0.3, 0.4], 10.0, 30.0)
+    write_seed(tmp_path / "a", 2, [0.6, 0.5], 20.0, 40.0)
+    text = table_mod.table({"a": tmp_path / "a"})
+    row = text.splitlines()[2]
+    assert "30.0 (10) / 50.0 (10)" in row  # the lowest dev WER and its round, per seed
+    assert "| 40.0 |" in row  # mean dev WER
+    # mean 15, sd 7.07, t(0.975, 1) = 12.706: half width 12.706 * 7.071 / sqrt(2) = 63.5
+    assert "15.0 ± 63.5" in row and "35.0 ± 63.5" in row
+
+
+def test_table_refuses_variants_with_other_seeds(tmp_path):
+    write_seed(tmp_path / "a", 1, [0.5], 1.0, 2.0)
+    write_seed(tmp_path / "a", 2, [0.5], 1.0, 2.0)
+    write_seed(tmp_path / "b", 1, [0.5], 1.0, 2.0)
+    with pytest.raises(ValueError, match="compare like with like"):
+        table_mod.table({"a": tmp_path / "a", "b": tmp_path / "b"})
