@@ -5,9 +5,12 @@ Both runs are the recipe's stage 5 on the demo's data (`make demo`, or `run.sh -
 each round; no dev set, so a round is the clients' training, the aggregation, the server
 step and the checkpoint. Native trains a round's clients in `--client_jobs 2` worker
 processes; flower-grpc on 2 SuperNodes (a SuperLink and the nodes as separate processes on
-127.0.0.1); flower-sim on Flower's simulation engine with 2 virtual nodes of one CPU each:
-each has two cores' worth of clients in flight. The ratios are median round times over
-native's; the bytes are those of the ArrayRecords: the start weights sent to each client
+127.0.0.1), each with its resident trainer (ESPnet imported once per node), and
+flower-grpc-per-message the same with Flower's plain per-message ClientApp process
+(`--node_trainer per_message`); flower-sim on Flower's simulation engine with 2 virtual nodes
+of one CPU each: each has two cores' worth of clients in flight. Every run must end with
+native's global model, bit for bit (`bitwise_equal_to_native`), or the bench fails. The
+ratios are median round times over native's; the bytes are those of the ArrayRecords: the start weights sent to each client
 and the pseudo-gradients received. Memory is the peak, sampled every 2 s, of the summed
 proportional memory (PSS) of every process a run starts (the server, workers, SuperLink,
 SuperNodes, ClientApps, Ray).
@@ -85,12 +88,20 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     runs, peaks = {}, {}
     runs["native"], peaks["native"] = stage5("fl_lib.bin.fl_train", work / "native", opts, ["--client_jobs", "2"])
-    for engine in ("grpc", "simulation"):
-        name = f"flower-{engine}"
-        runs[name], peaks[name] = stage5("fl_lib.bin.flower_train", work / engine, opts, ["--nodes", "2", "--engine", engine])
+    flower = {"flower-grpc": ["--engine", "grpc"], "flower-grpc-per-message": ["--engine", "grpc", "--node_trainer", "per_message"],
+              "flower-simulation": ["--engine", "simulation"]}
+    for name, extra in flower.items():
+        runs[name], peaks[name] = stage5("fl_lib.bin.flower_train", work / name, opts, ["--nodes", "2", *extra])
     samples = {name: [r["clients"] for r in rows] for name, rows in runs.items()}
     if len({json.dumps(s) for s in samples.values()}) != 1:
         raise SystemExit("the runs trained different clients: not the same experiment")
+    import torch
+
+    reference = torch.load(work / "native" / "latest.pth", map_location="cpu")
+    equal = {}
+    for name in flower:
+        model = torch.load(work / name / "latest.pth", map_location="cpu")
+        equal[name] = model.keys() == reference.keys() and all(torch.equal(model[k], reference[k]) for k in model)
     native = statistics.median(r["seconds"] for r in runs["native"])
     result = {"rounds": opts.rounds, "clients_per_round": len(runs["native"][0]["clients"]), "fl_config": opts.fl_config,
               "asr_config": opts.asr_config, "work_dir": str(work)}
@@ -99,11 +110,14 @@ def main() -> None:
                         "client_seconds": [round(r["client_seconds"], 2) for r in rows],
                         "ratio_median_round": statistics.median(r["seconds"] for r in rows) / native,
                         "peak_pss_mb": round(peaks[name])}
-    for engine in ("grpc", "simulation"):
-        result[f"flower-{engine}"]["bytes_per_draw"] = json.loads((work / engine / "flower_status.json").read_text())["bytes_per_draw"]
+    for name in flower:
+        result[name]["bytes_per_draw"] = json.loads((work / name / "flower_status.json").read_text())["bytes_per_draw"]
+        result[name]["bitwise_equal_to_native"] = equal[name]
     print(json.dumps(result, indent=1))
     if opts.out:
         opts.out.write_text(json.dumps(result, indent=1) + "\n")
+    if not all(equal.values()):
+        raise SystemExit(f"not native's model, bit for bit: {[n for n, e in equal.items() if not e]}")
 
 
 if __name__ == "__main__":

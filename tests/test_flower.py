@@ -169,6 +169,40 @@ def test_a_node_trains_only_the_clients_in_its_own_index(fl_data, tmp_path, task
     assert [r["id"] for r in rows] == held[0]
 
 
+def test_the_resident_trainer_answers_over_its_socket_and_returns_a_task_s_failure(fl_data, tmp_path, task_identity):
+    """node_trainer.py's wire: a request answered by the node's own training code (here it refuses a
+    client of the other node), the failure's traceback back to the ClientApp as NodeTrainerError; and the
+    ClientApp's process, in resident mode, never imports torch."""
+    import threading
+
+    from fl_lib.data.clients import load_clients
+    from fl_lib.flower import client_app
+    from fl_lib.flower.deployment import split_nodes
+    from fl_lib.flower.node_trainer import NodeTrainerError, ResidentTrainer, listen, request
+
+    indexes = split_nodes(fl_data["train_clients"], 2, tmp_path)
+    other = load_clients(indexes[1])[0].id
+    sock = tmp_path / "n.sock"
+    listener = listen(sock)
+    server = threading.Thread(target=ResidentTrainer(indexes[0]).serve, args=(listener,), daemon=True)
+    server.start()
+    content = task_content(Task(other, Path("x"), _state(), 0, 0.0), SETUP)
+    with pytest.raises(NodeTrainerError, match=f"(?s)Traceback.*client {other} is not held by this node"):
+        request(sock, content, timeout=60)
+    context = Context(run_id=1, node_id=1, node_config={"clients": str(indexes[0]), "trainer": str(sock)},
+                      state=RecordDict(), run_config={})
+    msg = Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+    with pytest.raises(NodeTrainerError, match="is not held by this node"):  # the ClientApp's train hands it over
+        client_app.train(msg, context)
+    listener.close()
+    server.join(5)
+    with pytest.raises(NodeTrainerError, match="is not reachable"):
+        request(sock, content, timeout=5)
+    probe = "import sys, fl_lib.flower.client_app, fl_lib.flower.node_trainer; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == "False", out.stderr
+
+
 def _flower_train(fl_data, out: Path, conf: str, overrides, round_timeout=600, engine="grpc") -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "fl_lib.bin.flower_train", "--nodes", "2", "--seed", "7", "--output_dir", str(out),
             "--fl_config", str(CONF_DIR / conf), "--round_timeout", str(round_timeout), "--engine", engine]
@@ -208,6 +242,9 @@ def test_flower_trains_the_native_model_bitwise_and_resumes(fl_data, tmp_path, c
     last_run = range(stops[0], 2) if len(stops) == 2 else range(2)  # draws the last ServerApp sent
     assert sorted(map(int, status["bytes_per_draw"])) == list(last_run)
     assert all(b["sent"] > 0 and b["received"] > 0 for b in status["bytes_per_draw"].values())
+    if engine == "grpc":  # the nodes' resident trainers trained every client, not per-message ClientApp processes
+        logs = "".join((out / f"flower/logs/supernode{i}.log").read_text() for i in range(2))
+        assert logs.count("trained client ") == 2 * len(last_run), logs[-3000:]  # 2 clients a round, last run's logs
 
 
 def _pids(*pgrep_args) -> list[int]:

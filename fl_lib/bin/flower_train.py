@@ -33,6 +33,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=2, help="SuperNodes, each holding its share of the clients")
     p.add_argument("--engine", choices=("grpc", "simulation"), default="grpc",
                    help="grpc: SuperNodes as separate processes; simulation: Flower's simulation engine (Ray actors)")
+    p.add_argument("--node_trainer", choices=("resident", "per_message"), default=None,
+                   help="grpc: each SuperNode's trainer imports ESPnet once and trains every message (resident, the "
+                        "default), or each message's ClientApp process builds its own (per_message, Flower's plain way)")
     p.add_argument("--round_timeout", type=float, default=3600.0,
                    help="seconds the server waits for a round's replies; a client not answered by then fails")
     p.add_argument("--startup_timeout", type=float, default=300.0,
@@ -47,6 +50,8 @@ def main(argv=None) -> None:
     for name in ("client_jobs", "ngpu", "dist_timeout"):
         if getattr(args, name) is not None:
             raise SystemExit(f"flower_train: --{name} is an fl_train option; over Flower each SuperNode trains its clients")
+    if args.engine == "simulation" and args.node_trainer is not None:
+        raise SystemExit("flower_train: --node_trainer is for --engine grpc; the simulation engine's actors keep their imports")
     setup_logging()
     from fl_lib.fl.config import FLConfig
     from fl_lib.flower.deployment import LocalDeployment, split_nodes, write_app
@@ -73,7 +78,9 @@ def main(argv=None) -> None:
     (out / STATUS).unlink(missing_ok=True)
     what = "its simulation engine with" if args.engine == "simulation" else "and"
     logger.info(f"Flower: a SuperLink on 127.0.0.1 {what} {args.nodes} SuperNodes; logs in {flower / 'logs'}")
-    with LocalDeployment(flower, indexes, simulation=args.engine == "simulation") as deployment:
+    simulation = args.engine == "simulation"
+    resident = not simulation and (args.node_trainer or "resident") == "resident"
+    with LocalDeployment(flower, indexes, simulation=simulation, resident_trainer=resident) as deployment:
         rc = deployment.run(app_dir)
     status = json.loads((out / STATUS).read_text()) if (out / STATUS).exists() else {"status": "failed", "error": "no status written"}
     if rc != 0 or status["status"] != "finished":

@@ -10,15 +10,18 @@ node i's index). Two message types:
   on a model built from the setup the server sent. The reply is the pseudo-gradient and
   the `ClientResult` statistics. A client the node does not hold is refused.
 
-The model is built per message (a deployed SuperNode runs each message in a fresh process;
-the simulation engine's actors keep only their imports); its weights come with the message,
-so nothing else carries over between rounds.
+A deployed SuperNode runs each message in a fresh process, which would import ESPnet and build
+the model for every message. The launcher therefore gives each SuperNode a resident trainer
+(`node_trainer.py`, named by `trainer="<socket>"` in the node config) and this process hands it
+the message; without one (the simulation engine, whose actors keep their imports), the model
+is built here per message. Either way its weights come with the message.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
+from typing import Optional
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -96,15 +99,41 @@ def build_trainer(setup, cache: Path):
     return espnet_trainer(args, from_dict(ClientConfig, setup.client), batches, setup.seed, setup.num_threads)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def setup_key(setup) -> str:
+    """One setup's identity: the same key is the same `LocalTrainer`."""
+    meta = json.dumps({k: v for k, v in setup.__dict__.items() if k != "files"}, sort_keys=True)
+    files = sorted((k, hashlib.sha256(v).hexdigest()) for k, v in setup.files.items())
+    return hashlib.sha256((meta + json.dumps(files)).encode()).hexdigest()
+
+
+def train_reply(content: RecordDict, index: Path, clients: dict[str, ClientInfo], trainers: Optional[dict] = None) -> RecordDict:
+    """One client's local round from a train message's content, as the reply's content.
+
+    `trainers` (setup key -> LocalTrainer) keeps the trainer for the next task, as a native
+    worker keeps its own; without it the trainer is built for this task alone."""
     from .records import read_task, result_content  # torch: not for a query, which runs in a process of its own
 
-    index, clients = node_clients(context)
-    task = read_task(msg.content)
+    task = read_task(content)
     if task.client_id not in clients:
         raise ValueError(f"client {task.client_id} is not held by this node ({index}): the server sent it to the wrong node")
-    trainer = build_trainer(task.setup, index.parent / "setup")
+    key = setup_key(task.setup)
+    trainer = trainers.get(key) if trainers is not None else None
+    if trainer is None:
+        trainer = build_trainer(task.setup, index.parent / "setup")
+        if trainers is not None:
+            trainers.clear()  # one experiment's setup at a time
+            trainers[key] = trainer
     result = trainer.train(task.client_id, clients[task.client_id].manifest, task.start, task.draw, task.proximal_mu,
                            task.lr_scale)
-    return Message(result_content(result), reply_to=msg)
+    return result_content(result)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    index, clients = node_clients(context)
+    resident = context.node_config.get("trainer")
+    if resident:  # the node's resident trainer (node_trainer.py) trains: this process never imports torch
+        from .node_trainer import request
+
+        return Message(request(Path(str(resident)), msg.content), reply_to=msg)
+    return Message(train_reply(msg.content, index, clients), reply_to=msg)

@@ -3,8 +3,10 @@
 Each SuperNode gets its own client index (`split_nodes`), so it can open only its own
 clients' manifests; they talk to the SuperLink over Flower's transport on 127.0.0.1, as
 devices would over the network. With `simulation`, the SuperLink runs Flower's simulation
-engine instead, its N virtual nodes as Ray actors, node i reading node i's index. `flwr run` submits the app; the deployment stops every
-process it started, also when the run fails or is interrupted.
+engine instead, its N virtual nodes as Ray actors, node i reading node i's index. With
+`resident_trainer`, each SuperNode runs under its node's resident trainer (`node_trainer.py`),
+which imports ESPnet once instead of once per message. `flwr run` submits the app; the
+deployment stops every process it started, also when the run fails or is interrupted.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -97,8 +100,13 @@ class LocalDeployment:
     Processes are started in their own session, logs in `work_dir/logs/`, and stopped
     (SIGTERM, then SIGKILL) on exit."""
 
-    def __init__(self, work_dir: Path, node_indexes: Sequence[Path], simulation: bool = False, startup_timeout: float = 120.0) -> None:
+    def __init__(self, work_dir: Path, node_indexes: Sequence[Path], simulation: bool = False, startup_timeout: float = 120.0,
+                 resident_trainer: bool = True) -> None:
+        if simulation and resident_trainer:
+            raise ValueError("the simulation engine's nodes are Ray actors, which keep their imports: no resident trainer")
         self.work_dir = Path(work_dir)
+        self.resident_trainer = resident_trainer
+        self.sockets = Path(tempfile.mkdtemp(prefix="fl_lib_nodes_")) if resident_trainer else None  # AF_UNIX paths: < 108 chars
         self.node_indexes = list(node_indexes)
         self.simulation = simulation  # Flower's simulation engine (Ray) runs the nodes inside the SuperLink
         self.startup_timeout = startup_timeout
@@ -137,9 +145,15 @@ class LocalDeployment:
                                       "--host", "127.0.0.1", "--port", str(self.port)] + ["--simulation"] * self.simulation)
             self._wait_port(self.port)
             for i, index in enumerate([] if self.simulation else self.node_indexes):
-                config = f'clients="{Path(index).resolve()}"'
-                self._start(f"supernode{i}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                                              "--port", str(free_port()), "--node-config", config])
+                index = Path(index).resolve()
+                config = f'clients="{index}"'
+                wrapper = []
+                if self.resident_trainer:
+                    sock = self.sockets / f"node{i}.sock"
+                    config += f' trainer="{sock}"'
+                    wrapper = [sys.executable, "-m", "fl_lib.flower.node_trainer", "--socket", str(sock), "--clients", str(index), "--"]
+                self._start(f"supernode{i}", wrapper + ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                                                        "--port", str(free_port()), "--node-config", config])
         except BaseException:
             self.close()
             raise
@@ -186,6 +200,8 @@ class LocalDeployment:
             _kill(pid, signal.SIGKILL)
         for proc in self.procs.values():
             proc.wait()
+        if self.sockets is not None:
+            shutil.rmtree(self.sockets, ignore_errors=True)
 
     def __exit__(self, *exc) -> None:
         self.close()

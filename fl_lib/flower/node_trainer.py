@@ -1,0 +1,180 @@
+"""A SuperNode's resident trainer: ESPnet imported and the `LocalTrainer` built once per node.
+
+A deployed SuperNode runs every message in a fresh `flwr-clientapp` process. Importing torch
+and ESPnet's ASR task there costs several CPU-seconds per message, as much as a client's local
+round. So the launcher starts each SuperNode under this process:
+
+    python -m fl_lib.flower.node_trainer --socket S --clients <node>/clients.jsonl -- flower-supernode ...
+
+It imports ESPnet, listens on the Unix socket S, starts the SuperNode as its child (one process
+group: a node killed is its trainer killed too), and exits with the SuperNode's status. The
+ClientApp, started with `trainer="S"` in its node config, imports only Flower: it hands the
+train message's content to this process and returns its reply. The training itself is the
+ClientApp's own (`client_app.train_reply`), so the model is the same, bit for bit, whichever
+process trains.
+
+One task at a time, as a SuperNode runs its messages. The wire: a request is the message's
+`RecordDict` as Flower's protobuf, length-prefixed; a reply is a status byte (0: the reply's
+protobuf, 1: the error's text) and its length-prefixed payload.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Optional, Sequence
+
+from flwr.app import RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+logger = logging.getLogger("fl_lib.flower.node_trainer")
+_LEN = struct.Struct(">Q")
+OK, ERROR = b"\x00", b"\x01"
+
+
+class NodeTrainerError(RuntimeError):
+    """The resident trainer failed the task (its traceback is the message), or could not be reached."""
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = conn.recv(min(n - got, 1 << 20))
+        if not chunk:
+            raise ConnectionError(f"the peer closed the connection after {got} of {n} bytes")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _send_frame(conn: socket.socket, payload: bytes) -> None:
+    conn.sendall(_LEN.pack(len(payload)) + payload)
+
+
+def _recv_frame(conn: socket.socket) -> bytes:
+    (n,) = _LEN.unpack(_recv_exact(conn, _LEN.size))
+    return _recv_exact(conn, n)
+
+
+def to_bytes(content: RecordDict) -> bytes:
+    return recorddict_to_proto(content).SerializeToString()
+
+
+def from_bytes(data: bytes) -> RecordDict:
+    proto = ProtoRecordDict()
+    proto.ParseFromString(data)
+    return recorddict_from_proto(proto)
+
+
+def request(socket_path: Path, content: RecordDict, timeout: Optional[float] = None) -> RecordDict:
+    """The ClientApp's side: the train content to the node's resident trainer, its reply back."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(timeout)
+        try:
+            conn.connect(str(socket_path))
+        except OSError as e:
+            raise NodeTrainerError(f"the node's resident trainer at {socket_path} is not reachable: {e}") from None
+        _send_frame(conn, to_bytes(content))
+        status = _recv_exact(conn, 1)
+        payload = _recv_frame(conn)
+    if status != OK:
+        raise NodeTrainerError(f"the node's resident trainer failed the task:\n{payload.decode('utf-8', 'replace')}")
+    return from_bytes(payload)
+
+
+class ResidentTrainer:
+    """Serves train requests for one node's clients; keeps the last setup's `LocalTrainer`."""
+
+    def __init__(self, index: Path) -> None:
+        from ..data.clients import load_clients
+        from ..espnet_env import asr_task
+
+        asr_task()  # the import every per-message ClientApp would pay, paid once here
+        self.index = Path(index)
+        self.clients = {c.id: c for c in load_clients(self.index)}
+        self.trainers: dict = {}  # setup key -> LocalTrainer: the server sends one setup per experiment
+
+    def handle(self, content: RecordDict) -> RecordDict:
+        from .client_app import train_reply
+
+        return train_reply(content, self.index, self.clients, self.trainers)
+
+    def serve(self, listener: socket.socket, node: Optional[subprocess.Popen] = None) -> None:
+        """Answer requests until `node` (the SuperNode) exits; with no node, until the listener is closed."""
+        listener.settimeout(1.0)
+        while node is None or node.poll() is None:
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:  # the listener was closed
+                return
+            with conn:
+                conn.settimeout(None)
+                try:
+                    content = from_bytes(_recv_frame(conn))
+                except (ConnectionError, OSError) as e:
+                    logger.warning("a ClientApp went away before its request arrived: %s", e)
+                    continue
+                start = time.monotonic()
+                try:
+                    status, payload = OK, to_bytes(self.handle(content))
+                    logger.info("trained client %s in %.1f s", content.config_records["task"]["client-id"],
+                                time.monotonic() - start)
+                except Exception:  # the ClientApp turns it into Flower's error reply, the server into a failed client
+                    status, payload = ERROR, traceback.format_exc().encode()
+                    logger.error("task failed:\n%s", payload.decode())
+                try:
+                    conn.sendall(status)
+                    _send_frame(conn, payload)
+                except OSError as e:  # its ClientApp was killed meanwhile: nobody waits for this reply
+                    logger.warning("the ClientApp went away before its reply was sent: %s", e)
+
+
+def listen(socket_path: Path) -> socket.socket:
+    socket_path = Path(socket_path)
+    socket_path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(socket_path))
+    listener.listen(8)
+    return listener
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        raise SystemExit("usage: python -m fl_lib.flower.node_trainer --socket S --clients INDEX -- flower-supernode ...")
+    split = argv.index("--")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--socket", type=Path, required=True, help="the Unix socket the node's ClientApps connect to")
+    p.add_argument("--clients", type=Path, required=True, help="the node's clients.jsonl (its own clients only)")
+    args = p.parse_args(argv[:split])
+    node_cmd = argv[split + 1:]
+    if not node_cmd:
+        p.error("no SuperNode command after --")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s")
+    trainer = ResidentTrainer(args.clients)
+    listener = listen(args.socket)
+    logger.info("resident trainer of %s (%d clients) on %s, pid %d", args.clients, len(trainer.clients), args.socket,
+                os.getpid())
+    node = subprocess.Popen(node_cmd)  # same process group: a kill of the node's group takes both
+    try:
+        trainer.serve(listener, node)
+    finally:
+        listener.close()
+        args.socket.unlink(missing_ok=True)
+        if node.poll() is None:
+            node.terminate()
+    sys.exit(node.wait())
+
+
+if __name__ == "__main__":
+    main()
