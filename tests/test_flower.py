@@ -212,8 +212,8 @@ def _flower_train(fl_data, out: Path, conf: str, overrides, round_timeout=600, e
     return subprocess.run([*args, *overrides], env=env, capture_output=True, text=True)
 
 
-# Each pairing of {FedAvg, DGA} x {grpc, simulation} passed on 2026-12-04; CI runs two of them (a flower-grpc
-# train message costs a process start with ESPnet's imports, 7.6 CPU-s: bench/results/import_cost.json).
+# Each pairing of {FedAvg, DGA} x {grpc, simulation} passed on 2026-12-04 (before the resident trainer); CI runs
+# two of them, each deployment costing a SuperLink, SuperNodes and their resident trainers' ESPnet imports.
 @pytest.mark.parametrize("conf,engine", [("fl_fedavg.yaml", "grpc"), ("fl_dga_sgd.yaml", "simulation")])
 def test_flower_trains_the_native_model_bitwise_and_resumes(fl_data, tmp_path, conf, engine):
     """Two SuperNodes behind a real SuperLink (grpc: separate processes; simulation: Flower's
