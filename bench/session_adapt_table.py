@@ -44,7 +44,7 @@ def pooled_werr(summary: dict, decoding: str) -> float:
 def variant_rows(name: str, root: Path) -> dict[int, dict]:
     seeds = {}
     for d in sorted(root.glob("seed*/")):
-        if not (d / "summary.json").exists():
+        if not d.name[4:].isdigit() or not (d / "summary.json").exists():
             continue
         summary = json.loads((d / "summary.json").read_text())
         dev, rnd = best_dev_wer(d / "fl_metrics.jsonl")

@@ -3,6 +3,7 @@ against byzfl's implementation where it has one, and the attackers logged but hi
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from statistics import NormalDist
 
 import byzfl  # test-only oracle (requirements-test.txt)
@@ -114,6 +115,23 @@ def test_min_max_and_min_sum_sit_on_their_bound_and_match_the_paper_s_bisection(
 def test_min_max_with_identical_honest_updates_sends_their_mean():
     same = np.ones((3, 5))
     assert flat(forge(AttackConfig(name="min_max", per_round=1), same, np.zeros(5))).tolist() == [1.0] * 5
+
+
+def test_min_max_aligns_updates_whose_entries_come_in_another_order(honest):
+    """Flower's replies may list a state's entries in any order: each is flattened by name."""
+    attack = Attack(AttackConfig(name="min_sum", per_round=2), seed=5)
+    attack.bind(["w", "b"])
+    attack.begin_round()
+    for i, h in enumerate(honest):
+        r = result(f"h{i}", h)
+        if i % 2:
+            r = replace(r, delta={"b": r.delta["b"], "w": r.delta["w"]})
+        attack.observe(r)
+    mixed = attack.forge(result("a0", np.zeros(5)), draw=0, cohort_size=8)
+    again = attack.forge(replace(result("a1", np.zeros(5)), delta={"b": torch.zeros(1), "w": torch.zeros(1, 4)}), 0, 8)
+    expected = flat(forge(AttackConfig(name="min_sum", per_round=2), honest, np.zeros(5)))
+    assert flat(mixed).tolist() == expected.tolist()
+    assert list(again.delta) == ["b", "w"] and flat(again).tolist() == expected.tolist()  # colluders: the same update
 
 
 def test_attackers_are_f_of_the_sampled_clients_seeded_by_round():

@@ -271,7 +271,7 @@ def test_a_supernode_killed_mid_round_fails_its_clients_and_the_run_goes_on(fl_d
         while time.monotonic() < deadline:
             for pid in _pids("-f", f"{out}/flower/node1/clients.jsonl"):
                 if set(_pids("-f", "flwr-clientapp")) & descendants([pid]):  # a train message is in flight there
-                    os.killpg(pid, signal.SIGKILL)
+                    os.killpg(os.getpgid(pid), signal.SIGKILL)  # the node's group: its trainer, SuperNode and ClientApp
                     metrics = out / "metrics.jsonl"
                     killed["round"] = 1 + (len(metrics.read_text().splitlines()) if metrics.exists() else 0)
                     return

@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     what = "its simulation engine with" if args.engine == "simulation" else "and"
     logger.info(f"Flower: a SuperLink on 127.0.0.1 {what} {args.nodes} SuperNodes; logs in {flower / 'logs'}")
     simulation = args.engine == "simulation"
-    resident = not simulation and (args.node_trainer or "resident") == "resident"
+    resident = not simulation and args.node_trainer != "per_message"
     with LocalDeployment(flower, indexes, simulation=simulation, resident_trainer=resident) as deployment:
         rc = deployment.run(app_dir)
     status = json.loads((out / STATUS).read_text()) if (out / STATUS).exists() else {"status": "failed", "error": "no status written"}

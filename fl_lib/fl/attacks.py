@@ -19,8 +19,9 @@ to the strategy like any other. Which clients attacked is logged in metrics.json
   from the honest ones than they are from each other: its largest distance to one of them
   (min_max), or its sum of squared distances to all of them (min_sum), at most the largest
   such figure of an honest update. The paper finds γ by bisection; here it is the exact
-  root of the quadratic in γ. They keep the round's honest updates (K·d float64 at most),
-  since the distances need each of them, not only their sums.
+  root of the quadratic in γ. They keep the round's honest updates, since the distances need
+  each of them, not only their sums: K·d float64, and about three times that while forging
+  (the stacked updates, their deviations from the mean, and their squares), once a round.
 
 Every attacker of a round sends the same forged update under alie, ipm, min_max and min_sum (they collude);
 the statistics a strategy reads from a result (grad_mean, grad_rms, grad_var) are those of
@@ -107,14 +108,21 @@ class Attack:
     # -- the round's honest statistics ----------------------------------------------
     def begin_round(self) -> None:
         self._n, self._sum, self._sq, self._norms, self._honest = 0, None, None, 0.0, []
+        self._keys: Optional[list] = None  # KEEPS_HONEST: the entry order every flattened Δ follows
+        self._forged: Optional[torch.Tensor] = None  # KEEPS_HONEST: the round's forged vector, one for all attackers
 
     def observe(self, result: ClientResult) -> None:
-        """Accumulate an honest result's Δ (float64 sums, not the Δ itself)."""
+        """Accumulate an honest result's Δ: float64 sums, or for min_max / min_sum the flattened Δ itself."""
         if self.conf.name not in NEEDS_HONEST:
             return
         if self.conf.name in KEEPS_HONEST:
-            self._keys = list(result.delta)
-            self._honest.append(torch.cat([v.detach().double().reshape(-1).cpu() for v in result.delta.values()]))
+            if self._keys is None:
+                self._keys = sorted(result.delta)
+            elif set(result.delta) != set(self._keys):
+                raise ValueError(f"client {result.client_id}'s update has other entries than the round's first honest one")
+            self._honest.append(torch.cat([result.delta[k].detach().double().reshape(-1).cpu() for k in self._keys]))
+            self._n += 1
+            return
         if self._sum is None:
             self._sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in result.delta.items()}
             self._sq = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in result.delta.items()}
@@ -143,11 +151,11 @@ class Attack:
         if self._n < need:
             raise ValueError(f"attack '{self.conf.name}' forges from the round's honest updates: it needs at least {need}, "
                              f"round {draw + 1} has {self._n} (lower attack.per_round or raise clients_per_round)")
+        if self.conf.name in KEEPS_HONEST:
+            return self._min_max(result.delta)
         mean = {k: s / self._n for k, s in self._sum.items()}
         if self.conf.name == "ipm":
             return {k: (-self.conf.epsilon * m).to(result.delta[k].dtype) for k, m in mean.items()}
-        if self.conf.name in KEEPS_HONEST:
-            return self._min_max(result.delta)
         if self.conf.name == "alie":
             z = alie_z(cohort_size, self.conf.per_round) if self.conf.z is None else self.conf.z
             std = {k: ((self._sq[k] - self._n * mean[k] ** 2).clamp(min=0) / (self._n - 1)).sqrt() for k in mean}
@@ -160,18 +168,21 @@ class Attack:
         return {k: (n * (target / norm)).to(result.delta[k].dtype).to(result.delta[k].device) for k, n in noise.items()}
 
     def _min_max(self, like: State) -> State:
-        honest = torch.stack(self._honest)
-        mean = honest.mean(0)
-        direction = {"std": lambda: -honest.std(0, unbiased=True), "sign": lambda: -mean.sign(),
-                     "unit": lambda: -mean / mean.norm().clamp(min=1e-30)}[self.conf.direction or "std"]()
-        forged = mean + min_max_gamma(honest, direction, self.conf.name) * direction
-        if list(like) != self._keys:
-            raise ValueError(f"the attacker's update has other parameters than the honest ones: {sorted(like)} vs {sorted(self._keys)}")
+        if set(like) != set(self._keys):
+            raise ValueError(f"the attacker's update has other entries than the honest ones: {sorted(like)} vs {self._keys}")
+        if self._forged is None:  # the attackers collude: one forged vector a round
+            honest = torch.stack(self._honest)
+            self._honest = []  # the stack holds them now
+            mean = honest.mean(0)
+            direction = {"std": lambda: -honest.std(0, unbiased=True), "sign": lambda: -mean.sign(),
+                         "unit": lambda: -mean / mean.norm().clamp(min=1e-30)}[self.conf.direction or "std"]()
+            self._forged = mean + min_max_gamma(honest, direction, self.conf.name) * direction
         out, start = {}, 0
-        for k, v in like.items():  # the honest results' key order, which observe() flattened in
-            out[k] = forged[start:start + v.numel()].reshape(v.shape).to(v.dtype).to(v.device)
+        for k in self._keys:  # the order observe() flattened in
+            v = like[k]
+            out[k] = self._forged[start:start + v.numel()].reshape(v.shape).to(v.dtype).to(v.device)
             start += v.numel()
-        return out
+        return {k: out[k] for k in like}
 
     def _gradient_stats(self, delta: State) -> dict:
         """grad_mean, grad_rms and grad_var of Δ over the trainable parameters, as the client computes them."""

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ..data.clients import load_clients
 
@@ -101,12 +101,14 @@ class LocalDeployment:
     (SIGTERM, then SIGKILL) on exit."""
 
     def __init__(self, work_dir: Path, node_indexes: Sequence[Path], simulation: bool = False, startup_timeout: float = 120.0,
-                 resident_trainer: bool = True) -> None:
+                 resident_trainer: Optional[bool] = None) -> None:
+        if resident_trainer is None:
+            resident_trainer = not simulation
         if simulation and resident_trainer:
             raise ValueError("the simulation engine's nodes are Ray actors, which keep their imports: no resident trainer")
         self.work_dir = Path(work_dir)
         self.resident_trainer = resident_trainer
-        self.sockets = Path(tempfile.mkdtemp(prefix="fl_lib_nodes_")) if resident_trainer else None  # AF_UNIX paths: < 108 chars
+        self.sockets: Optional[Path] = None  # a short temporary directory: AF_UNIX paths hold 107 bytes
         self.node_indexes = list(node_indexes)
         self.simulation = simulation  # Flower's simulation engine (Ray) runs the nodes inside the SuperLink
         self.startup_timeout = startup_timeout
@@ -134,6 +136,20 @@ class LocalDeployment:
             time.sleep(0.2)
         raise RuntimeError(f"the SuperLink did not listen on 127.0.0.1:{port} within {self.startup_timeout:.0f} s")
 
+    def _wait_trainers(self) -> None:
+        """Each node's resident trainer listening (ESPnet imported), or a clear error now rather
+        than a server that waits its whole start-up timeout for nodes that never come."""
+        deadline = time.monotonic() + self.startup_timeout
+        for i in range(len(self.node_indexes)):
+            name, sock = f"supernode{i}", self.sockets / f"node{i}.sock"
+            while not sock.exists():
+                if self.procs[name].poll() is not None:
+                    raise RuntimeError(f"node {i}'s resident trainer exited at start-up: see {self.logs / (name + '.log')}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"node {i}'s resident trainer did not listen within {self.startup_timeout:.0f} s: "
+                                       f"see {self.logs / (name + '.log')}")
+                time.sleep(0.2)
+
     def __enter__(self) -> "LocalDeployment":
         shutil.rmtree(self.home, ignore_errors=True)
         self.home.mkdir(parents=True)
@@ -144,6 +160,8 @@ class LocalDeployment:
             self._start("superlink", ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
                                       "--host", "127.0.0.1", "--port", str(self.port)] + ["--simulation"] * self.simulation)
             self._wait_port(self.port)
+            if self.resident_trainer:
+                self.sockets = Path(tempfile.mkdtemp(prefix="fl_lib_nodes_"))
             for i, index in enumerate([] if self.simulation else self.node_indexes):
                 index = Path(index).resolve()
                 config = f'clients="{index}"'
@@ -154,6 +172,8 @@ class LocalDeployment:
                     wrapper = [sys.executable, "-m", "fl_lib.flower.node_trainer", "--socket", str(sock), "--clients", str(index), "--"]
                 self._start(f"supernode{i}", wrapper + ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
                                                         "--port", str(free_port()), "--node-config", config])
+            if self.resident_trainer:
+                self._wait_trainers()
         except BaseException:
             self.close()
             raise

@@ -7,13 +7,15 @@ round. So the launcher starts each SuperNode under this process:
     python -m fl_lib.flower.node_trainer --socket S --clients <node>/clients.jsonl -- flower-supernode ...
 
 It imports ESPnet, listens on the Unix socket S, starts the SuperNode as its child (one process
-group: a node killed is its trainer killed too), and exits with the SuperNode's status. The
+group: a node killed is its trainer killed too; and on Linux the SuperNode dies with its
+trainer), and exits with the SuperNode's status. The
 ClientApp, started with `trainer="S"` in its node config, imports only Flower: it hands the
 train message's content to this process and returns its reply. The training itself is the
 ClientApp's own (`client_app.train_reply`), so the model is the same, bit for bit, whichever
 process trains.
 
-One task at a time, as a SuperNode runs its messages. The wire: a request is the message's
+The trainer answers one task at a time; a second ClientApp of the node waits in the socket's
+backlog. The wire: a request is the message's
 `RecordDict` as Flower's protobuf, length-prefixed; a reply is a status byte (0: the reply's
 protobuf, 1: the error's text) and its length-prefixed payload.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -38,6 +41,8 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 logger = logging.getLogger("fl_lib.flower.node_trainer")
 _LEN = struct.Struct(">Q")
 OK, ERROR = b"\x00", b"\x01"
+REQUEST_TIMEOUT = 600.0  # seconds a connected ClientApp may take to send its request
+MAX_SOCKET_PATH = 107  # AF_UNIX: sun_path holds 108 bytes with the terminating NUL
 
 
 class NodeTrainerError(RuntimeError):
@@ -82,9 +87,12 @@ def request(socket_path: Path, content: RecordDict, timeout: Optional[float] = N
             conn.connect(str(socket_path))
         except OSError as e:
             raise NodeTrainerError(f"the node's resident trainer at {socket_path} is not reachable: {e}") from None
-        _send_frame(conn, to_bytes(content))
-        status = _recv_exact(conn, 1)
-        payload = _recv_frame(conn)
+        try:
+            _send_frame(conn, to_bytes(content))
+            status = _recv_exact(conn, 1)
+            payload = _recv_frame(conn)
+        except OSError as e:  # ConnectionError included: the trainer died or was killed mid-task
+            raise NodeTrainerError(f"the node's resident trainer at {socket_path} went away mid-task: {e}") from None
     if status != OK:
         raise NodeTrainerError(f"the node's resident trainer failed the task:\n{payload.decode('utf-8', 'replace')}")
     return from_bytes(payload)
@@ -118,20 +126,22 @@ class ResidentTrainer:
             except OSError:  # the listener was closed
                 return
             with conn:
-                conn.settimeout(None)
+                conn.settimeout(REQUEST_TIMEOUT)  # a ClientApp that stalls mid-request does not hold the node forever
                 try:
-                    content = from_bytes(_recv_frame(conn))
-                except (ConnectionError, OSError) as e:
+                    data = _recv_frame(conn)
+                except OSError as e:
                     logger.warning("a ClientApp went away before its request arrived: %s", e)
                     continue
                 start = time.monotonic()
                 try:
+                    content = from_bytes(data)
+                    client = content.config_records["task"]["client-id"]
                     status, payload = OK, to_bytes(self.handle(content))
-                    logger.info("trained client %s in %.1f s", content.config_records["task"]["client-id"],
-                                time.monotonic() - start)
                 except Exception:  # the ClientApp turns it into Flower's error reply, the server into a failed client
                     status, payload = ERROR, traceback.format_exc().encode()
                     logger.error("task failed:\n%s", payload.decode())
+                else:
+                    logger.info("trained client %s in %.1f s", client, time.monotonic() - start)
                 try:
                     conn.sendall(status)
                     _send_frame(conn, payload)
@@ -139,8 +149,19 @@ class ResidentTrainer:
                     logger.warning("the ClientApp went away before its reply was sent: %s", e)
 
 
+def die_with_parent() -> None:
+    """In the SuperNode's process, before exec: SIGKILL when the trainer dies (Linux's
+    PR_SET_PDEATHSIG), so a trainer killed alone does not leave a node whose every task fails."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def listen(socket_path: Path) -> socket.socket:
     socket_path = Path(socket_path)
+    if len(str(socket_path)) > MAX_SOCKET_PATH:
+        raise ValueError(f"a Unix socket path holds at most {MAX_SOCKET_PATH} bytes, {socket_path} has {len(str(socket_path))}")
     socket_path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(socket_path))
@@ -165,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     listener = listen(args.socket)
     logger.info("resident trainer of %s (%d clients) on %s, pid %d", args.clients, len(trainer.clients), args.socket,
                 os.getpid())
-    node = subprocess.Popen(node_cmd)  # same process group: a kill of the node's group takes both
+    # Same process group: a kill of the node's group takes both; and the node dies with its trainer.
+    node = subprocess.Popen(node_cmd, preexec_fn=die_with_parent if sys.platform == "linux" else None)
     try:
         trainer.serve(listener, node)
     finally:
