@@ -41,7 +41,8 @@ from .config import AttackConfig
 from .sampling import derive_seed
 from .strategies.base import ClientResult, State, l2_norm
 
-NEEDS_HONEST = ("gaussian", "alie", "ipm", "min_max", "min_sum")  # forged from the round's honest updates
+HONEST_NEEDED = {"gaussian": 1, "alie": 2, "ipm": 1, "min_max": 2, "min_sum": 2}  # honest updates each forges from
+NEEDS_HONEST = tuple(HONEST_NEEDED)  # forged from the round's honest updates
 KEEPS_HONEST = ("min_max", "min_sum")  # forged from every honest update itself, not only from sums
 
 
@@ -94,8 +95,7 @@ class Attack:
 
     def min_clients(self) -> int:
         """Usable clients a round needs: the attackers and the honest updates they forge from."""
-        need = {"alie": 2, "gaussian": 1, "ipm": 1, "min_max": 2, "min_sum": 2}
-        return self.conf.per_round + need.get(self.conf.name, 0) if self.active else 1
+        return self.conf.per_round + HONEST_NEEDED.get(self.conf.name, 0) if self.active else 1
 
     def choose(self, sampled: Sequence[str], draw: int) -> list[str]:
         """The attackers among the `draw`-th round's sampled clients: f of them (all, if fewer were
@@ -147,7 +147,7 @@ class Attack:
         return replace(result, delta=delta, **self._gradient_stats(delta))
 
     def _forge_from_honest(self, result: ClientResult, draw: int, cohort_size: int) -> State:
-        need = 2 if self.conf.name in ("alie", *KEEPS_HONEST) else 1
+        need = HONEST_NEEDED[self.conf.name]
         if self._n < need:
             raise ValueError(f"attack '{self.conf.name}' forges from the round's honest updates: it needs at least {need}, "
                              f"round {draw + 1} has {self._n} (lower attack.per_round or raise clients_per_round)")
