@@ -99,13 +99,6 @@ def build_trainer(setup, cache: Path):
     return espnet_trainer(args, from_dict(ClientConfig, setup.client), batches, setup.seed, setup.num_threads)
 
 
-def setup_key(setup) -> str:
-    """One setup's identity: the same key is the same `LocalTrainer`."""
-    meta = json.dumps({k: v for k, v in setup.__dict__.items() if k != "files"}, sort_keys=True)
-    files = sorted((k, hashlib.sha256(v).hexdigest()) for k, v in setup.files.items())
-    return hashlib.sha256((meta + json.dumps(files)).encode()).hexdigest()
-
-
 def train_reply(content: RecordDict, index: Path, clients: dict[str, ClientInfo], trainers: Optional[dict] = None) -> RecordDict:
     """One client's local round from a train message's content, as the reply's content.
 
@@ -116,7 +109,7 @@ def train_reply(content: RecordDict, index: Path, clients: dict[str, ClientInfo]
     task = read_task(content)
     if task.client_id not in clients:
         raise ValueError(f"client {task.client_id} is not held by this node ({index}): the server sent it to the wrong node")
-    key = setup_key(task.setup)
+    key = task.setup.key()
     trainer = trainers.get(key) if trainers is not None else None
     if trainer is None:
         trainer = build_trainer(task.setup, index.parent / "setup")

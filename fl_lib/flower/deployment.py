@@ -125,30 +125,30 @@ class LocalDeployment:
         self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
 
-    def _wait_port(self, port: int) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.procs["superlink"].poll() is not None:
-                raise RuntimeError(f"the SuperLink exited at start-up: see {self.logs / 'superlink.log'}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return
+    def _wait_listening(self, name: str, what: str, listening, deadline: float) -> None:
+        """Until `listening()`; a clear error as soon as process `name` exits, or at `deadline` (the start-up timeout)."""
+        while not listening():
+            if self.procs[name].poll() is not None:
+                raise RuntimeError(f"{what} exited at start-up: see {self.logs / (name + '.log')}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not listen within {self.startup_timeout:.0f} s: see {self.logs / (name + '.log')}")
             time.sleep(0.2)
-        raise RuntimeError(f"the SuperLink did not listen on 127.0.0.1:{port} within {self.startup_timeout:.0f} s")
+
+    def _wait_port(self, port: int) -> None:
+        def listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        self._wait_listening("superlink", f"the SuperLink (127.0.0.1:{port})", listening,
+                             time.monotonic() + self.startup_timeout)
 
     def _wait_trainers(self) -> None:
         """Each node's resident trainer listening (ESPnet imported), or a clear error now rather
         than a server that waits its whole start-up timeout for nodes that never come."""
-        deadline = time.monotonic() + self.startup_timeout
+        deadline = time.monotonic() + self.startup_timeout  # one start-up timeout for all nodes together
         for i in range(len(self.node_indexes)):
-            name, sock = f"supernode{i}", self.sockets / f"node{i}.sock"
-            while not sock.exists():
-                if self.procs[name].poll() is not None:
-                    raise RuntimeError(f"node {i}'s resident trainer exited at start-up: see {self.logs / (name + '.log')}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"node {i}'s resident trainer did not listen within {self.startup_timeout:.0f} s: "
-                                       f"see {self.logs / (name + '.log')}")
-                time.sleep(0.2)
+            self._wait_listening(f"supernode{i}", f"node {i}'s resident trainer", (self.sockets / f"node{i}.sock").exists,
+                                 deadline)
 
     def __enter__(self) -> "LocalDeployment":
         shutil.rmtree(self.home, ignore_errors=True)

@@ -11,6 +11,7 @@ its reason, never averaged.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -59,9 +60,16 @@ class ClientSetup:
     seed: int
     num_threads: int
 
+    def _meta(self) -> str:
+        return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if k != "files"}, sort_keys=True)
+
     def to_record(self) -> ConfigRecord:
-        meta = {k: v for k, v in dataclasses.asdict(self).items() if k != "files"}
-        return ConfigRecord({"setup": json.dumps(meta, sort_keys=True), **{f"file:{k}": v for k, v in self.files.items()}})
+        return ConfigRecord({"setup": self._meta(), **{f"file:{k}": v for k, v in self.files.items()}})
+
+    def key(self) -> str:
+        """The setup's identity: the same key builds the same `LocalTrainer`."""
+        files = sorted((k, hashlib.sha256(v).hexdigest()) for k, v in self.files.items())
+        return hashlib.sha256((self._meta() + json.dumps(files)).encode()).hexdigest()
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> "ClientSetup":
