@@ -231,6 +231,30 @@ def test_student_config_adds_training_only_noise_and_nothing_else(tmp_path):
         student_asr_config(tmp_path, tmp_path / "empty.yaml", tmp_path / "y.yaml")
 
 
+def test_freeze_upper_student_trains_only_the_lower_encoder(tmp_path, tiny_tokens):
+    """conf/student_freeze_upper.yaml on the seed recipe's conformer: the input layer and blocks
+    0-1 stay trainable; blocks 2-3, the last norm and the CTC head are frozen, and nothing else."""
+    import yaml
+
+    from fl_lib.adapt.seed import student_asr_config
+    from fl_lib.asr.model import build_asr_args, build_asr_model
+
+    root = Path(__file__).resolve().parents[1]
+    seed_config = yaml.safe_load((root / "egs/librispeech_fl/conf/train_asr_conformer_ctc.yaml").read_text())
+    seed_config["normalize"] = None  # no feature statistics here; normalization has no parameters
+    (tmp_path / "adapt_asr_config.yaml").write_text(yaml.safe_dump(seed_config))
+    student = student_asr_config(tmp_path, root / "egs/session_adapt/conf/student_freeze_upper.yaml",
+                                 tmp_path / "student.yaml")
+    bpemodel, token_list = tiny_tokens
+    model = build_asr_model(build_asr_args(student, token_list, bpemodel, None))
+    upper = ("encoder.encoders.2.", "encoder.encoders.3.", "encoder.after_norm.", "ctc.")
+    lower = ("encoder.embed.", "encoder.encoders.0.", "encoder.encoders.1.")
+    params = dict(model.named_parameters())
+    assert {n for n, p in params.items() if not p.requires_grad} == {n for n in params if n.startswith(upper)}
+    assert {n for n, p in params.items() if p.requires_grad} == {n for n in params if n.startswith(lower)}
+    assert all(any(n.startswith(prefix) for n in params) for prefix in upper + lower)
+
+
 # Clean splits: no sentence in two parts of a session, no dev or test sentence in any adaptation part.
 
 RECIPE = Path(__file__).resolve().parents[1] / "egs/session_adapt"

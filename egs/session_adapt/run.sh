@@ -39,7 +39,7 @@ adapt_config=conf/adapt.yaml      # labels, confidence, filter, generations
 adapt_args=                       # key=value overrides of adapt_config, e.g. "top_fraction=0.3"
 lm_text=                          # confidence k2_lm's n-gram text; empty: the seed LM's text (exp/seed/lm/text.txt)
 fl_config=conf/fl_adapt.yaml      # rounds, DGA, client and server optimizers
-student_config=                   # empty: the seed's model config; e.g. conf/student_specaug.yaml: a noisy student
+student_config=                   # empty: the seed's model config; e.g. conf/student_specaug.yaml (a noisy student), conf/student_freeze_upper.yaml
 fl_args=                          # key=value overrides of fl_config, e.g. "rounds=20"
 client_jobs=2                     # processes that train a round's clients in parallel
 adapted_model=valid.acc.best.pth  # the adapted weights to decode: the best round on the dev parts, or latest.pth
@@ -74,7 +74,7 @@ Options:
   --lm_text          # confidence k2_lm's n-gram text; empty: the seed LM's text, exp/seed/lm/text.txt (default="${lm_text}")
   --fl_config        # federated adaptation: rounds, strategy, optimizers (default="${fl_config}")
   --fl_args          # key=value overrides of fl_config, in quotes (default="${fl_args}")
-  --student_config   # training-only noise (SpecAugment) for the adapting model; empty: none (default="${student_config}")
+  --student_config   # training-only settings of the adapting model: SpecAugment, frozen parameters; empty: none (default="${student_config}")
   --client_jobs      # processes that train a round's clients in parallel (default="${client_jobs}")
   --adapted_model    # adapted weights to label (generation > 1) and test with: the best round on the dev parts, or latest.pth (default="${adapted_model}")
   --tune_on_dev      # choose the adapted round (of those kept) and the LM weight by decoding the dev parts with the test decoding (default="${tune_on_dev}")

@@ -185,12 +185,13 @@ def import_lm(lm_exp: Path, output_dir: Path) -> Path:
     return out
 
 
-# Keys a student config may add: they act in training only, so the seed's weights load unchanged.
-STUDENT_KEYS = frozenset({"specaug", "specaug_conf"})
+# Keys a student config may add: they act in training only, so the seed's weights load unchanged
+# and the adapted model is the seed's architecture (input noise; parameters left as the seed's).
+STUDENT_KEYS = frozenset({"specaug", "specaug_conf", "freeze_param"})
 
 
 def student_asr_config(seed_dir: Path, student_config: Path, output: Path) -> Path:
-    """The seed's adaptation config plus ``student_config``'s training-only keys (e.g. SpecAugment).
+    """The seed's adaptation config plus ``student_config``'s training-only keys (SpecAugment, frozen parameters).
 
     The noise of a noisy student: a student that sees its teacher's labels on
     perturbed input learns more from them than a copy of the teacher would.
