@@ -66,6 +66,16 @@ def test_missing_seed_fails_before_any_decoding(tmp_path):
     assert "config.yaml missing" in out and "cd ../librispeech_fl && ./run.sh --stage 0 --stop_stage 5" in out
 
 
+def test_later_generations_are_never_adapted_on_an_older_teachers_labels(tmp_path):
+    """With 2 generations, starting after stage 4 would skip generation 2's labelling by the model
+    this run trains again: refused before anything is written."""
+    proc, out = run(["./run.sh", "--stage", "5", "--stop_stage", "7", "--seed_exp", str(tmp_path / "none"),
+                     "--data", str(tmp_path / "data"), "--exp", str(tmp_path / "exp"), "--adapt_args", "generations=2"])
+    assert proc.returncode != 0
+    assert "2 generations: run from --stage 4" in out
+    assert not (tmp_path / "exp").exists()
+
+
 def test_session_adapt_stages_0_to_8_and_the_truth_is_never_read(seed_exp, tmp_path):
     data, exp = tmp_path / "data", tmp_path / "exp"
     proc, out = run(["./run.sh", "--stage", "0", "--stop_stage", "8", "--seed_exp", str(seed_exp),

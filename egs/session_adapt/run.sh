@@ -171,14 +171,17 @@ fi
 if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
   # Checked before any decoding; saved into the experiment for stage 8.
   # shellcheck disable=SC2086
-  generations=$(python -m fl_lib.bin.adapt_config --config "$adapt_config" --save "$expdir/adapt_config.json" \
-    --get generations $adapt_args)
-  labels=$(python -m fl_lib.bin.adapt_config --config "$adapt_config" --get labels $adapt_args)
+  generations=$(python -m fl_lib.bin.adapt_config --config "$adapt_config" --get generations $adapt_args)
   confidence=$(python -m fl_lib.bin.adapt_config --config "$adapt_config" --get confidence $adapt_args)
-  if [ "$tune_on_dev" = true ] && [ "$generations" -gt 1 ] && [ "$stage" -gt 4 ]; then
-    # Generation g > 1 is labelled by g-1's tuned choice: its stage 4 must run again, after the tuning.
-    log "--tune_on_dev true with $generations generations: run from --stage 4 (later generations are labelled by the tuned teacher)"; exit 1
+  if [ "$generations" -gt 1 ] && [ "$stage" -gt 4 ]; then
+    # Generation g > 1 is labelled by generation g-1's adapted model, which this run would train
+    # again: skipping g's stage 4 would adapt on the labels of an older model. Generation 1's
+    # stage 4 (the seed's labels) is done once and returns at once.
+    log "$generations generations: run from --stage 4 (later generations are labelled by the model this run trains)"; exit 1
   fi
+  # shellcheck disable=SC2086
+  labels=$(python -m fl_lib.bin.adapt_config --config "$adapt_config" --save "$expdir/adapt_config.json" \
+    --get labels $adapt_args)
   for gen in $(seq 1 "$generations"); do
     gendir=$expdir/gen$gen
     if [ "$gen" = 1 ]; then
