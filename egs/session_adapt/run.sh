@@ -39,7 +39,7 @@ adapt_config=conf/adapt.yaml      # labels, confidence, filter, generations
 adapt_args=                       # key=value overrides of adapt_config, e.g. "top_fraction=0.3"
 lm_text=                          # confidence k2_lm's n-gram text; empty: the seed LM's text (exp/seed/lm/text.txt)
 fl_config=conf/fl_adapt.yaml      # rounds, DGA, client and server optimizers
-student_config=                   # empty: the seed's model config; e.g. conf/student_specaug.yaml (a noisy student), conf/student_freeze_upper.yaml
+student_config=conf/student_freeze_upper.yaml  # training-only settings: only the lower encoder adapts (chosen on dev); "": the whole model; conf/student_specaug.yaml: a noisy student
 fl_args=                          # key=value overrides of fl_config, e.g. "rounds=20"
 client_jobs=2                     # processes that train a round's clients in parallel
 adapted_model=valid.acc.best.pth  # the adapted weights to decode: the best round on the dev parts, or latest.pth
