@@ -73,9 +73,10 @@ def test_ipm_matches_byzfl_and_gaussian_has_the_honest_mean_norm(honest):
 
 
 def paper_bisection(honest: np.ndarray, p: np.ndarray, rule: str, gamma_init=10.0, tau=1e-9) -> float:
-    """Shejwalkar & Houmansadr's Algorithm 1 (their released code, γ_init 10), an oracle independent
-    of the closed form: move γ by halving steps, keeping the last γ that satisfied the rule. It
-    searches (0, 2·γ_init) only."""
+    """Shejwalkar & Houmansadr's Algorithm 1 (the step rule of their released code, γ_init 10), an
+    oracle independent of the closed form: move γ by halving steps, keeping the last γ that
+    satisfied the rule. It searches (0, 2·γ_init) only. The min-sum bound is the paper's, the
+    largest honest sum of squared distances; their released code compares with the smallest."""
     dist = ((honest[:, None] - honest[None]) ** 2).sum(-1)
     bound = dist.max() if rule == "min_max" else dist.sum(1).max()
 
