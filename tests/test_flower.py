@@ -171,8 +171,7 @@ def test_a_node_trains_only_the_clients_in_its_own_index(fl_data, tmp_path, task
 
 def test_the_resident_trainer_answers_over_its_socket_and_returns_a_task_s_failure(fl_data, tmp_path, task_identity):
     """node_trainer.py's wire: a request answered by the node's own training code (here it refuses a
-    client of the other node), the failure's traceback back to the ClientApp as NodeTrainerError; and the
-    ClientApp's process, in resident mode, never imports torch."""
+    client of the other node), the failure's traceback back to the ClientApp as NodeTrainerError."""
     import threading
 
     from fl_lib.data.clients import load_clients
@@ -198,9 +197,120 @@ def test_the_resident_trainer_answers_over_its_socket_and_returns_a_task_s_failu
     server.join(5)
     with pytest.raises(NodeTrainerError, match="is not reachable"):
         request(sock, content, timeout=5)
-    probe = "import sys, fl_lib.flower.client_app, fl_lib.flower.node_trainer; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert out.stdout.strip() == "False", out.stderr
+
+
+# A resident ClientApp in a process of its own, against a stand-in trainer that echoes the request:
+# what it imports while it trains, and how long it waits for a trainer that never replies.
+_RESIDENT_CLIENT_APP = """
+import socket, sys, threading, time
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from fl_lib.flower import client_app, node_trainer
+
+sock, reply = sys.argv[1], sys.argv[2] == "echo"
+listener = node_trainer.listen(sock)
+
+def stand_in():
+    conn, _ = listener.accept()
+    data = node_trainer._recv_frame(conn)
+    if reply:
+        conn.sendall(node_trainer.OK)
+        node_trainer._send_frame(conn, data)
+    else:
+        time.sleep(60)
+
+threading.Thread(target=stand_in, daemon=True).start()
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+content = RecordDict({"task": ConfigRecord({"client-id": "spk1"})})
+msg = Message(content, dst_node_id=1, message_type=MessageType.TRAIN, ttl=3)
+context = Context(run_id=1, node_id=1, node_config={"trainer": sock}, state=RecordDict(), run_config={})
+try:
+    out = client_app.train(msg, context)
+    print(out.content.config_records["task"]["client-id"], "torch" in sys.modules)
+except node_trainer.NodeTrainerError as e:
+    print(e)
+"""
+
+
+@pytest.mark.parametrize("trainer", ["echo", "silent"])
+def test_a_resident_client_app_never_imports_torch_and_waits_no_longer_than_its_message_lives(tmp_path, trainer):
+    out = subprocess.run([sys.executable, "-c", _RESIDENT_CLIENT_APP, str(tmp_path / "n.sock"), trainer], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=50)
+    if trainer == "echo":  # the reply is the trainer's, and the ClientApp's process trained without torch
+        assert out.stdout.strip() == "spk1 False", out.stdout + out.stderr
+    else:  # the message's TTL is 3 s: the ClientApp gives up then, not after the stand-in's 60 s
+        assert "did not reply within 3 s" in out.stdout, out.stdout + out.stderr
+
+
+def test_the_resident_trainer_skips_a_task_its_client_app_left_and_survives_a_system_exit(tmp_path, task_identity):
+    """A request waits in the backlog before the trainer serves, and its ClientApp has gone (it timed
+    out): that task is never trained. Of two more, one's training exits (ESPnet's parsers call
+    sys.exit on a bad option), which its ClientApp gets as an error; the other is still trained."""
+    import socket
+    import threading
+
+    from fl_lib.flower.node_trainer import NodeTrainerError, ResidentTrainer, _send_frame, listen, request, to_bytes
+
+    class Recording(ResidentTrainer):
+        def __init__(self):
+            self.trained = []
+
+        def handle(self, content):
+            client = content.config_records["task"]["client-id"]
+            self.trained.append(client)
+            if client == "exits":
+                raise SystemExit(2)
+            return content
+
+    def content(client):
+        from flwr.app import ConfigRecord
+        return RecordDict({"task": ConfigRecord({"client-id": client})})
+
+    sock = tmp_path / "n.sock"
+    listener = listen(sock)
+    gone = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    gone.connect(str(sock))
+    _send_frame(gone, to_bytes(content("left")))
+    gone.close()
+    replies = {}
+
+    def client(name):
+        try:
+            replies[name] = request(sock, content(name), timeout=30).config_records["task"]["client-id"]
+        except NodeTrainerError as e:
+            replies[name] = str(e)
+
+    asking = [threading.Thread(target=client, args=(name,)) for name in ("exits", "stays")]
+    for t in asking:
+        t.start()
+    trainer = Recording()
+    threading.Thread(target=trainer.serve, args=(listener,), daemon=True).start()
+    for t in asking:
+        t.join(30)
+    listener.close()
+    assert sorted(trainer.trained) == ["exits", "stays"]  # not "left"
+    assert "SystemExit: 2" in replies["exits"] and replies["stays"] == "stays"
+
+
+def test_a_supernode_dies_with_its_resident_trainer(fl_data, tmp_path):
+    """The trainer is SIGKILLed (no clean-up of its own runs) while it imports ESPnet: its node,
+    here a stand-in `sleep`, is killed with it rather than left serving tasks that all fail."""
+    import signal
+    import time
+
+    sock = tmp_path / "n.sock"
+    trainer = subprocess.Popen([sys.executable, "-m", "fl_lib.flower.node_trainer", "--socket", str(sock), "--clients",
+                                str(fl_data["train_clients"]), "--", "sleep", "300"], env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 60
+    while not (sock.exists() and _pids("-P", str(trainer.pid))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    node = _pids("-P", str(trainer.pid))
+    assert sock.exists() and len(node) == 1 and trainer.poll() is None
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait(10)
+    while node[0] in _pids("-f", "^sleep 300$") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert node[0] not in _pids("-f", "^sleep 300$")
 
 
 def _flower_train(fl_data, out: Path, conf: str, overrides, round_timeout=600, engine="grpc") -> subprocess.CompletedProcess:

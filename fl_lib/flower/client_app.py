@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -123,10 +124,12 @@ def train_reply(content: RecordDict, index: Path, clients: dict[str, ClientInfo]
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    index, clients = node_clients(context)
     resident = context.node_config.get("trainer")
     if resident:  # the node's resident trainer (node_trainer.py) trains: this process never imports torch
         from .node_trainer import request
 
-        return Message(request(Path(str(resident)), msg.content), reply_to=msg)
+        # No longer than the message lives: after its TTL (the server's round timeout) no one waits for the reply.
+        left = msg.metadata.created_at + msg.metadata.ttl - time.time()
+        return Message(request(Path(str(resident)), msg.content, timeout=max(left, 1.0)), reply_to=msg)
+    index, clients = node_clients(context)
     return Message(train_reply(msg.content, index, clients), reply_to=msg)

@@ -143,8 +143,8 @@ class LocalDeployment:
                              time.monotonic() + self.startup_timeout)
 
     def _wait_trainers(self) -> None:
-        """Each node's resident trainer listening (ESPnet imported), or a clear error now rather
-        than a server that waits its whole start-up timeout for nodes that never come."""
+        """Each node's resident trainer listening (its requests queue while it imports ESPnet), or a
+        clear error now rather than a server that waits its whole start-up timeout for nodes that never come."""
         deadline = time.monotonic() + self.startup_timeout  # one start-up timeout for all nodes together
         for i in range(len(self.node_indexes)):
             self._wait_listening(f"supernode{i}", f"node {i}'s resident trainer", (self.sockets / f"node{i}.sock").exists,

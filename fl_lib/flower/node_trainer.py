@@ -6,16 +6,18 @@ round. So the launcher starts each SuperNode under this process:
 
     python -m fl_lib.flower.node_trainer --socket S --clients <node>/clients.jsonl -- flower-supernode ...
 
-It imports ESPnet, listens on the Unix socket S, starts the SuperNode as its child (one process
-group: a node killed is its trainer killed too; and on Linux the SuperNode dies with its
-trainer), and exits with the SuperNode's status. The
+It listens on the Unix socket S, starts the SuperNode as its child (one process group: a node
+killed is its trainer killed too; and on Linux the SuperNode dies with its trainer), then imports
+ESPnet (requests wait in the socket's backlog meanwhile: the fork comes before torch starts any
+thread), and exits with the SuperNode's status. The
 ClientApp, started with `trainer="S"` in its node config, imports only Flower: it hands the
 train message's content to this process and returns its reply. The training itself is the
 ClientApp's own (`client_app.train_reply`), so the model is the same, bit for bit, whichever
 process trains.
 
 The trainer answers one task at a time; a second ClientApp of the node waits in the socket's
-backlog. The wire: a request is the message's
+backlog. A ClientApp waits no longer than its message lives (Flower's TTL, the server's round
+timeout), and a task whose ClientApp went away while it waited is skipped, not trained. The wire: a request is the message's
 `RecordDict` as Flower's protobuf, length-prefixed; a reply is a status byte (0: the reply's
 protobuf, 1: the error's text) and its length-prefixed payload.
 """
@@ -80,22 +82,48 @@ def from_bytes(data: bytes) -> RecordDict:
 
 
 def request(socket_path: Path, content: RecordDict, timeout: Optional[float] = None) -> RecordDict:
-    """The ClientApp's side: the train content to the node's resident trainer, its reply back."""
+    """The ClientApp's side: the train content to the node's resident trainer, its reply back
+    within `timeout` seconds in all (None: no limit)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def left() -> Optional[float]:
+        if deadline is None:
+            return None
+        return max(deadline - time.monotonic(), 1e-3)
+
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(timeout)
+        conn.settimeout(left())
         try:
             conn.connect(str(socket_path))
         except OSError as e:
             raise NodeTrainerError(f"the node's resident trainer at {socket_path} is not reachable: {e}") from None
         try:
             _send_frame(conn, to_bytes(content))
+            conn.settimeout(left())
             status = _recv_exact(conn, 1)
+            conn.settimeout(left())
             payload = _recv_frame(conn)
+        except TimeoutError:
+            raise NodeTrainerError(f"the node's resident trainer at {socket_path} did not reply within {timeout:.0f} s") from None
         except OSError as e:  # ConnectionError included: the trainer died or was killed mid-task
             raise NodeTrainerError(f"the node's resident trainer at {socket_path} went away mid-task: {e}") from None
     if status != OK:
         raise NodeTrainerError(f"the node's resident trainer failed the task:\n{payload.decode('utf-8', 'replace')}")
     return from_bytes(payload)
+
+
+def _peer_gone(conn: socket.socket) -> bool:
+    """Whether the ClientApp has closed its end (it timed out, or was killed) while its request waited."""
+    timeout = conn.gettimeout()
+    conn.settimeout(0.0)
+    try:
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:  # open, and nothing more to read: it waits for the reply
+        return False
+    except OSError:
+        return True
+    finally:
+        conn.settimeout(timeout)
 
 
 class ResidentTrainer:
@@ -132,12 +160,16 @@ class ResidentTrainer:
                 except OSError as e:
                     logger.warning("a ClientApp went away before its request arrived: %s", e)
                     continue
+                if _peer_gone(conn):
+                    logger.warning("a ClientApp went away while its request waited: its task is skipped")
+                    continue
                 start = time.monotonic()
                 try:
                     content = from_bytes(data)
                     client = content.config_records["task"]["client-id"]
                     status, payload = OK, to_bytes(self.handle(content))
-                except Exception:  # the ClientApp turns it into Flower's error reply, the server into a failed client
+                except (Exception, SystemExit):  # SystemExit: ESPnet's parsers exit on a bad option. The ClientApp
+                    # turns it into Flower's error reply, the server into a failed client; the trainer serves on
                     status, payload = ERROR, traceback.format_exc().encode()
                     logger.error("task failed:\n%s", payload.decode())
                 else:
@@ -149,13 +181,21 @@ class ResidentTrainer:
                     logger.warning("the ClientApp went away before its reply was sent: %s", e)
 
 
-def die_with_parent() -> None:
-    """In the SuperNode's process, before exec: SIGKILL when the trainer dies (Linux's
-    PR_SET_PDEATHSIG), so a trainer killed alone does not leave a node whose every task fails."""
+def die_with(parent: int):
+    """The SuperNode's `preexec_fn`: SIGKILL when its trainer dies (Linux's PR_SET_PDEATHSIG), so a
+    trainer killed alone does not leave a node whose every task fails. `prctl` is looked up here,
+    before the fork; a trainer that died before the child set the signal is caught by its parent pid."""
     import ctypes
 
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
     PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 def listen(socket_path: Path) -> socket.socket:
@@ -182,13 +222,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not node_cmd:
         p.error("no SuperNode command after --")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s")
-    trainer = ResidentTrainer(args.clients)
+    if not args.clients.is_file():
+        p.error(f"no client index at {args.clients}")
     listener = listen(args.socket)
-    logger.info("resident trainer of %s (%d clients) on %s, pid %d", args.clients, len(trainer.clients), args.socket,
-                os.getpid())
-    # Same process group: a kill of the node's group takes both; and the node dies with its trainer.
-    node = subprocess.Popen(node_cmd, preexec_fn=die_with_parent if sys.platform == "linux" else None)
+    # Started before torch is imported, so the fork copies no thread. Same process group: a kill of
+    # the node's group takes both; and the node dies with its trainer.
+    node = subprocess.Popen(node_cmd, preexec_fn=die_with(os.getpid()) if sys.platform == "linux" else None)
     try:
+        trainer = ResidentTrainer(args.clients)
+        logger.info("resident trainer of %s (%d clients) on %s, pid %d", args.clients, len(trainer.clients), args.socket,
+                    os.getpid())
         trainer.serve(listener, node)
     finally:
         listener.close()
