@@ -113,6 +113,34 @@ def test_min_max_and_min_sum_sit_on_their_bound_and_match_the_paper_s_bisection(
         assert d_forged.sum() == pytest.approx(dist.sum(1).max(), rel=1e-5)
 
 
+def test_min_max_keeps_its_bound_for_many_close_updates_far_from_the_origin():
+    """30 honest updates 1e-3 apart around 1e5: torch.cdist's matrix-product form (used from 25 rows on)
+    loses their distances to cancellation (98 % error); the forged update must still sit on its bound."""
+    honest = 1e5 + 1e-3 * np.random.default_rng(1).normal(size=(30, 10))
+    attack = Attack(AttackConfig(name="min_max", per_round=1), seed=5)
+    attack.bind(["w"])
+    attack.begin_round()
+    stats = dict(num_utts=10, num_frames=1000, train_loss=2.0, grad_mean=0.0, grad_rms=1.0, grad_var=1.0, num_tokens=50)
+    for i, h in enumerate(honest):
+        attack.observe(ClientResult(f"h{i}", {"w": torch.as_tensor(h)}, **stats))
+    own = ClientResult("a0", {"w": torch.zeros(10, dtype=torch.float64)}, **stats)
+    forged = attack.forge(own, draw=0, cohort_size=31).delta["w"].numpy()
+    dist = ((honest[:, None] - honest[None]) ** 2).sum(-1)
+    assert ((forged - honest) ** 2).sum(1).max() == pytest.approx(dist.max(), rel=1e-6)
+
+
+def test_min_max_and_min_sum_refuse_a_k_whose_kept_updates_exceed_the_memory_limit():
+    attack = Attack(AttackConfig(name="min_sum", per_round=1, memory_limit_mb=100.0), seed=0)
+    attack.check_memory(4, 1_000_000)  # 3 honest x 3 copies x 8 MB = 68.7 MB
+    with pytest.raises(ValueError, match=r"K=4 clients \(f=1\) of 2,000,000 floats need about 137 MB.*memory_limit_mb=100"):
+        attack.check_memory(4, 2_000_000)
+    with pytest.raises(ValueError, match="K=2000 clients"):  # the default limit, 4096 MB
+        Attack(AttackConfig(name="min_max", per_round=1), seed=0).check_memory(2_000, 100_000)
+    Attack(AttackConfig(name="alie", per_round=1), seed=0).check_memory(2_000, 100_000)  # sums only: nothing kept
+    with pytest.raises(ValueError, match="does not use: memory_limit_mb"):
+        AttackConfig(name="alie", per_round=1, memory_limit_mb=10.0)
+
+
 def test_min_max_with_identical_honest_updates_sends_their_mean():
     same = np.ones((3, 5))
     assert flat(forge(AttackConfig(name="min_max", per_round=1), same, np.zeros(5))).tolist() == [1.0] * 5

@@ -20,8 +20,9 @@ to the strategy like any other. Which clients attacked is logged in metrics.json
   (min_max), or its sum of squared distances to all of them (min_sum), at most the largest
   such figure of an honest update. The paper finds γ by bisection; here it is the exact
   root of the quadratic in γ. They keep the round's honest updates, since the distances need
-  each of them, not only their sums: K·d float64, and about three times that while forging
-  (the stacked updates, their deviations from the mean, and their squares), once a round.
+  each of them, not only their sums: (K − f)·d float64, and about three times that while forging
+  (the stacked updates, their deviations from the mean, and their squares), once a round. That
+  peak is checked against `attack.memory_limit_mb` before any training.
 
 Every attacker of a round sends the same forged update under alie, ipm, min_max and min_sum (they collude);
 the statistics a strategy reads from a result (grad_mean, grad_rms, grad_var) are those of
@@ -71,7 +72,7 @@ def min_max_gamma(honest: torch.Tensor, direction: torch.Tensor, rule: str) -> f
         return 0.0
     a = honest.mean(0, keepdim=True) - honest
     sq = (a * a).sum(1)
-    dist = torch.cdist(honest, honest).square()
+    dist = torch.cdist(honest, honest, compute_mode="donot_use_mm_for_euclid_dist").square()  # mm: cancellation
     if rule == "min_max":
         b = a @ direction
         roots = (-b + (b * b - pp * (sq - dist.max())).clamp(min=0).sqrt()) / pp
@@ -92,6 +93,18 @@ class Attack:
     def bind(self, parameter_names: Iterable[str]) -> None:
         """The trainable parameters, over which a forged result's gradient statistics are taken."""
         self.parameter_names = frozenset(parameter_names)
+
+    def check_memory(self, clients_per_round: int, num_floats: int) -> None:
+        """Refuse, before any training, a K whose honest updates min_max / min_sum would keep and
+        forge from (three float64 copies at the peak) exceed attack.memory_limit_mb."""
+        if self.conf.name not in KEEPS_HONEST:
+            return
+        limit = 4096.0 if self.conf.memory_limit_mb is None else self.conf.memory_limit_mb
+        need = 3 * max(clients_per_round - self.conf.per_round, 0) * num_floats * 8 / 2**20
+        if need > limit:
+            raise ValueError(f"attack '{self.conf.name}' keeps every honest update of a round: K={clients_per_round} clients "
+                             f"(f={self.conf.per_round}) of {num_floats:,} floats need about {need:,.0f} MB while forging, above "
+                             f"attack.memory_limit_mb={limit:g}. Lower clients_per_round, or raise the limit")
 
     def min_clients(self) -> int:
         """Usable clients a round needs: the attackers and the honest updates they forge from."""

@@ -209,13 +209,15 @@ class AttackConfig:
     epsilon: Optional[float] = None  # ipm: the forged update is -epsilon x the honest mean
     z: Optional[float] = None  # alie: mean - z x std (null: Baruch et al.'s z_max for K and f)
     direction: Optional[str] = None  # min_max / min_sum: std | unit | sign (null: std, Shejwalkar & Houmansadr's default)
+    memory_limit_mb: Optional[float] = None  # min_max / min_sum: refuse a K whose kept honest updates exceed this (null: 4096)
 
     def __post_init__(self) -> None:
         if self.name not in ATTACKS:
             raise ValueError(f"attack.name must be one of {ATTACKS}, got {self.name!r}")
-        own = {"scale": ("scale",), "ipm": ("epsilon",), "alie": ("z",), "min_max": ("direction",),
-               "min_sum": ("direction",)}.get(self.name, ())
-        unused = [k for k in ("scale", "epsilon", "z", "direction") if getattr(self, k) is not None and k not in own]
+        own = {"scale": ("scale",), "ipm": ("epsilon",), "alie": ("z",), "min_max": ("direction", "memory_limit_mb"),
+               "min_sum": ("direction", "memory_limit_mb")}.get(self.name, ())
+        unused = [k for k in ("scale", "epsilon", "z", "direction", "memory_limit_mb")
+                  if getattr(self, k) is not None and k not in own]
         if self.name == "none" and self.per_round:
             unused.append("per_round")
         if unused:
@@ -224,8 +226,10 @@ class AttackConfig:
             raise ValueError(f"attack '{self.name}' needs attack.per_round >= 1 (attackers per round), got {self.per_round}")
         if self.direction is not None and self.direction not in ATTACK_DIRECTIONS:
             raise ValueError(f"attack.direction must be one of {ATTACK_DIRECTIONS}, got {self.direction!r}")
+        if self.memory_limit_mb is not None and not self.memory_limit_mb > 0:
+            raise ValueError(f"attack.memory_limit_mb must be > 0, got {self.memory_limit_mb}")
         for k in own:
-            if k not in ("z", "direction") and getattr(self, k) is None:
+            if k not in ("z", "direction", "memory_limit_mb") and getattr(self, k) is None:
                 raise ValueError(f"attack '{self.name}' needs attack.{k}")
 
 

@@ -218,7 +218,9 @@ class FederatedServer:
         self.server_params = {name: torch.nn.Parameter(self.global_state[name]) for name in self.param_names}
         for name, p in self.server_params.items():
             self.global_state[name] = p.data  # shared storage: optimizer steps update global_state
-        self.strategy.check_memory(conf.clients_per_round, sum(v.numel() for v in self.global_state.values() if v.is_floating_point()))
+        num_floats = sum(v.numel() for v in self.global_state.values() if v.is_floating_point())
+        self.strategy.check_memory(conf.clients_per_round, num_floats)
+        self.attack.check_memory(conf.clients_per_round, num_floats)
         self.optimizer = build_server_optimizer(list(self.server_params.values()), conf.server_optim)
         self.scheduler = build_scheduler(self.optimizer, conf.server_optim.schedule)
         self.seed = seed

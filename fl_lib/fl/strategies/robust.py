@@ -80,7 +80,8 @@ class Rows:
     def pairwise_sq_distances(self) -> torch.Tensor:
         out = torch.zeros(self.k, self.k, dtype=torch.float64)
         for _, block in self.blocks():
-            out += torch.cdist(block.double(), block.double()).square().cpu()
+            # Not the matrix-product form (‖x‖² + ‖y‖² − 2x·y), which loses the distance of two close rows to cancellation.
+            out += torch.cdist(block.double(), block.double(), compute_mode="donot_use_mm_for_euclid_dist").square().cpu()
         return out
 
 
