@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -21,8 +22,10 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from curves import mean_interval  # noqa: E402
 
-LM = "LM fusion"
-AM = "acoustic model alone"
+# The decodings' names as egs/session_adapt/run.sh gives them to session_results: the LM-fused
+# one names its decoding config in brackets (tuned on dev or not), the acoustic model's is fixed.
+LM = re.compile(r"LM fusion \([^()]+\)")
+AM = re.compile(re.escape("acoustic model alone"))
 
 
 def best_dev_wer(metrics: Path) -> tuple[float, int]:
@@ -34,10 +37,11 @@ def best_dev_wer(metrics: Path) -> tuple[float, int]:
     return min(scored)
 
 
-def pooled_werr(summary: dict, decoding: str) -> float:
-    matches = [v for k, v in summary["decodings"].items() if k.startswith(decoding)]
+def pooled_werr(summary: dict, decoding: re.Pattern) -> float:
+    matches = [v for k, v in summary["decodings"].items() if decoding.fullmatch(k)]
     if len(matches) != 1:
-        raise ValueError(f"{summary['exp_dir']}: {len(matches)} decodings named '{decoding}...'")
+        raise ValueError(f"{summary['exp_dir']}: {len(matches)} decodings named '{decoding.pattern}' "
+                         f"among {sorted(summary['decodings'])}")
     return matches[0]["pooled_werr"]
 
 

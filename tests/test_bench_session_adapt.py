@@ -34,3 +34,15 @@ def test_table_refuses_variants_with_other_seeds(tmp_path):
     write_seed(tmp_path / "b", 1, [0.5], 1.0, 2.0)
     with pytest.raises(ValueError, match="compare like with like"):
         table_mod.table({"a": tmp_path / "a", "b": tmp_path / "b"})
+
+
+def test_decodings_are_found_by_their_whole_name_not_a_prefix(tmp_path):
+    """An extra 'acoustic model alone, tuned' or a second LM-fused decoding is ambiguous, not silently
+    the first match; the LM-fused one is found whatever decoding config it names."""
+    summary = {"exp_dir": "x", "decodings": {"LM fusion (decode_k2_tuned)": {"pooled_werr": 3.0},
+                                             "acoustic model alone": {"pooled_werr": 1.0},
+                                             "acoustic model alone, tuned": {"pooled_werr": 2.0}}}
+    assert table_mod.pooled_werr(summary, table_mod.LM) == 3.0 and table_mod.pooled_werr(summary, table_mod.AM) == 1.0
+    summary["decodings"]["LM fusion (decode_other)"] = {"pooled_werr": 4.0}
+    with pytest.raises(ValueError, match="2 decodings named"):
+        table_mod.pooled_werr(summary, table_mod.LM)

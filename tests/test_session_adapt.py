@@ -116,6 +116,19 @@ def test_adapt_config_files_of_the_recipe_load():
         AdaptConfig.from_yaml(path)
 
 
+def test_the_adapt_config_tool_saves_the_config_and_prints_the_keys_asked_in_order(tmp_path, capsys):
+    from fl_lib.bin.adapt_config import main
+
+    conf = Path(__file__).resolve().parents[1] / "egs/session_adapt/conf/adapt_k2_lm.yaml"
+    main(["--config", str(conf), "--save", str(tmp_path / "a.json"), "--get", "lm_weight,generations,labels",
+          "generations=3"])
+    saved = json.loads((tmp_path / "a.json").read_text())
+    assert capsys.readouterr().out.split("\n") == [str(saved["lm_weight"]), "3", saved["labels"], ""]
+    assert saved == AdaptConfig.from_yaml(conf, ["generations=3"]).to_dict()
+    with pytest.raises(SystemExit, match="unknown key.* nope"):
+        main(["--config", str(conf), "--get", "labels,nope"])
+
+
 def _hyps(rows):
     return [{"utt_id": u, "text": t, "confidence": c} for u, t, c in rows]
 

@@ -171,8 +171,9 @@ fi
 if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
   # Checked before any decoding; saved into the experiment for stage 8.
   # shellcheck disable=SC2086
-  generations=$(python -m fl_lib.bin.adapt_config --config "$adapt_config" --get generations $adapt_args)
-  confidence=$(python -m fl_lib.bin.adapt_config --config "$adapt_config" --get confidence $adapt_args)
+  values=$(python -m fl_lib.bin.adapt_config --config "$adapt_config" $adapt_args \
+    --get generations,confidence,labels,ngram_order,lm_weight)
+  { read -r generations; read -r confidence; read -r labels; read -r ngram_order; read -r lm_weight; } <<< "$values"
   if [ "$generations" -gt 1 ] && [ "$stage" -gt 4 ]; then
     # Generation g > 1 is labelled by generation g-1's adapted model, which this run would train
     # again: skipping g's stage 4 would adapt on the labels of an older model. Generation 1's
@@ -180,8 +181,7 @@ if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
     log "$generations generations: run from --stage 4 (later generations are labelled by the model this run trains)"; exit 1
   fi
   # shellcheck disable=SC2086
-  labels=$(python -m fl_lib.bin.adapt_config --config "$adapt_config" --save "$expdir/adapt_config.json" \
-    --get labels $adapt_args)
+  python -m fl_lib.bin.adapt_config --config "$adapt_config" --save "$expdir/adapt_config.json" $adapt_args
   for gen in $(seq 1 "$generations"); do
     gendir=$expdir/gen$gen
     if [ "$gen" = 1 ]; then
@@ -213,10 +213,8 @@ if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
           if [ ! -f "$lm_text" ]; then
             log "confidence k2_lm needs the LM text $lm_text: run stage 3 with --use_lm true, or give --lm_text"; exit 1
           fi
-          # shellcheck disable=SC2086
           grammar_args=(--lm_text "$lm_text" --token_list "$seed_dir/tokens.txt" --bpemodel "$seed_dir/bpe.model"
-            --ngram_order "$(python -m fl_lib.bin.adapt_config --config "$adapt_config" --get ngram_order $adapt_args)"
-            --lm_weight "$(python -m fl_lib.bin.adapt_config --config "$adapt_config" --get lm_weight $adapt_args)")
+            --ngram_order "$ngram_order" --lm_weight "$lm_weight")
         fi
         python -m fl_lib.bin.confidence --method "$confidence" --hyps "$labels_dir/hyps.jsonl" \
           --logp_scp "$labels_dir/logp.scp" --output "$gendir/confidence.jsonl" "${grammar_args[@]}"
