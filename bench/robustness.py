@@ -7,8 +7,11 @@ attack and f attackers among the K clients of each round:
 - data poisoning: f·N/K of the N clients have shuffled or random transcripts (f per round on average).
 The table gives the CTC-greedy test-clean WER of each cell's last round; the clean column's cost
 against FedAvg (ΔWER, seconds per round); and the attackers' mean weight relative to a uniform
-1/K where the rule weights clients. Each finished cell leaves a compact record under
-bench/results/robustness/runs/; a rerun trains only the missing cells.
+1/K where the rule weights clients. Every cell runs on `seeds`; the cells that decide a column's
+ranking (within `decide_margin` WER points of the column's best on those seeds) run again on
+`decide_seeds`. Cells train `parallel_jobs` (the convergence study's) side by side. Each finished
+cell leaves a compact record under bench/results/robustness/runs/; a rerun trains only the missing
+cells. The report is report.md and table.png.
 
     bench/robustness.sh [--report_only] [--corpora DIR] [--only RULE,...]
 """
@@ -18,6 +21,7 @@ import json
 import logging
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
@@ -29,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import convergence  # noqa: E402
 
 ROOT = convergence.ROOT
-KEYS = {"convergence_config", "seeds", "base_rounds", "rounds", "base", "rules", "attacks", "attackers"}
+KEYS = {"convergence_config", "seeds", "decide_seeds", "decide_margin", "base_rounds", "rounds", "base", "rules", "attacks",
+        "attackers"}
 logger = logging.getLogger("robustness")
 
 
@@ -49,18 +54,40 @@ def load(path: Path) -> dict:
     cfg = yaml.safe_load(Path(path).read_text())
     if set(cfg) != KEYS:
         raise ValueError(f"{path}: unknown keys {sorted(set(cfg) - KEYS)}, missing keys {sorted(KEYS - set(cfg))}")
+    if set(cfg["seeds"]) & set(cfg["decide_seeds"]):
+        raise ValueError(f"{path}: decide_seeds {cfg['decide_seeds']} repeat seeds {cfg['seeds']}")
     for a, spec in cfg["attacks"].items():
         if "data" in spec and (set(spec) != {"data"} or spec["data"] not in ("shuffle", "random")):
             raise ValueError(f"{path}: attack {a}: a poisoned federation is {{data: shuffle|random}} alone")
     return cfg
 
 
-def cells(cfg: dict) -> list[Cell]:
+def columns(cfg: dict) -> list[tuple[str, int]]:
+    """(attack, f) of each column: no attack once, every other attack with each f of `attackers`."""
+    return [c for a, spec in cfg["attacks"].items() for c in ([(a, 0)] if not spec else [(a, f) for f in cfg["attackers"]])]
+
+
+def cells(cfg: dict, seeds=None) -> list[Cell]:
+    return [Cell(rule, attack, f, seed) for seed in (cfg["seeds"] if seeds is None else seeds)
+            for rule in cfg["rules"] for attack, f in columns(cfg)]
+
+
+def deciding_cells(cfg: dict, records: dict["Cell", dict]) -> list[Cell]:
+    """The cells to run again on `decide_seeds`: in each column, the rules whose mean test WER on
+    `seeds` is within `decide_margin` points of the column's best (the best included). A column
+    with a rule not yet run decides nothing yet."""
     out = []
-    for seed in cfg["seeds"]:
+    for attack, f in columns(cfg):
+        wer = {}
         for rule in cfg["rules"]:
-            for attack, spec in cfg["attacks"].items():
-                out += [Cell(rule, attack, 0, seed)] if not spec else [Cell(rule, attack, f, seed) for f in cfg["attackers"]]
+            recs = [records.get(Cell(rule, attack, f, s)) for s in cfg["seeds"]]
+            if None in recs:
+                break
+            wer[rule] = 100 * mean(r["test_wer"] for r in recs)
+        else:
+            best = min(wer.values())
+            out += [Cell(rule, attack, f, s) for s in cfg["decide_seeds"] for rule, w in wer.items()
+                    if w <= best + cfg["decide_margin"]]
     return out
 
 
@@ -68,6 +95,7 @@ class Bench:
     def __init__(self, cfg: dict, study: convergence.Study, out: Path, results: Path) -> None:
         self.cfg, self.study, self.out, self.results = cfg, study, out, results
         self.k = study.cfg["common"]["clients_per_round"]
+        self._asr_configs: set[int] = set()
 
     def train(self, exp: Path, fl_config: str, listing: Path, seed: int, overrides: dict, asr_config: Path) -> None:
         exp.mkdir(parents=True, exist_ok=True)
@@ -87,11 +115,14 @@ class Bench:
         return exp / "latest.pth"
 
     def asr_config(self, seed: int) -> Path:
-        """The study's ASR config starting from the base model (init_param)."""
+        """The study's ASR config starting from the base model (init_param); written once, before
+        the seed's cells run side by side."""
         path = self.out / f"asr_from_base_seed{seed}.yaml"
-        conf = yaml.safe_load((self.study.recipe / self.study.cfg["asr_config"]).read_text())
-        conf["init_param"] = [str(self.base_model(seed).resolve())]
-        path.write_text(yaml.safe_dump(conf))
+        if seed not in self._asr_configs:
+            conf = yaml.safe_load((self.study.recipe / self.study.cfg["asr_config"]).read_text())
+            conf["init_param"] = [str(self.base_model(seed).resolve())]
+            path.write_text(yaml.safe_dump(conf))
+            self._asr_configs.add(seed)
         return path
 
     def listing(self, cell: Cell) -> tuple[Path, list[str]]:
@@ -116,6 +147,18 @@ class Bench:
         # has the K clients that Krum's f and the attackers' honest statistics were planned for
         return {**self.common(), **self.cfg["rules"][cell.rule]["overrides"], **attack, "min_clients_per_round": self.k,
                 "rounds": self.cfg["rounds"], "validate_every": self.cfg["rounds"]}
+
+    def run_all(self, todo: list[Cell]) -> dict[Cell, dict]:
+        """Train the cells `parallel_jobs` side by side. What two cells share (a seed's corpus, base
+        model and ASR config; a poisoned federation) is made first, one at a time."""
+        for seed in sorted({c.seed for c in todo}):
+            if not self.study.listing(convergence.CLEAN, seed).exists():
+                self.study.prepare(seed)
+            self.asr_config(seed)
+        for cell in todo:
+            self.listing(cell)
+        with ThreadPoolExecutor(self.study.cfg["parallel_jobs"]) as pool:
+            return dict(zip(todo, pool.map(self.run, todo)))
 
     def run(self, cell: Cell) -> dict:
         record = self.results / "runs" / cell.name / "record.json"
@@ -149,23 +192,29 @@ def attacker_weight(rows: list[dict], poisoned: set[str], k: int) -> Optional[fl
     return sum(rel) / len(rel) if rel else None
 
 
+def seed_wers(records: dict[Cell, dict], rule: str, attack: str, f: int) -> list[float]:
+    return [100 * r["test_wer"] for c, r in records.items() if (c.rule, c.attack, c.f) == (rule, attack, f)]
+
+
 def report(cfg: dict, records: dict[Cell, dict]) -> str:
     """Rows: rules; columns: the attacks with f attackers; a cell is its test WER, seed mean (and range)."""
-    cols = [c for a, spec in cfg["attacks"].items() for c in ([(a, 0)] if not spec else [(a, f) for f in cfg["attackers"]])]
+    cols = columns(cfg)
 
     def cell_text(rule: str, attack: str, f: int) -> str:
         recs = [records[c] for c in records if (c.rule, c.attack, c.f) == (rule, attack, f)]
         if not recs:
             return "—"
-        wers = [100 * r["test_wer"] for r in recs]
+        wers = seed_wers(records, rule, attack, f)
         text = f"{mean(wers):.1f}" + (f" ({min(wers):.1f}–{max(wers):.1f})" if len(wers) > 1 else "")
         weights = [r["attacker_weight"] for r in recs if r["attacker_weight"] is not None]
         return text + (f" w×{mean(weights):.2f}" if weights and f else "")
 
     head = ["# Attack table (bench/robustness.py)", "",
             f"Test-clean WER % (CTC greedy, acoustic model alone) after {cfg['rounds']} rounds from a FedAvg model of "
-            f"{cfg['base_rounds']} rounds; seed mean over {cfg['seeds']} (range). `w×`: the attackers' mean weight relative "
-            "to a uniform 1/K. Update attacks: f of the K clients of each round; data poisoning: f·N/K of the N clients.", "",
+            f"{cfg['base_rounds']} rounds; mean over seeds {cfg['seeds']}, and also over {cfg['decide_seeds']} for the cells "
+            f"within {cfg['decide_margin']} points of their column's best (range over seeds). `w×`: the attackers' mean weight "
+            "relative to a uniform 1/K. Update attacks: f of the K clients of each round; data poisoning: f·N/K of the N "
+            "clients.", "", "![the attack table](table.png)", "",
             "|rule|" + "|".join(f"{a}" + (f" f={f}" if f else "") for a, f in cols) + "|clean ΔWER vs fedavg|s/round ÷ fedavg|",
             "|---|" + "---|" * (len(cols) + 2)]
     clean = {r: [x for c, x in records.items() if (c.rule, c.attack) == (r, "none")] for r in cfg["rules"]}
@@ -176,6 +225,35 @@ def report(cfg: dict, records: dict[Cell, dict]) -> str:
                      f"{mean(x['seconds_per_round'] for x in clean[rule]) / mean(x['seconds_per_round'] for x in clean['fedavg']):.2f}"]
         head.append("|" + "|".join([rule, *(cell_text(rule, a, f) for a, f in cols), *extra]) + "|")
     return "\n".join(head) + "\n"
+
+
+def plot(cfg: dict, records: dict[Cell, dict], png: Path) -> None:
+    """The table as a heat map: a row per rule, a column per (attack, f), the seed-mean WER in each cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cols, rules = columns(cfg), list(cfg["rules"])
+    wer = np.full((len(rules), len(cols)), np.nan)
+    for i, rule in enumerate(rules):
+        for j, (attack, f) in enumerate(cols):
+            w = seed_wers(records, rule, attack, f)
+            if w:
+                wer[i, j] = mean(w)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * len(cols), 1.2 + 0.45 * len(rules)))
+    im = ax.imshow(np.clip(wer, 0, 100), cmap="viridis_r", vmin=0, vmax=100, aspect="auto")
+    for (i, j), w in np.ndenumerate(wer):
+        if np.isfinite(w):
+            ax.text(j, i, f"{w:.0f}", ha="center", va="center", fontsize=7, color="white" if w > 50 else "black")
+    ax.set_xticks(range(len(cols)), [a + (f"\nf={f}" if f else "") for a, f in cols], fontsize=7, rotation=90)
+    ax.set_yticks(range(len(rules)), rules, fontsize=8)
+    fig.colorbar(im, ax=ax, label="test-clean WER %")
+    ax.set_title(f"{cfg['rounds']} rounds from FedAvg's {cfg['base_rounds']}: WER under attack (blank: not run)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -190,18 +268,19 @@ def main() -> None:
     if not only <= set(cfg["rules"]):
         p.error(f"--only: unknown rules {sorted(only - set(cfg['rules']))}")
     records = {}
-    for cell in cells(cfg):
-        done = (args.results / "runs" / cell.name / "record.json").exists()
-        if args.report_only or cell.rule not in only:
-            if done:
+    committed = lambda cell: (args.results / "runs" / cell.name / "record.json").exists()  # noqa: E731
+    for phase in (lambda: cells(cfg), lambda: deciding_cells(cfg, records)):
+        todo = []
+        for cell in phase():
+            if committed(cell):
                 records[cell] = bench.run(cell)  # the committed record, checked against the config
-            continue
-        if not bench.study.listing(convergence.CLEAN, cell.seed).exists():
-            bench.study.prepare(cell.seed)
-        records[cell] = bench.run(cell)
+            elif not args.report_only and cell.rule in only:
+                todo.append(cell)
+        records.update(bench.run_all(todo))
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "report.md").write_text(report(cfg, records))
-    print(json.dumps({"cells": len(records), "of": len(cells(cfg)), "report": str(args.results / "report.md")}))
+    plot(cfg, records, args.results / "table.png")
+    print(json.dumps({"cells": len(records), "first seeds": len(cells(cfg)), "report": str(args.results / "report.md")}))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ conv = rob.convergence  # the module robustness.py imported (bench_module would 
 @pytest.fixture
 def bench(tmp_path, tiny_clients, monkeypatch):
     cfg = rob.load(conv.ROOT / "bench/robustness.yaml")
-    cfg.update(seeds=[11], rules={k: cfg["rules"][k] for k in ("fedavg", "median")},
+    cfg.update(seeds=[11], decide_seeds=[22], rules={k: cfg["rules"][k] for k in ("fedavg", "median")},
                attacks={k: cfg["attacks"][k] for k in ("none", "sign_flip", "shuffled")}, attackers=[1, 2])
     study = conv.Study(conv.load_study(conv.ROOT / cfg["convergence_config"]), tmp_path / "corpora", tmp_path / "results")
     monkeypatch.setattr(study, "listing", lambda fed, seed: tiny_clients)  # 4 clients
@@ -66,3 +66,35 @@ def test_a_cell_records_its_wer_cost_and_attackers_weight_and_is_reused(bench):
     bench.cfg["rounds"] += 1  # other settings: the record is refused
     with pytest.raises(ValueError, match="was made with other settings"):
         bench.run(rob.Cell("fedavg", "sign_flip", 1, 11))
+
+
+def test_the_cells_that_decide_a_column_run_again_on_the_decide_seeds(bench):
+    """A column's best rule and those within decide_margin points of it get the second seed; a column
+    where a rule has not run yet decides nothing."""
+    cfg = bench.cfg
+    cfg.update(decide_seeds=[22], decide_margin=5.0)
+    rec = lambda wer: {"test_wer": wer}  # noqa: E731
+    records = {rob.Cell("fedavg", "none", 0, 11): rec(0.30), rob.Cell("median", "none", 0, 11): rec(0.34),
+               rob.Cell("fedavg", "sign_flip", 1, 11): rec(0.90), rob.Cell("median", "sign_flip", 1, 11): rec(0.40),
+               rob.Cell("fedavg", "sign_flip", 2, 11): rec(0.95)}  # median not run at f = 2
+    assert rob.deciding_cells(cfg, records) == [rob.Cell("fedavg", "none", 0, 22), rob.Cell("median", "none", 0, 22),
+                                                rob.Cell("median", "sign_flip", 1, 22)]
+
+
+def test_cells_train_side_by_side_after_what_they_share_is_made_and_the_report_has_its_heat_map(bench, tmp_path):
+    todo = rob.cells(bench.cfg)
+    records = bench.run_all(todo)
+    assert list(records) == todo and all(r["test_wer"] in (0.3, 0.4) for r in records.values())
+    names = [c[0] for c in bench.calls]
+    assert names[0] == "base_seed11" and names.count("base_seed11") == 1 and len(names) == 1 + len(todo)
+    png = tmp_path / "table.png"
+    rob.plot(bench.cfg, records, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![the attack table](table.png)" in rob.report(bench.cfg, records)
+
+
+def test_a_decide_seed_that_repeats_a_seed_is_refused(tmp_path):
+    text = (conv.ROOT / "bench/robustness.yaml").read_text().replace("decide_seeds: [22]", "decide_seeds: [11]")
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(ValueError, match="repeat seeds"):
+        rob.load(tmp_path / "r.yaml")
