@@ -217,7 +217,8 @@ DP = ["strategy.weight_by=uniform", "privacy.clip=0.05", "privacy.noise_multipli
 
 
 def test_a_private_round_is_the_clipped_sum_plus_one_draw_of_noise_over_k(fl_data, conformer_config, tmp_path):
-    """DP-FedAvg on a conformer: start − (Σ_k clip(Δ_k) + N(0, σ²C²)) / K, the noise the round's own seeded draw."""
+    """DP-FedAvg on a conformer: start − (Σ_k clip(Δ_k) + N(0, σ²C²)) / K, the noise the round's own seeded draw,
+    on what training changes (the parameters and BatchNorm's statistics); the feature normalization is left alone."""
     from fl_lib.asr.model import build_asr_model
     from fl_lib.fl.client import LocalTrainer
     from fl_lib.fl.sampling import derive_seed
@@ -235,7 +236,12 @@ def test_a_private_round_is_the_clipped_sum_plus_one_draw_of_noise_over_k(fl_dat
         for k, v in r.delta.items():
             total[k] += v * (0.05 / norm)
     g = torch.Generator().manual_seed(derive_seed(7, "dp_noise", 0))
+    released = set(server.privacy.released)
+    assert {"encoder.encoders.0.conv_module.norm.running_var", "encoder.encoders.0.conv_module.norm.running_mean"} <= released
     for k, v in _floats(server.global_state).items():
+        if k not in released:  # the mel filterbank and the feature normalization: constants, not noised
+            assert k.startswith(("normalize.", "frontend.logmel.")) and torch.equal(v, start[k]), k
+            continue
         noise = torch.randn(v.shape, generator=g) * 0.5 * 0.05
         assert torch.allclose(v, start[k] - (total[k] + noise) / 3, rtol=1e-5, atol=1e-6), k
     assert m.privacy["epsilon"] > 0 and m.privacy["rounds_charged"] == 1 and m.privacy["clipped_fraction"] == 1.0
@@ -271,7 +277,10 @@ def test_an_empty_poisson_cohort_under_dp_still_releases_its_noise(fl_data, tmp_
     assert m.clients == [] and m.train_loss is None and m.privacy["rounds_charged"] == 1
     g = torch.Generator().manual_seed(derive_seed(7, "dp_noise", 0))
     for k, v in _floats(server.global_state).items():
-        assert torch.allclose(v, start[k] - torch.randn(v.shape, generator=g) * 0.5 * 0.05 / 2, atol=1e-7), k
+        if k in server.privacy.released:
+            assert torch.allclose(v, start[k] - torch.randn(v.shape, generator=g) * 0.5 * 0.05 / 2, atol=1e-7), k
+        else:
+            assert torch.equal(v, start[k]), k
 
 
 def test_a_round_size_krum_cannot_score_is_refused_at_start(fl_data, tmp_path):

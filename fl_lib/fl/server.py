@@ -36,7 +36,7 @@ from .checkpoint import (atomic_copy, atomic_save, load_resumable, resume_differ
                          set_rng_states, truncate_metrics)
 from .client import LocalTrainer
 from .executor import BatchSpec, ProcessClients, SerialClients, Task, espnet_trainer
-from .privacy import ClientDP
+from .privacy import ClientDP, released_entries
 from .config import FLConfig
 from .distributed import Ranks, all_gather_objects, assign_clients, broadcast_state
 from .sampling import ClientSampler
@@ -218,6 +218,13 @@ class FederatedServer:
         self.server_params = {name: torch.nn.Parameter(self.global_state[name]) for name in self.param_names}
         for name, p in self.server_params.items():
             self.global_state[name] = p.data  # shared storage: optimizer steps update global_state
+        if self.privacy is not None:
+            released = released_entries(model)
+            self.privacy.bind(released)
+            kept = [k for k, v in self.global_state.items() if v.is_floating_point() and k not in set(released)]
+            if kept:
+                logger.info(f"privacy: {len(kept)} entries are not trained, so neither taken from the clients nor noised: "
+                            + ", ".join(kept[:8]) + (" ..." if len(kept) > 8 else ""))
         num_floats = sum(v.numel() for v in self.global_state.values() if v.is_floating_point())
         self.strategy.check_memory(conf.clients_per_round, num_floats)
         self.attack.check_memory(conf.clients_per_round, num_floats)
@@ -417,7 +424,8 @@ class FederatedServer:
             attacked = sorted(c for part in all_gather_objects(attacked) for c in part)
             if self.privacy is not None:
                 self.privacy.merge_counts(all_gather_objects((self.privacy.clipped, self.privacy.seen)))
-            self.strategy.all_reduce(self.global_state)
+            released = self.privacy.released if self.privacy is not None else None
+            self.strategy.all_reduce({k: v for k, v in self.global_state.items() if released is None or k in released})
             if not self.ranks.is_main:
                 return None
         aggregate = self.strategy.aggregate()
@@ -425,6 +433,8 @@ class FederatedServer:
             aggregate = self.privacy.privatize(aggregate, len(used), draw, self.global_state)
         lr = self.optimizer.param_groups[0]["lr"]
         self._server_step(aggregate.pseudo_grad)
+        if self.privacy is not None:
+            self.privacy.project(self.global_state)
         self.scheduler.step()
         train_seconds = time.perf_counter() - t0
         round_no = self.round + 1
