@@ -124,8 +124,13 @@ class FakeGrid:
 
 
 def test_the_server_turns_each_bad_reply_into_a_failed_client_with_its_reason(task_identity):
+    trained = ["enc.weight", "enc.bias"]  # the start's "front.melmat" is a constant: no client may send a Δ for it
+
     def good(m, start):
-        return Message(result_content(_result("a", {k: v + 1 for k, v in start.items() if v.is_floating_point()})), reply_to=m)
+        return Message(result_content(_result("a", {k: start[k] + 1 for k in trained})), reply_to=m)
+
+    def moves_a_constant(m, start):
+        return Message(result_content(_result("f", {k: v + 1 for k, v in start.items() if v.is_floating_point()})), reply_to=m)
 
     misshapen = {"enc.weight": torch.zeros(4, 3), "enc.bias": torch.zeros(3)}
 
@@ -133,22 +138,25 @@ def test_the_server_turns_each_bad_reply_into_a_failed_client_with_its_reason(ta
         return Message(result_content(_result("b", misshapen)), reply_to=m)
 
     behaviour = {"a": good, "b": wrong_shape, "c": lambda m, s: Message(Error(0, "ClientApp raised: boom"), reply_to=m),
-                 "d": lambda m, s: None, "e": good}
-    node_of = {"a": 1, "b": 1, "c": 2, "d": 2, "e": 3}
+                 "d": lambda m, s: None, "e": good, "f": moves_a_constant}
+    node_of = {"a": 1, "b": 1, "c": 2, "d": 2, "e": 3, "f": 1}
     grid = FakeGrid(online=[1, 2], behaviour=behaviour)
     fed = FlowerFederation(grid, node_of, clients=[], digests={}, round_timeout=1.0, poll_seconds=0.01)
-    start = _state()
-    tasks = [Task(cid, Path(cid), start, 0, 0.0) for cid in "edcba"]
-    outcomes = list(FlowerClients(fed, SETUP).map(tasks))
-    assert [o.client_id for o in outcomes] == list("edcba")  # sampling order, whatever the arrival order
+    start = {**_state(), "front.melmat": torch.ones(2)}
+    tasks = [Task(cid, Path(cid), start, 0, 0.0) for cid in "fedcba"]
+    outcomes = list(FlowerClients(fed, SETUP, trained).map(tasks))
+    assert [o.client_id for o in outcomes] == list("fedcba")  # sampling order, whatever the arrival order
     by = {o.client_id: o for o in outcomes}
     assert torch.equal(by["a"].result.delta["enc.weight"], start["enc.weight"] + 1) and by["a"].error is None
     assert "SuperNode 3 holding client e is not connected" in by["e"].error
     assert "no reply from SuperNode 2 within the round timeout of 1 s" in by["d"].error
     assert "boom" in by["c"].error
     assert "update rejected" in by["b"].error and "Δ[enc.bias] is (3,)" in by["b"].error
-    assert fed.bytes_per_draw == {0: {"sent": 4 * ArrayRecord(start).count_bytes(),  # the weights to the 4 connected clients' nodes
-                                      "received": ArrayRecord(by["a"].result.delta).count_bytes() + ArrayRecord(misshapen).count_bytes()}}
+    assert "update rejected" in by["f"].error and "unknown entries ['front.melmat']" in by["f"].error
+    moved = ArrayRecord({k: v for k, v in start.items() if v.is_floating_point()}).count_bytes()
+    assert fed.bytes_per_draw == {0: {"sent": 5 * ArrayRecord(start).count_bytes(),  # the weights to the 5 connected clients' nodes
+                                      "received": ArrayRecord(by["a"].result.delta).count_bytes() + ArrayRecord(misshapen).count_bytes()
+                                      + moved}}
 
 
 def test_a_node_trains_only_the_clients_in_its_own_index(fl_data, tmp_path, task_identity):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fl_lib.fl.client import LocalTrainer, ProximalModel, pseudo_gradient
+from fl_lib.fl.client import LocalTrainer, ProximalModel, pseudo_gradient, trained_entries
 from fl_lib.fl.config import ClientConfig
 
 
@@ -62,20 +62,27 @@ def test_fedprox_once_per_step_with_espnet_accum_grad():
 
 
 def test_pseudo_gradient_and_statistics_hand_computed():
+    """Δ covers what training changes: the trainable parameters and BatchNorm's running statistics.
+    A frozen parameter and a constant buffer (as ESPnet's mel filterbank) are the server's alone."""
     model = Toy([0.0, 0.0])
-    model.register_buffer("running", torch.tensor([2.0]))  # float buffer: in Δ, not in the statistics
+    model.norm = torch.nn.BatchNorm1d(1)  # running statistics: in Δ, not in the statistics
+    model.register_buffer("melmat", torch.tensor([2.0]))  # a constant float buffer: not in Δ
     model.register_buffer("count", torch.tensor(7))  # integer buffer: not averaged at all
-    start = {"w": torch.tensor([1.0, 3.0]), "frozen": torch.tensor([5.0]), "running": torch.tensor([10.0]), "count": torch.tensor(9)}
+    start = {"w": torch.tensor([1.0, 3.0]), "frozen": torch.tensor([5.0]), "melmat": torch.tensor([10.0]),
+             "count": torch.tensor(9), "norm.weight": torch.tensor([1.0]), "norm.bias": torch.tensor([0.0]),
+             "norm.running_mean": torch.tensor([0.5]), "norm.running_var": torch.tensor([3.0])}
     with torch.no_grad():
         model.w.copy_(torch.tensor([2.0, -1.0]))
-        model.frozen.copy_(torch.tensor([4.0]))  # not trainable: in Δ, not in the statistics
+        model.frozen.copy_(torch.tensor([4.0]))
+    assert trained_entries(model) == ["w", "norm.weight", "norm.bias", "norm.running_mean", "norm.running_var"]
     delta, stats, finite = pseudo_gradient(start, model)
-    assert set(delta) == {"w", "frozen", "running"}
-    assert delta["w"].tolist() == [-1.0, 4.0] and delta["frozen"].tolist() == [1.0] and delta["running"].tolist() == [8.0]
-    d = np.array([-1.0, 4.0])
-    assert stats["grad_mean"] == pytest.approx(1.5)
-    assert stats["grad_rms"] == pytest.approx(math.sqrt(8.5))
-    assert stats["grad_var"] == pytest.approx(6.25) == pytest.approx(d.var())  # population variance, not FLUTE's 0
+    assert list(delta) == trained_entries(model)
+    assert delta["w"].tolist() == [-1.0, 4.0] and delta["norm.running_mean"].tolist() == [0.5]
+    assert delta["norm.running_var"].tolist() == [2.0] and delta["norm.weight"].tolist() == [0.0]
+    d = np.array([-1.0, 4.0, 0.0, 0.0])  # the trainable entries: w, and the BatchNorm's weight and bias
+    assert stats["grad_mean"] == pytest.approx(d.mean())
+    assert stats["grad_rms"] == pytest.approx(math.sqrt((d**2).mean()))
+    assert stats["grad_var"] == pytest.approx(d.var())  # population variance, not FLUTE's 0
     assert finite
 
 

@@ -73,23 +73,34 @@ class LocalWarmupLR(torch.optim.lr_scheduler.LambdaLR, AbsBatchStepScheduler):
         super().__init__(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
 
 
+def trained_entries(model: torch.nn.Module) -> list[str]:
+    """What local training changes in `model`'s state, and so what Δ covers: the trainable
+    parameters, and the running mean and variance of its BatchNorm layers (train mode updates
+    them). Frozen parameters and constants (ESPnet's mel filterbank, the feature normalization)
+    stay the server's: no client can move them, nor can noise under privacy.*."""
+    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
+    trained = {f"{name}.{stat}" for name, m in model.named_modules() if isinstance(m, norms) and m.track_running_stats
+               for stat in ("running_mean", "running_var")}
+    trained |= {name for name, p in model.named_parameters() if p.requires_grad}
+    return [name for name in model.state_dict() if name in trained]  # in the state's order
+
+
 def pseudo_gradient(start: State, model: torch.nn.Module) -> tuple[State, dict, bool]:
-    """Δ = w_start − w_local over floating-point state, its statistics and whether it is finite.
+    """Δ = w_start − w_local over the trained entries, its statistics and whether it is finite.
 
     Statistics are over the trainable parameters' entries, accumulated in float64:
     mean, RMS and the (population) variance — a real variance, unlike FLUTE's.
     """
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    state = model.state_dict()
     delta: State = {}
     s1 = s2 = 0.0
     n = 0
     finite = True
-    for name, value in model.state_dict().items():
-        if not value.is_floating_point():
-            continue
-        d = start[name] - value
+    for name in trained_entries(model):
+        d = start[name] - state[name]
         delta[name] = d
-        finite = finite and bool(torch.isfinite(d).all())  # buffers too: BatchNorm stats get averaged
+        finite = finite and bool(torch.isfinite(d).all())  # BatchNorm's statistics too: they get averaged
         if name in trainable:
             d64 = d.double()
             s1 += d64.sum().item()

@@ -149,7 +149,7 @@ class PrivacyConfig:
     """Client-level differential privacy (DP-FedAvg; fl_lib/fl/privacy.py). `clip: null` is no DP,
     and then every other key must stay at its default."""
 
-    clip: Optional[float] = None  # L2 bound of each client's Δ (all float entries)
+    clip: Optional[float] = None  # L2 bound of each client's Δ (what training changes: client.trained_entries)
     per_layer: bool = False  # bound each tensor of Δ by clip / sqrt(number of tensors) instead of the whole Δ by clip
     noise_multiplier: Optional[float] = None  # σ: Gaussian noise of std σ·clip on the round's sum of clipped Δ
     target_epsilon: Optional[float] = None  # or: σ solved before training so that `rounds` rounds spend this ε

@@ -34,12 +34,11 @@ draw its noise from a secret source. ε covers the sequence of models; `metrics.
 keeps non-private diagnostics of the simulation (client ids, losses, the exact clipped
 fraction), which a deployment would not release.
 
-Only what local training changes is released: the trainable parameters and BatchNorm's running
-statistics (`bind`). Frozen parameters and constants such as the feature normalization are
-neither taken from the clients nor noised: noise there would move weights that training never
-moves. A running variance that the noise pushed below 0 (it made the eval-mode BatchNorm give
-NaN) is set to 0 after the server step, a post-processing that costs no privacy; the count is
-`clamped_running_var` in metrics.jsonl.
+Δ is what local training changes (`client.trained_entries`): the trainable parameters and
+BatchNorm's running statistics. Constants (the mel filterbank, the feature normalization) are not
+in it, so they are not noised either. A running variance that the noise pushed below 0 (it made
+the eval-mode BatchNorm give NaN) is set to 0 after the server step, a post-processing that
+costs no privacy; the count is `clamped_running_var` in metrics.jsonl.
 
 Refused under DP: weights that depend on the clients' data (DGA, RL-DGA, FedAvg by size: one
 client's loss or size moves every other weight, and no sensitivity bound is known for that),
@@ -51,7 +50,7 @@ from __future__ import annotations
 import logging
 import math
 from functools import lru_cache
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 
@@ -153,14 +152,8 @@ class ClientDP:
         self.sum_sigma = self._sum_sigma() if self.adaptive else self.sigma
         self.last_quantile: Optional[float] = None
         self.over_target = False
-        self.released: Optional[frozenset] = None  # None: every entry of Δ (bind() narrows it)
         self.clamped = 0  # running-variance coordinates set to 0 after the last step
         self.begin_round()
-
-    def bind(self, released: Iterable[str]) -> None:
-        """The entries of Δ that are clipped, noised and released: those local training changes
-        (`released_entries`). A client's other entries are dropped before clipping."""
-        self.released = frozenset(released)
 
     def _sum_sigma(self) -> float:
         """The sum's noise multiplier (std / C) that, with the count's σ_b, spends what σ alone would."""
@@ -182,8 +175,6 @@ class ClientDP:
     def bound(self, result: ClientResult) -> ClientResult:
         """The result with its Δ bounded (counted when the bound changed it, a hint for choosing clip)."""
         delta, c = result.delta, self.clip_norm
-        if self.released is not None:
-            delta = {k: v for k, v in delta.items() if k in self.released}
         if self.conf.per_layer:
             bound = c / math.sqrt(len(delta))
             norms = {k: l2_norm([v]) for k, v in delta.items()}
@@ -204,8 +195,7 @@ class ClientDP:
         g = torch.Generator().manual_seed(derive_seed(self.seed, "dp_noise", draw))
         std = self.sum_sigma * self.clip_norm
         if aggregate is None:
-            aggregate = Aggregate({k: torch.zeros_like(v, dtype=torch.float32) for k, v in like.items()
-                                   if v.is_floating_point() and (self.released is None or k in self.released)})
+            aggregate = Aggregate({k: torch.zeros_like(v, dtype=torch.float32) for k, v in like.items() if v.is_floating_point()})
         out: State = {}
         for k, mean in aggregate.pseudo_grad.items():
             noise = torch.randn(mean.shape, generator=g, dtype=torch.float32).to(mean.device) * std  # drawn on the CPU: the same on any device
@@ -219,7 +209,7 @@ class ClientDP:
         """Running variances below 0 (the noise's doing) set to 0, in place, after the server step."""
         self.clamped = 0
         for k, v in state.items():
-            if k.endswith("running_var") and (self.released is None or k in self.released):
+            if k.endswith("running_var"):
                 self.clamped += int((v < 0).sum())
                 v.clamp_(min=0.0)
 
@@ -274,15 +264,6 @@ def check_compatible(fl: FLConfig) -> None:
                          f"min_clients_per_round={fl.min_clients_per_round} would skip small cohorts and reveal their size")
     if fl.attack.name != "none":
         raise ValueError("privacy and attack together: the accountant assumes every client runs the clipped protocol")
-
-
-def released_entries(model: torch.nn.Module) -> list[str]:
-    """What local training changes in `model`'s state: its trainable parameters, and the running
-    mean and variance of its BatchNorm layers (their momentum updates them in train mode)."""
-    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
-    stats = [f"{name}.{stat}" for name, m in model.named_modules() if isinstance(m, norms) and m.track_running_stats
-             for stat in ("running_mean", "running_var")]
-    return [name for name, p in model.named_parameters() if p.requires_grad] + stats
 
 
 def plan(population: int, cohort: int, rounds: int, delta: float, sigma: float) -> dict:

@@ -34,9 +34,9 @@ from ..data.markers import content_digest
 from .attacks import NEEDS_HONEST, Attack
 from .checkpoint import (atomic_copy, atomic_save, load_resumable, resume_differences, rng_states, save_checkpoint,
                          set_rng_states, truncate_metrics)
-from .client import LocalTrainer
+from .client import LocalTrainer, trained_entries
 from .executor import BatchSpec, ProcessClients, SerialClients, Task, espnet_trainer
-from .privacy import ClientDP, released_entries
+from .privacy import ClientDP
 from .config import FLConfig
 from .distributed import Ranks, all_gather_objects, assign_clients, broadcast_state
 from .sampling import ClientSampler
@@ -200,8 +200,10 @@ class FederatedServer:
         self.sampler = ClientSampler(
             [c.id for c in clients], [c.num_cuts for c in clients], conf.clients_per_round, conf.sampler, seed
         )
+        self.trained = trained_entries(model)  # what Δ covers: the aggregate never moves the constants
         if remote is not None:
-            self.clients_executor = remote.executor(espnet_args, conf.client, batches, seed, torch.get_num_threads())
+            self.clients_executor = remote.executor(espnet_args, conf.client, batches, seed, torch.get_num_threads(),
+                                                    self.trained)
         elif client_jobs > 1:
             self.clients_executor = ProcessClients(
                 client_jobs, espnet_trainer, espnet_args, conf.client, batches, seed, torch.get_num_threads()
@@ -210,7 +212,7 @@ class FederatedServer:
             self.clients_executor = SerialClients(LocalTrainer(model, espnet_args, conf.client, batches, seed))
 
         # The global weights: parameters are server-side nn.Parameters the server
-        # optimizer steps on; float buffers move by the plain aggregate.
+        # optimizer steps on; BatchNorm's statistics move by the plain aggregate; constants stay.
         self.param_names = [name for name, p in model.named_parameters() if p.requires_grad]
         self.strategy.bind(self.param_names)
         self.attack.bind(self.param_names)
@@ -218,14 +220,7 @@ class FederatedServer:
         self.server_params = {name: torch.nn.Parameter(self.global_state[name]) for name in self.param_names}
         for name, p in self.server_params.items():
             self.global_state[name] = p.data  # shared storage: optimizer steps update global_state
-        if self.privacy is not None:
-            released = released_entries(model)
-            self.privacy.bind(released)
-            kept = [k for k, v in self.global_state.items() if v.is_floating_point() and k not in set(released)]
-            if kept:
-                logger.info(f"privacy: {len(kept)} entries are not trained, so neither taken from the clients nor noised: "
-                            + ", ".join(kept[:8]) + (" ..." if len(kept) > 8 else ""))
-        num_floats = sum(v.numel() for v in self.global_state.values() if v.is_floating_point())
+        num_floats = sum(self.global_state[k].numel() for k in self.trained)
         self.strategy.check_memory(conf.clients_per_round, num_floats)
         self.attack.check_memory(conf.clients_per_round, num_floats)
         self.optimizer = build_server_optimizer(list(self.server_params.values()), conf.server_optim)
@@ -424,13 +419,12 @@ class FederatedServer:
             attacked = sorted(c for part in all_gather_objects(attacked) for c in part)
             if self.privacy is not None:
                 self.privacy.merge_counts(all_gather_objects((self.privacy.clipped, self.privacy.seen)))
-            released = self.privacy.released if self.privacy is not None else None
-            self.strategy.all_reduce({k: v for k, v in self.global_state.items() if released is None or k in released})
+            self.strategy.all_reduce(self._trained_state())
             if not self.ranks.is_main:
                 return None
         aggregate = self.strategy.aggregate()
         if self.privacy is not None:
-            aggregate = self.privacy.privatize(aggregate, len(used), draw, self.global_state)
+            aggregate = self.privacy.privatize(aggregate, len(used), draw, self._trained_state())
         lr = self.optimizer.param_groups[0]["lr"]
         self._server_step(aggregate.pseudo_grad)
         if self.privacy is not None:
@@ -519,12 +513,16 @@ class FederatedServer:
         self.model.load_state_dict(candidate)
         return held_out_loss(self.model, self.held_out_batches())
 
+    def _trained_state(self) -> State:
+        """The global entries a round's aggregate covers (shapes for a rank or a cohort without clients)."""
+        return {k: self.global_state[k] for k in self.trained}
+
     @torch.no_grad()
     def _server_step(self, pseudo_grad: State) -> None:
         for name, g in pseudo_grad.items():
             if name in self.server_params:
                 self.server_params[name].grad = g
-            else:  # float buffers follow the aggregate directly
+            else:  # BatchNorm's running statistics follow the aggregate directly
                 self.global_state[name].sub_(g)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -57,8 +57,9 @@ class FlowerFederation:
     poll_seconds: float = 0.2
     bytes_per_draw: dict = field(default_factory=dict)  # draw -> bytes of the ArrayRecords sent and received
 
-    def executor(self, espnet_args, client_conf, batches: BatchSpec, seed: int, num_threads: int) -> "FlowerClients":
-        return FlowerClients(self, client_setup(espnet_args, client_conf, batches, seed, num_threads))
+    def executor(self, espnet_args, client_conf, batches: BatchSpec, seed: int, num_threads: int,
+                 trained: Sequence[str]) -> "FlowerClients":
+        return FlowerClients(self, client_setup(espnet_args, client_conf, batches, seed, num_threads), trained)
 
 
 def discover(grid: Grid, min_nodes: int, timeout: float, round_timeout: float, poll_seconds: float = 0.5) -> FlowerFederation:
@@ -101,9 +102,10 @@ class FlowerClients:
     lives no longer than the round waits for it, so a late node does not train stale tasks.
     """
 
-    def __init__(self, federation: FlowerFederation, setup: ClientSetup) -> None:
+    def __init__(self, federation: FlowerFederation, setup: ClientSetup, trained: Sequence[str]) -> None:
         self.fed = federation
         self.setup = setup
+        self.trained = list(trained)  # the entries a reply's Δ must have (client.trained_entries), no more
 
     def _failed(self, cid: str, reason: str) -> Outcome:
         return Outcome(cid, None, reason)
@@ -159,7 +161,8 @@ class FlowerClients:
                 continue
             received += sum(r.count_bytes() for r in reply.content.array_records.values())
             try:
-                yield Outcome(cid, read_result(reply.content, cid, task.start), None, f"node={reply.metadata.src_node_id}")
+                expected = {k: task.start[k] for k in self.trained}
+                yield Outcome(cid, read_result(reply.content, cid, expected), None, f"node={reply.metadata.src_node_id}")
             except MalformedUpdate as e:
                 yield self._failed(cid, f"update rejected: {e}")
         if draw is not None:

@@ -1,7 +1,7 @@
 """Byzantine-robust aggregation: rules that bound what a few lying clients can do to a round.
 
 Unlike FedAvg and DGA, these rules need every update of the round at once: each client's
-Δ_k (every float entry of its state, parameters and buffers alike) is kept as one float32
+Δ_k (what training changes: its parameters and BatchNorm statistics) is kept as one float32
 row of d entries, so server memory grows with K: K·d·4 bytes (plus K/s rows of bucket
 means with bucketing), checked against `strategy.memory_limit_mb` before training. The
 rules never stack the rows into a second K×d matrix: they work on column blocks of
