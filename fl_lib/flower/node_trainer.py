@@ -8,8 +8,8 @@ round. So the launcher starts each SuperNode under this process:
 
 It listens on the Unix socket S, starts the SuperNode as its child (one process group: a node
 killed is its trainer killed too; and on Linux the SuperNode dies with its trainer), then imports
-ESPnet (requests wait in the socket's backlog meanwhile: the fork comes before torch starts any
-thread), and exits with the SuperNode's status. The
+ESPnet (requests wait in the socket's backlog meanwhile; the fork comes before torch's threads),
+and exits with the SuperNode's status. The
 ClientApp, started with `trainer="S"` in its node config, imports only Flower: it hands the
 train message's content to this process and returns its reply. The training itself is the
 ClientApp's own (`client_app.train_reply`), so the model is the same, bit for bit, whichever
@@ -92,8 +92,7 @@ def request(socket_path: Path, content: RecordDict, timeout: Optional[float] = N
         return max(deadline - time.monotonic(), 1e-3)
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(left())
-        try:
+        try:  # blocking: a non-blocking AF_UNIX connect to a full backlog fails at once instead of waiting
             conn.connect(str(socket_path))
         except OSError as e:
             raise NodeTrainerError(f"the node's resident trainer at {socket_path} is not reachable: {e}") from None
@@ -205,7 +204,7 @@ def listen(socket_path: Path) -> socket.socket:
     socket_path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(socket_path))
-    listener.listen(8)
+    listener.listen(socket.SOMAXCONN)
     return listener
 
 
@@ -225,8 +224,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.clients.is_file():
         p.error(f"no client index at {args.clients}")
     listener = listen(args.socket)
-    # Started before torch is imported, so the fork copies no thread. Same process group: a kill of
-    # the node's group takes both; and the node dies with its trainer.
+    # Started before torch and ESPnet are imported (numpy's BLAS threads exist already; the child
+    # only calls prctl before exec). Same process group: a kill of the node's group takes both;
+    # and the node dies with its trainer.
     node = subprocess.Popen(node_cmd, preexec_fn=die_with(os.getpid()) if sys.platform == "linux" else None)
     try:
         trainer = ResidentTrainer(args.clients)
