@@ -204,7 +204,7 @@ def report(cfg: dict, records: dict[Cell, dict]) -> str:
         recs = [records[c] for c in records if (c.rule, c.attack, c.f) == (rule, attack, f)]
         if not recs:
             return "—"
-        wers = seed_wers(records, rule, attack, f)
+        wers = [100 * r["test_wer"] for r in recs]
         text = f"{mean(wers):.1f}" + (f" ({min(wers):.1f}–{max(wers):.1f})" if len(wers) > 1 else "")
         weights = [r["attacker_weight"] for r in recs if r["attacker_weight"] is not None]
         return text + (f" w×{mean(weights):.2f}" if weights and f else "")
