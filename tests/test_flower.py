@@ -321,6 +321,20 @@ def test_a_supernode_dies_with_its_resident_trainer(fl_data, tmp_path):
     assert node[0] not in _pids("-f", "^sleep 300$")
 
 
+def test_a_resident_trainer_that_fails_at_start_up_fails_the_deployment_at_once(tmp_path):
+    """Its socket listens before ESPnet is imported and the clients are read: the deployment waits
+    for the trainer's ready file, so a trainer that dies there is an error of the launch, not a
+    run whose server waits out its round timeout for replies that never come."""
+    from fl_lib.flower.deployment import LocalDeployment
+
+    index = tmp_path / "clients.jsonl"
+    index.write_text("not a client record\n")
+    with pytest.raises(RuntimeError, match="node 0's resident trainer exited at start-up"):
+        with LocalDeployment(tmp_path / "work", [index], startup_timeout=120):
+            pass
+    assert f"{index}:1 is not a client record" in (tmp_path / "work" / "logs" / "supernode0.log").read_text()
+
+
 def _flower_train(fl_data, out: Path, conf: str, overrides, round_timeout=600, engine="grpc") -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "fl_lib.bin.flower_train", "--nodes", "2", "--seed", "7", "--output_dir", str(out),
             "--fl_config", str(CONF_DIR / conf), "--round_timeout", str(round_timeout), "--engine", engine]

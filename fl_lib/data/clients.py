@@ -200,10 +200,14 @@ def load_clients(path: Path) -> list[ClientInfo]:
     path = Path(path)
     clients = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if line.strip():
-                d = json.loads(line)
-                clients.append(ClientInfo(d["id"], int(d["num_cuts"]), float(d["duration"]), path.parent / d["manifest"]))
+                try:
+                    d = json.loads(line)
+                    clients.append(ClientInfo(d["id"], int(d["num_cuts"]), float(d["duration"]), path.parent / d["manifest"]))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}:{lineno} is not a client record (id, num_cuts, duration, manifest): "
+                                     f"{type(e).__name__}: {e}") from None
     return clients
 
 

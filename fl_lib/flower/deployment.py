@@ -131,7 +131,7 @@ class LocalDeployment:
             if self.procs[name].poll() is not None:
                 raise RuntimeError(f"{what} exited at start-up: see {self.logs / (name + '.log')}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{what} did not listen within {self.startup_timeout:.0f} s: see {self.logs / (name + '.log')}")
+                raise RuntimeError(f"{what} was not up within {self.startup_timeout:.0f} s: see {self.logs / (name + '.log')}")
             time.sleep(0.2)
 
     def _wait_port(self, port: int) -> None:
@@ -143,11 +143,13 @@ class LocalDeployment:
                              time.monotonic() + self.startup_timeout)
 
     def _wait_trainers(self) -> None:
-        """Each node's resident trainer listening (its requests queue while it imports ESPnet), or a
-        clear error now rather than a server that waits its whole start-up timeout for nodes that never come."""
+        """Each node's resident trainer ready (ESPnet imported, its clients read; `node_trainer.ready_file`),
+        or a clear error now rather than a server that waits its round timeout for nodes whose trainer died."""
+        from .node_trainer import ready_file
+
         deadline = time.monotonic() + self.startup_timeout  # one start-up timeout for all nodes together
         for i in range(len(self.node_indexes)):
-            self._wait_listening(f"supernode{i}", f"node {i}'s resident trainer", (self.sockets / f"node{i}.sock").exists,
+            self._wait_listening(f"supernode{i}", f"node {i}'s resident trainer", ready_file(self.sockets / f"node{i}.sock").exists,
                                  deadline)
 
     def __enter__(self) -> "LocalDeployment":

@@ -8,8 +8,10 @@ round. So the launcher starts each SuperNode under this process:
 
 It listens on the Unix socket S, starts the SuperNode as its child (one process group: a node
 killed is its trainer killed too; and on Linux the SuperNode dies with its trainer), then imports
-ESPnet (requests wait in the socket's backlog meanwhile; the fork comes before torch's threads),
-and exits with the SuperNode's status. The
+ESPnet and reads its clients (requests wait in the socket's backlog meanwhile; the fork comes
+before torch's threads), creates `S.ready` (`ready_file`: what the launcher waits for, so a trainer
+that fails there is a start-up error, not a node whose tasks never come back), and exits with the
+SuperNode's status. The
 ClientApp, started with `trainer="S"` in its node config, imports only Flower: it hands the
 train message's content to this process and returns its reply. The training itself is the
 ClientApp's own (`client_app.train_reply`), so the model is the same, bit for bit, whichever
@@ -197,11 +199,17 @@ def die_with(parent: int):
     return preexec
 
 
+def ready_file(socket_path: Path) -> Path:
+    """Exists once the trainer behind `socket_path` has imported ESPnet and read its clients."""
+    return Path(socket_path).with_name(Path(socket_path).name + ".ready")
+
+
 def listen(socket_path: Path) -> socket.socket:
     socket_path = Path(socket_path)
     if len(str(socket_path)) > MAX_SOCKET_PATH:
         raise ValueError(f"a Unix socket path holds at most {MAX_SOCKET_PATH} bytes, {socket_path} has {len(str(socket_path))}")
     socket_path.unlink(missing_ok=True)
+    ready_file(socket_path).unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(socket_path))
     listener.listen(socket.SOMAXCONN)
@@ -232,10 +240,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         trainer = ResidentTrainer(args.clients)
         logger.info("resident trainer of %s (%d clients) on %s, pid %d", args.clients, len(trainer.clients), args.socket,
                     os.getpid())
+        ready_file(args.socket).touch()
         trainer.serve(listener, node)
     finally:
         listener.close()
         args.socket.unlink(missing_ok=True)
+        ready_file(args.socket).unlink(missing_ok=True)
         if node.poll() is None:
             node.terminate()
     sys.exit(node.wait())
