@@ -295,10 +295,15 @@ def test_a_round_size_krum_cannot_score_is_refused_at_start(fl_data, tmp_path):
                                                           "strategy.num_byzantine=1"])
 
 
-def test_a_robust_rule_refuses_a_round_that_would_not_fit_before_training(fl_data, tmp_path):
-    with pytest.raises(ValueError, match="K=4 clients of .* floats need .* above strategy.memory_limit_mb=0.01"):
-        build_server(fl_data, tmp_path, "fl_fedavg.yaml", ["clients_per_round=4", "strategy.name=median", "strategy.weight_by=null",
-                                                          "strategy.memory_limit_mb=0.01"])
+@pytest.mark.parametrize("overrides,refusal", [
+    (["strategy.name=median", "strategy.weight_by=null", "strategy.memory_limit_mb=0.01"],
+     "K=4 clients of .* floats need .* above strategy.memory_limit_mb=0.01"),
+    (["attack.name=min_max", "attack.per_round=1", "attack.memory_limit_mb=0.01", "min_clients_per_round=3"],
+     r"K=4 clients \(f=1\) of .* floats need about .* above attack.memory_limit_mb=0.01"),
+], ids=["robust_rule", "min_max_attack"])
+def test_a_round_that_would_not_fit_is_refused_before_training(fl_data, tmp_path, overrides, refusal):
+    with pytest.raises(ValueError, match=refusal):
+        build_server(fl_data, tmp_path, "fl_fedavg.yaml", ["clients_per_round=4", *overrides])
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
