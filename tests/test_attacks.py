@@ -115,7 +115,8 @@ def test_min_max_and_min_sum_sit_on_their_bound_and_match_the_paper_s_bisection(
 
 def test_min_max_keeps_its_bound_for_many_close_updates_far_from_the_origin():
     """30 honest updates 1e-3 apart around 1e5: torch.cdist's matrix-product form (used from 25 rows on)
-    loses their distances to cancellation (98 % error); the forged update must still sit on its bound."""
+    loses their distances to cancellation (98 % error); the forged update must still sit on its bound.
+    float64 updates (a float64 model's): float32 cannot hold such steps at that scale."""
     honest = 1e5 + 1e-3 * np.random.default_rng(1).normal(size=(30, 10))
     attack = Attack(AttackConfig(name="min_max", per_round=1), seed=5)
     attack.bind(["w"])

@@ -227,7 +227,9 @@ def test_memory_is_stated_in_k_and_a_k_above_the_limit_is_refused():
 
 def test_pairwise_distances_of_many_close_rows_far_from_the_origin_are_exact():
     """30 rows 1e-3 apart around 1e5 (Krum's scores are sums of such distances): the matrix-product
-    form of torch.cdist, which it uses from 25 rows on, is 98 % off here."""
+    form of torch.cdist, which it uses from 25 rows on, is 98 % off here. Such rows need float64 (a
+    float64 model's Δ): float32 cannot hold 1e-3 steps at 1e5, and float32 rows, which the rules
+    take in float64, are exact to 1e-16 in either form at that scale."""
     from fl_lib.fl.strategies.robust import Rows
 
     x = 1e5 + 1e-3 * torch.randn(30, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
