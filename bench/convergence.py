@@ -10,7 +10,8 @@ faster and better than FedAvg and BMUF? The protocol (bench/convergence.yaml):
    training seed together), and the centralized reference on every clean federation.
    A run trains in chunks of `chunk_rounds` until its dev WER curve has flattened
    (curves.flattened) or its cap: `max_rounds` for the tuning grid, `report_max_rounds` for
-   the reported runs; the centralized one for `central_epochs` epochs.
+   the reported runs; the centralized one for `central_epochs` epochs. A cap raised later keeps
+   every record that flattened below it and trains on the ones that stopped at the old cap.
 4. Score: every validated checkpoint is decoded (CTC greedy) on test-clean. A run's
    plateau WER is the test WER at its best dev round. Targets, fixed here before any run:
    `target_factor` x the centralized plateau dev WER of the same seed, and the baseline's
@@ -207,8 +208,15 @@ class Study:
             return None
         rec = json.loads(path.read_text())
         now = json.loads(json.dumps(self.fingerprint(run)))
-        if rec.get("fingerprint") != now:
-            differ = sorted(k for k in set(now) | set(rec.get("fingerprint", {})) if now.get(k) != rec.get("fingerprint", {}).get(k))
+        differ = fingerprint_differences(rec.get("fingerprint", {}), now)
+        if differ == ["max_rounds"]:  # the cap was changed after the record was made
+            if rec["status"] == "flattened" and rec["last"] <= now["max_rounds"]:
+                return rec  # it stopped when it flattened, under the old cap: the same run under the new one
+            if rec["status"] != "flattened" and rec["last"] < now["max_rounds"]:
+                logger.warning(f"{run.name} reached its cap of {rec['last']} rounds without flattening: "
+                               f"it trains on to the new cap of {now['max_rounds']} (from round 0 unless its run directory is here)")
+                return None
+        if differ:
             raise ValueError(f"{path} was made with other settings ({', '.join(differ)} differ); "
                              f"remove {path.parent} to train that run again")
         return rec
@@ -334,8 +342,11 @@ class Study:
         if not (src / PARKED).exists() or (out / "metrics.jsonl").exists():
             return
         info = json.loads((src / PARKED).read_text())
-        if info["fingerprint"] != json.loads(json.dumps(self.fingerprint(run))):
-            raise ValueError(f"{src} was parked with other settings; remove it to train that run from round 0")
+        now = json.loads(json.dumps(self.fingerprint(run)))
+        differ = fingerprint_differences(info["fingerprint"], now)
+        if differ and not (differ == ["max_rounds"] and info["round"] < now["max_rounds"]):  # a raised cap: it goes on
+            raise ValueError(f"{src} was parked with other settings ({', '.join(differ)} differ); "
+                             "remove it to train that run from round 0")
         if info["out"] != str(out):
             logger.warning(f"{src} was parked from {info['out']}, not {out}: its checkpoint names that path, "
                            f"so {run.name} starts over from round 0")
@@ -347,6 +358,11 @@ class Study:
     def run_all(self, runs: list[Run]) -> dict[Run, dict]:
         with ThreadPoolExecutor(self.cfg["parallel_jobs"]) as pool:
             return dict(zip(runs, pool.map(self.execute, runs)))
+
+
+def fingerprint_differences(old: dict, new: dict) -> list[str]:
+    """The keys on which two run fingerprints differ."""
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
 def fl_overrides(cfg: dict, method: dict, setting: dict) -> list[str]:

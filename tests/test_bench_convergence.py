@@ -367,6 +367,40 @@ def test_a_run_parked_from_another_directory_starts_over_and_one_with_other_sett
     out.mkdir(parents=True)
     study.unpark(run)
     assert not any(out.iterdir())  # the checkpoint names /elsewhere: fl_train would refuse it
-    (parked / "parked.json").write_text(json.dumps({"round": 28, "out": str(out), "fingerprint": {**fingerprint, "max_rounds": 1}}))
-    with pytest.raises(ValueError, match="parked with other settings"):
+    (parked / "parked.json").write_text(json.dumps({"round": 28, "out": str(out), "fingerprint": {**fingerprint, "num_corrupted": 1}}))
+    with pytest.raises(ValueError, match=r"parked with other settings \(num_corrupted differ\)"):
         study.unpark(run)
+    # Parked under a cap of 100; the cap is 140 now: a raised cap, it goes on.
+    (parked / "parked.json").write_text(json.dumps({"round": 28, "out": str(out), "fingerprint": {**fingerprint, "max_rounds": 100}}))
+    study.unpark(run)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pth", "metrics.jsonl", "test_wer.json"]
+
+
+def test_a_raised_cap_keeps_the_runs_that_flattened_and_trains_on_the_ones_it_stopped(tmp_path):
+    """report_max_rounds 100 -> 140 (study_config's): a run that flattened at 80 is the same run
+    under either cap; one stopped unflattened at 100 must train on to 140; a record whose own
+    rounds are past the new cap was made by another study."""
+    cfg, path = study_config(tmp_path)
+    study = conv.Study(conv.load_study(path), tmp_path / "out", tmp_path / "results")
+    run = conv.Run(conv.CLEAN, "fedavg", json.dumps({"client.lr": 0.002}), 11)
+    assert study.cap(run) == 140
+
+    def made(flattened: bool, last: int, cap: int) -> None:
+        rec = fl_record(run, 0.2, 1.0, flattened)
+        rec["last"] = last
+        write(study, run, rec)
+        path = study.record_dir(run) / "record.json"
+        rec = json.loads(path.read_text())
+        rec["fingerprint"]["max_rounds"] = cap
+        path.write_text(json.dumps(rec))
+
+    made(True, 80, 100)
+    assert study.record(run)["last"] == 80
+    made(False, 100, 100)
+    assert study.record(run) is None  # to train on
+    made(True, 160, 200)
+    with pytest.raises(ValueError, match=r"other settings \(max_rounds differ\)"):
+        study.record(run)
+    made(False, 200, 200)
+    with pytest.raises(ValueError, match=r"other settings \(max_rounds differ\)"):
+        study.record(run)
