@@ -427,3 +427,38 @@ def test_a_supernode_killed_mid_round_fails_its_clients_and_the_run_goes_on(fl_d
         failure = log.split(f"round 1: client {cid} failed; the round goes on without it\n", 1)[1].split("\n", 1)[0]
         assert "Node Unavailable" in failure or "within the round timeout" in failure, failure
     assert all(f"holding client {cid} is not connected" in round2 for cid in node1)  # round 2 does not wait for them
+
+
+def test_the_supernode_shim_caps_only_the_node_loop_s_sleeps_and_refuses_another_flower(monkeypatch):
+    """flwr 1.42's SuperNode sleeps 3 s when a pull finds nothing; under fl_lib.flower.supernode that
+    sleep lasts `poll`, and nothing else of the `time` module changes."""
+    import time
+
+    import flwr
+    from flwr.supernode import start_client_internal
+
+    from fl_lib.flower import supernode
+
+    monkeypatch.setattr(start_client_internal, "time", time)  # restored after the test
+    supernode.cap_sleeps(0.05)
+    t0 = time.monotonic()
+    start_client_internal.time.sleep(3)
+    assert time.monotonic() - t0 < 1.0
+    assert start_client_internal.time.monotonic is time.monotonic and time.sleep is not start_client_internal.time.sleep
+    with pytest.raises(RuntimeError, match="capped twice"):
+        supernode.cap_sleeps(0.05)
+    monkeypatch.setattr(start_client_internal, "time", time)
+    monkeypatch.setattr(flwr, "__version__", "1.99.0")
+    with pytest.raises(RuntimeError, match="this is flwr 1.99.0"):
+        supernode.cap_sleeps(0.05)
+
+
+@pytest.mark.parametrize("args,refusal", [
+    (["--node_poll", "0"], "must be > 0 seconds or 'flower'"),
+    (["--engine", "simulation", "--node_poll", "0.1"], "--node_poll is for --engine grpc"),
+])
+def test_flower_train_refuses_a_node_poll_that_cannot_apply(args, refusal):
+    proc = subprocess.run([sys.executable, "-m", "fl_lib.bin.flower_train", *args, "--asr_config", "a", "--fl_config", "f",
+                           "--train_clients", "c", "--token_list", "t", "--bpemodel", "b", "--output_dir", "o"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and refusal in proc.stderr

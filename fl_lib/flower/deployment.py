@@ -5,7 +5,8 @@ clients' manifests; they talk to the SuperLink over Flower's transport on 127.0.
 devices would over the network. With `simulation`, the SuperLink runs Flower's simulation
 engine instead, its N virtual nodes as Ray actors, node i reading node i's index. With
 `resident_trainer`, each SuperNode runs under its node's resident trainer (`node_trainer.py`),
-which imports ESPnet once instead of once per message. `flwr run` submits the app; the
+which imports ESPnet once instead of once per message. With `node_poll`, the SuperNodes poll
+every that many seconds at most (`supernode.py`) instead of Flower's 3 s when idle. `flwr run` submits the app; the
 deployment stops every process it started, also when the run fails or is interrupted.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Optional, Sequence
 
 from ..data.clients import load_clients
 
+TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # seconds between a SuperExec's polls for the next app to start
 CONNECTION = "fl-lib-local"  # the SuperLink connection name in $FLWR_HOME/config.toml
 
 
@@ -101,11 +103,16 @@ class LocalDeployment:
     (SIGTERM, then SIGKILL) on exit."""
 
     def __init__(self, work_dir: Path, node_indexes: Sequence[Path], simulation: bool = False, startup_timeout: float = 120.0,
-                 resident_trainer: Optional[bool] = None) -> None:
+                 resident_trainer: Optional[bool] = None, node_poll: Optional[float] = None) -> None:
         if resident_trainer is None:
             resident_trainer = not simulation
         if simulation and resident_trainer:
             raise ValueError("the simulation engine's nodes are Ray actors, which keep their imports: no resident trainer")
+        if simulation and node_poll is not None:
+            raise ValueError("node_poll is the SuperNodes' poll; the simulation engine has none")
+        if node_poll is not None and not node_poll > 0:
+            raise ValueError(f"node_poll must be > 0 seconds, got {node_poll}")
+        self.node_poll = node_poll  # None: Flower's own sleeps (3 s idle, 0.5 s for a reply, 1 s for a task)
         self.work_dir = Path(work_dir)
         self.resident_trainer = resident_trainer
         self.sockets: Optional[Path] = None  # a short temporary directory: AF_UNIX paths hold 107 bytes
@@ -119,6 +126,8 @@ class LocalDeployment:
         bin_dir = str(Path(sys.executable).parent)  # flower-superlink, flwr-serverapp, ... of this environment
         self.env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "FLWR_HOME": str(self.home),
                     "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+        if node_poll is not None:  # Flower's own setting of the SuperExecs' task poll
+            self.env[TASK_POLL_ENV] = str(node_poll)
 
     def _start(self, name: str, cmd: list[str]) -> None:
         log = open(self.logs / f"{name}.log", "w")
@@ -172,8 +181,11 @@ class LocalDeployment:
                     sock = self.sockets / f"node{i}.sock"
                     config += f' trainer="{sock}"'
                     wrapper = [sys.executable, "-m", "fl_lib.flower.node_trainer", "--socket", str(sock), "--clients", str(index), "--"]
-                self._start(f"supernode{i}", wrapper + ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                                                        "--port", str(free_port()), "--node-config", config])
+                supernode = ["flower-supernode"]
+                if self.node_poll is not None:
+                    supernode = [sys.executable, "-m", "fl_lib.flower.supernode", "--poll", str(self.node_poll), "--"]
+                self._start(f"supernode{i}", wrapper + supernode + ["--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                                                                    "--port", str(free_port()), "--node-config", config])
             if self.resident_trainer:
                 self._wait_trainers()
         except BaseException:
