@@ -183,7 +183,7 @@ class LocalDeployment:
                     wrapper = [sys.executable, "-m", "fl_lib.flower.node_trainer", "--socket", str(sock), "--clients", str(index), "--"]
                 supernode = ["flower-supernode"]
                 if self.node_poll is not None:
-                    supernode = [sys.executable, "-m", "fl_lib.flower.supernode", "--poll", str(self.node_poll), "--"]
+                    supernode = [sys.executable, "-m", "fl_lib.flower.supernode", "--poll", str(self.node_poll)]
                 self._start(f"supernode{i}", wrapper + supernode + ["--insecure", "--superlink", f"127.0.0.1:{self.port}",
                                                                     "--port", str(free_port()), "--node-config", config])
             if self.resident_trainer:

@@ -7,7 +7,7 @@ pulled: on the demo's rounds of a few seconds that is a large part of flower-grp
 This runs the stock SuperNode with every one of those sleeps capped at `--poll` seconds.
 Nothing else of Flower changes.
 
-    python -m fl_lib.flower.supernode --poll 0.05 -- --insecure --superlink 127.0.0.1:9092 ...
+    python -m fl_lib.flower.supernode --poll 0.05 --insecure --superlink 127.0.0.1:9092 ...
 
 The SuperExec that launches each message's ClientApp polls for tasks every second; that one
 has Flower's own setting, FLWR_SUPEREXEC_TASK_POLL_INTERVAL, which `LocalDeployment` sets.
@@ -40,19 +40,15 @@ def cap_sleeps(poll: float) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--" not in argv:
-        raise SystemExit("usage: python -m fl_lib.flower.supernode --poll SECONDS -- <flower-supernode arguments>")
-    split = argv.index("--")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--poll", type=float, required=True, help="the longest sleep of the SuperNode's loop, in seconds")
-    args = p.parse_args(argv[:split])
+    args, supernode_args = p.parse_known_args(sys.argv[1:] if argv is None else argv)  # the rest is flower-supernode's
     if not args.poll > 0:
         p.error(f"--poll must be > 0, got {args.poll}")
     cap_sleeps(args.poll)
     from flwr.supernode.cli import flower_supernode
 
-    sys.argv = ["flower-supernode", *argv[split + 1:]]
+    sys.argv = ["flower-supernode", *supernode_args]
     sys.exit(flower_supernode())
 
 
