@@ -396,6 +396,8 @@ def test_a_raised_cap_keeps_the_runs_that_flattened_and_trains_on_the_ones_it_st
 
     made(True, 80, 100)
     assert study.record(run)["last"] == 80
+    made(True, 100, 100)  # flattened on the old cap's last chunk: the flattening rule stopped it, not the cap
+    assert study.record(run)["last"] == 100
     made(False, 100, 100)
     assert study.record(run) is None  # to train on
     made(True, 160, 200)

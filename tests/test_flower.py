@@ -454,7 +454,8 @@ def test_the_supernode_shim_caps_only_the_node_loop_s_sleeps_and_refuses_another
 
 
 @pytest.mark.parametrize("args,refusal", [
-    (["--node_poll", "0"], "must be > 0 seconds or 'flower'"),
+    (["--node_poll", "0.005"], "must be between 0.01 and 60.0 seconds, or 'flower'"),
+    (["--node_poll", "inf"], "must be between 0.01 and 60.0 seconds, or 'flower'"),
     (["--engine", "simulation", "--node_poll", "0.1"], "--node_poll is for --engine grpc"),
 ])
 def test_flower_train_refuses_a_node_poll_that_cannot_apply(args, refusal):
@@ -462,3 +463,13 @@ def test_flower_train_refuses_a_node_poll_that_cannot_apply(args, refusal):
                            "--train_clients", "c", "--token_list", "t", "--bpemodel", "b", "--output_dir", "o"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and refusal in proc.stderr
+
+
+def test_a_deployment_refuses_a_node_poll_flower_s_superexec_would_exit_on(tmp_path):
+    from fl_lib.flower.deployment import LocalDeployment
+
+    for poll in (0.005, 61.0):
+        with pytest.raises(ValueError, match="node_poll must be between 0.01 and 60.0 seconds"):
+            LocalDeployment(tmp_path, [], node_poll=poll)
+    with pytest.raises(ValueError, match="the simulation engine has none"):
+        LocalDeployment(tmp_path, [], simulation=True, node_poll=0.05)

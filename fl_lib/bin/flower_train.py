@@ -33,9 +33,12 @@ DEFAULT_NODE_POLL = 0.05
 def node_poll(text: str) -> float | str:
     if text == "flower":
         return text
+    from fl_lib.flower.deployment import NODE_POLL_RANGE
+
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds or 'flower', got {text}")
+    if not NODE_POLL_RANGE[0] <= value <= NODE_POLL_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"must be between {NODE_POLL_RANGE[0]} and {NODE_POLL_RANGE[1]} seconds, "
+                                         f"or 'flower'; got {text}")
     return value
 
 
@@ -54,7 +57,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--round_timeout", type=float, default=3600.0,
                    help="seconds the server waits for a round's replies; a client not answered by then fails")
     p.add_argument("--startup_timeout", type=float, default=300.0,
-                   help="seconds the server waits for the SuperNodes to connect and list their clients")
+                   help="seconds the launcher waits for the SuperLink and the nodes' resident trainers to be up, and "
+                        "the server for the SuperNodes to connect and list their clients")
     for name in ("--client_jobs", "--ngpu", "--dist_timeout"):  # fl_train options that mean nothing here
         p.add_argument(name, help=argparse.SUPPRESS, default=None)
     return p
@@ -98,7 +102,8 @@ def main(argv=None) -> None:
     simulation = args.engine == "simulation"
     resident = not simulation and args.node_trainer != "per_message"
     poll = None if simulation or args.node_poll == "flower" else (args.node_poll or DEFAULT_NODE_POLL)
-    with LocalDeployment(flower, indexes, simulation=simulation, resident_trainer=resident, node_poll=poll) as deployment:
+    with LocalDeployment(flower, indexes, simulation=simulation, startup_timeout=args.startup_timeout, resident_trainer=resident,
+                         node_poll=poll) as deployment:
         rc = deployment.run(app_dir)
     status = json.loads((out / STATUS).read_text()) if (out / STATUS).exists() else {"status": "failed", "error": "no status written"}
     if rc != 0 or status["status"] != "finished":

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 from ..data.clients import load_clients
 
 TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # seconds between a SuperExec's polls for the next app to start
+NODE_POLL_RANGE = (0.01, 60.0)  # what flwr 1.42's SuperExec accepts in TASK_POLL_ENV (it exits on anything else)
 CONNECTION = "fl-lib-local"  # the SuperLink connection name in $FLWR_HOME/config.toml
 
 
@@ -110,8 +111,9 @@ class LocalDeployment:
             raise ValueError("the simulation engine's nodes are Ray actors, which keep their imports: no resident trainer")
         if simulation and node_poll is not None:
             raise ValueError("node_poll is the SuperNodes' poll; the simulation engine has none")
-        if node_poll is not None and not node_poll > 0:
-            raise ValueError(f"node_poll must be > 0 seconds, got {node_poll}")
+        if node_poll is not None and not NODE_POLL_RANGE[0] <= node_poll <= NODE_POLL_RANGE[1]:
+            raise ValueError(f"node_poll must be between {NODE_POLL_RANGE[0]} and {NODE_POLL_RANGE[1]} seconds "
+                             f"(Flower's range for {TASK_POLL_ENV}), got {node_poll}")
         self.node_poll = node_poll  # None: Flower's own sleeps (3 s idle, 0.5 s for a reply, 1 s for a task)
         self.work_dir = Path(work_dir)
         self.resident_trainer = resident_trainer
@@ -126,12 +128,10 @@ class LocalDeployment:
         bin_dir = str(Path(sys.executable).parent)  # flower-superlink, flwr-serverapp, ... of this environment
         self.env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "FLWR_HOME": str(self.home),
                     "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
-        if node_poll is not None:  # Flower's own setting of the SuperExecs' task poll
-            self.env[TASK_POLL_ENV] = str(node_poll)
 
-    def _start(self, name: str, cmd: list[str]) -> None:
+    def _start(self, name: str, cmd: list[str], env: Optional[dict] = None) -> None:
         log = open(self.logs / f"{name}.log", "w")
-        self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = subprocess.Popen(cmd, env=env or self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
 
     def _wait_listening(self, name: str, what: str, listening, deadline: float) -> None:
@@ -181,11 +181,12 @@ class LocalDeployment:
                     sock = self.sockets / f"node{i}.sock"
                     config += f' trainer="{sock}"'
                     wrapper = [sys.executable, "-m", "fl_lib.flower.node_trainer", "--socket", str(sock), "--clients", str(index), "--"]
-                supernode = ["flower-supernode"]
-                if self.node_poll is not None:
+                supernode, env = ["flower-supernode"], self.env
+                if self.node_poll is not None:  # the node's loop (supernode.py) and, Flower's own setting, its SuperExec
                     supernode = [sys.executable, "-m", "fl_lib.flower.supernode", "--poll", str(self.node_poll)]
+                    env = {**self.env, TASK_POLL_ENV: str(self.node_poll)}
                 self._start(f"supernode{i}", wrapper + supernode + ["--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                                                                    "--port", str(free_port()), "--node-config", config])
+                                                                    "--port", str(free_port()), "--node-config", config], env)
             if self.resident_trainer:
                 self._wait_trainers()
         except BaseException:

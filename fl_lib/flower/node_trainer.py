@@ -240,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         trainer = ResidentTrainer(args.clients)
         logger.info("resident trainer of %s (%d clients) on %s, pid %d", args.clients, len(trainer.clients), args.socket,
                     os.getpid())
-        ready_file(args.socket).touch()
+        if node.poll() is None:  # a SuperNode that died already leaves no ready file: the launch fails
+            ready_file(args.socket).touch()
         trainer.serve(listener, node)
     finally:
         listener.close()

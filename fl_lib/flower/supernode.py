@@ -4,13 +4,15 @@ flwr's SuperNode (1.42, `flwr/supernode/start_client_internal.py`) sleeps 3 s wh
 finds no message, and checks every 0.5 s whether its ClientApp's reply is ready. Between rounds
 every node is idle, so each round waits on average 1.5 s before its train message is even
 pulled: on the demo's rounds of a few seconds that is a large part of flower-grpc's overhead.
-This runs the stock SuperNode with every one of those sleeps capped at `--poll` seconds.
-Nothing else of Flower changes.
+This runs the stock SuperNode with every one of those sleeps capped at `--poll` seconds;
+nothing else in the node's process changes.
 
     python -m fl_lib.flower.supernode --poll 0.05 --insecure --superlink 127.0.0.1:9092 ...
 
 The SuperExec that launches each message's ClientApp polls for tasks every second; that one
-has Flower's own setting, FLWR_SUPEREXEC_TASK_POLL_INTERVAL, which `LocalDeployment` sets.
+has Flower's own setting, FLWR_SUPEREXEC_TASK_POLL_INTERVAL, which `LocalDeployment` sets in the
+SuperNodes' environment only. Every idle node then pulls from the SuperLink, and its SuperExec asks
+for a task, 1/poll times a second: CPU taken from training, not measured yet.
 """
 from __future__ import annotations
 
