@@ -5,10 +5,9 @@ Both runs are the recipe's stage 5 on the demo's data (`make demo`, or `run.sh -
 each round; no dev set, so a round is the clients' training, the aggregation, the server
 step and the checkpoint. Native trains a round's clients in `--client_jobs 2` worker
 processes; flower-grpc on 2 SuperNodes (a SuperLink and the nodes as separate processes on
-127.0.0.1), each with its resident trainer (ESPnet imported once per node) and polling every
-0.05 s (`fl_lib.flower.supernode`); flower-grpc-flower-poll the same with Flower's own sleeps
-(3 s when a node is idle: `--node_poll flower`); flower-grpc-per-message the same as
-flower-grpc with Flower's plain per-message ClientApp process (`--node_trainer per_message`); flower-sim on Flower's simulation engine with 2 virtual nodes
+127.0.0.1), each with its resident trainer (ESPnet imported once per node), and
+flower-grpc-per-message the same with Flower's plain per-message ClientApp process
+(`--node_trainer per_message`); flower-sim on Flower's simulation engine with 2 virtual nodes
 of one CPU each: each has two cores' worth of clients in flight. Every run must end with
 native's global model, bit for bit (`bitwise_equal_to_native`), or the bench fails. The
 ratios are median round times over native's; the bytes are those of the ArrayRecords: the start weights sent to each client
@@ -89,8 +88,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     runs, peaks = {}, {}
     runs["native"], peaks["native"] = stage5("fl_lib.bin.fl_train", work / "native", opts, ["--client_jobs", "2"])
-    flower = {"flower-grpc": ["--engine", "grpc"], "flower-grpc-flower-poll": ["--engine", "grpc", "--node_poll", "flower"],
-              "flower-grpc-per-message": ["--engine", "grpc", "--node_trainer", "per_message"],
+    flower = {"flower-grpc": ["--engine", "grpc"], "flower-grpc-per-message": ["--engine", "grpc", "--node_trainer", "per_message"],
               "flower-simulation": ["--engine", "simulation"]}
     for name, extra in flower.items():
         runs[name], peaks[name] = stage5("fl_lib.bin.flower_train", work / name, opts, ["--nodes", "2", *extra])

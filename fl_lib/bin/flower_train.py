@@ -27,21 +27,6 @@ from fl_lib.log import setup_logging
 logger = logging.getLogger("flower_train")
 
 
-DEFAULT_NODE_POLL = 0.05
-
-
-def node_poll(text: str) -> float | str:
-    if text == "flower":
-        return text
-    from fl_lib.flower.deployment import NODE_POLL_RANGE
-
-    value = float(text)
-    if not NODE_POLL_RANGE[0] <= value <= NODE_POLL_RANGE[1]:
-        raise argparse.ArgumentTypeError(f"must be between {NODE_POLL_RANGE[0]} and {NODE_POLL_RANGE[1]} seconds, "
-                                         f"or 'flower'; got {text}")
-    return value
-
-
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 parents=[fl_train_parser()], add_help=False, conflict_handler="resolve")
@@ -51,9 +36,6 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--node_trainer", choices=("resident", "per_message"), default=None,
                    help="grpc: each SuperNode's trainer imports ESPnet once and trains every message (resident, the "
                         "default), or each message's ClientApp process builds its own (per_message, Flower's plain way)")
-    p.add_argument("--node_poll", type=node_poll, default=None,
-                   help="grpc: the longest a SuperNode sleeps between polls, in seconds (default 0.05; fl_lib.flower.supernode), "
-                        "or 'flower' for Flower's own sleeps (3 s when idle, 0.5 s for a reply, 1 s for a task)")
     p.add_argument("--round_timeout", type=float, default=3600.0,
                    help="seconds the server waits for a round's replies; a client not answered by then fails")
     p.add_argument("--startup_timeout", type=float, default=300.0,
@@ -71,8 +53,6 @@ def main(argv=None) -> None:
             raise SystemExit(f"flower_train: --{name} is an fl_train option; over Flower each SuperNode trains its clients")
     if args.engine == "simulation" and args.node_trainer is not None:
         raise SystemExit("flower_train: --node_trainer is for --engine grpc; the simulation engine's actors keep their imports")
-    if args.engine == "simulation" and args.node_poll is not None:
-        raise SystemExit("flower_train: --node_poll is for --engine grpc; the simulation engine has no SuperNode processes")
     setup_logging()
     from fl_lib.fl.config import FLConfig
     from fl_lib.flower.deployment import LocalDeployment, split_nodes, write_app
@@ -101,9 +81,8 @@ def main(argv=None) -> None:
     logger.info(f"Flower: a SuperLink on 127.0.0.1 {what} {args.nodes} SuperNodes; logs in {flower / 'logs'}")
     simulation = args.engine == "simulation"
     resident = not simulation and args.node_trainer != "per_message"
-    poll = None if simulation or args.node_poll == "flower" else (args.node_poll or DEFAULT_NODE_POLL)
-    with LocalDeployment(flower, indexes, simulation=simulation, startup_timeout=args.startup_timeout, resident_trainer=resident,
-                         node_poll=poll) as deployment:
+    with LocalDeployment(flower, indexes, simulation=simulation, startup_timeout=args.startup_timeout,
+                         resident_trainer=resident) as deployment:
         rc = deployment.run(app_dir)
     status = json.loads((out / STATUS).read_text()) if (out / STATUS).exists() else {"status": "failed", "error": "no status written"}
     if rc != 0 or status["status"] != "finished":

@@ -5,8 +5,7 @@ clients' manifests; they talk to the SuperLink over Flower's transport on 127.0.
 devices would over the network. With `simulation`, the SuperLink runs Flower's simulation
 engine instead, its N virtual nodes as Ray actors, node i reading node i's index. With
 `resident_trainer`, each SuperNode runs under its node's resident trainer (`node_trainer.py`),
-which imports ESPnet once instead of once per message. With `node_poll`, the SuperNodes poll
-every that many seconds at most (`supernode.py`) instead of Flower's 3 s when idle. `flwr run` submits the app; the
+which imports ESPnet once instead of once per message. `flwr run` submits the app; the
 deployment stops every process it started, also when the run fails or is interrupted.
 """
 from __future__ import annotations
@@ -25,8 +24,6 @@ from typing import Optional, Sequence
 
 from ..data.clients import load_clients
 
-TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # seconds between a SuperExec's polls for the next app to start
-NODE_POLL_RANGE = (0.01, 60.0)  # what flwr 1.42's SuperExec accepts in TASK_POLL_ENV (it exits on anything else)
 CONNECTION = "fl-lib-local"  # the SuperLink connection name in $FLWR_HOME/config.toml
 
 
@@ -104,17 +101,11 @@ class LocalDeployment:
     (SIGTERM, then SIGKILL) on exit."""
 
     def __init__(self, work_dir: Path, node_indexes: Sequence[Path], simulation: bool = False, startup_timeout: float = 120.0,
-                 resident_trainer: Optional[bool] = None, node_poll: Optional[float] = None) -> None:
+                 resident_trainer: Optional[bool] = None) -> None:
         if resident_trainer is None:
             resident_trainer = not simulation
         if simulation and resident_trainer:
             raise ValueError("the simulation engine's nodes are Ray actors, which keep their imports: no resident trainer")
-        if simulation and node_poll is not None:
-            raise ValueError("node_poll is the SuperNodes' poll; the simulation engine has none")
-        if node_poll is not None and not NODE_POLL_RANGE[0] <= node_poll <= NODE_POLL_RANGE[1]:
-            raise ValueError(f"node_poll must be between {NODE_POLL_RANGE[0]} and {NODE_POLL_RANGE[1]} seconds "
-                             f"(Flower's range for {TASK_POLL_ENV}), got {node_poll}")
-        self.node_poll = node_poll  # None: Flower's own sleeps (3 s idle, 0.5 s for a reply, 1 s for a task)
         self.work_dir = Path(work_dir)
         self.resident_trainer = resident_trainer
         self.sockets: Optional[Path] = None  # a short temporary directory: AF_UNIX paths hold 107 bytes
@@ -129,9 +120,9 @@ class LocalDeployment:
         self.env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "FLWR_HOME": str(self.home),
                     "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
 
-    def _start(self, name: str, cmd: list[str], env: Optional[dict] = None) -> None:
+    def _start(self, name: str, cmd: list[str]) -> None:
         log = open(self.logs / f"{name}.log", "w")
-        self.procs[name] = subprocess.Popen(cmd, env=env or self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
 
     def _wait_listening(self, name: str, what: str, listening, deadline: float) -> None:
@@ -181,12 +172,8 @@ class LocalDeployment:
                     sock = self.sockets / f"node{i}.sock"
                     config += f' trainer="{sock}"'
                     wrapper = [sys.executable, "-m", "fl_lib.flower.node_trainer", "--socket", str(sock), "--clients", str(index), "--"]
-                supernode, env = ["flower-supernode"], self.env
-                if self.node_poll is not None:  # the node's loop (supernode.py) and, Flower's own setting, its SuperExec
-                    supernode = [sys.executable, "-m", "fl_lib.flower.supernode", "--poll", str(self.node_poll)]
-                    env = {**self.env, TASK_POLL_ENV: str(self.node_poll)}
-                self._start(f"supernode{i}", wrapper + supernode + ["--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                                                                    "--port", str(free_port()), "--node-config", config], env)
+                self._start(f"supernode{i}", wrapper + ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                                                        "--port", str(free_port()), "--node-config", config])
             if self.resident_trainer:
                 self._wait_trainers()
         except BaseException:
