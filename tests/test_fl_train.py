@@ -307,6 +307,17 @@ def test_a_round_that_would_not_fit_is_refused_before_training(fl_data, tmp_path
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_an_attack_that_keeps_updates_is_budgeted_with_the_robust_rows_beside_it(fl_data, tmp_path):
+    """min_max keeps 3 x (K - f) x d float64 (72d bytes at K = 4, f = 1) while the median holds 4 x d float32
+    (16d) in the same round: a limit of 80d bytes fits either alone but not both, so it must refuse."""
+    both = ["clients_per_round=4", "min_clients_per_round=3", "strategy.name=median", "strategy.weight_by=null",
+            "attack.name=min_max", "attack.per_round=1"]
+    server = build_server(fl_data, tmp_path / "fits", "fl_fedavg.yaml", both)
+    d = sum(server.global_state[k].numel() for k in server.trained)
+    with pytest.raises(ValueError, match=r"while forging with the strategy's .* MB of rows, above attack.memory_limit_mb"):
+        build_server(fl_data, tmp_path / "both", "fl_fedavg.yaml", [*both, f"attack.memory_limit_mb={80 * d / 2**20}"])
+
+
 def test_fedprox_pulls_each_step_back_by_mu(fl_data, conformer_config, tmp_path):
     """With client SGD (lr η), FedProx's second step differs from FedAvg's by exactly −η·μ·(w₁ − w₀).
 

@@ -22,7 +22,8 @@ to the strategy like any other. Which clients attacked is logged in metrics.json
   root of the quadratic in γ. They keep the round's honest updates, since the distances need
   each of them, not only their sums: (K − f)·d float64, and about three times that while forging
   (the stacked updates, their deviations from the mean, and their squares), once a round. That
-  peak is checked against `attack.memory_limit_mb` before any training.
+  peak, with the K x d rows a robust strategy holds in the same round, is checked against
+  `attack.memory_limit_mb` before any training.
 
 Every attacker of a round sends the same forged update under alie, ipm, min_max and min_sum (they collude);
 the statistics a strategy reads from a result (grad_mean, grad_rms, grad_var) are those of
@@ -94,17 +95,20 @@ class Attack:
         """The trainable parameters, over which a forged result's gradient statistics are taken."""
         self.parameter_names = frozenset(parameter_names)
 
-    def check_memory(self, clients_per_round: int, num_floats: int) -> None:
+    def check_memory(self, clients_per_round: int, num_floats: int, alongside_bytes: int = 0) -> None:
         """Refuse, before any training, a K whose honest updates min_max / min_sum would keep and
-        forge from (three float64 copies at the peak) exceed attack.memory_limit_mb."""
+        forge from (three float64 copies at the peak), added to the `alongside_bytes` the strategy
+        holds in the same round (a robust rule's K x d rows), exceed attack.memory_limit_mb."""
         if self.conf.name not in KEEPS_HONEST:
             return
         limit = 4096.0 if self.conf.memory_limit_mb is None else self.conf.memory_limit_mb
-        need = 3 * max(clients_per_round - self.conf.per_round, 0) * num_floats * 8 / 2**20
+        own = 3 * max(clients_per_round - self.conf.per_round, 0) * num_floats * 8 / 2**20
+        need = own + alongside_bytes / 2**20
         if need > limit:
+            held = f" with the strategy's {alongside_bytes / 2**20:,.0f} MB of rows" if alongside_bytes else ""
             raise ValueError(f"attack '{self.conf.name}' keeps every honest update of a round: K={clients_per_round} clients "
-                             f"(f={self.conf.per_round}) of {num_floats:,} floats need about {need:,.0f} MB while forging, above "
-                             f"attack.memory_limit_mb={limit:g}. Lower clients_per_round, or raise the limit")
+                             f"(f={self.conf.per_round}) of {num_floats:,} floats need about {need:,.0f} MB while forging"
+                             f"{held}, above attack.memory_limit_mb={limit:g}. Lower clients_per_round, or raise the limit")
 
     def min_clients(self) -> int:
         """Usable clients a round needs: the attackers and the honest updates they forge from."""

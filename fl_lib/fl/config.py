@@ -209,7 +209,7 @@ class AttackConfig:
     epsilon: Optional[float] = None  # ipm: the forged update is -epsilon x the honest mean
     z: Optional[float] = None  # alie: mean - z x std (null: Baruch et al.'s z_max for K and f)
     direction: Optional[str] = None  # min_max / min_sum: std | unit | sign (null: std, Shejwalkar & Houmansadr's default)
-    memory_limit_mb: Optional[float] = None  # min_max / min_sum: refuse a K whose kept honest updates exceed this (null: 4096)
+    memory_limit_mb: Optional[float] = None  # min_max / min_sum: refuse a K whose kept honest updates, with a robust strategy's rows, exceed this (null: 4096)
 
     def __post_init__(self) -> None:
         if self.name not in ATTACKS:

@@ -222,7 +222,8 @@ class FederatedServer:
             self.global_state[name] = p.data  # shared storage: optimizer steps update global_state
         num_floats = sum(self.global_state[k].numel() for k in self.trained)
         self.strategy.check_memory(conf.clients_per_round, num_floats)
-        self.attack.check_memory(conf.clients_per_round, num_floats)
+        self.attack.check_memory(conf.clients_per_round, num_floats,
+                                 self.strategy.memory_bytes(conf.clients_per_round, num_floats))
         self.optimizer = build_server_optimizer(list(self.server_params.values()), conf.server_optim)
         self.scheduler = build_scheduler(self.optimizer, conf.server_optim.schedule)
         self.seed = seed

@@ -129,6 +129,8 @@ def train(msg: Message, context: Context) -> Message:
         from .node_trainer import request
 
         # No longer than the message lives: after its TTL (the server's round timeout) no one waits for the reply.
+        # The clocks of the server and the node must agree, as Flower's own reply TTL already assumes
+        # (Message(reply_to=...) subtracts the instruction's created_at from this process's clock).
         left = msg.metadata.created_at + msg.metadata.ttl - time.time()
         return Message(request(Path(str(resident)), msg.content, timeout=max(left, 1.0)), reply_to=msg)
     index, clients = node_clients(context)

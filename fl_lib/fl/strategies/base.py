@@ -190,6 +190,10 @@ class Strategy(ABC):
         """The fewest usable clients a round needs to be aggregated at all (min_clients_per_round must allow for it)."""
         return 1
 
+    def memory_bytes(self, k: int, d: int) -> int:
+        """Bytes of a round's updates held at once for K = k clients of d floats; a streaming strategy holds one running sum: none."""
+        return 0
+
     def check_memory(self, clients_per_round: int, num_floats: int) -> None:
         """Refuse a round whose aggregation would not fit in memory; a streaming strategy holds one sum: nothing to refuse."""
 
