@@ -23,6 +23,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import convergence  # noqa: E402
+import curves  # noqa: E402
 
 ROOT = convergence.ROOT
 SETS = ("dev-clean", "test-clean", "test-other")
@@ -103,6 +104,13 @@ def report(cfg: dict, records: list[dict], k: int) -> str:
             else ["—", "—", "∞", "0"]
         cells += [f"{100 * r['wer'][s]:.1f}" for s in SETS] + [str(r["best_dev_round"]), str(r["minutes"])]
         lines.append("|" + "|".join([r["name"], str(r["seed"]), *cells]) + "|")
+    lines += ["", f"## Mean over seeds, 95 % Student-t interval ({cfg['seeds']}; a point with fewer seeds says so)", "",
+              "|point|seeds|ε|" + "|".join(f"{s} WER %" for s in SETS) + "|", "|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["name"] for r in records):
+        runs = [r for r in records if r["name"] == name]
+        cells = [convergence.interval_text(curves.mean_interval([r["wer"][s] for r in runs]).__dict__) for s in SETS]
+        epsilons = {eps(r["privacy"]["epsilon"]) if r["privacy"] else "∞" for r in runs}
+        lines.append(f"|{name}|{len(runs)} of {len(cfg['seeds'])}|{', '.join(sorted(epsilons))}|" + "|".join(cells) + "|")
     lines += ["", "## On paper: the same noise per coordinate at a large population", "",
               f"σ = σ₀·K'/{k} keeps each point's noise per coordinate at cohorts of K'; {cfg['rounds']} rounds, "
               f"δ = {cfg['plan']['delta']:g} (`python -m fl_lib.bin.dp_plan`).", "",
