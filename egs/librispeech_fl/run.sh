@@ -37,7 +37,7 @@ max_duration=20.0
 token_type=char                    # sentencepiece model type: char, bpe or unigram
 vocab_size=0                       # 0: whatever the model type needs (char)
 asr_config=conf/train_asr_conformer_ctc.yaml
-fl_config=conf/fl_fedavg.yaml
+fl_config=conf/fl_bmuf.yaml        # BMUF: chosen on dev over FedAvg (conf/fl_fedavg.yaml), 2026-12-05
 fl_args=                           # key=value overrides of fl_config, e.g. "rounds=5 strategy.beta=2"
 tag=                               # experiment name; default from the configs
 use_lm=true                        # stage 4 trains an ESPnet LM on lm_text; stage 6 decodes with it
