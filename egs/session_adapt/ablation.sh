@@ -3,7 +3,7 @@
 # variant on the same sessions and seed, then one table of all of them (exp/ABLATION.md).
 # Run ./run.sh --stage 0 --stop_stage 3 --seed_exp ... first (data and seed).
 #
-#   ./ablation.sh --seed_exp ../librispeech_fl/exp/fl_bmuf_train_asr_conformer_ctc
+#   ./ablation.sh --seed_exp ../librispeech_fl/exp/fl_fedavg_train_asr_conformer_ctc
 #   ./ablation.sh --seed_exp ... --configs "conf/adapt_nofilter.yaml conf/adapt.yaml"
 set -euo pipefail
 

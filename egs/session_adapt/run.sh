@@ -11,7 +11,7 @@
 # reporting), which share no sentence; the adaptation truth sits in
 # data/sessions/<part>/truth/ and only stage 8 (and the oracle ablation) reads it.
 #
-#   ./run.sh --seed_exp ../librispeech_fl/exp/fl_bmuf_train_asr_conformer_ctc
+#   ./run.sh --seed_exp ../librispeech_fl/exp/fl_fedavg_train_asr_conformer_ctc
 #   ./run.sh --stage 4 --seed_exp ... --adapt_config conf/adapt_beam.yaml     # an ablation run
 #   ./run.sh --stage 4 --seed_exp ... --adapt_args "top_fraction=0.3" --fl_args "rounds=20"
 #
@@ -30,7 +30,7 @@ adapt_fraction=0.6                # share of each session's utterances to adapt 
 dev_fraction=0.1                  # share of each session's utterances to choose settings on; the rest is its test part
 min_duration=0.5
 max_duration=20.0
-seed_exp=                         # the seed's experiment dir, e.g. ../librispeech_fl/exp/fl_bmuf_train_asr_conformer_ctc
+seed_exp=                         # the seed's experiment dir, e.g. ../librispeech_fl/exp/fl_fedavg_train_asr_conformer_ctc
 seed_model=valid.acc.best.pth     # weights in seed_exp
 use_lm=true                       # label and test with the seed recipe's LM in shallow fusion (its decoding)
 seed_lm_exp=                      # that LM's experiment dir; empty: lm_train_lm_rnn beside seed_exp

@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 DONE_MARKER = ".import_seed.done"
 HOW_TO_TRAIN = (
     "train one with the librispeech_fl recipe first:\n"
-    "    (cd ../librispeech_fl && ./run.sh --stage 0 --stop_stage 5)\n"
-    "then run this recipe with --seed_exp ../librispeech_fl/exp/fl_bmuf_train_asr_conformer_ctc"
+    "    (cd ../librispeech_fl && ./run.sh --stage 0 --stop_stage 5 --fl_config conf/fl_fedavg.yaml)\n"
+    "then run this recipe with --seed_exp ../librispeech_fl/exp/fl_fedavg_train_asr_conformer_ctc"
 )
 
 

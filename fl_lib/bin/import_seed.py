@@ -1,6 +1,6 @@
 """Stage 3 of egs/session_adapt: check the seed model and copy it, self-contained, into exp/seed.
 
-    python -m fl_lib.bin.import_seed --seed_exp ../librispeech_fl/exp/fl_bmuf_train_asr_conformer_ctc \\
+    python -m fl_lib.bin.import_seed --seed_exp ../librispeech_fl/exp/fl_fedavg_train_asr_conformer_ctc \\
         --model valid.acc.best.pth --output_dir exp/seed
 
 Fails before any decoding when the seed is missing or its weights do not match its token list.
