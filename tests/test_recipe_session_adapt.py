@@ -26,7 +26,7 @@ def run(cmd, cwd=RECIPE):
     return proc, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("script,num_options", [("run.sh", 29), ("ablation.sh", 6), ("confidence_dev.sh", 8)])
+@pytest.mark.parametrize("script,num_options", [("run.sh", 30), ("ablation.sh", 6), ("confidence_dev.sh", 8)])
 def test_help_lists_every_option_with_its_default(script, num_options):
     head = (RECIPE / script).read_text().split("help_message=", 1)[0]
     defaults = [(n, v.strip('"')) for n, v in re.findall(r'^([a-z_]+)=("[^"]*"|\S*)', head, re.M)]
@@ -123,6 +123,31 @@ def test_session_adapt_stages_0_to_8_and_the_truth_is_never_read(seed_exp, tmp_p
     assert "### WER on the sessions' test parts: LM fusion (decode_asr_ctc_fusion_lm_tuned)" in (exp / "smoke/RESULTS.md").read_text()
     am = json.loads((exp / "smoke/decode_asr_ctc_tuned/test-other/score.json").read_text())
     assert am["model"] == "model.pth"  # the tuned choice, beside the untuned run's decode_asr_ctc/
+
+    # --wiseft_alphas: stage 7 interpolates the adapted model with the seed, the dev parts choose
+    # among the adapted model and the interpolations, and stage 8 tests the choice.
+    proc, out = run(["./run.sh", "--stage", "7", "--stop_stage", "8", "--seed_exp", str(seed_exp), "--data", str(data),
+                     "--exp", str(exp), "--tag", "smoke", *ADAPT, "--wiseft_alphas", "0 0.5"])
+    assert proc.returncode == 0, out[-4000:]
+    tune = fl / "wiseft_dev_decode_asr_ctc_fusion_lm"
+    trials = [json.loads(line) for line in (tune / "trials.jsonl").read_text().splitlines()]
+    assert [t["model"] for t in trials] == ["valid.acc.best.pth", "wiseft0_valid.acc.best.pth", "wiseft0.5_valid.acc.best.pth"]
+    seed = torch.load(exp / "seed/model.pth", map_location="cpu")
+    adapted = torch.load(fl / "valid.acc.best.pth", map_location="cpu")
+    at0 = torch.load(fl / "wiseft0_valid.acc.best.pth", map_location="cpu")
+    half = torch.load(fl / "wiseft0.5_valid.acc.best.pth", map_location="cpu")
+    assert all(torch.equal(at0[k], seed[k]) for k in seed)  # share 0: the seed itself
+    moved = [k for k in seed if seed[k].is_floating_point() and not torch.equal(seed[k], adapted[k])]
+    assert moved
+    for k in moved:
+        assert torch.allclose(half[k], (seed[k] + adapted[k]) / 2, rtol=0, atol=1e-6)
+    choice = json.loads((tune / "choice.json").read_text())
+    assert choice["errors"] == min(t["errors"] for t in trials)
+    chosen = torch.load(tune / "model.pth", map_location="cpu")
+    assert all(torch.equal(chosen[k], torch.load(fl / choice["model"], map_location="cpu")[k]) for k in chosen)
+    score = json.loads((exp / "smoke/decode_asr_ctc_fusion_lm/test-other/score.json").read_text())
+    assert score["model"] == "model.pth"  # the choice, where the run without --wiseft_alphas decoded valid.acc.best.pth
+    assert f"- adapted model: `{choice['model']}`" in (exp / "smoke/RESULTS.md").read_text()
 
     # The same sessions with garbage transcripts: stages 1-7 must produce the same adapted model.
     garbage = tmp_path / "garbage/LibriSpeech"

@@ -545,3 +545,35 @@ def test_dev_comparison_of_filters_reads_kept_dropped_and_disagreeing_labels(tmp
     assert "| a | k2_lm | 4 | 0.0 | 4 | 50.0 |" in render(result)
     with pytest.raises(ValueError, match="without a dev transcript"):
         compare(tmp_path / "hyps.jsonl", {u: t for u, t in truth.items() if u != "s1-0"}, variants)
+
+
+def test_wiseft_interpolation_is_the_weighted_mean_and_refuses_models_of_another_shape(tmp_path):
+    import torch
+
+    from fl_lib.adapt.interpolate import interpolate_state_dicts, write_interpolations
+    from fl_lib.bin.interpolate_seed import main as interpolate_main
+
+    seed = {"w": torch.tensor([1.0, 2.0, -4.0]), "n": torch.tensor(3)}
+    adapted = {"w": torch.tensor([3.0, 2.0, 0.0]), "n": torch.tensor(7)}
+    quarter = interpolate_state_dicts(seed, adapted, 0.25)
+    assert torch.equal(quarter["w"], torch.tensor([1.5, 2.0, -3.0]))  # 0.75 * seed + 0.25 * adapted, by hand
+    assert quarter["n"].item() == 7 and quarter["w"].dtype == torch.float32  # a counter is not interpolated
+    assert torch.equal(interpolate_state_dicts(seed, adapted, 0.0)["w"], seed["w"])
+    assert torch.equal(interpolate_state_dicts(seed, adapted, 1.0)["w"], adapted["w"])
+    for bad, message in (({"w": torch.zeros(3)}, "different parameters"),
+                         ({"w": torch.zeros(4), "n": torch.tensor(7)}, "shape")):
+        with pytest.raises(ValueError, match=message):
+            interpolate_state_dicts(seed, bad, 0.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        interpolate_state_dicts(seed, adapted, 1.5)
+
+    torch.save(seed, tmp_path / "seed.pth")
+    torch.save(adapted, tmp_path / "valid.acc.best.pth")
+    names = write_interpolations(tmp_path, "best", tmp_path / "seed.pth", [0.5, 0.25])
+    assert names == ["wiseft0.5_valid.acc.best.pth", "wiseft0.25_valid.acc.best.pth"]
+    assert torch.equal(torch.load(tmp_path / names[1])["w"], quarter["w"])
+    with pytest.raises(ValueError, match="twice"):
+        write_interpolations(tmp_path, "best", tmp_path / "seed.pth", [0.5, 0.5])
+    torch.save({"w": torch.zeros(3)}, tmp_path / "other.pth")
+    assert interpolate_main(["--exp_dir", str(tmp_path), "--model", "other.pth",
+                             "--seed_model", str(tmp_path / "seed.pth"), "--alphas", "0.5"]) == 1

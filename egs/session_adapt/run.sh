@@ -45,6 +45,7 @@ client_jobs=2                     # processes that train a round's clients in pa
 adapted_model=valid.acc.best.pth  # the adapted weights to decode: the best round on the dev parts, or latest.pth
 tune_on_dev=false                 # choose the adapted round (among those kept) and the LM weight by decoding the dev parts as the test parts are
 tune_lm_weights="1 2 3"           # --tune_on_dev true: LM weights tried, for the seed and the adapted model alike
+wiseft_alphas=                    # a pull towards the seed: interpolate the adapted model with it at these shares, keep the best on the dev parts (empty: none)
 tag=                              # experiment name; default from the configs
 data=data
 exp=exp
@@ -79,6 +80,7 @@ Options:
   --adapted_model    # adapted weights to label (generation > 1) and test with: the best round on the dev parts, or latest.pth (default="${adapted_model}")
   --tune_on_dev      # choose the adapted round (of those kept) and the LM weight by decoding the dev parts with the test decoding (default="${tune_on_dev}")
   --tune_lm_weights  # --tune_on_dev true: LM weights tried, for the seed and the adapted model alike, in quotes (default="${tune_lm_weights}")
+  --wiseft_alphas    # a pull towards the seed (WiSE-FT): the adapted model's shares in a weight interpolation with it, in quotes, e.g. "0.25 0.5 0.75"; the best of them and the adapted model on the dev parts is kept (default="${wiseft_alphas}")
   --tag              # experiment name; empty: from the configs (default="${tag}")
   --data             # where corpus, manifests and sessions go (default="${data}")
   --exp              # where the seed copy and experiments go (default="${exp}")
@@ -93,6 +95,9 @@ if [ "$tune_on_dev" = true ] && [ "$adapted_model" != "$defaults_adapted_model" 
 fi
 if { [ "$tune_on_dev" != true ] || [ "$use_lm" != true ]; } && [ "$tune_lm_weights" != "$defaults_tune_lm_weights" ]; then
   echo "$0: --tune_lm_weights does nothing without --tune_on_dev true and --use_lm true" >&2; exit 1
+fi
+if [ "$tune_on_dev" = true ] && [ -n "$wiseft_alphas" ]; then
+  echo "$0: --tune_on_dev true and --wiseft_alphas choose the adapted model two ways: give one" >&2; exit 1
 fi
 
 log() {
@@ -129,11 +134,19 @@ tune() {
   python -m fl_lib.bin.tune_decoding --exp_dir "$1" --models $2 --inference_config "$inference_config" \
     --cuts "$sessions_dir/dev.jsonl.gz" --nj "$nj" --output_dir "$3" "${tune_args[@]}" "${lm_args[@]}"
 }
+# Where the dev parts choose a generation's adapted model, if they do.
+choice_dir() {  # choice_dir <gen>
+  if [ "$tune_on_dev" = true ]; then echo "$expdir/gen$1/fl/tune_dev_$inference_tag"
+  elif [ -n "$wiseft_alphas" ]; then echo "$expdir/gen$1/fl/wiseft_dev_$inference_tag"
+  fi
+}
 # The adapted model of a generation, and the decoding it labels and is tested with.
 adapted() {  # adapted <gen> -> sets adapted_exp, adapted_file, adapted_config
   adapted_exp=$expdir/gen$1/fl
-  if [ "$tune_on_dev" = true ]; then
-    adapted_file=$adapted_exp/tune_dev_$inference_tag/model.pth; adapted_config=$adapted_exp/tune_dev_$inference_tag/decode.yaml
+  local chosen
+  chosen=$(choice_dir "$1")
+  if [ -n "$chosen" ]; then
+    adapted_file=$chosen/model.pth; adapted_config=$chosen/decode.yaml
   else
     adapted_file=$adapted_model; adapted_config=$inference_config
   fi
@@ -245,8 +258,8 @@ if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
       dev_args=()
       if [ "$(gzip -dc "$sessions_dir/dev.jsonl.gz" | wc -l)" -gt 0 ]; then
         dev_args=(--dev_cuts "$sessions_dir/dev.jsonl.gz")
-      elif [ "$tune_on_dev" = true ]; then
-        log "Stage 7: --tune_on_dev true, but the sessions have no dev utterances to choose on (--dev_fraction)"; exit 1
+      elif [ -n "$(choice_dir "$gen")" ]; then
+        log "Stage 7: --tune_on_dev or --wiseft_alphas, but the sessions have no dev utterances to choose on (--dev_fraction)"; exit 1
       else
         log "Stage 7: the sessions have no dev utterances: no validation, the last round is the adapted model"
       fi
@@ -260,6 +273,12 @@ if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
       if [ "$tune_on_dev" = true ]; then
         log "Stage 7 (generation $gen): choose the round kept and the LM weight on the dev parts with $inference_tag -> $gendir/fl/tune_dev_$inference_tag/TUNE.md"
         tune "$gendir/fl" kept "$gendir/fl/tune_dev_$inference_tag"
+      elif [ -n "$wiseft_alphas" ]; then
+        log "Stage 7 (generation $gen): interpolate $adapted_model with the seed at shares $wiseft_alphas; keep the best on the dev parts with $inference_tag -> $(choice_dir "$gen")/TUNE.md"
+        # shellcheck disable=SC2086
+        interpolations=$(python -m fl_lib.bin.interpolate_seed --exp_dir "$gendir/fl" --model "$adapted_model" \
+          --seed_model "$seed_dir/model.pth" --alphas $wiseft_alphas)
+        tune "$gendir/fl" "$adapted_model $(echo $interpolations)" "$(choice_dir "$gen")"
       fi
     fi
   done
@@ -268,8 +287,8 @@ fi
 if [ $stage -le 8 ] && [ $stop_stage -ge 8 ]; then
   generations=$(python -m fl_lib.bin.adapt_config --config "$expdir/adapt_config.json" --get generations)
   adapted "$generations"
-  if [ "$tune_on_dev" = true ] && [ ! -f "$adapted_file" ]; then
-    log "Stage 8: $adapted_file does not exist: run stage 7 with --tune_on_dev true first"; exit 1
+  if [ -n "$(choice_dir "$generations")" ] && [ ! -f "$(choice_dir "$generations")/choice.json" ]; then
+    log "Stage 8: $(choice_dir "$generations")/choice.json does not exist: run stage 7 with the same --tune_on_dev / --wiseft_alphas first"; exit 1
   fi
   log "Stage 8: decode the sessions' test parts with the seed and with $adapted_exp ($adapted_file); score"
   # decode_both <name> <seed tag> <tag> <seed config> <adapted config> [LM args]: the seed (once per
@@ -306,7 +325,9 @@ if [ $stage -le 8 ] && [ $stop_stage -ge 8 ]; then
   else
     decode_both "$decoding" "$decoding" "$decoding" "$seed_config" "$adapted_config"
   fi
+  choice_args=()
+  if [ -n "$(choice_dir "$generations")" ]; then choice_args=(--adapted_choice "$(choice_dir "$generations")/choice.json"); fi
   python -m fl_lib.bin.session_results --sessions "$sessions" "${scores[@]}" --exp_dir "$expdir" \
-    --wall_seconds "$SECONDS" --student_config "$student_config"
+    --wall_seconds "$SECONDS" --student_config "$student_config" "${choice_args[@]}"
   log "Results: $expdir/RESULTS.md"
 fi

@@ -117,9 +117,11 @@ def compare_decodings(sessions: Sequence, seed_score: Path, adapted_score: Path,
 
 
 def summarize(sessions_path: Path, decodings: dict[str, tuple[Path, Path]], exp_dir: Path,
-              wall_seconds: Optional[float] = None, student_config: Optional[str] = None) -> dict:
+              wall_seconds: Optional[float] = None, student_config: Optional[str] = None,
+              adapted_choice: Optional[Path] = None) -> dict:
     """Each decoding's comparison ({name: (seed score.json, adapted score.json)}, the recipe's own
-    decoding first) and the per-generation pseudo-label WER."""
+    decoding first), the per-generation pseudo-label WER, and which checkpoint the dev parts chose
+    as the adapted model (`adapted_choice`, tune_decoding's choice.json), if they did."""
     if not decodings:
         raise ValueError("no decoding to compare: give the seed's and the adapted model's score.json")
     sessions = load_sessions(sessions_path)
@@ -134,6 +136,7 @@ def summarize(sessions_path: Path, decodings: dict[str, tuple[Path, Path]], exp_
         "decodings": {name: compare_decodings(sessions, seed, adapted, sessions_path)
                       for name, (seed, adapted) in decodings.items()},
         "pseudo_labels": gens, "wall_seconds": wall_seconds, "student_config": student_config,
+        "adapted_choice": None if adapted_choice is None else json.loads(Path(adapted_choice).read_text()),
     }
 
 
@@ -180,6 +183,11 @@ def render(summary: dict) -> str:
     lines += [f"## {Path(summary['exp_dir']).name}: {name}", "",
               f"- adaptation config: `{json.dumps(summary['adapt_config'])}`",
               f"- confidence that ran (read from the confidence tables): {', '.join(methods) or 'none'}"]
+    choice = summary.get("adapted_choice")
+    if choice:
+        weight = "" if choice["lm_weight"] is None else f", lm_weight {choice['lm_weight']:g}"
+        lines.append(f"- adapted model: `{choice['model']}`{weight}, chosen among {choice['candidates']} on the dev parts "
+                     f"({choice['wer']:.2f} % WER, {choice['cuts']})")
     if summary["wall_seconds"] is not None:
         lines.append(f"- wall time of this run.sh invocation: {summary['wall_seconds'] / 60:.1f} min")
     for name, d in summary["decodings"].items():
@@ -204,9 +212,10 @@ def render(summary: dict) -> str:
 
 
 def make_session_results(sessions_path: Path, decodings: dict[str, tuple[Path, Path]], exp_dir: Path,
-                         wall_seconds: Optional[float] = None, student_config: Optional[str] = None) -> Path:
+                         wall_seconds: Optional[float] = None, student_config: Optional[str] = None,
+                         adapted_choice: Optional[Path] = None) -> Path:
     """Write exp_dir/summary.json and exp_dir/RESULTS.md; return the latter."""
-    summary = summarize(sessions_path, decodings, exp_dir, wall_seconds, student_config)
+    summary = summarize(sessions_path, decodings, exp_dir, wall_seconds, student_config, adapted_choice)
     (Path(exp_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     out = Path(exp_dir) / "RESULTS.md"
     out.write_text(render(summary), encoding="utf-8")
