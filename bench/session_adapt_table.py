@@ -5,7 +5,9 @@ Each variant is a directory of `seed<N>/` records that egs/session_adapt's run.s
 CTC-greedy dev WER of each seed (what settings are chosen on), and the pooled test WERR of the
 LM-fused decoding and of the acoustic model alone (what is reported), each as the mean and a
 95 % Student-t interval over seeds. Seeds are matched across variants: a variant missing a
-seed that another has is an error, not a shorter mean.
+seed that another has is an error, not a shorter mean. Under the table, the variants adapted
+from different seed models (their records' sha256 differ: a seed recipe trained again, or
+another seed on purpose) are named, and so are those whose records (before 2026-12-05) hold none.
 
     python bench/session_adapt_table.py default=bench/results/session_adapt \\
         specaug=bench/results/session_adapt/specaug
@@ -52,7 +54,8 @@ def variant_rows(name: str, root: Path) -> dict[int, dict]:
             continue
         summary = json.loads((d / "summary.json").read_text())
         dev, rnd = best_dev_wer(d / "fl_metrics.jsonl")
-        seeds[int(d.name[4:])] = {"dev": dev, "round": rnd, "lm": pooled_werr(summary, LM), "am": pooled_werr(summary, AM)}
+        seeds[int(d.name[4:])] = {"dev": dev, "round": rnd, "lm": pooled_werr(summary, LM), "am": pooled_werr(summary, AM),
+                                  "seed_model": (summary.get("seed") or {}).get("model_sha256")}
     if not seeds:
         raise ValueError(f"variant {name}: no seed<N>/summary.json under {root}")
     return seeds
@@ -69,6 +72,11 @@ def table(variants: dict[str, Path]) -> str:
     for name, r in rows.items():
         if sorted(r) != seeds:
             raise ValueError(f"variant {name} has seeds {sorted(r)}, the first variant {seeds}: compare like with like")
+    unrecorded = [name for name, r in rows.items() if any(r[s]["seed_model"] is None for s in seeds)]
+    models: dict[str, list[str]] = {}
+    for name, r in rows.items():
+        for sha in {r[s]["seed_model"] for s in seeds} - {None}:
+            models.setdefault(sha, []).append(name)
     head = ("| variant | best dev WER % (round), seeds " + "/".join(map(str, seeds)) + " | mean dev WER | "
             "LM fusion WERR %, per seed | mean ± 95 % t | acoustic model alone WERR %, per seed | mean ± 95 % t |")
     lines = [head, "|---|---|---|---|---|---|---|"]
@@ -79,6 +87,11 @@ def table(variants: dict[str, Path]) -> str:
             + f" | {sum(p['dev'] for p in per) / len(per):.1f} | "
             + " / ".join(f"{p['lm']:.1f}" for p in per) + f" | {fmt([p['lm'] for p in per])} | "
             + " / ".join(f"{p['am']:.1f}" for p in per) + f" | {fmt([p['am'] for p in per])} |")
+    if len(models) > 1:
+        groups = "; ".join(f"{sha[:16]}: {', '.join(names)}" for sha, names in models.items())
+        lines += ["", f"Adapted from different seed models (sha256 of exp/seed/model.pth): {groups}."]
+    if unrecorded:
+        lines += ["", f"Seed model not recorded (records before 2026-12-05), so not checked to be the same: {', '.join(unrecorded)}."]
     return "\n".join(lines)
 
 

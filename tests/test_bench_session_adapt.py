@@ -10,13 +10,16 @@ from conftest import bench_module
 table_mod = bench_module("session_adapt_table")
 
 
-def write_seed(root, seed, dev_wers, lm, am):
+def write_seed(root, seed, dev_wers, lm, am, seed_model=None):
     d = root / f"seed{seed}"
     d.mkdir(parents=True)
     rows = [{"round": 5 * (i + 1), "dev_wer": w} for i, w in enumerate(dev_wers)] + [{"round": 99, "dev_wer": None}]
     (d / "fl_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     decodings = {"LM fusion (decode_asr_ctc_fusion_lm)": {"pooled_werr": lm}, "acoustic model alone": {"pooled_werr": am}}
-    (d / "summary.json").write_text(json.dumps({"exp_dir": str(d), "decodings": decodings}))
+    summary = {"exp_dir": str(d), "decodings": decodings}
+    if seed_model:
+        summary["seed"] = {"model_sha256": seed_model, "lm_sha256": None}
+    (d / "summary.json").write_text(json.dumps(summary))
 
 
 def test_table_gives_best_dev_and_the_t_interval_over_seeds(tmp_path):
@@ -46,3 +49,15 @@ def test_decodings_are_found_by_their_whole_name_not_a_prefix(tmp_path):
     summary["decodings"]["LM fusion (decode_other)"] = {"pooled_werr": 4.0}
     with pytest.raises(ValueError, match="2 decodings named"):
         table_mod.pooled_werr(summary, table_mod.LM)
+
+
+def test_table_names_variants_adapted_from_other_seed_models_or_unrecorded_ones(tmp_path):
+    write_seed(tmp_path / "a", 1, [0.5], 1.0, 2.0, seed_model="aa" * 32)
+    write_seed(tmp_path / "b", 1, [0.5], 1.0, 2.0, seed_model="aa" * 32)
+    write_seed(tmp_path / "c", 1, [0.5], 1.0, 2.0, seed_model="cc" * 32)
+    write_seed(tmp_path / "old", 1, [0.5], 1.0, 2.0)
+    same = table_mod.table({"a": tmp_path / "a", "b": tmp_path / "b"})
+    assert "different seed models" not in same and "not recorded" not in same
+    text = table_mod.table({"a": tmp_path / "a", "b": tmp_path / "b", "c": tmp_path / "c", "old": tmp_path / "old"})
+    assert f"different seed models (sha256 of exp/seed/model.pth): {'aa' * 8}: a, b; {'cc' * 8}: c." in text
+    assert "so not checked to be the same: old." in text

@@ -6,6 +6,7 @@ same adapted model: stages 1-7 never read the adaptation truth.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -104,6 +105,8 @@ def test_session_adapt_stages_0_to_8_and_the_truth_is_never_read(seed_exp, tmp_p
         assert f"### WER on the sessions' test parts: {decoding}" in results
     summary = json.loads((exp / "smoke/summary.json").read_text())
     assert summary["pseudo_labels"][0]["num_all"] == sum(s["num_adapt"] for s in sessions)
+    assert summary["seed"] == {"model_sha256": hashlib.sha256((exp / "seed/model.pth").read_bytes()).hexdigest(),
+                               "lm_sha256": hashlib.sha256((exp / "seed/lm/model.pth").read_bytes()).hexdigest()}
 
     # --tune_on_dev true: stage 7 decodes the kept rounds on the dev parts, stage 8 tunes the seed there
     # too and tests each with its choice (one LM weight: test_decode checks the choice among weights).

@@ -328,6 +328,6 @@ if [ $stage -le 8 ] && [ $stop_stage -ge 8 ]; then
   choice_args=()
   if [ -n "$(choice_dir "$generations")" ]; then choice_args=(--adapted_choice "$(choice_dir "$generations")/choice.json"); fi
   python -m fl_lib.bin.session_results --sessions "$sessions" "${scores[@]}" --exp_dir "$expdir" \
-    --wall_seconds "$SECONDS" --student_config "$student_config" "${choice_args[@]}"
+    --wall_seconds "$SECONDS" --student_config "$student_config" --seed_dir "$seed_dir" "${choice_args[@]}"
   log "Results: $expdir/RESULTS.md"
 fi

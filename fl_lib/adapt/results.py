@@ -10,6 +10,7 @@ The confidence method a run names is the one its tables record, never its config
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Optional, Sequence
@@ -118,10 +119,11 @@ def compare_decodings(sessions: Sequence, seed_score: Path, adapted_score: Path,
 
 def summarize(sessions_path: Path, decodings: dict[str, tuple[Path, Path]], exp_dir: Path,
               wall_seconds: Optional[float] = None, student_config: Optional[str] = None,
-              adapted_choice: Optional[Path] = None) -> dict:
+              adapted_choice: Optional[Path] = None, seed_dir: Optional[Path] = None) -> dict:
     """Each decoding's comparison ({name: (seed score.json, adapted score.json)}, the recipe's own
     decoding first), the per-generation pseudo-label WER, and which checkpoint the dev parts chose
-    as the adapted model (`adapted_choice`, tune_decoding's choice.json), if they did."""
+    as the adapted model (`adapted_choice`, tune_decoding's choice.json), if they did, and the
+    identity of the seed (`seed_dir`, stage 3's copy)."""
     if not decodings:
         raise ValueError("no decoding to compare: give the seed's and the adapted model's score.json")
     sessions = load_sessions(sessions_path)
@@ -137,7 +139,20 @@ def summarize(sessions_path: Path, decodings: dict[str, tuple[Path, Path]], exp_
                       for name, (seed, adapted) in decodings.items()},
         "pseudo_labels": gens, "wall_seconds": wall_seconds, "student_config": student_config,
         "adapted_choice": None if adapted_choice is None else json.loads(Path(adapted_choice).read_text()),
+        "seed": None if seed_dir is None else seed_identity(seed_dir),
     }
+
+
+def seed_identity(seed_dir: Path) -> dict:
+    """sha256 of the seed's weights and of its LM's (None without one): runs adapted from different
+    seeds (a seed recipe trained again) must not be compared as variants of one another."""
+    def sha(path: Path) -> Optional[str]:
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+    model = Path(seed_dir) / "model.pth"
+    if not model.is_file():
+        raise FileNotFoundError(f"{model} missing: the seed of stage 3")
+    return {"model_sha256": sha(model), "lm_sha256": sha(Path(seed_dir) / "lm" / "model.pth")}
 
 
 def _interval(d: dict) -> str:
@@ -183,6 +198,9 @@ def render(summary: dict) -> str:
     lines += [f"## {Path(summary['exp_dir']).name}: {name}", "",
               f"- adaptation config: `{json.dumps(summary['adapt_config'])}`",
               f"- confidence that ran (read from the confidence tables): {', '.join(methods) or 'none'}"]
+    if summary.get("seed"):
+        lm = summary["seed"]["lm_sha256"]
+        lines.append(f"- seed model sha256: `{summary['seed']['model_sha256'][:16]}`, its LM: `{lm[:16] if lm else 'none'}`")
     choice = summary.get("adapted_choice")
     if choice:
         weight = "" if choice["lm_weight"] is None else f", lm_weight {choice['lm_weight']:g}"
@@ -213,9 +231,9 @@ def render(summary: dict) -> str:
 
 def make_session_results(sessions_path: Path, decodings: dict[str, tuple[Path, Path]], exp_dir: Path,
                          wall_seconds: Optional[float] = None, student_config: Optional[str] = None,
-                         adapted_choice: Optional[Path] = None) -> Path:
+                         adapted_choice: Optional[Path] = None, seed_dir: Optional[Path] = None) -> Path:
     """Write exp_dir/summary.json and exp_dir/RESULTS.md; return the latter."""
-    summary = summarize(sessions_path, decodings, exp_dir, wall_seconds, student_config, adapted_choice)
+    summary = summarize(sessions_path, decodings, exp_dir, wall_seconds, student_config, adapted_choice, seed_dir)
     (Path(exp_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     out = Path(exp_dir) / "RESULTS.md"
     out.write_text(render(summary), encoding="utf-8")

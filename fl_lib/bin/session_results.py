@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--student_config", default="", help="the run's student config, for the record (empty: none)")
     p.add_argument("--adapted_choice", type=Path, default=None,
                    help="choice.json of the dev tuning that chose the adapted model (tune_decoding), for the record")
+    p.add_argument("--seed_dir", type=Path, default=None, help="stage 3's copy of the seed, whose identity is recorded")
     p.add_argument("--ablation", type=Path, nargs="+", default=None, help="experiment dirs to tabulate")
     p.add_argument("--output", type=Path, default=None, help="--ablation: the markdown file to write")
     args = p.parse_args(argv)
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--scores names a decoding twice: {names}")
     decodings = {name: (Path(seed), Path(adapted)) for name, seed, adapted in args.scores}
     out = make_session_results(args.sessions, decodings, args.exp_dir, args.wall_seconds, args.student_config or None,
-                               args.adapted_choice)
+                               args.adapted_choice, args.seed_dir)
     logging.info("wrote %s", out)
 
 
