@@ -6,7 +6,10 @@ For each seed and point of bench/privacy.yaml: fl_train for `rounds` rounds (Fed
 weights, the convergence study's client settings), then the CTC-greedy WER of its best-dev
 round (best_criterion: wer) on dev-clean, test-clean and test-other, the acoustic model alone.
 Each finished run leaves a compact record (config, metrics.jsonl, WERs, the last ledger) under
-bench/results/privacy/runs/; a rerun trains only the points without one.
+bench/results/privacy/runs/; a rerun trains only the points without one. A run that fl_train
+stops because the noise made every client's update non-finite is a result, not a crash: its
+record says where and why it stopped (`stopped`), and its WERs are those of its best-dev round
+before that.
 
     bench/privacy.sh [--report_only] [--corpora DIR]
 """
@@ -57,6 +60,19 @@ def decode_sets(exp: Path, data: Path) -> dict[str, float]:
     return {s: evaluate(model, make_dataloader(data / f"sets/{s}.jsonl.gz", tok, max_duration=120.0), tok)["wer"] for s in SETS}
 
 
+DIVERGED = "usable clients"  # fl_train's message when sampled rounds in a row had too few finite updates
+
+
+def stopped_by_divergence(exp: Path) -> str | None:
+    """fl_train's reason, when it stopped exp because the clients' updates were all non-finite
+    and a validated best-dev model exists to report; None otherwise."""
+    log = (exp / "bench.log").read_text(errors="replace").splitlines()
+    reason = [line for line in log if line.startswith("fl_train:") and DIVERGED in line]
+    if not reason or not (exp / "valid.acc.best.pth").is_file():
+        return None
+    return reason[-1].removeprefix("fl_train: ").rstrip(":")
+
+
 def run_point(study: convergence.Study, cfg: dict, name: str, point: dict, seed: int, out: Path, results: Path) -> dict:
     record = results / "runs" / f"{name}_seed{seed}" / "record.json"
     fingerprint = {"point": point, "overrides": overrides(study.cfg, cfg, point), "fl_config": cfg["fl_config"]}
@@ -67,10 +83,19 @@ def run_point(study: convergence.Study, cfg: dict, name: str, point: dict, seed:
         return rec
     exp = out / f"{name}_seed{seed}"
     exp.mkdir(parents=True, exist_ok=True)
-    study._call(study.fl_train_command(study.recipe / study.cfg["asr_config"], cfg["fl_config"], study.listing(convergence.CLEAN, seed),
-                                       seed, exp, overrides(study.cfg, cfg, point)), exp)
+    stopped = None
+    try:
+        study._call(study.fl_train_command(study.recipe / study.cfg["asr_config"], cfg["fl_config"],
+                                           study.listing(convergence.CLEAN, seed), seed, exp, overrides(study.cfg, cfg, point)), exp)
+    except RuntimeError:
+        stopped = stopped_by_divergence(exp)
+        if stopped is None:
+            raise
+        logger.warning("%s seed %d diverged: %s", name, seed, stopped)
     rows = convergence.metrics(exp)
-    rec = {"name": name, "seed": seed, "fingerprint": fingerprint, "wer": decode_sets(exp, study.corpus(seed) / "data"),
+    if stopped:
+        stopped = {"round": rows[-1]["round"], "reason": stopped, "last_clip": rows[-1].get("privacy", {}).get("next_clip")}
+    rec = {"stopped": stopped,"name": name, "seed": seed, "fingerprint": fingerprint, "wer": decode_sets(exp, study.corpus(seed) / "data"),
            "best_dev_round": min((r for r in rows if r.get("dev_wer") is not None), key=lambda r: r["dev_wer"])["round"],
            "privacy": rows[-1].get("privacy", {}), "minutes": round(sum(r["train_seconds"] for r in rows) / 60, 2)}
     record.parent.mkdir(parents=True, exist_ok=True)
@@ -96,13 +121,15 @@ def report(cfg: dict, records: list[dict], k: int) -> str:
              "client settings; CTC-greedy WER of the best-dev round, acoustic model alone. ε at δ = 1/N^1.1 (RDP, "
              "replace-one, cohorts without replacement). noise/coord = σ/K: the noise std per coordinate of the averaged "
              "update (the sum's noise multiplier over K), in units of the clip C.", "",
-             "|point|seed|σ|final clip C|ε|noise/coord|" + "|".join(f"{s} WER %" for s in SETS) + "|best round|minutes|",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|point|seed|σ|final clip C|ε|noise/coord|" + "|".join(f"{s} WER %" for s in SETS) + "|best round|minutes|stopped|",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         p = r["privacy"]
         cells = [f"{p['noise_multiplier']:g}", f"{p['next_clip']:.3g}", eps(p["epsilon"]), f"{sum_sigma(p) / k:.2g}"] if p \
             else ["—", "—", "∞", "0"]
         cells += [f"{100 * r['wer'][s]:.1f}" for s in SETS] + [str(r["best_dev_round"]), str(r["minutes"])]
+        stop = r.get("stopped")
+        cells.append("" if not stop else f"diverged: stopped at round {stop['round']}, clip {stop['last_clip']:.3g}")
         lines.append("|" + "|".join([r["name"], str(r["seed"]), *cells]) + "|")
     lines += ["", f"## Mean over seeds, 95 % Student-t interval ({cfg['seeds']}; a point with fewer seeds says so)", "",
               "|point|seeds|ε|" + "|".join(f"{s} WER %" for s in SETS) + "|", "|---|---|---|---|---|---|"]
