@@ -105,13 +105,19 @@ def test_session_adapt_stages_0_to_8_and_the_truth_is_never_read(seed_exp, tmp_p
         assert f"### WER on the sessions' test parts: {decoding}" in results
     summary = json.loads((exp / "smoke/summary.json").read_text())
     assert summary["pseudo_labels"][0]["num_all"] == sum(s["num_adapt"] for s in sessions)
+    # The default pulls towards the seed: the adapted model and its interpolations, chosen on the dev parts.
+    trials = (exp / "smoke/gen1/fl/wiseft_dev_decode_asr_ctc_fusion_lm/trials.jsonl").read_text().splitlines()
+    assert [json.loads(t)["model"] for t in trials] == \
+        ["valid.acc.best.pth"] + [f"wiseft{a}_valid.acc.best.pth" for a in ("0.25", "0.5", "0.75")]
+    assert summary["adapted_choice"]["model"] in [json.loads(t)["model"] for t in trials]
     assert summary["seed"] == {"model_sha256": hashlib.sha256((exp / "seed/model.pth").read_bytes()).hexdigest(),
                                "lm_sha256": hashlib.sha256((exp / "seed/lm/model.pth").read_bytes()).hexdigest()}
 
     # --tune_on_dev true: stage 7 decodes the kept rounds on the dev parts, stage 8 tunes the seed there
     # too and tests each with its choice (one LM weight: test_decode checks the choice among weights).
     proc, out = run(["./run.sh", "--stage", "7", "--stop_stage", "8", "--seed_exp", str(seed_exp), "--data", str(data),
-                     "--exp", str(exp), "--tag", "smoke", *ADAPT, "--tune_on_dev", "true", "--tune_lm_weights", "3"])
+                     "--exp", str(exp), "--tag", "smoke", *ADAPT, "--tune_on_dev", "true", "--tune_lm_weights", "3",
+                     "--wiseft_alphas", ""])
     assert proc.returncode == 0, out[-4000:]
     fl = exp / "smoke/gen1/fl"
     kept = sorted(p.name for p in fl.glob("*round.pth"))
@@ -148,8 +154,9 @@ def test_session_adapt_stages_0_to_8_and_the_truth_is_never_read(seed_exp, tmp_p
     assert choice["errors"] == min(t["errors"] for t in trials)
     chosen = torch.load(tune / "model.pth", map_location="cpu")
     assert all(torch.equal(chosen[k], torch.load(fl / choice["model"], map_location="cpu")[k]) for k in chosen)
-    score = json.loads((exp / "smoke/decode_asr_ctc_fusion_lm/test-other/score.json").read_text())
-    assert score["model"] == "model.pth"  # the choice, where the run without --wiseft_alphas decoded valid.acc.best.pth
+    score_path = exp / "smoke/decode_asr_ctc_fusion_lm/test-other/score.json"
+    assert json.loads(score_path.read_text())["model"] == "model.pth"  # the choice's copy
+    assert score_path.stat().st_mtime > (tune / "choice.json").stat().st_mtime  # decoded after this choice
     assert f"- adapted model: `{choice['model']}`" in (exp / "smoke/RESULTS.md").read_text()
 
     # The same sessions with garbage transcripts: stages 1-7 must produce the same adapted model.
@@ -160,7 +167,7 @@ def test_session_adapt_stages_0_to_8_and_the_truth_is_never_read(seed_exp, tmp_p
         trans.write_text("".join(lines))
     proc, out = run(["./run.sh", "--stage", "1", "--stop_stage", "7", "--seed_exp", str(seed_exp),
                      "--corpus_dir", str(garbage), "--data", str(tmp_path / "data2"), "--exp", str(tmp_path / "exp2"),
-                     "--tag", "smoke", *ADAPT])
+                     "--tag", "smoke", *ADAPT, "--wiseft_alphas", ""])  # one sentence read throughout: no dev part to choose on
     assert proc.returncode == 0, out[-4000:]
     assert "GARBAGE" in (tmp_path / "data2/sessions/test-other/truth/adapt_text").read_text()
     hyps = [e / "seed/decode_asr_ctc_fusion_lm/labels_test-other/hyps.jsonl" for e in (exp, tmp_path / "exp2")]

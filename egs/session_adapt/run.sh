@@ -45,7 +45,7 @@ client_jobs=2                     # processes that train a round's clients in pa
 adapted_model=valid.acc.best.pth  # the adapted weights to decode: the best round on the dev parts, or latest.pth
 tune_on_dev=false                 # choose the adapted round (among those kept) and the LM weight by decoding the dev parts as the test parts are
 tune_lm_weights="1 2 3"           # --tune_on_dev true: LM weights tried, for the seed and the adapted model alike
-wiseft_alphas=                    # a pull towards the seed: interpolate the adapted model with it at these shares, keep the best on the dev parts (empty: none)
+wiseft_alphas="0.25 0.5 0.75"     # a pull towards the seed: interpolate the adapted model with it at these shares, keep the best on the dev parts (chosen on dev); "": none
 tag=                              # experiment name; default from the configs
 data=data
 exp=exp
@@ -97,7 +97,7 @@ if { [ "$tune_on_dev" != true ] || [ "$use_lm" != true ]; } && [ "$tune_lm_weigh
   echo "$0: --tune_lm_weights does nothing without --tune_on_dev true and --use_lm true" >&2; exit 1
 fi
 if [ "$tune_on_dev" = true ] && [ -n "$wiseft_alphas" ]; then
-  echo "$0: --tune_on_dev true and --wiseft_alphas choose the adapted model two ways: give one" >&2; exit 1
+  echo "$0: --tune_on_dev true and --wiseft_alphas choose the adapted model two ways: give --wiseft_alphas \"\" with --tune_on_dev true" >&2; exit 1
 fi
 
 log() {
@@ -259,7 +259,7 @@ if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
       if [ "$(gzip -dc "$sessions_dir/dev.jsonl.gz" | wc -l)" -gt 0 ]; then
         dev_args=(--dev_cuts "$sessions_dir/dev.jsonl.gz")
       elif [ -n "$(choice_dir "$gen")" ]; then
-        log "Stage 7: --tune_on_dev or --wiseft_alphas, but the sessions have no dev utterances to choose on (--dev_fraction)"; exit 1
+        log "Stage 7: the sessions have no dev utterances (--dev_fraction) for --tune_on_dev or --wiseft_alphas to choose on; without them: --tune_on_dev false --wiseft_alphas \"\""; exit 1
       else
         log "Stage 7: the sessions have no dev utterances: no validation, the last round is the adapted model"
       fi
