@@ -95,7 +95,7 @@ def run_point(study: convergence.Study, cfg: dict, name: str, point: dict, seed:
     rows = convergence.metrics(exp)
     if stopped:
         stopped = {"round": rows[-1]["round"], "reason": stopped, "last_clip": rows[-1].get("privacy", {}).get("next_clip")}
-    rec = {"stopped": stopped,"name": name, "seed": seed, "fingerprint": fingerprint, "wer": decode_sets(exp, study.corpus(seed) / "data"),
+    rec = {"stopped": stopped, "name": name, "seed": seed, "fingerprint": fingerprint, "wer": decode_sets(exp, study.corpus(seed) / "data"),
            "best_dev_round": min((r for r in rows if r.get("dev_wer") is not None), key=lambda r: r["dev_wer"])["round"],
            "privacy": rows[-1].get("privacy", {}), "minutes": round(sum(r["train_seconds"] for r in rows) / 60, 2)}
     record.parent.mkdir(parents=True, exist_ok=True)

@@ -144,8 +144,8 @@ def summarize(sessions_path: Path, decodings: dict[str, tuple[Path, Path]], exp_
 
 
 def seed_identity(seed_dir: Path) -> dict:
-    """sha256 of the seed's weights and of its LM's (None without one): runs adapted from different
-    seeds (a seed recipe trained again) must not be compared as variants of one another."""
+    """sha256 of the seed's weights and of its LM's (None without one), so that runs adapted from
+    different seeds (a seed recipe trained again) are not mistaken for variants of one another."""
     def sha(path: Path) -> Optional[str]:
         return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
