@@ -40,6 +40,10 @@ def test_clipping_whole_model_and_per_layer_on_hand_values():
     out = layer.bound(result({"w": [3.0, 4.0], "b": [1.0]}))  # each tensor to 6.5 / √2 = 4.596: w shrinks, b stays
     bound = 6.5 / math.sqrt(2)
     assert out.delta["w"].tolist() == pytest.approx([3.0 * bound / 5, 4.0 * bound / 5]) and out.delta["b"].tolist() == [1.0]
+    # counted by the whole norm (√26 < 6.5: not clipped, although w was), so that the adaptive clip
+    # tracks the update's norm and does not climb whenever any one of L tensors exceeds C/√L
+    layer.bound(result({"w": [6.0, 8.0], "b": [1.0]}))  # ‖Δ‖ = √101 > 6.5: clipped
+    assert layer.report(1)["clipped_fraction"] == 0.5
 
 
 def test_noise_has_std_sigma_clip_over_k_and_is_the_round_s_own():
