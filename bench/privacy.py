@@ -60,15 +60,17 @@ def decode_sets(exp: Path, data: Path) -> dict[str, float]:
     return {s: evaluate(model, make_dataloader(data / f"sets/{s}.jsonl.gz", tok, max_duration=120.0), tok)["wer"] for s in SETS}
 
 
-DIVERGED = "usable clients"  # fl_train's message when sampled rounds in a row had too few finite updates
+# fl_train's RoundsFailedError: its headline, and the line it adds when no unusable client raised
+STOPPED = "usable clients:"
+ALL_NON_FINITE = "no client raised: every unusable client had a non-finite"
 
 
 def stopped_by_divergence(exp: Path) -> str | None:
     """fl_train's reason, when it stopped exp because the clients' updates were all non-finite
-    and a validated best-dev model exists to report; None otherwise."""
+    (not because a client raised) and a validated best-dev model exists to report; None otherwise."""
     log = (exp / "bench.log").read_text(errors="replace").splitlines()
-    reason = [line for line in log if line.startswith("fl_train:") and DIVERGED in line]
-    if not reason or not (exp / "valid.acc.best.pth").is_file():
+    reason = [line for line in log if line.startswith("fl_train:") and line.endswith(STOPPED)]
+    if not reason or not any(line.startswith(ALL_NON_FINITE) for line in log) or not (exp / "valid.acc.best.pth").is_file():
         return None
     return reason[-1].removeprefix("fl_train: ").rstrip(":")
 
@@ -83,18 +85,18 @@ def run_point(study: convergence.Study, cfg: dict, name: str, point: dict, seed:
         return rec
     exp = out / f"{name}_seed{seed}"
     exp.mkdir(parents=True, exist_ok=True)
-    stopped = None
+    reason = None
     try:
         study._call(study.fl_train_command(study.recipe / study.cfg["asr_config"], cfg["fl_config"],
                                            study.listing(convergence.CLEAN, seed), seed, exp, overrides(study.cfg, cfg, point)), exp)
     except RuntimeError:
-        stopped = stopped_by_divergence(exp)
-        if stopped is None:
+        reason = stopped_by_divergence(exp)
+        if reason is None:
             raise
-        logger.warning("%s seed %d diverged: %s", name, seed, stopped)
+        logger.warning("%s seed %d diverged: %s", name, seed, reason)
     rows = convergence.metrics(exp)
-    if stopped:
-        stopped = {"round": rows[-1]["round"], "reason": stopped, "last_clip": rows[-1].get("privacy", {}).get("next_clip")}
+    stopped = None if reason is None else {"round": rows[-1]["round"], "reason": reason,
+                                           "last_clip": rows[-1].get("privacy", {}).get("next_clip")}
     rec = {"stopped": stopped, "name": name, "seed": seed, "fingerprint": fingerprint, "wer": decode_sets(exp, study.corpus(seed) / "data"),
            "best_dev_round": min((r for r in rows if r.get("dev_wer") is not None), key=lambda r: r["dev_wer"])["round"],
            "privacy": rows[-1].get("privacy", {}), "minutes": round(sum(r["train_seconds"] for r in rows) / 60, 2)}

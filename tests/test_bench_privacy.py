@@ -2,21 +2,28 @@
 from __future__ import annotations
 
 from conftest import bench_module
+from fl_lib.fl.server import FailedRound, RoundsFailedError
 
 privacy = bench_module("privacy")
 
-STOP = ("fl_train: 3 sampled rounds in a row had fewer than min_clients_per_round=1 usable clients:\n"
-        "  draw 98: used [], failed [], dropped (non-finite) ['1052', '1024']\n")
+
+def stop_message(errors: dict) -> str:
+    """fl_train's last words when 3 rounds in a row had no usable client, as fl_lib writes them."""
+    failures = [FailedRound(draw=d, used=[], dropped=[] if errors else ["1052"], failed=list(errors), errors=errors)
+                for d in (97, 98, 99)]
+    return f"fl_train: {RoundsFailedError(failures, 1)}\n"
 
 
 def test_divergence_is_recognized_only_with_fl_trains_reason_and_a_best_model(tmp_path):
-    (tmp_path / "bench.log").write_text("round 1 ...\n" + STOP)
+    (tmp_path / "bench.log").write_text("round 1 ...\n" + stop_message({}))
     assert privacy.stopped_by_divergence(tmp_path) is None  # no validated model to report
     (tmp_path / "valid.acc.best.pth").write_bytes(b"")
     assert privacy.stopped_by_divergence(tmp_path) == (
         "3 sampled rounds in a row had fewer than min_clients_per_round=1 usable clients")
     (tmp_path / "bench.log").write_text("Traceback ...\nRuntimeError: CUDA out of memory\n")
     assert privacy.stopped_by_divergence(tmp_path) is None  # any other failure stays a failure
+    (tmp_path / "bench.log").write_text(stop_message({"1052": "Traceback ...\nMemoryError"}))
+    assert privacy.stopped_by_divergence(tmp_path) is None  # rounds lost to clients that raised: not divergence
 
 
 def test_the_report_says_which_runs_diverged(tmp_path):
