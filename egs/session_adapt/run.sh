@@ -278,7 +278,7 @@ if [ $stop_stage -ge 4 ] && [ $stage -le 7 ]; then
         # shellcheck disable=SC2086
         interpolations=$(python -m fl_lib.bin.interpolate_seed --exp_dir "$gendir/fl" --model "$adapted_model" \
           --seed_model "$seed_dir/model.pth" --alphas $wiseft_alphas)
-        tune "$gendir/fl" "$adapted_model $(echo $interpolations)" "$(choice_dir "$gen")"
+        tune "$gendir/fl" "$adapted_model $interpolations" "$(choice_dir "$gen")"  # tune splits the names on any whitespace
       fi
     fi
   done
