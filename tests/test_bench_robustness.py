@@ -44,6 +44,9 @@ def test_cells_overrides_and_poisoned_federations(bench):
     assert [c.name for c in cells if c.rule == "fedavg"] == [
         "fedavg/none_seed11", "fedavg/sign_flip_f1_seed11", "fedavg/sign_flip_f2_seed11",
         "fedavg/shuffled_f1_seed11", "fedavg/shuffled_f2_seed11"]
+    # column by column: a study cut short leaves whole columns
+    assert [c.name for c in cells[:4]] == ["fedavg/none_seed11", "median/none_seed11",
+                                           "fedavg/sign_flip_f1_seed11", "median/sign_flip_f1_seed11"]
     o = bench.overrides(rob.Cell("median", "sign_flip", 2, 11))
     assert o["attack.name"] == "sign_flip" and o["attack.per_round"] == 2 and o["strategy.name"] == "median"
     assert o["rounds"] == bench.cfg["rounds"] and "attack.per_round" not in bench.overrides(rob.Cell("median", "shuffled", 2, 11))
@@ -98,3 +101,10 @@ def test_a_decide_seed_that_repeats_a_seed_is_refused(tmp_path):
     (tmp_path / "r.yaml").write_text(text)
     with pytest.raises(ValueError, match="repeat seeds"):
         rob.load(tmp_path / "r.yaml")
+
+
+def test_columns_to_train_are_named_in_their_order_and_a_wrong_name_is_refused(bench):
+    assert rob.column_rank(bench.cfg, None) == {"none": 0, "sign_flip_f1": 1, "sign_flip_f2": 2, "shuffled_f1": 3, "shuffled_f2": 4}
+    assert rob.column_rank(bench.cfg, "shuffled_f2,none") == {"shuffled_f2": 0, "none": 1}
+    with pytest.raises(ValueError, match=r"unknown columns \['sign_flip_f4'\]"):
+        rob.column_rank(bench.cfg, "none,sign_flip_f4")
