@@ -6,8 +6,8 @@ attack and f attackers among the K clients of each round:
 - an update attack (attack.*): f of each round's sampled clients send forged updates;
 - data poisoning: f·N/K of the N clients have shuffled or random transcripts (f per round on average).
 The table gives the CTC-greedy test-clean WER of each cell's last round; the clean column's cost
-against FedAvg (ΔWER, seconds per round); and the attackers' mean weight relative to a uniform
-1/K where the rule weights clients. Every cell runs on `seeds`; the cells that decide a column's
+against FedAvg (ΔWER, seconds per round) and the server's own seconds per round; and the
+attackers' mean weight relative to a uniform 1/K where the rule weights clients. Every cell runs on `seeds`; the cells that decide a column's
 ranking (within `decide_margin` WER points of the column's best on those seeds) run again on
 `decide_seeds`. Cells train `parallel_jobs` (the convergence study's) side by side. Each finished
 cell leaves a compact record under bench/results/robustness/runs/; a rerun trains only the missing
@@ -191,6 +191,8 @@ class Bench:
         rec = {"cell": cell.__dict__, "fingerprint": fingerprint, "dev_wer": rows[-1]["dev_wer"],
                "test_wer": convergence.decode_test(exp, data, [rows[-1]["round"]])[rows[-1]["round"]],
                "seconds_per_round": mean(r["train_seconds"] for r in rows),
+               # the server's share: aggregation, server-optimizer step and bookkeeping (clients train one after another)
+               "server_seconds_per_round": mean(r["train_seconds"] - r["client_seconds"] for r in rows),
                "attacker_weight": attacker_weight(rows, set(poisoned), self.k)}
         record.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(exp / "metrics.jsonl", record.parent / "metrics.jsonl")
@@ -229,14 +231,16 @@ def report(cfg: dict, records: dict[Cell, dict]) -> str:
             f"within {cfg['decide_margin']} points of their column's best (range over seeds). `w×`: the attackers' mean weight "
             "relative to a uniform 1/K. Update attacks: f of the K clients of each round; data poisoning: f·N/K of the N "
             "clients.", "", "![the attack table](table.png)", "",
-            "|rule|" + "|".join(f"{a}" + (f" f={f}" if f else "") for a, f in cols) + "|clean ΔWER vs fedavg|s/round ÷ fedavg|",
+            "|rule|" + "|".join(f"{a}" + (f" f={f}" if f else "") for a, f in cols)
+            + "|clean ΔWER vs fedavg|s/round ÷ fedavg|server s/round|",
             "|---|" + "---|" * (len(cols) + 2)]
     clean = {r: [x for c, x in records.items() if (c.rule, c.attack) == (r, "none")] for r in cfg["rules"]}
     for rule in cfg["rules"]:
-        extra = ["—", "—"]
+        extra = ["—", "—", "—"]
         if clean[rule] and clean.get("fedavg"):
             extra = [f"{100 * (mean(x['test_wer'] for x in clean[rule]) - mean(x['test_wer'] for x in clean['fedavg'])):+.1f}",
-                     f"{mean(x['seconds_per_round'] for x in clean[rule]) / mean(x['seconds_per_round'] for x in clean['fedavg']):.2f}"]
+                     f"{mean(x['seconds_per_round'] for x in clean[rule]) / mean(x['seconds_per_round'] for x in clean['fedavg']):.2f}",
+                     f"{mean(x['server_seconds_per_round'] for x in clean[rule]):.2f}"]
         head.append("|" + "|".join([rule, *(cell_text(rule, a, f) for a, f in cols), *extra]) + "|")
     return "\n".join(head) + "\n"
 

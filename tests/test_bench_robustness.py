@@ -28,7 +28,8 @@ def bench(tmp_path, tiny_clients, monkeypatch):
         ids = [json.loads(x)["id"] for x in open(listing)]
         attacked = [ids[0]] if "attack.per_round" in overrides else []
         rows = [{"round": r, "clients": ids[:2], "weights": [0.25, 0.75], "attacked": attacked, "dev_wer": 0.5,
-                 "train_seconds": 2.0 if "strategy.name" in overrides else 1.0} for r in range(1, overrides["rounds"] + 1)]
+                 "train_seconds": 2.0 if "strategy.name" in overrides else 1.0, "client_seconds": 0.75}
+                for r in range(1, overrides["rounds"] + 1)]
         (exp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (exp / "latest.pth").write_text("weights")
 
@@ -58,14 +59,15 @@ def test_a_cell_records_its_wer_cost_and_attackers_weight_and_is_reused(bench):
     rec = bench.run(rob.Cell("fedavg", "sign_flip", 1, 11))
     # the attacker (first client) had weight 0.25 of K = 2: half a uniform weight
     assert rec["test_wer"] == 0.3 and rec["attacker_weight"] == pytest.approx(0.5) and rec["seconds_per_round"] == 1.0
+    assert rec["server_seconds_per_round"] == 0.25
     assert [c[0] for c in bench.calls] == ["base_seed11", "sign_flip_f1_seed11"]  # the base first, once
     bench.calls.clear()
     assert bench.run(rob.Cell("fedavg", "sign_flip", 1, 11))["test_wer"] == 0.3 and bench.calls == []
     records = {c: bench.run(c) for c in [rob.Cell("fedavg", "none", 0, 11), rob.Cell("median", "none", 0, 11),
                                          rob.Cell("fedavg", "sign_flip", 1, 11)]}
     table = rob.report(bench.cfg, records)
-    assert "|median|40.0|—|—|—|—|+10.0|2.00|" in table
-    assert "|fedavg|30.0|30.0 w×0.50|—|—|—|+0.0|1.00|" in table
+    assert "|median|40.0|—|—|—|—|+10.0|2.00|1.25|" in table
+    assert "|fedavg|30.0|30.0 w×0.50|—|—|—|+0.0|1.00|0.25|" in table
     bench.cfg["rounds"] += 1  # other settings: the record is refused
     with pytest.raises(ValueError, match="was made with other settings"):
         bench.run(rob.Cell("fedavg", "sign_flip", 1, 11))

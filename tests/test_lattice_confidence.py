@@ -42,6 +42,23 @@ def brute_force_log_posterior(scores: np.ndarray, hyp, lm=None, lm_weight: float
     return math.log(num / den)
 
 
+def brute_force_token_posteriors(scores: np.ndarray, hyp, lm=None, lm_weight: float = 0.0) -> list:
+    """Each hypothesis token's expected number of emissions (first frames of a run of that label)
+    within its window, capped at 1, by enumeration of every frame path. The windows split the
+    frames halfway between the emission frames of the hypothesis' best (Viterbi) alignment."""
+    T, V = scores.shape
+    paths = list(itertools.product(range(V), repeat=T))
+    acoustic = [sum(scores[t, s] for t, s in enumerate(p)) for p in paths]
+    emissions = [[(t, s) for t, s in enumerate(p) if s != 0 and (t == 0 or p[t - 1] != s)] for p in paths]
+    best = max((a, e) for p, a, e in zip(paths, acoustic, emissions) if collapse(p) == tuple(hyp))[1]
+    starts = [t for t, _ in best]
+    bounds = [0] + [(a + b + 1) // 2 for a, b in zip(starts, starts[1:])] + [T]
+    weights = [math.exp(a + (lm_weight * lm.sentence_logprob(collapse(p)) if lm else 0.0)) for p, a in zip(paths, acoustic)]
+    z = sum(weights)
+    return [min(1.0, sum(w * sum(1 for t, s in e if s == tok and lo <= t < hi) for w, e in zip(weights, emissions)) / z)
+            for tok, lo, hi in zip(hyp, bounds, bounds[1:])]
+
+
 def run_k2(tmp_path: Path, mats: dict, hyps: dict, extra: tuple = ()) -> dict:
     """Run the recipe's k2 CLI on {utt: [T, V]} and {utt: token ids}; return {utt: confidence row}."""
     assert K2_PYTHON.exists(), "run `make install`: .venv-k2 is missing"
@@ -99,6 +116,44 @@ def test_lm_lattice_posterior_equals_brute_force_and_differs_from_ctc_alone(tmp_
         assert rows[u]["log_posterior"] == pytest.approx(expected, abs=1e-5), u
         assert rows[u]["method"] == "k2_lm"
         assert abs(expected - brute_force_log_posterior(scores, hyps[u])) > 0.05, u  # the LM counts
+
+
+@pytest.mark.parametrize("order", [0, 2])
+def test_token_posteriors_equal_brute_force_with_and_without_the_lm(tmp_path, order):
+    """token_posteriors: arc posteriors of the (LM-weighted) lattice in each token's window, by enumeration."""
+    from fl_lib.confidence.ngram import TokenNgram
+
+    V = 4
+    lm = TokenNgram([[1, 2], [1, 2, 3], [2, 2], [3, 1, 2]], order=order, vocab_size=V) if order else None
+    extra = ()
+    if lm:
+        (tmp_path / "G.txt").write_text(lm.to_k2_str())
+        extra = ("--grammar", str(tmp_path / "G.txt"), "--lm_weight", "0.7")
+    rng = np.random.default_rng(7 + order)
+    cases = [(4, (1, 2)), (5, (2, 2)), (3, ()), (6, (1, 2, 3)), (4, (3,)), (5, (1, 3, 1))]
+    mats = {f"u{n}": rng.normal(size=(T, V)) for n, (T, _) in enumerate(cases)}
+    hyps = {f"u{n}": hyp for n, (_, hyp) in enumerate(cases)}
+    rows = run_k2(tmp_path, mats, hyps, extra)
+    for u in mats:
+        scores = mats[u].astype(np.float32).astype(np.float64)
+        expected = brute_force_token_posteriors(scores, hyps[u], lm, 0.7)
+        assert rows[u]["token_posteriors"] == pytest.approx(expected, abs=1e-5), u
+        if lm and hyps[u]:  # the LM moves the token posteriors too
+            assert max(abs(a - b) for a, b in zip(expected, brute_force_token_posteriors(scores, hyps[u]))) > 0.01, u
+
+
+def test_the_token_the_frames_leave_in_doubt_is_the_weakest(tmp_path):
+    """Frames 3 3 _ {1 or 2} _ 2: hypothesis 3 1 2 holds one doubtful token; its posterior is near one
+    half, the others over 0.9 (their frames are 0.94 sure), so the weakest token flags what the utterance posterior spreads."""
+    logp = np.full((6, 4), np.log(0.02))
+    for t, s in enumerate([3, 3, 0, None, 0, 2]):
+        if s is None:
+            logp[t, 1] = logp[t, 2] = np.log(0.48)
+        else:
+            logp[t, s] = np.log(0.94)
+    rows = run_k2(tmp_path, {"u": logp}, {"u": (3, 1, 2)})
+    first, doubtful, last = rows["u"]["token_posteriors"]
+    assert first > 0.9 and last > 0.9 and 0.4 < doubtful < 0.6
 
 
 def test_lm_lattice_refuses_a_grammar_of_another_token_list_and_a_weight_without_grammar(tmp_path):

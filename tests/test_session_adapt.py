@@ -105,6 +105,9 @@ def test_session_without_usable_utterances_is_skipped_and_logged(tmp_path, caplo
     {"filter": "top_fraction", "confidence": "k2_lm", "top_fraction": 0.5, "ngram_order": 3, "lm_weight": 0},
     {"filter": "top_fraction", "confidence": "k2", "top_fraction": 0.5, "ngram_order": 3},     # k2_lm's key
     {"filter": "top_fraction", "confidence": "beam_score", "top_fraction": 0.5, "lm_weight": 0.5},
+    {"filter": "top_fraction", "confidence": "beam_score", "top_fraction": 0.5, "rank_by": "weakest_token"},  # no tokens
+    {"filter": "none", "rank_by": "weakest_token"},                          # nothing ranked
+    {"filter": "top_fraction", "confidence": "k2", "top_fraction": 0.5, "rank_by": "word"},
 ])
 def test_adapt_config_rejects_options_that_do_nothing_or_make_no_sense(conf):
     with pytest.raises(ValueError):
@@ -487,6 +490,11 @@ def test_installing_k2_after_a_fallback_run_makes_stage_5_run_again(tmp_path, ca
     assert table_method(out) == "k2" and calls.read_text() == "lattice\n"
     assert compute_confidence("k2", hyps, tmp_path / "logp.scp", out, str(k2_python)) == "k2"
     assert calls.read_text() == "lattice\n"  # and now it is reused
+    marker = out.with_name(out.name + ".done")
+    stamp = json.loads(marker.read_text())
+    marker.write_text(json.dumps({k: v for k, v in stamp.items() if k != "rows"}))  # a table of the older row format
+    assert compute_confidence("k2", hyps, tmp_path / "logp.scp", out, str(k2_python)) == "k2"
+    assert calls.read_text() == "lattice\nlattice\n"  # made again, with token posteriors
     k2 = AdaptConfig(confidence="k2", filter="top_fraction", top_fraction=0.5)
     select_labels(sessions, k2, tmp_path / "gen1/clients", hyps, out)  # the k2 config takes the k2 table
 
@@ -577,3 +585,34 @@ def test_wiseft_interpolation_is_the_weighted_mean_and_refuses_models_of_another
     torch.save({"w": torch.zeros(3)}, tmp_path / "other.pth")
     assert interpolate_main(["--exp_dir", str(tmp_path), "--model", "other.pth",
                              "--seed_model", str(tmp_path / "seed.pth"), "--alphas", "0.5"]) == 1
+
+
+def test_the_filter_ranks_by_the_weakest_token_and_refuses_a_table_without_token_posteriors(tmp_path):
+    """rank_by: weakest_token keeps the utterances whose least confident token is the most confident,
+    which the utterance posterior may rank the other way; a table without token posteriors is refused."""
+    from fl_lib.confidence.tables import confidence_row, read_jsonl, write_jsonl
+
+    sessions = split_sessions(_corpus(tmp_path), tmp_path / "sessions", 0.7, seed=0)
+    hyps, beam_table = _beam_table(tmp_path, sessions)
+    rows = read_jsonl(hyps)
+    # the utterance posterior prefers the first utterances of each session; their weakest token the last ones
+    n = {}
+    table = []
+    for h in rows:
+        i = n[h["session"]] = n.get(h["session"], -1) + 1
+        table.append(confidence_row(h["utt_id"], "k2", -0.1 * i, 2, [0.99, 0.1 + 0.1 * i]))
+    write_jsonl(tmp_path / "k2.jsonl", table)
+    picked = {}
+    for rank_by in ("utterance", "weakest_token"):
+        conf = AdaptConfig(confidence="k2", filter="top_fraction", top_fraction=0.5, rank_by=rank_by)
+        select_labels(sessions, conf, tmp_path / rank_by, hyps, tmp_path / "k2.jsonl")
+        picked[rank_by] = json.loads((tmp_path / rank_by / "selection.json").read_text())["sessions"]
+    for sid, sel in picked["utterance"].items():
+        ids = sorted((h["utt_id"] for h in rows if h["session"] == sid), key=lambda u: [r["utt_id"] for r in rows].index(u))
+        half = -(-len(ids) // 2)
+        assert sel["kept_ids"] == sorted(ids[:half]) and picked["weakest_token"][sid]["kept_ids"] == sorted(ids[-half:])
+    beam_as_k2 = [{**r, "method": "k2"} for r in read_jsonl(beam_table)]  # a k2 table of the old format
+    write_jsonl(tmp_path / "old.jsonl", beam_as_k2)
+    weakest = AdaptConfig(confidence="k2", filter="top_fraction", top_fraction=0.5, rank_by="weakest_token")
+    with pytest.raises(ValueError, match="has no token posteriors, which rank_by: weakest_token needs"):
+        select_labels(sessions, weakest, tmp_path / "old", hyps, tmp_path / "old.jsonl")

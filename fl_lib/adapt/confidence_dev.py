@@ -20,7 +20,7 @@ from fl_lib.adapt.config import AdaptConfig
 from fl_lib.adapt.select import keep
 from fl_lib.adapt.sessions import load_sessions
 from fl_lib.asr.scoring import score
-from fl_lib.confidence.tables import read_confidence, read_jsonl
+from fl_lib.confidence.tables import ranking_confidence, read_confidence, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ def kept_ids(hyps: Sequence[dict], conf: AdaptConfig, table: Path) -> set[str]:
         raise ValueError(f"{table} has no confidence for {len(missing)} dev labels, e.g. {missing[:3]}")
     sessions: dict[str, list[dict]] = {}
     for h in hyps:
-        sessions.setdefault(h["session"], []).append({**h, "confidence": confidences[h["utt_id"]]["confidence"]})
+        sessions.setdefault(h["session"], []).append({**h, "confidence": ranking_confidence(confidences[h["utt_id"]],
+                                                                                             conf.rank_by)})
     return {r["utt_id"] for rows in sessions.values() for r in keep(rows, conf)}
 
 

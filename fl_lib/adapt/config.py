@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from fl_lib.confidence.tables import METHODS
+from fl_lib.confidence.tables import METHODS, RANK_BY
 from fl_lib.fl.config import load_config
 
 LABELS = ("pseudo", "oracle")
@@ -25,6 +25,9 @@ class AdaptConfig:
     confidence: Optional[str] = None
     ngram_order: Optional[int] = None  # confidence: k2_lm: order of the token n-gram
     lm_weight: Optional[float] = None  # confidence: k2_lm: scale of its log-probabilities in the lattice
+    # utterance: the per-token geometric mean of the utterance posterior | weakest_token: its least
+    # confident token's lattice posterior (k2 and k2_lm only)
+    rank_by: str = "utterance"
     filter: str = "none"  # none | threshold | top_fraction (per session)
     threshold: Optional[float] = None  # filter: threshold: keep confidence >= threshold
     top_fraction: Optional[float] = None  # filter: top_fraction: keep this share of each session, most confident first
@@ -38,15 +41,21 @@ class AdaptConfig:
         if self.generations < 1:
             raise ValueError(f"generations must be >= 1, got {self.generations}")
         if self.labels == "oracle":
-            if self.filter != "none" or self.confidence is not None or self.generations != 1:
+            if self.filter != "none" or self.confidence is not None or self.generations != 1 or self.rank_by != "utterance":
                 raise ValueError("labels: oracle trains on the true transcripts: set filter: none, confidence: null "
                                  "and generations: 1 (confidence, filters and re-labelling do nothing there)")
             return
-        if self.filter == "none" and self.confidence is not None:
-            raise ValueError("filter: none keeps every pseudo-label, so confidence does nothing: set confidence: null")
+        if self.filter == "none" and (self.confidence is not None or self.rank_by != "utterance"):
+            raise ValueError("filter: none keeps every pseudo-label, so confidence and rank_by do nothing: "
+                             "set confidence: null and leave rank_by out")
         if self.filter != "none" and self.confidence not in METHODS:
             raise ValueError(f"filter: {self.filter} needs confidence: one of {', '.join(METHODS)}, "
                              f"got {self.confidence}")
+        if self.rank_by not in RANK_BY:
+            raise ValueError(f"unknown rank_by '{self.rank_by}'; choose {', '.join(RANK_BY)}")
+        if self.rank_by == "weakest_token" and self.confidence not in ("k2", "k2_lm"):
+            raise ValueError(f"rank_by: weakest_token needs the token posteriors of the k2 lattices (confidence: k2 "
+                             f"or k2_lm), but confidence is '{self.confidence}'")
         if self.confidence == "k2_lm":
             if self.ngram_order is None or self.ngram_order < 1 or self.lm_weight is None or not self.lm_weight > 0:
                 raise ValueError(f"confidence: k2_lm needs ngram_order >= 1 and lm_weight > 0, got "

@@ -21,7 +21,7 @@ from typing import Optional
 from fl_lib.adapt.config import AdaptConfig
 from fl_lib.adapt.sessions import load_sessions
 from fl_lib.atomic import atomic_path
-from fl_lib.confidence.tables import read_confidence, read_jsonl, table_method
+from fl_lib.confidence.tables import ranking_confidence, read_confidence, read_jsonl, table_method
 from fl_lib.data.clients import safe_file_name
 from fl_lib.data.markers import file_stamp, is_done, mark_done
 
@@ -95,7 +95,7 @@ def select_labels(sessions_path: Path, conf: AdaptConfig, output_dir: Path, hyps
             if missing:
                 raise ValueError(f"{confidence} has no confidence for {len(missing)} pseudo-labels, e.g. {missing[:3]}")
             for u, row in labels.items():
-                row["confidence"] = table[u]["confidence"]
+                row["confidence"] = ranking_confidence(table[u], conf.rank_by)
 
     clients, summary, skipped = [], {}, []
     for s in sessions:

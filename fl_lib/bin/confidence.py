@@ -30,6 +30,7 @@ from fl_lib.log import setup_logging
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
+ROW_FORMAT = 2  # 2: the k2 rows carry token_posteriors; a table of an older format is made again
 
 
 def k2_available(k2_python: Optional[str]) -> bool:
@@ -51,7 +52,7 @@ def compute_confidence(method: str, hyps: Path, logp_scp: Path, output: Path, k2
     uses_k2 = method in ("k2", "k2_lm")
     used = method if uses_k2 and k2_available(k2_python) else "beam_score"
     done = output.with_name(output.name + ".done")
-    stamp = {"hyps": file_stamp(hyps), "method": method, "used": used,
+    stamp = {"hyps": file_stamp(hyps), "method": method, "used": used, "rows": ROW_FORMAT,
              "k2_python": k2_python if uses_k2 else None, "grammar": grammar.stamp() if grammar else None}
     if is_done(done, stamp, [output]):
         logger.info("%s already computed with %s (%s): skipping", output, used, done)

@@ -20,16 +20,22 @@ share of that sum. A hypothesis the acoustics favour but the language model
 finds unlikely loses confidence to the sequences the n-gram prefers; with a
 uniform n-gram or lm_weight 0 it is the CTC-only posterior again.
 
+Each row also gives every token's posterior (`token_posteriors`, see `posteriors`):
+an utterance whose sum of paths is dominated by the hypothesis can still hold one
+token that the lattice doubts, and a filter by the weakest token
+(rank_by: weakest_token) drops it.
+
 Imports: numpy, torch, kaldiio, k2 and the standard library only (python3.9).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -51,13 +57,19 @@ def load_grammar(text: str, lm_weight: float):
     return k2.arc_sort(grammar)
 
 
-def log_posteriors(logps: Sequence[torch.Tensor], hyps: Sequence[Sequence[int]],
-                   output_beam: float = 1e4, grammar=None) -> List[float]:
-    """log P(hyp_i | x_i) for [T_i, V] log-posterior matrices (blank = 0) and token-id hypotheses;
-    with `grammar` (load_grammar's acceptor over token ids), the posterior under P_ctc P_lm^weight.
+def posteriors(logps: Sequence[torch.Tensor], hyps: Sequence[Sequence[int]], output_beam: float = 1e4,
+               grammar=None) -> List[Tuple[float, List[float]]]:
+    """(log P(hyp_i | x_i), token posteriors of hyp_i) for [T_i, V] log-posterior matrices (blank = 0)
+    and token-id hypotheses; with `grammar` (load_grammar's acceptor over token ids), under
+    P_ctc P_lm^weight.
 
-    `output_beam` prunes the lattices; the default keeps every path, so the result
-    is exact (within float64 accumulation of float32 scores).
+    A token's posterior is read off the full lattice's arc posteriors (forward-backward):
+    the expected number of times the lattice emits that token (an arc whose output label
+    is it) within the token's window, capped at 1. The windows split the frames halfway
+    between the frames where the hypothesis' best alignment emits consecutive tokens, so
+    a token competes with every label sequence that puts something else near it.
+    `output_beam` prunes the lattices; the default keeps every path, so the results are
+    exact (within float64 accumulation of float32 scores).
     """
     import k2
 
@@ -90,13 +102,34 @@ def log_posteriors(logps: Sequence[torch.Tensor], hyps: Sequence[Sequence[int]],
                              f"{num_classes - 1}: it was built for another token list")
         topo = k2.arc_sort(k2.connect(k2.compose(topo, grammar)))
         graphs = k2.compose(graphs, grammar)
-    lattices = k2.intersect_dense(k2.create_fsa_vec([topo] * len(order)), dense, output_beam=output_beam)
+    lattices = k2.intersect_dense(k2.create_fsa_vec([topo] * len(order)), dense, output_beam=output_beam,
+                                  frame_idx_name="frame")
     total = lattices.get_tot_scores(log_semiring=True, use_double_scores=True)
-    hyp_lattices = k2.intersect_dense(graphs, dense, output_beam=output_beam)
+    hyp_lattices = k2.intersect_dense(graphs, dense, output_beam=output_beam, frame_idx_name="frame")
     hyp_score = hyp_lattices.get_tot_scores(log_semiring=True, use_double_scores=True)
-    out = [0.0] * len(order)
+    best = k2.shortest_path(hyp_lattices, use_double_scores=True)
+
+    arc_post = lattices.get_arc_post(use_double_scores=True, log_semiring=True).exp()
+    shape = lattices.arcs.shape()
+    arc_fsa = shape.row_ids(1).long()[shape.row_ids(2).long()]
+    best_shape = best.arcs.shape()
+    best_fsa = best_shape.row_ids(1).long()[best_shape.row_ids(2).long()]
+    out: List[Tuple[float, List[float]]] = [(0.0, [])] * len(order)
     for row, i in enumerate(order):
-        out[i] = float(hyp_score[row] - total[row])
+        log_posterior = float(hyp_score[row] - total[row])
+        if log_posterior == -math.inf:  # no alignment spells the hypothesis (or the beam pruned them all)
+            out[i] = (log_posterior, [0.0] * len(hyps[i]))
+            continue
+        mine = best_fsa == row
+        starts = best.frame[mine][best.aux_labels[mine] > 0].tolist()
+        if len(starts) != len(hyps[i]):
+            raise RuntimeError(f"the best alignment of hypothesis {list(hyps[i])} emits {len(starts)} tokens")
+        arcs = arc_fsa == row
+        frame, emitted, post = lattices.frame[arcs], lattices.aux_labels[arcs], arc_post[arcs]
+        bounds = [0] + [(a + b + 1) // 2 for a, b in zip(starts, starts[1:])] + [logps[i].shape[0]]
+        tokens = [min(1.0, float(post[(emitted == tok) & (frame >= lo) & (frame < hi)].sum()))
+                  for tok, lo, hi in zip(hyps[i], bounds, bounds[1:])]
+        out[i] = (log_posterior, tokens)
     return out
 
 
@@ -116,16 +149,16 @@ def score_table(hyps_path: Path, logp_scp: Path, output: Path, batch_size: int =
     missing = [h["utt_id"] for h in hyps if h["utt_id"] not in mats]
     if missing:
         raise ValueError(f"{logp_scp} lacks the posteriors of {len(missing)} hypotheses, e.g. {missing[:3]}")
-    results: Dict[str, float] = {}
+    results: Dict[str, Tuple[float, List[float]]] = {}
     start = time.perf_counter()
     for first in range(0, len(hyps), batch_size):
         chunk = hyps[first:first + batch_size]
         logps = [torch.from_numpy(mats[h["utt_id"]]) for h in chunk]
-        scores = log_posteriors(logps, [h["token_int"] for h in chunk], output_beam, grammar)
+        scores = posteriors(logps, [h["token_int"] for h in chunk], output_beam, grammar)
         results.update({h["utt_id"]: s for h, s in zip(chunk, scores)})
         logger.info("%s lattice confidence: %d/%d utterances", method, min(first + batch_size, len(hyps)), len(hyps))
-    write_jsonl(output, (confidence_row(h["utt_id"], method, results[h["utt_id"]], len(h["token_int"]))
-                         for h in hyps))
+    write_jsonl(output, (confidence_row(h["utt_id"], method, results[h["utt_id"]][0], len(h["token_int"]),
+                                        results[h["utt_id"]][1]) for h in hyps))
     logger.info("%s confidence of %d utterances -> %s (%.1f s)", method, len(hyps), output,
                 time.perf_counter() - start)
     return len(hyps)

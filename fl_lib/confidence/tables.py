@@ -7,7 +7,8 @@ confidences, and neither imports the other's packages.
   token_int (the hypothesis' token ids, no blank/sos/eos), score (ESPnet's beam
   score), num_frames (CTC frames in ``logp.scp``).
 - ``confidence.jsonl``: utt_id, method, log_posterior (log P(hypothesis | audio)),
-  num_tokens and confidence, the per-token geometric mean exp(log_posterior / num_tokens).
+  num_tokens and confidence, the per-token geometric mean exp(log_posterior / num_tokens);
+  the k2 methods add token_posteriors, each token's posterior in the lattice.
   ``method`` is what made the row (``k2``, ``k2_lm``, or ``beam_score`` also when k2 fell back):
   the filter and the results read it from here, never from a config.
 """
@@ -16,11 +17,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 from ..atomic import atomic_path  # stdlib only: importable in .venv-k2 too
 
 METHODS = ("k2", "k2_lm", "beam_score")
+RANK_BY = ("utterance", "weakest_token")
 
 
 def read_jsonl(path: Path) -> List[dict]:
@@ -41,11 +43,30 @@ def per_token(log_posterior: float, num_tokens: int) -> float:
     return math.exp(log_posterior / max(num_tokens, 1))
 
 
-def confidence_row(utt_id: str, method: str, log_posterior: float, num_tokens: int) -> dict:
+def confidence_row(utt_id: str, method: str, log_posterior: float, num_tokens: int,
+                   token_posteriors: Optional[List[float]] = None) -> dict:
     if method not in METHODS:
         raise ValueError(f"unknown confidence method '{method}'; choose {', '.join(METHODS)}")
-    return {"utt_id": utt_id, "method": method, "log_posterior": log_posterior,
-            "num_tokens": num_tokens, "confidence": per_token(log_posterior, num_tokens)}
+    row = {"utt_id": utt_id, "method": method, "log_posterior": log_posterior,
+           "num_tokens": num_tokens, "confidence": per_token(log_posterior, num_tokens)}
+    if token_posteriors is not None:
+        if len(token_posteriors) != num_tokens:
+            raise ValueError(f"{utt_id}: {len(token_posteriors)} token posteriors for {num_tokens} tokens")
+        row["token_posteriors"] = list(token_posteriors)
+    return row
+
+
+def ranking_confidence(row: dict, rank_by: str) -> float:
+    """What a filter ranks by: the utterance's per-token geometric mean posterior (`utterance`), or its
+    least confident token's posterior (`weakest_token`; 1 for an empty hypothesis, which no filter keeps)."""
+    if rank_by == "utterance":
+        return row["confidence"]
+    if rank_by != "weakest_token":
+        raise ValueError(f"unknown rank_by '{rank_by}'; choose {', '.join(RANK_BY)}")
+    if "token_posteriors" not in row:
+        raise ValueError(f"{row['utt_id']}: its confidence ({row['method']}) has no token posteriors, which "
+                         "rank_by: weakest_token needs: only the k2 lattices give them (run stage 5 again)")
+    return min(row["token_posteriors"], default=1.0)
 
 
 def read_confidence(path: Path) -> Dict[str, dict]:
