@@ -75,6 +75,8 @@ def column_rank(cfg: dict, spec: Optional[str]) -> dict[str, int]:
     """The columns to train and their order: `spec` names them ("none,sign_flip_f4,..."), or all, as configured."""
     names = [column_name(a, f) for a, f in columns(cfg)]
     order = spec.split(",") if spec else names
+    if len(set(order)) != len(order):
+        raise ValueError(f"--columns: {spec} names a column twice")
     if not set(order) <= set(names):
         raise ValueError(f"--columns: unknown columns {sorted(set(order) - set(names))}; the config's are {names}")
     return {c: i for i, c in enumerate(order)}
@@ -191,7 +193,9 @@ class Bench:
         rec = {"cell": cell.__dict__, "fingerprint": fingerprint, "dev_wer": rows[-1]["dev_wer"],
                "test_wer": convergence.decode_test(exp, data, [rows[-1]["round"]])[rows[-1]["round"]],
                "seconds_per_round": mean(r["train_seconds"] for r in rows),
-               # the server's share: aggregation, server-optimizer step and bookkeeping (clients train one after another)
+               # the server's share: aggregation, server-optimizer step and bookkeeping (clients train one after
+               # another). The report reads it on the clean column, where no client is dropped: a dropped or
+               # failed client's training time is not in client_seconds, so it would count as the server's.
                "server_seconds_per_round": mean(r["train_seconds"] - r["client_seconds"] for r in rows),
                "attacker_weight": attacker_weight(rows, set(poisoned), self.k)}
         record.parent.mkdir(parents=True, exist_ok=True)
@@ -233,7 +237,7 @@ def report(cfg: dict, records: dict[Cell, dict]) -> str:
             "clients.", "", "![the attack table](table.png)", "",
             "|rule|" + "|".join(f"{a}" + (f" f={f}" if f else "") for a, f in cols)
             + "|clean ΔWER vs fedavg|s/round ÷ fedavg|server s/round|",
-            "|---|" + "---|" * (len(cols) + 2)]
+            "|---|" + "---|" * (len(cols) + 3)]
     clean = {r: [x for c, x in records.items() if (c.rule, c.attack) == (r, "none")] for r in cfg["rules"]}
     for rule in cfg["rules"]:
         extra = ["—", "—", "—"]

@@ -66,6 +66,8 @@ def test_a_cell_records_its_wer_cost_and_attackers_weight_and_is_reused(bench):
     records = {c: bench.run(c) for c in [rob.Cell("fedavg", "none", 0, 11), rob.Cell("median", "none", 0, 11),
                                          rob.Cell("fedavg", "sign_flip", 1, 11)]}
     table = rob.report(bench.cfg, records)
+    header, separator = table.splitlines()[6:8]
+    assert header.count("|") == separator.count("|") == 1 + 1 + 5 + 3  # rule, 5 columns, 3 costs
     assert "|median|40.0|—|—|—|—|+10.0|2.00|1.25|" in table
     assert "|fedavg|30.0|30.0 w×0.50|—|—|—|+0.0|1.00|0.25|" in table
     bench.cfg["rounds"] += 1  # other settings: the record is refused
@@ -110,3 +112,5 @@ def test_columns_to_train_are_named_in_their_order_and_a_wrong_name_is_refused(b
     assert rob.column_rank(bench.cfg, "shuffled_f2,none") == {"shuffled_f2": 0, "none": 1}
     with pytest.raises(ValueError, match=r"unknown columns \['sign_flip_f4'\]"):
         rob.column_rank(bench.cfg, "none,sign_flip_f4")
+    with pytest.raises(ValueError, match="names a column twice"):
+        rob.column_rank(bench.cfg, "none,none")

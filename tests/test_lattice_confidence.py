@@ -42,21 +42,23 @@ def brute_force_log_posterior(scores: np.ndarray, hyp, lm=None, lm_weight: float
     return math.log(num / den)
 
 
-def brute_force_token_posteriors(scores: np.ndarray, hyp, lm=None, lm_weight: float = 0.0) -> list:
+def brute_force_token_posteriors(scores: np.ndarray, hyp, lm=None, lm_weight: float = 0.0, window: int = 2) -> list:
     """Each hypothesis token's expected number of emissions (first frames of a run of that label)
-    within its window, capped at 1, by enumeration of every frame path. The windows split the
-    frames halfway between the emission frames of the hypothesis' best (Viterbi) alignment."""
+    in its frames, capped at 1, by enumeration of every frame path. A token's frames are those
+    within `window` of its emission frame in the hypothesis' best (Viterbi) alignment that are
+    nearer to it than to any other token's emission frame (a tie goes to the later token)."""
     T, V = scores.shape
     paths = list(itertools.product(range(V), repeat=T))
     acoustic = [sum(scores[t, s] for t, s in enumerate(p)) for p in paths]
     emissions = [[(t, s) for t, s in enumerate(p) if s != 0 and (t == 0 or p[t - 1] != s)] for p in paths]
     best = max((a, e) for p, a, e in zip(paths, acoustic, emissions) if collapse(p) == tuple(hyp))[1]
     starts = [t for t, _ in best]
-    bounds = [0] + [(a + b + 1) // 2 for a, b in zip(starts, starts[1:])] + [T]
+    owner = {t: min(range(len(starts)), key=lambda j: (abs(t - starts[j]), -j)) for t in range(T)} if starts else {}
+    frames = [{t for t in range(T) if owner[t] == i and abs(t - starts[i]) <= window} for i in range(len(starts))]
     weights = [math.exp(a + (lm_weight * lm.sentence_logprob(collapse(p)) if lm else 0.0)) for p, a in zip(paths, acoustic)]
     z = sum(weights)
-    return [min(1.0, sum(w * sum(1 for t, s in e if s == tok and lo <= t < hi) for w, e in zip(weights, emissions)) / z)
-            for tok, lo, hi in zip(hyp, bounds, bounds[1:])]
+    return [min(1.0, sum(w * sum(1 for t, s in e if s == tok and t in mine) for w, e in zip(weights, emissions)) / z)
+            for tok, mine in zip(hyp, frames)]
 
 
 def run_k2(tmp_path: Path, mats: dict, hyps: dict, extra: tuple = ()) -> dict:
@@ -130,11 +132,13 @@ def test_token_posteriors_equal_brute_force_with_and_without_the_lm(tmp_path, or
         (tmp_path / "G.txt").write_text(lm.to_k2_str())
         extra = ("--grammar", str(tmp_path / "G.txt"), "--lm_weight", "0.7")
     rng = np.random.default_rng(7 + order)
-    cases = [(4, (1, 2)), (5, (2, 2)), (3, ()), (6, (1, 2, 3)), (4, (3,)), (5, (1, 3, 1))]
+    cases = [(4, (1, 2)), (5, (2, 2)), (3, ()), (7, (1, 2, 3)), (7, (3,)), (5, (1, 3, 1)), (2, (2, 2))]
     mats = {f"u{n}": rng.normal(size=(T, V)) for n, (T, _) in enumerate(cases)}
     hyps = {f"u{n}": hyp for n, (_, hyp) in enumerate(cases)}
     rows = run_k2(tmp_path, mats, hyps, extra)
-    for u in mats:
+    impossible = rows.pop("u6")  # (2, 2) needs a blank between its tokens: three frames, and it has two
+    assert impossible["log_posterior"] == -math.inf and impossible["token_posteriors"] == [0.0, 0.0]
+    for u in rows:
         scores = mats[u].astype(np.float32).astype(np.float64)
         expected = brute_force_token_posteriors(scores, hyps[u], lm, 0.7)
         assert rows[u]["token_posteriors"] == pytest.approx(expected, abs=1e-5), u
@@ -154,6 +158,15 @@ def test_the_token_the_frames_leave_in_doubt_is_the_weakest(tmp_path):
     rows = run_k2(tmp_path, {"u": logp}, {"u": (3, 1, 2)})
     first, doubtful, last = rows["u"]["token_posteriors"]
     assert first > 0.9 and last > 0.9 and 0.4 < doubtful < 0.6
+
+
+def test_a_token_in_long_silence_is_not_made_certain_by_its_many_frames(tmp_path):
+    """30 frames of 0.9 blank, 0.05 each token: hypothesis (1,) has posterior 0.075, and its token's
+    emission chances over 30 frames would add up past 1; within its window they stay near 0.2."""
+    logp = np.log(np.tile([0.9, 0.05, 0.05], (30, 1)))
+    row = run_k2(tmp_path, {"u": logp}, {"u": (1,)})["u"]
+    assert math.exp(row["log_posterior"]) == pytest.approx(0.075, abs=0.005)
+    assert 0.1 < row["token_posteriors"][0] < 0.3
 
 
 def test_lm_lattice_refuses_a_grammar_of_another_token_list_and_a_weight_without_grammar(tmp_path):

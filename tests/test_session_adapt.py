@@ -107,6 +107,7 @@ def test_session_without_usable_utterances_is_skipped_and_logged(tmp_path, caplo
     {"filter": "top_fraction", "confidence": "beam_score", "top_fraction": 0.5, "lm_weight": 0.5},
     {"filter": "top_fraction", "confidence": "beam_score", "top_fraction": 0.5, "rank_by": "weakest_token"},  # no tokens
     {"filter": "none", "rank_by": "weakest_token"},                          # nothing ranked
+    {"labels": "oracle", "rank_by": "weakest_token"},
     {"filter": "top_fraction", "confidence": "k2", "top_fraction": 0.5, "rank_by": "word"},
 ])
 def test_adapt_config_rejects_options_that_do_nothing_or_make_no_sense(conf):
@@ -550,7 +551,7 @@ def test_dev_comparison_of_filters_reads_kept_dropped_and_disagreeing_labels(tmp
     assert b["kept"]["wer"] == 50.0 and b["dropped"]["wer"] == 0.0
     (pair,) = result["disagreements"]
     assert pair["only_a"]["wer"] == 0.0 and pair["only_b"]["wer"] == 50.0 and pair["only_a"]["utts"] == 4
-    assert "| a | k2_lm | 4 | 0.0 | 4 | 50.0 |" in render(result)
+    assert "| a | k2_lm | utterance | 4 | 0.0 | 4 | 50.0 |" in render(result)
     with pytest.raises(ValueError, match="without a dev transcript"):
         compare(tmp_path / "hyps.jsonl", {u: t for u, t in truth.items() if u != "s1-0"}, variants)
 

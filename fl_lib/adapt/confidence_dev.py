@@ -68,7 +68,8 @@ def compare(hyps_path: Path, truth: dict[str, str], variants: Sequence[Variant])
     text = {h["utt_id"]: h["text"] for h in hyps}
     everything = set(text)
     kept = {v.name: kept_ids(hyps, v.config, v.table) for v in variants}
-    rows = [{"variant": v.name, "confidence": v.config.confidence, "kept": _wer(kept[v.name], text, truth),
+    rows = [{"variant": v.name, "confidence": v.config.confidence, "rank_by": v.config.rank_by,
+             "kept": _wer(kept[v.name], text, truth),
              "dropped": _wer(everything - kept[v.name], text, truth)} for v in variants]
     pairs = [{"a": a.name, "b": b.name, "only_a": _wer(kept[a.name] - kept[b.name], text, truth),
               "only_b": _wer(kept[b.name] - kept[a.name], text, truth)} for a, b in combinations(variants, 2)]
@@ -83,10 +84,11 @@ def render(result: dict) -> str:
     a = result["all"]
     lines = ["# Confidence filters on the sessions' dev parts", "",
              f"Labels: `{result['hyps']}`; all {a['utts']} dev labels ({a['words']} words): {pct(a['wer'])} % WER.", "",
-             "| variant | confidence | kept utts | kept WER % | dropped utts | dropped WER % |",
-             "|---|---|---:|---:|---:|---:|"]
+             "| variant | confidence | ranked by | kept utts | kept WER % | dropped utts | dropped WER % |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for r in result["variants"]:
-        lines.append(f"| {r['variant']} | {r['confidence']} | {r['kept']['utts']} | {pct(r['kept']['wer'])} | "
+        lines.append(f"| {r['variant']} | {r['confidence']} | {r['rank_by']} | {r['kept']['utts']} | "
+                     f"{pct(r['kept']['wer'])} | "
                      f"{r['dropped']['utts']} | {pct(r['dropped']['wer'])} |")
     lines += ["", "Where two filters disagree: the labels only one of them keeps.", "",
               "| A | B | only A keeps: utts | WER % | only B keeps: utts | WER % |", "|---|---|---:|---:|---:|---:|"]

@@ -42,8 +42,9 @@ class AdaptConfig:
             raise ValueError(f"generations must be >= 1, got {self.generations}")
         if self.labels == "oracle":
             if self.filter != "none" or self.confidence is not None or self.generations != 1 or self.rank_by != "utterance":
-                raise ValueError("labels: oracle trains on the true transcripts: set filter: none, confidence: null "
-                                 "and generations: 1 (confidence, filters and re-labelling do nothing there)")
+                raise ValueError("labels: oracle trains on the true transcripts: set filter: none, confidence: null, "
+                                 "generations: 1 and leave rank_by out (confidence, filters and re-labelling do "
+                                 "nothing there)")
             return
         if self.filter == "none" and (self.confidence is not None or self.rank_by != "utterance"):
             raise ValueError("filter: none keeps every pseudo-label, so confidence and rank_by do nothing: "

@@ -30,7 +30,7 @@ from fl_lib.log import setup_logging
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
-ROW_FORMAT = 2  # 2: the k2 rows carry token_posteriors; a table of an older format is made again
+ROW_FORMAT = 3  # 2: the k2 rows carry token_posteriors; 3: in windows of TOKEN_WINDOW frames. An older table is made again
 
 
 def k2_available(k2_python: Optional[str]) -> bool:

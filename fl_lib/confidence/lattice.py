@@ -43,6 +43,7 @@ from fl_lib.confidence.tables import confidence_row, read_jsonl, write_jsonl
 from fl_lib.log import setup_logging
 
 logger = logging.getLogger(__name__)
+TOKEN_WINDOW = 2  # frames either side of a token's emission frame in which the lattice's emissions of it count
 
 
 def load_grammar(text: str, lm_weight: float):
@@ -65,9 +66,11 @@ def posteriors(logps: Sequence[torch.Tensor], hyps: Sequence[Sequence[int]], out
 
     A token's posterior is read off the full lattice's arc posteriors (forward-backward):
     the expected number of times the lattice emits that token (an arc whose output label
-    is it) within the token's window, capped at 1. The windows split the frames halfway
-    between the frames where the hypothesis' best alignment emits consecutive tokens, so
-    a token competes with every label sequence that puts something else near it.
+    is it) within the token's window, capped at 1. The window is the frame where the
+    hypothesis' best alignment emits the token, TOKEN_WINDOW frames either side, cut
+    halfway to the neighbouring tokens' emission frames: a token competes with every
+    label sequence that puts something else there, while a wide window (the silence
+    before a first word) cannot add up many small emission chances to a certainty.
     `output_beam` prunes the lattices; the default keeps every path, so the results are
     exact (within float64 accumulation of float32 scores).
     """
@@ -110,26 +113,34 @@ def posteriors(logps: Sequence[torch.Tensor], hyps: Sequence[Sequence[int]], out
     best = k2.shortest_path(hyp_lattices, use_double_scores=True)
 
     arc_post = lattices.get_arc_post(use_double_scores=True, log_semiring=True).exp()
-    shape = lattices.arcs.shape()
-    arc_fsa = shape.row_ids(1).long()[shape.row_ids(2).long()]
+    state_splits = lattices.arcs.shape().row_splits(1).long()
+    arc_splits = lattices.arcs.shape().row_splits(2).long()
     best_shape = best.arcs.shape()
     best_fsa = best_shape.row_ids(1).long()[best_shape.row_ids(2).long()]
     out: List[Tuple[float, List[float]]] = [(0.0, [])] * len(order)
     for row, i in enumerate(order):
         log_posterior = float(hyp_score[row] - total[row])
-        if log_posterior == -math.inf:  # no alignment spells the hypothesis (or the beam pruned them all)
-            out[i] = (log_posterior, [0.0] * len(hyps[i]))
+        if not math.isfinite(float(hyp_score[row])):  # no alignment spells the hypothesis (or the beam pruned them all)
+            out[i] = (-math.inf, [0.0] * len(hyps[i]))
             continue
         mine = best_fsa == row
         starts = best.frame[mine][best.aux_labels[mine] > 0].tolist()
         if len(starts) != len(hyps[i]):
             raise RuntimeError(f"the best alignment of hypothesis {list(hyps[i])} emits {len(starts)} tokens")
-        arcs = arc_fsa == row
-        frame, emitted, post = lattices.frame[arcs], lattices.aux_labels[arcs], arc_post[arcs]
-        bounds = [0] + [(a + b + 1) // 2 for a, b in zip(starts, starts[1:])] + [logps[i].shape[0]]
-        tokens = [min(1.0, float(post[(emitted == tok) & (frame >= lo) & (frame < hi)].sum()))
-                  for tok, lo, hi in zip(hyps[i], bounds, bounds[1:])]
-        out[i] = (log_posterior, tokens)
+        mids = [(a + b + 1) // 2 for a, b in zip(starts, starts[1:])]
+        lo = torch.tensor([max(t - TOKEN_WINDOW, m) for t, m in zip(starts, [0] + mids)], dtype=torch.long)
+        hi = torch.tensor([min(t + TOKEN_WINDOW + 1, m) for t, m in zip(starts, mids + [logps[i].shape[0]])],
+                          dtype=torch.long)
+        # this row's arcs (an FsaVec keeps each FSA's arcs together), each given the window its frame falls in
+        first, last = arc_splits[state_splits[row]], arc_splits[state_splits[row + 1]]
+        frame = lattices.frame[first:last].long()
+        window = torch.bucketize(frame, hi, right=True).clamp(max=max(len(starts) - 1, 0))
+        tokens = torch.tensor(list(hyps[i]), dtype=torch.long)
+        counts = torch.zeros(len(starts), dtype=torch.float64)
+        if len(starts):
+            hit = (frame >= lo[window]) & (frame < hi[window]) & (lattices.aux_labels[first:last].long() == tokens[window])
+            counts.index_add_(0, window[hit], arc_post[first:last][hit].double())
+        out[i] = (log_posterior, counts.clamp(max=1.0).tolist())
     return out
 
 
