@@ -7,9 +7,9 @@ attack and f attackers among the K clients of each round:
 - data poisoning: f·N/K of the N clients have shuffled or random transcripts (f per round on average).
 The table gives the CTC-greedy test-clean WER of each cell's last round; the clean column's cost
 against FedAvg (ΔWER, seconds per round) and the server's own seconds per round; and the
-attackers' mean weight relative to a uniform 1/K where the rule weights clients. Every cell runs on `seeds`; the cells that decide a column's
-ranking (within `decide_margin` WER points of the column's best on those seeds) run again on
-`decide_seeds`. Cells train `parallel_jobs` (the convergence study's) side by side. Each finished
+attackers' mean weight relative to a uniform 1/K where the rule weights clients. Every cell runs
+on `seeds`; the cells that decide a column's ranking (within `decide_margin` WER points of the
+column's best on those seeds) run again on `decide_seeds`. Cells train `parallel_jobs` (the convergence study's) side by side. Each finished
 cell leaves a compact record under bench/results/robustness/runs/; a rerun trains only the missing
 cells. The report is report.md and table.png.
 

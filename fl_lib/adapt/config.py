@@ -41,7 +41,8 @@ class AdaptConfig:
         if self.generations < 1:
             raise ValueError(f"generations must be >= 1, got {self.generations}")
         if self.labels == "oracle":
-            if self.filter != "none" or self.confidence is not None or self.generations != 1 or self.rank_by != "utterance":
+            if (self.filter != "none" or self.confidence is not None or self.generations != 1
+                    or self.rank_by != "utterance"):
                 raise ValueError("labels: oracle trains on the true transcripts: set filter: none, confidence: null, "
                                  "generations: 1 and leave rank_by out (confidence, filters and re-labelling do "
                                  "nothing there)")

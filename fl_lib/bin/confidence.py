@@ -30,7 +30,9 @@ from fl_lib.log import setup_logging
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
-ROW_FORMAT = 3  # 2: the k2 rows carry token_posteriors; 3: in windows of TOKEN_WINDOW frames. An older table is made again
+# The rows' format, in the done-marker: a table of an older one is made again.
+# 2: the k2 rows carry token_posteriors; 3: counted in windows of TOKEN_WINDOW frames.
+ROW_FORMAT = 3
 
 
 def k2_available(k2_python: Optional[str]) -> bool:

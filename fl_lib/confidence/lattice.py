@@ -138,7 +138,8 @@ def posteriors(logps: Sequence[torch.Tensor], hyps: Sequence[Sequence[int]], out
         tokens = torch.tensor(list(hyps[i]), dtype=torch.long)
         counts = torch.zeros(len(starts), dtype=torch.float64)
         if len(starts):
-            hit = (frame >= lo[window]) & (frame < hi[window]) & (lattices.aux_labels[first:last].long() == tokens[window])
+            emitted = lattices.aux_labels[first:last].long()
+            hit = (frame >= lo[window]) & (frame < hi[window]) & (emitted == tokens[window])
             counts.index_add_(0, window[hit], arc_post[first:last][hit].double())
         out[i] = (log_posterior, counts.clamp(max=1.0).tolist())
     return out
