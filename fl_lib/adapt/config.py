@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from fl_lib.confidence.tables import METHODS, RANK_BY
+from fl_lib.confidence.tables import K2_METHODS, METHODS, RANK_BY
 from fl_lib.fl.config import load_config
 
 LABELS = ("pseudo", "oracle")
@@ -55,7 +55,7 @@ class AdaptConfig:
                              f"got {self.confidence}")
         if self.rank_by not in RANK_BY:
             raise ValueError(f"unknown rank_by '{self.rank_by}'; choose {', '.join(RANK_BY)}")
-        if self.rank_by == "weakest_token" and self.confidence not in ("k2", "k2_lm"):
+        if self.rank_by == "weakest_token" and self.confidence not in K2_METHODS:
             raise ValueError(f"rank_by: weakest_token needs the token posteriors of the k2 lattices (confidence: k2 "
                              f"or k2_lm), but confidence is '{self.confidence}'")
         if self.confidence == "k2_lm":

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from fl_lib.confidence.grammar import GrammarSpec, build_grammar
-from fl_lib.confidence.tables import METHODS, table_method
+from fl_lib.confidence.tables import K2_METHODS, METHODS, table_method
 from fl_lib.data.markers import file_stamp, is_done, mark_done
 from fl_lib.log import setup_logging
 
@@ -51,7 +51,7 @@ def compute_confidence(method: str, hyps: Path, logp_scp: Path, output: Path, k2
     if (method == "k2_lm") != (grammar is not None):
         raise ValueError(f"confidence {method} {'needs' if method == 'k2_lm' else 'takes no'} grammar "
                          f"(--lm_text, --token_list, --bpemodel, --ngram_order, --lm_weight)")
-    uses_k2 = method in ("k2", "k2_lm")
+    uses_k2 = method in K2_METHODS
     used = method if uses_k2 and k2_available(k2_python) else "beam_score"
     done = output.with_name(output.name + ".done")
     stamp = {"hyps": file_stamp(hyps), "method": method, "used": used, "rows": ROW_FORMAT,

@@ -22,6 +22,7 @@ from typing import Dict, Iterable, List, Optional
 from ..atomic import atomic_path  # stdlib only: importable in .venv-k2 too
 
 METHODS = ("k2", "k2_lm", "beam_score")
+K2_METHODS = ("k2", "k2_lm")  # made from k2 lattices (.venv-k2): they alone give token posteriors
 RANK_BY = ("utterance", "weakest_token")
 
 
