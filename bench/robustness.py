@@ -6,12 +6,13 @@ attack and f attackers among the K clients of each round:
 - an update attack (attack.*): f of each round's sampled clients send forged updates;
 - data poisoning: f·N/K of the N clients have shuffled or random transcripts (f per round on average).
 The table gives the CTC-greedy test-clean WER of each cell's last round; the clean column's cost
-against FedAvg (ΔWER, seconds per round) and the server's own seconds per round; and the
+against FedAvg (ΔWER, CPU-seconds per round) and the server's own CPU-seconds per round; and the
 attackers' mean weight relative to a uniform 1/K where the rule weights clients. Every cell runs
 on `seeds`; the cells that decide a column's ranking (within `decide_margin` WER points of the
-column's best on those seeds) run again on `decide_seeds`. Cells train `parallel_jobs` (the convergence study's) side by side. Each finished
-cell leaves a compact record under bench/results/robustness/runs/; a rerun trains only the missing
-cells. The report is report.md and table.png.
+column's best on those seeds) run again on `decide_seeds`, reported in a table of their own, paired
+by seed (a seed is its own corpus). Cells train `parallel_jobs` (the convergence study's) side by
+side. Each finished cell leaves a compact record under bench/results/robustness/runs/; a rerun
+trains only the missing cells. The report is report.md and table.png.
 
     bench/robustness.sh [--report_only] [--corpora DIR] [--only RULE,...] [--columns COLUMN,...]
 """
@@ -192,11 +193,10 @@ class Bench:
         data = self.study.corpus(cell.seed) / "data"
         rec = {"cell": cell.__dict__, "fingerprint": fingerprint, "dev_wer": rows[-1]["dev_wer"],
                "test_wer": convergence.decode_test(exp, data, [rows[-1]["round"]])[rows[-1]["round"]],
-               "seconds_per_round": mean(r["train_seconds"] for r in rows),
-               # the server's share: aggregation, server-optimizer step and bookkeeping (clients train one after
-               # another). The report reads it on the clean column, where no client is dropped: a dropped or
-               # failed client's training time is not in client_seconds, so it would count as the server's.
-               "server_seconds_per_round": mean(r["train_seconds"] - r["client_seconds"] for r in rows),
+               # CPU-seconds, not wall seconds: cells side by side share the cores, which inflates wall time
+               # by whatever else runs; the clients' work is the same for every rule of a column.
+               "client_cpu_seconds_per_round": mean(r["client_cpu_seconds"] for r in rows),
+               "server_cpu_seconds_per_round": mean(r["server_cpu_seconds"] for r in rows),
                "attacker_weight": attacker_weight(rows, set(poisoned), self.k)}
         record.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(exp / "metrics.jsonl", record.parent / "metrics.jsonl")
@@ -212,16 +212,37 @@ def attacker_weight(rows: list[dict], poisoned: set[str], k: int) -> Optional[fl
     return sum(rel) / len(rel) if rel else None
 
 
-def seed_wers(records: dict[Cell, dict], rule: str, attack: str, f: int) -> list[float]:
-    return [100 * r["test_wer"] for c, r in records.items() if (c.rule, c.attack, c.f) == (rule, attack, f)]
+def seed_wers(records: dict[Cell, dict], rule: str, attack: str, f: int, seeds) -> list[float]:
+    return [100 * r["test_wer"] for c, r in records.items() if (c.rule, c.attack, c.f) == (rule, attack, f) and c.seed in seeds]
 
 
-def report(cfg: dict, records: dict[Cell, dict]) -> str:
-    """Rows: rules; columns: the attacks with f attackers; a cell is its test WER, seed mean (and range)."""
-    cols = columns(cfg)
+def _settings(cfg: dict) -> str:
+    """Each rule's own settings, as the table ran them."""
+    keep = lambda k: k not in ("strategy.name", "strategy.weight_by")  # noqa: E731
+    return "; ".join(f"{rule}: {spec['fl_config']}" + "".join(f", {k.split('.', 1)[1]} {v}" for k, v in spec["overrides"].items() if keep(k))
+                     for rule, spec in cfg["rules"].items())
+
+
+def _legend(cfg: dict, k: int) -> list[str]:
+    """What a column's name does not say."""
+    from fl_lib.fl.attacks import alie_z
+
+    out = []
+    if "alie" in cfg["attacks"]:
+        out.append("alie: z_max = " + ", ".join(f"{alie_z(k, f):.2f} at f = {f}" for f in cfg["attackers"] if 2 * f <= k)
+                   + f" of K = {k} (0: the attackers send the honest mean itself, which is no attack)")
+    if "gaussian" in cfg["attacks"]:
+        out.append("gaussian: noise of the honest updates' norm (the issue's definition; weaker than fixed-variance noise)")
+    return out
+
+
+def report(cfg: dict, records: dict[Cell, dict], k: int) -> str:
+    """Rows: rules; columns: the attacks with f attackers. The table holds `seeds` only, so that every
+    row of a column is read on the same corpora; the decide seeds get their own, paired table."""
+    cols, seeds = columns(cfg), cfg["seeds"]
 
     def cell_text(rule: str, attack: str, f: int) -> str:
-        recs = [records[c] for c in records if (c.rule, c.attack, c.f) == (rule, attack, f)]
+        recs = [r for c, r in records.items() if (c.rule, c.attack, c.f) == (rule, attack, f) and c.seed in seeds]
         if not recs:
             return "—"
         wers = [100 * r["test_wer"] for r in recs]
@@ -231,26 +252,67 @@ def report(cfg: dict, records: dict[Cell, dict]) -> str:
 
     head = ["# Attack table (bench/robustness.py)", "",
             f"Test-clean WER % (CTC greedy, acoustic model alone) after {cfg['rounds']} rounds from a FedAvg model of "
-            f"{cfg['base_rounds']} rounds; mean over seeds {cfg['seeds']}, and also over {cfg['decide_seeds']} for the cells "
-            f"within {cfg['decide_margin']} points of their column's best (range over seeds). `w×`: the attackers' mean weight "
-            "relative to a uniform 1/K. Update attacks: f of the K clients of each round; data poisoning: f·N/K of the N "
-            "clients.", "", "![the attack table](table.png)", "",
+            f"{cfg['base_rounds']} rounds, on seeds {seeds} (corpus and training); every cell restarts the client LR schedule, "
+            f"the server optimizer and the rule's state. K = {k} clients per round. Update attacks: f of the K clients of "
+            "each round; data poisoning: f·N/K of the N clients.", "",
+            "- `w×`: the attackers' mean share of the aggregate relative to a uniform 1/K: their weight for fedavg, dga "
+            "and rl_dga; for median and trimmed_mean, the share of coordinates at which their value is kept (a forged value "
+            "near the centre is kept without pulling); for krum, 1/m when selected; for geometric_median, the last "
+            "Weiszfeld weight; for the clipping rules, the clip factor, normalized over the round.",
+            *(f"- {line}" for line in _legend(cfg, k)),
+            f"- Rules' settings: {_settings(cfg)}.",
+            "- Costs, on the clean column: ΔWER against fedavg, paired by seed; the server's CPU-seconds per round (each "
+            "result handed to the rule, aggregation, server-optimizer step); a round's CPU-seconds (the column's mean "
+            "client CPU-seconds plus the rule's server CPU-seconds) over fedavg's.",
+            "", "![the attack table](table.png)", "",
             "|rule|" + "|".join(f"{a}" + (f" f={f}" if f else "") for a, f in cols)
-            + "|clean ΔWER vs fedavg|s/round ÷ fedavg|server s/round|",
+            + "|clean ΔWER vs fedavg|server CPU s/round|round CPU ÷ fedavg|",
             "|---|" + "---|" * (len(cols) + 3)]
-    clean = {r: [x for c, x in records.items() if (c.rule, c.attack) == (r, "none")] for r in cfg["rules"]}
+    clean = {r: {c.seed: x for c, x in records.items() if (c.rule, c.attack) == (r, "none") and c.seed in seeds} for r in cfg["rules"]}
+    timed = [x for by_seed in clean.values() for x in by_seed.values() if "server_cpu_seconds_per_round" in x]
+    clients = mean(x["client_cpu_seconds_per_round"] for x in timed) if timed else None
+    server = {r: [x["server_cpu_seconds_per_round"] for x in by_seed.values() if "server_cpu_seconds_per_round" in x]
+              for r, by_seed in clean.items()}
     for rule in cfg["rules"]:
-        extra = ["—", "—", "—"]
-        if clean[rule] and clean.get("fedavg"):
-            extra = [f"{100 * (mean(x['test_wer'] for x in clean[rule]) - mean(x['test_wer'] for x in clean['fedavg'])):+.1f}",
-                     f"{mean(x['seconds_per_round'] for x in clean[rule]) / mean(x['seconds_per_round'] for x in clean['fedavg']):.2f}",
-                     f"{mean(x['server_seconds_per_round'] for x in clean[rule]):.2f}"]
+        paired = [100 * (clean[rule][s]["test_wer"] - clean["fedavg"][s]["test_wer"]) for s in clean[rule] if s in clean.get("fedavg", {})]
+        extra = [f"{mean(paired):+.1f}" if paired else "—", f"{mean(server[rule]):.2f}" if server[rule] else "—",
+                 f"{(clients + mean(server[rule])) / (clients + mean(server['fedavg'])):.2f}"
+                 if server[rule] and server.get("fedavg") else "—"]
         head.append("|" + "|".join([rule, *(cell_text(rule, a, f) for a, f in cols), *extra]) + "|")
-    return "\n".join(head) + "\n"
+    return "\n".join(head + decide_table(cfg, records)) + "\n"
+
+
+def decide_table(cfg: dict, records: dict[Cell, dict]) -> list[str]:
+    """The cells run again on `decide_seeds`, each against its column's best rule on `seeds` (the one
+    the table ranks first), seed by seed: a seed changes the corpus, so only paired differences compare."""
+    all_seeds = [*cfg["seeds"], *cfg["decide_seeds"]]
+    lines = []
+    for attack, f in columns(cfg):
+        wer = {rule: seed_wers(records, rule, attack, f, cfg["seeds"]) for rule in cfg["rules"]}
+        wer = {rule: mean(w) for rule, w in wer.items() if w}
+        decided = sorted({c.rule for c in records if (c.attack, c.f) == (attack, f) and c.seed in cfg["decide_seeds"]},
+                         key=lambda r: wer[r])
+        if not decided:
+            continue
+        best = min(wer, key=wer.get)
+        by_seed = {(c.rule, c.seed): 100 * r["test_wer"] for c, r in records.items() if (c.attack, c.f) == (attack, f)}
+        for rule in decided:
+            cells_ = [f"{by_seed[rule, s]:.1f}" if (rule, s) in by_seed else "—" for s in all_seeds]
+            deltas = [f"{by_seed[rule, s] - by_seed[best, s]:+.1f}" if (rule, s) in by_seed and (best, s) in by_seed else "—"
+                      for s in all_seeds]
+            lines.append("|" + "|".join([column_name(attack, f), rule, *cells_, *deltas]) + "|")
+    if not lines:
+        return []
+    return ["", f"## The cells that decide each column's ranking, again on seeds {cfg['decide_seeds']}", "",
+            f"The rules within {cfg['decide_margin']} points of their column's best on seeds {cfg['seeds']}. Δ: the rule's WER "
+            "minus that of the column's best rule on the same seed (a seed is its own corpus, so only such paired "
+            "differences compare across seeds).", "",
+            "|column|rule|" + "|".join(f"WER seed {s}" for s in all_seeds) + "|" + "|".join(f"Δ seed {s}" for s in all_seeds) + "|",
+            "|---|---|" + "---|" * (2 * len(all_seeds)), *lines]
 
 
 def plot(cfg: dict, records: dict[Cell, dict], png: Path) -> None:
-    """The table as a heat map: a row per rule, a column per (attack, f), the seed-mean WER in each cell."""
+    """The table as a heat map: a row per rule, a column per (attack, f), the WER on `seeds` in each cell."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,7 +323,7 @@ def plot(cfg: dict, records: dict[Cell, dict], png: Path) -> None:
     wer = np.full((len(rules), len(cols)), np.nan)
     for i, rule in enumerate(rules):
         for j, (attack, f) in enumerate(cols):
-            w = seed_wers(records, rule, attack, f)
+            w = seed_wers(records, rule, attack, f, cfg["seeds"])
             if w:
                 wer[i, j] = mean(w)
     fig, ax = plt.subplots(figsize=(1.0 + 0.62 * len(cols), 1.2 + 0.45 * len(rules)))
@@ -307,7 +369,7 @@ def main() -> None:
         todo.sort(key=lambda c: rank[column_name(c.attack, c.f)])  # stable: the rules keep their order
         records.update(bench.run_all(todo))
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "report.md").write_text(report(cfg, records))
+    (args.results / "report.md").write_text(report(cfg, records, bench.k))
     plot(cfg, records, args.results / "table.png")
     print(json.dumps({"cells": len(records), "first seeds": len(cells(cfg)), "report": str(args.results / "report.md")}))
 

@@ -28,7 +28,7 @@ def bench(tmp_path, tiny_clients, monkeypatch):
         ids = [json.loads(x)["id"] for x in open(listing)]
         attacked = [ids[0]] if "attack.per_round" in overrides else []
         rows = [{"round": r, "clients": ids[:2], "weights": [0.25, 0.75], "attacked": attacked, "dev_wer": 0.5,
-                 "train_seconds": 2.0 if "strategy.name" in overrides else 1.0, "client_seconds": 0.75}
+                 "client_cpu_seconds": 1.5, "server_cpu_seconds": 0.5 if "strategy.name" in overrides else 0.1}
                 for r in range(1, overrides["rounds"] + 1)]
         (exp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (exp / "latest.pth").write_text("weights")
@@ -58,18 +58,20 @@ def test_cells_overrides_and_poisoned_federations(bench):
 def test_a_cell_records_its_wer_cost_and_attackers_weight_and_is_reused(bench):
     rec = bench.run(rob.Cell("fedavg", "sign_flip", 1, 11))
     # the attacker (first client) had weight 0.25 of K = 2: half a uniform weight
-    assert rec["test_wer"] == 0.3 and rec["attacker_weight"] == pytest.approx(0.5) and rec["seconds_per_round"] == 1.0
-    assert rec["server_seconds_per_round"] == 0.25
+    assert rec["test_wer"] == 0.3 and rec["attacker_weight"] == pytest.approx(0.5)
+    assert rec["client_cpu_seconds_per_round"] == 1.5 and rec["server_cpu_seconds_per_round"] == 0.1
     assert [c[0] for c in bench.calls] == ["base_seed11", "sign_flip_f1_seed11"]  # the base first, once
     bench.calls.clear()
     assert bench.run(rob.Cell("fedavg", "sign_flip", 1, 11))["test_wer"] == 0.3 and bench.calls == []
     records = {c: bench.run(c) for c in [rob.Cell("fedavg", "none", 0, 11), rob.Cell("median", "none", 0, 11),
                                          rob.Cell("fedavg", "sign_flip", 1, 11)]}
-    table = rob.report(bench.cfg, records)
-    header, separator = table.splitlines()[6:8]
+    table = rob.report(bench.cfg, records, bench.k)
+    header = next(line for line in table.splitlines() if line.startswith("|rule|"))
+    separator = table.splitlines()[table.splitlines().index(header) + 1]
     assert header.count("|") == separator.count("|") == 1 + 1 + 5 + 3  # rule, 5 columns, 3 costs
-    assert "|median|40.0|—|—|—|—|+10.0|2.00|1.25|" in table
-    assert "|fedavg|30.0|30.0 w×0.50|—|—|—|+0.0|1.00|0.25|" in table
+    # server CPU-s 0.5 against fedavg's 0.1, beside 1.5 client CPU-s: (1.5 + 0.5) / (1.5 + 0.1) = 1.25
+    assert "|median|40.0|—|—|—|—|+10.0|0.50|1.25|" in table
+    assert "|fedavg|30.0|30.0 w×0.50|—|—|—|+0.0|0.10|1.00|" in table
     bench.cfg["rounds"] += 1  # other settings: the record is refused
     with pytest.raises(ValueError, match="was made with other settings"):
         bench.run(rob.Cell("fedavg", "sign_flip", 1, 11))
@@ -88,6 +90,25 @@ def test_the_cells_that_decide_a_column_run_again_on_the_decide_seeds(bench):
                                                 rob.Cell("median", "sign_flip", 1, 22)]
 
 
+def test_the_table_reads_the_first_seeds_and_the_decide_seeds_are_paired_by_seed(bench):
+    """Seed 22 is another corpus: a cell run on it too must not average with cells run on seed 11 only.
+    The table keeps seed 11; the decide table gives each seed's WER and its difference to the column's best."""
+    rec = lambda wer: {"test_wer": wer, "attacker_weight": None}  # noqa: E731
+    records = {rob.Cell("fedavg", "none", 0, 11): rec(0.30), rob.Cell("median", "none", 0, 11): rec(0.34),
+               rob.Cell("fedavg", "none", 0, 22): rec(0.40), rob.Cell("median", "none", 0, 22): rec(0.36),
+               rob.Cell("fedavg", "sign_flip", 1, 11): rec(0.90)}
+    table = rob.report(bench.cfg, records, bench.k)
+    assert "|median|34.0|—|—|—|—|+4.0|—|—|" in table  # seed 11 alone: not 35.0, and ΔWER paired on seed 11
+    assert "|none|fedavg|30.0|40.0|+0.0|+0.0|" in table and "|none|median|34.0|36.0|+4.0|-4.0|" in table
+    assert "sign_flip_f1|fedavg" not in table  # no decide seed there
+
+
+def test_the_legend_says_which_alie_column_is_no_attack():
+    legend = rob._legend({"attacks": {"alie": {}}, "attackers": [1, 4]}, 8)
+    assert legend == ["alie: z_max = 0.00 at f = 1, 1.15 at f = 4 of K = 8 (0: the attackers send the honest mean itself, "
+                      "which is no attack)"]
+
+
 def test_cells_train_side_by_side_after_what_they_share_is_made_and_the_report_has_its_heat_map(bench, tmp_path):
     todo = rob.cells(bench.cfg)
     records = bench.run_all(todo)
@@ -97,7 +118,7 @@ def test_cells_train_side_by_side_after_what_they_share_is_made_and_the_report_h
     png = tmp_path / "table.png"
     rob.plot(bench.cfg, records, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "![the attack table](table.png)" in rob.report(bench.cfg, records)
+    assert "![the attack table](table.png)" in rob.report(bench.cfg, records, bench.k)
 
 
 def test_a_decide_seed_that_repeats_a_seed_is_refused(tmp_path):

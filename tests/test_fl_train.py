@@ -318,6 +318,24 @@ def test_an_attack_that_keeps_updates_is_budgeted_with_the_robust_rows_beside_it
         build_server(fl_data, tmp_path / "both", "fl_fedavg.yaml", [*both, f"attack.memory_limit_mb={80 * d / 2**20}"])
 
 
+def _burn(cpu_seconds: float) -> None:
+    end = time.process_time() + cpu_seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_server_cpu_seconds_count_the_server_and_not_the_clients(fl_data, tmp_path):
+    """A strategy whose aggregate burns 0.4 CPU-s and clients that each burn 0.5 more: the round's
+    server_cpu_seconds holds the first and none of the second (the robustness table's cost column)."""
+    server = build_server(fl_data, tmp_path, "fl_fedavg.yaml")
+    aggregate, train = server.strategy.aggregate, server.clients_executor.trainer.train
+    server.strategy.aggregate = lambda: (_burn(0.4), aggregate())[1]
+    server.clients_executor.trainer.train = lambda *a, **kw: (_burn(0.5), train(*a, **kw))[1]
+    m = server.run_round(0)
+    assert len(m.clients) == 2
+    assert 0.4 <= m.server_cpu_seconds < 0.4 + 0.5, m.server_cpu_seconds  # a timer over the whole round holds >= 1.4
+
+
 def test_fedprox_pulls_each_step_back_by_mu(fl_data, conformer_config, tmp_path):
     """With client SGD (lr η), FedProx's second step differs from FedAvg's by exactly −η·μ·(w₁ − w₀).
 

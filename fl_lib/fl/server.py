@@ -78,6 +78,11 @@ class RoundMetrics:
     client_steps: int = 0
     client_seconds: float = 0.0
     client_cpu_seconds: float = 0.0
+    # The server's own CPU-seconds (time.process_time of this process): handing each result to the
+    # strategy, aggregating (across torchrun ranks too), privacy noise and the server-optimizer
+    # step; not client training, not forging an attacker's update, not validation. A rule's cost
+    # that two runs sharing the cores do not inflate, as they inflate wall seconds.
+    server_cpu_seconds: float = 0.0
     dev_score: Optional[float] = None  # what the round is ranked by for valid.acc.best.pth (best_criterion)
     strategy: dict = field(default_factory=dict)  # what the strategy decided (rl_dga: reward, agent weights, ...)
     # Clients that raised in every round they were sampled in so far (they never trained),
@@ -184,6 +189,7 @@ class FederatedServer:
                 raise ValueError(f"strategy '{conf.strategy.name}' scores candidate updates on a server-side held-out set: none was given")
             self.strategy.judge = self._held_out_loss
         self.attack = Attack(conf.attack, seed)
+        self._server_cpu = 0.0  # the round's so far (RoundMetrics.server_cpu_seconds)
         need = max(self.strategy.min_clients(), self.attack.min_clients())
         if conf.min_clients_per_round < need:
             raise ValueError(
@@ -369,6 +375,7 @@ class FederatedServer:
                 torch.distributed.broadcast_object_list(clip, 0)
                 self.privacy.clip_norm = clip[0]
         attackers = set(self.attack.choose(sampled, draw))
+        self._server_cpu = 0.0
         held = []  # the attackers' results, forged once every honest result was seen
         losses, used, dropped, failed, errors, work = {}, [], [], [], {}, {}
         lr_scale = lr_factor(self.round, self.conf.client.schedule)
@@ -416,6 +423,7 @@ class FederatedServer:
             self._add(self.attack.forge(result, draw, len(sampled)))
         attacked = sorted(r.client_id for r in held)
         del held
+        cpu0 = time.process_time()
         if self.ranks.distributed:
             attacked = sorted(c for part in all_gather_objects(attacked) for c in part)
             if self.privacy is not None:
@@ -431,6 +439,7 @@ class FederatedServer:
         if self.privacy is not None:
             self.privacy.project(self.global_state)
         self.scheduler.step()
+        self._server_cpu += time.process_time() - cpu0
         train_seconds = time.perf_counter() - t0
         round_no = self.round + 1
         dev = {}
@@ -454,6 +463,7 @@ class FederatedServer:
             client_steps=sum(work[c][0] for c in used),
             client_seconds=sum(work[c][1] for c in used),
             client_cpu_seconds=sum(work[c][2] for c in used),
+            server_cpu_seconds=self._server_cpu,
             strategy=self.strategy.round_metrics(),
             always_failed=self.always_failed(),
             excluded=list(self.excluded),
@@ -463,7 +473,9 @@ class FederatedServer:
 
     def _add(self, result: ClientResult) -> None:
         """Hand a result to the strategy, its Δ bounded first under privacy.*."""
+        cpu0 = time.process_time()
         self.strategy.add(result if self.privacy is None else self.privacy.bound(result))
+        self._server_cpu += time.process_time() - cpu0
 
     def _count_failures(self, draw: int, sampled: Sequence[str], failed: Sequence[str], errors: dict) -> None:
         """Count each sampled client's failures in a row; at `max_client_failures` stop the run
