@@ -275,7 +275,7 @@ def report(cfg: dict, records: dict[Cell, dict], k: int) -> str:
               for r, by_seed in clean.items()}
     for rule in cfg["rules"]:
         paired = [100 * (clean[rule][s]["test_wer"] - clean["fedavg"][s]["test_wer"]) for s in clean[rule] if s in clean.get("fedavg", {})]
-        extra = [f"{mean(paired):+.1f}" if paired else "—", f"{mean(server[rule]):.2f}" if server[rule] else "—",
+        extra = [f"{mean(paired):+.1f}" if paired else "—", f"{mean(server[rule]):.3f}" if server[rule] else "—",
                  f"{(clients + mean(server[rule])) / (clients + mean(server['fedavg'])):.2f}"
                  if server[rule] and server.get("fedavg") else "—"]
         head.append("|" + "|".join([rule, *(cell_text(rule, a, f) for a, f in cols), *extra]) + "|")

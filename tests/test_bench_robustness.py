@@ -70,8 +70,8 @@ def test_a_cell_records_its_wer_cost_and_attackers_weight_and_is_reused(bench):
     separator = table.splitlines()[table.splitlines().index(header) + 1]
     assert header.count("|") == separator.count("|") == 1 + 1 + 5 + 3  # rule, 5 columns, 3 costs
     # server CPU-s 0.5 against fedavg's 0.1, beside 1.5 client CPU-s: (1.5 + 0.5) / (1.5 + 0.1) = 1.25
-    assert "|median|40.0|—|—|—|—|+10.0|0.50|1.25|" in table
-    assert "|fedavg|30.0|30.0 w×0.50|—|—|—|+0.0|0.10|1.00|" in table
+    assert "|median|40.0|—|—|—|—|+10.0|0.500|1.25|" in table
+    assert "|fedavg|30.0|30.0 w×0.50|—|—|—|+0.0|0.100|1.00|" in table
     bench.cfg["rounds"] += 1  # other settings: the record is refused
     with pytest.raises(ValueError, match="was made with other settings"):
         bench.run(rob.Cell("fedavg", "sign_flip", 1, 11))
