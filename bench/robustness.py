@@ -18,6 +18,7 @@ trains only the missing cells. The report is report.md and table.png.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -36,6 +37,8 @@ import convergence  # noqa: E402
 ROOT = convergence.ROOT
 KEYS = {"convergence_config", "seeds", "decide_seeds", "decide_margin", "base_rounds", "rounds", "base", "rules", "attacks",
         "attackers"}
+BASE_ID_CHARS = 8
+UNRECORDED_BASE = "first"  # records made before bases were recorded: all from the first machine's base
 logger = logging.getLogger("robustness")
 
 
@@ -113,6 +116,7 @@ class Bench:
         self.cfg, self.study, self.out, self.results = cfg, study, out, results
         self.k = study.cfg["common"]["clients_per_round"]
         self._asr_configs: set[int] = set()
+        self._base_ids: dict[int, str] = {}
 
     def train(self, exp: Path, fl_config: str, listing: Path, seed: int, overrides: dict, asr_config: Path) -> None:
         exp.mkdir(parents=True, exist_ok=True)
@@ -130,6 +134,13 @@ class Bench:
             self.train(exp, self.cfg["base"]["fl_config"], self.study.listing(convergence.CLEAN, seed), seed,
                        {**self.common(), "rounds": self.cfg["base_rounds"]}, self.study.recipe / self.study.cfg["asr_config"])
         return exp / "latest.pth"
+
+    def base_id(self, seed: int) -> str:
+        """The base model's sha256 prefix, kept in each record: the base trained again on another
+        machine came out different (bench/README), so a column compares only on one base."""
+        if seed not in self._base_ids:
+            self._base_ids[seed] = hashlib.sha256(self.base_model(seed).read_bytes()).hexdigest()[:BASE_ID_CHARS]
+        return self._base_ids[seed]
 
     def asr_config(self, seed: int) -> Path:
         """The study's ASR config starting from the base model (init_param); written once, before
@@ -172,6 +183,7 @@ class Bench:
             if not self.study.listing(convergence.CLEAN, seed).exists():
                 self.study.prepare(seed)
             self.asr_config(seed)
+            self.base_id(seed)
         for cell in todo:
             self.listing(cell)
         with ThreadPoolExecutor(self.study.cfg["parallel_jobs"]) as pool:
@@ -197,7 +209,8 @@ class Bench:
                # by whatever else runs; the clients' work is the same for every rule of a column.
                "client_cpu_seconds_per_round": mean(r["client_cpu_seconds"] for r in rows),
                "server_cpu_seconds_per_round": mean(r["server_cpu_seconds"] for r in rows),
-               "attacker_weight": attacker_weight(rows, set(poisoned), self.k)}
+               "attacker_weight": attacker_weight(rows, set(poisoned), self.k),
+               "base": self.base_id(cell.seed)}
         record.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(exp / "metrics.jsonl", record.parent / "metrics.jsonl")
         record.write_text(json.dumps(rec, sort_keys=True) + "\n")
@@ -264,6 +277,10 @@ def report(cfg: dict, records: dict[Cell, dict], k: int) -> str:
             "- Costs, on the clean column: ΔWER against fedavg, paired by seed; the server's CPU-seconds per round (each "
             "result handed to the rule, aggregation, server-optimizer step); a round's CPU-seconds (the column's mean "
             "client CPU-seconds plus the rule's server CPU-seconds) over fedavg's.",
+            "- `base model`: the sha256 prefix of the checkpoint a column's cells started from; "
+            f"`{UNRECORDED_BASE}`: records made before bases were recorded, all from the first machine's base. A base "
+            "trained again on another machine comes out different (bench/README), so compare rules within a column; "
+            "a `mixed` column does not compare.",
             "", "![the attack table](table.png)", "",
             "|rule|" + "|".join(f"{a}" + (f" f={f}" if f else "") for a, f in cols)
             + "|clean ΔWER vs fedavg|server CPU s/round|round CPU ÷ fedavg|",
@@ -279,7 +296,14 @@ def report(cfg: dict, records: dict[Cell, dict], k: int) -> str:
                  f"{(clients + mean(server[rule])) / (clients + mean(server['fedavg'])):.2f}"
                  if server[rule] and server.get("fedavg") else "—"]
         head.append("|" + "|".join([rule, *(cell_text(rule, a, f) for a, f in cols), *extra]) + "|")
+    head.append("|" + "|".join(["base model", *(column_base(records, a, f, seeds) for a, f in cols), "", "", ""]) + "|")
     return "\n".join(head + decide_table(cfg, records)) + "\n"
+
+
+def column_base(records: dict[Cell, dict], attack: str, f: int, seeds) -> str:
+    """The base model a column's cells started from, or `mixed: ...` when its rows do not compare."""
+    bases = sorted({r.get("base", UNRECORDED_BASE) for c, r in records.items() if (c.attack, c.f) == (attack, f) and c.seed in seeds})
+    return bases[0] if len(bases) == 1 else ("mixed: " + ", ".join(bases) if bases else "—")
 
 
 def decide_table(cfg: dict, records: dict[Cell, dict]) -> list[str]:

@@ -103,6 +103,20 @@ def test_the_table_reads_the_first_seeds_and_the_decide_seeds_are_paired_by_seed
     assert "sign_flip_f1|fedavg" not in table  # no decide seed there
 
 
+def test_records_name_their_base_model_and_a_column_of_two_bases_is_marked_mixed(bench):
+    """A base trained again on another machine is another start: the record keeps the base's sha256
+    prefix, and the table says which base each column started from."""
+    import hashlib
+
+    rec = bench.run(rob.Cell("fedavg", "none", 0, 11))
+    assert rec["base"] == hashlib.sha256(b"weights").hexdigest()[:8]  # fake_train's latest.pth
+    old = {"test_wer": 0.5, "attacker_weight": None}  # a record from before bases were recorded
+    records = {rob.Cell("fedavg", "none", 0, 11): rec, rob.Cell("median", "none", 0, 11): {**rec, "base": "0123abcd"},
+               rob.Cell("fedavg", "sign_flip", 1, 11): old, rob.Cell("median", "sign_flip", 1, 11): old}
+    row = next(line for line in rob.report(bench.cfg, records, bench.k).splitlines() if line.startswith("|base model|"))
+    assert row == f"|base model|mixed: 0123abcd, {rec['base']}|{rob.UNRECORDED_BASE}|—|—|—||||"
+
+
 def test_the_legend_says_which_alie_column_is_no_attack():
     legend = rob._legend({"attacks": {"alie": {}}, "attackers": [1, 4]}, 8)
     assert legend == ["alie: z_max = 0.00 at f = 1, 1.15 at f = 4 of K = 8 (0: the attackers send the honest mean itself, "
