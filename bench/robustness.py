@@ -364,11 +364,29 @@ def plot(cfg: dict, records: dict[Cell, dict], png: Path) -> None:
     plt.close(fig)
 
 
+def study(bench: Bench, rank: dict[str, int], only: set[str], train: bool, decide: bool) -> dict[Cell, dict]:
+    """The committed records, and the cells of `only` rules in `rank`'s columns trained in its order:
+    the first seeds, then (if `decide`) the decide seeds of the columns they leave within the margin."""
+    cfg, records = bench.cfg, {}
+    committed = lambda cell: (bench.results / "runs" / cell.name / "record.json").exists()  # noqa: E731
+    for phase, train_phase in ((lambda: cells(cfg), train), (lambda: deciding_cells(cfg, records), train and decide)):
+        todo = []
+        for cell in phase():
+            if committed(cell):
+                records[cell] = bench.run(cell)  # the committed record, checked against the config
+            elif train_phase and cell.rule in only and column_name(cell.attack, cell.f) in rank:
+                todo.append(cell)
+        todo.sort(key=lambda c: rank[column_name(c.attack, c.f)])  # stable: the rules keep their order
+        records.update(bench.run_all(todo))
+    return records
+
+
 def main() -> None:
     p = convergence.study_bench_parser("robustness", __doc__)
     p.add_argument("--only", help="comma-separated rules to train (the report covers every committed record)")
     p.add_argument("--columns", help="comma-separated columns to train, in this order (none, sign_flip_f1, ...); "
                                      "default: every column, in the config's order")
+    p.add_argument("--first_seeds_only", action="store_true", help="train no decide-seed cells (a replicate of some columns)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s")
     cfg = load(args.config)
@@ -381,17 +399,7 @@ def main() -> None:
         rank = column_rank(cfg, args.columns)
     except ValueError as e:
         p.error(str(e))
-    records = {}
-    committed = lambda cell: (args.results / "runs" / cell.name / "record.json").exists()  # noqa: E731
-    for phase in (lambda: cells(cfg), lambda: deciding_cells(cfg, records)):
-        todo = []
-        for cell in phase():
-            if committed(cell):
-                records[cell] = bench.run(cell)  # the committed record, checked against the config
-            elif not args.report_only and cell.rule in only and column_name(cell.attack, cell.f) in rank:
-                todo.append(cell)
-        todo.sort(key=lambda c: rank[column_name(c.attack, c.f)])  # stable: the rules keep their order
-        records.update(bench.run_all(todo))
+    records = study(bench, rank, only, train=not args.report_only, decide=not args.first_seeds_only)
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "report.md").write_text(report(cfg, records, bench.k))
     plot(cfg, records, args.results / "table.png")

@@ -149,3 +149,16 @@ def test_columns_to_train_are_named_in_their_order_and_a_wrong_name_is_refused(b
         rob.column_rank(bench.cfg, "none,sign_flip_f4")
     with pytest.raises(ValueError, match="names a column twice"):
         rob.column_rank(bench.cfg, "none,none")
+
+
+def test_the_study_trains_the_named_columns_in_order_then_the_decide_seeds_unless_told_not_to(bench):
+    rules = set(bench.cfg["rules"])
+    records = rob.study(bench, rob.column_rank(bench.cfg, "sign_flip_f1,none"), rules, train=True, decide=False)
+    assert sorted(c.name for c in records) == sorted(f"{r}/{col}_seed11" for r in rules for col in ("none", "sign_flip_f1"))
+    assert [c[0] for c in bench.calls] == ["base_seed11", "sign_flip_f1_seed11", "sign_flip_f1_seed11", "none_seed11", "none_seed11"]
+    bench.calls.clear()
+    assert rob.study(bench, rob.column_rank(bench.cfg, "none"), rules, train=False, decide=True) == records  # committed only
+    assert bench.calls == []
+    records = rob.study(bench, rob.column_rank(bench.cfg, "none"), {"fedavg"}, train=True, decide=True)
+    # fedavg 30 % and median 40 %: only fedavg is within decide_margin 5 of the column's best
+    assert [c[0] for c in bench.calls] == ["base_seed22", "none_seed22"] and rob.Cell("fedavg", "none", 0, 22) in records
