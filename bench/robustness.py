@@ -137,9 +137,13 @@ class Bench:
 
     def base_id(self, seed: int) -> str:
         """The base model's sha256 prefix, kept in each record: the base trained again on another
-        machine came out different (bench/README), so a column compares only on one base."""
+        machine came out different (bench/README), so a column compares only on one base. The
+        base's own metrics.jsonl is committed under bases/, named by it."""
         if seed not in self._base_ids:
-            self._base_ids[seed] = hashlib.sha256(self.base_model(seed).read_bytes()).hexdigest()[:BASE_ID_CHARS]
+            base = self.base_model(seed)
+            self._base_ids[seed] = hashlib.sha256(base.read_bytes()).hexdigest()[:BASE_ID_CHARS]
+            (self.results / "bases").mkdir(parents=True, exist_ok=True)
+            shutil.copy(base.parent / "metrics.jsonl", self.results / "bases" / f"seed{seed}_{self._base_ids[seed]}.jsonl")
         return self._base_ids[seed]
 
     def asr_config(self, seed: int) -> Path:
