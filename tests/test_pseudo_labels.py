@@ -135,15 +135,18 @@ def test_lm_confidence_is_not_the_beam_score_and_follows_the_lm_text(labelled, t
     before = {r["utt_id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert max(abs(before[u]["log_posterior"] - h["score"]) for u, h in hyps.items()) > 0.1
     assert (tmp_path / "k2_lm.G.txt").is_file()
-    # The same text plus every hypothesis, many times over: each hypothesis gains confidence.
-    readable = [h["text"] for h in hyps.values() if h["text"]]
-    grammar.lm_text.write_text(grammar.lm_text.read_text() + "\n".join(readable * 20) + "\n")
-    compute_confidence("k2_lm", gen / "labels/hyps.jsonl", gen / "labels/logp.scp", out, str(K2_PYTHON), grammar)
-    after = {r["utt_id"]: r for r in map(json.loads, out.read_text().splitlines())}
-    # Not every hypothesis need gain: the text also raises the competing paths, other hypotheses'
-    # words among them (a fresh clone's CI saw one utterance fall, -0.149 -> -0.233). Most must, and the mean.
-    gains = [after[u]["log_posterior"] - before[u]["log_posterior"] for u, h in hyps.items() if h["text"]]
-    assert sum(g > 0 for g in gains) >= 0.8 * len(gains) and sum(gains) / len(gains) > 0, gains
+    # The text plus one hypothesis, many times over: that hypothesis gains confidence, each in turn.
+    # (Reading all of them at once also raises their rivals: a fresh clone's CI saw "TURN OFF THE DIO"
+    # fall once "TURN OFF THE RADIO" was read too, so each is read alone.)
+    text = grammar.lm_text.read_text()
+    for utt, hyp in hyps.items():
+        if not hyp["text"]:
+            continue
+        grammar.lm_text.write_text(text + (hyp["text"] + "\n") * 20)
+        compute_confidence("k2_lm", gen / "labels/hyps.jsonl", gen / "labels/logp.scp", out, str(K2_PYTHON),
+                           grammar)
+        after = {r["utt_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+        assert after[utt]["log_posterior"] > before[utt]["log_posterior"], (hyp["text"], before[utt], after[utt])
 
 
 def test_confidence_cli_refuses_grammar_options_that_do_nothing(labelled, tmp_path):
