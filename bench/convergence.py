@@ -116,6 +116,11 @@ class Run:
         return f"{self.fed}/{self.method}_{setting_label(self.overrides)}_seed{self.seed}"
 
 
+class Diverged(RuntimeError):
+    """fl_train's model diverged (its exit status EXIT_DIVERGED): a result for a study that attacks
+    it (bench/robustness.py), a failure for one that does not."""
+
+
 class Study:
     def __init__(self, cfg: dict, out: Path, results: Path) -> None:
         self.cfg, self.out, self.results = cfg, out, results
@@ -253,8 +258,12 @@ class Study:
 
     @staticmethod
     def _call(cmd: list[str], out: Path) -> None:
+        from fl_lib.bin.fl_train import EXIT_DIVERGED
+
         with open(out / "bench.log", "a") as log:
             rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        if rc == EXIT_DIVERGED:
+            raise Diverged(f"{out}: the model diverged; see {out / 'bench.log'}")
         if rc != 0:
             raise RuntimeError(f"{out}: {cmd[2]} exited {rc}; see {out / 'bench.log'}")
 

@@ -5,7 +5,8 @@ cell starts from (ESPnet's init_param). A cell trains `rounds` more rounds with 
 attack and f attackers among the K clients of each round:
 - an update attack (attack.*): f of each round's sampled clients send forged updates;
 - data poisoning: f·N/K of the N clients have shuffled or random transcripts (f per round on average).
-The table gives the CTC-greedy test-clean WER of each cell's last round; the clean column's cost
+The table gives the CTC-greedy test-clean WER of each cell's last round (a cell whose model
+diverges keeps its last counted round, marked div@r); the clean column's cost
 against FedAvg (ΔWER, CPU-seconds per round) and the server's own CPU-seconds per round; and the
 attackers' mean weight relative to a uniform 1/K where the rule weights clients. Every cell runs
 on `seeds`; the cells that decide a column's ranking (within `decide_margin` WER points of the
@@ -204,10 +205,19 @@ class Bench:
             return rec
         exp = self.out / cell.name
         listing, poisoned = self.listing(cell)
-        self.train(exp, self.cfg["rules"][cell.rule]["fl_config"], listing, cell.seed, self.overrides(cell), self.asr_config(cell.seed))
+        diverged = None
+        try:
+            self.train(exp, self.cfg["rules"][cell.rule]["fl_config"], listing, cell.seed, self.overrides(cell), self.asr_config(cell.seed))
+        except convergence.Diverged:
+            # an attack that wins: the cell keeps the last model it counted, and says where it stopped
+            counted = convergence.metrics(exp) if (exp / "metrics.jsonl").exists() else []
+            if not counted:
+                raise RuntimeError(f"{cell.name} diverged in its first round: it has no model of its own to decode") from None
+            diverged = counted[-1]["round"] + 1
+            logger.warning(f"{cell.name}: the model diverged at round {diverged}; its round {diverged - 1} is decoded")
         rows = convergence.metrics(exp)
         data = self.study.corpus(cell.seed) / "data"
-        rec = {"cell": cell.__dict__, "fingerprint": fingerprint, "dev_wer": rows[-1]["dev_wer"],
+        rec = {"cell": cell.__dict__, "fingerprint": fingerprint, "dev_wer": rows[-1].get("dev_wer"), "diverged_round": diverged,
                "test_wer": convergence.decode_test(exp, data, [rows[-1]["round"]])[rows[-1]["round"]],
                # CPU-seconds, not wall seconds: cells side by side share the cores, which inflates wall time
                # by whatever else runs; the clients' work is the same for every rule of a column.
@@ -265,7 +275,8 @@ def report(cfg: dict, records: dict[Cell, dict], k: int) -> str:
         wers = [100 * r["test_wer"] for r in recs]
         text = f"{mean(wers):.1f}" + (f" ({min(wers):.1f}–{max(wers):.1f})" if len(wers) > 1 else "")
         weights = [r["attacker_weight"] for r in recs if r["attacker_weight"] is not None]
-        return text + (f" w×{mean(weights):.2f}" if weights and f else "")
+        diverged = [str(r["diverged_round"]) for r in recs if r.get("diverged_round")]
+        return text + (f" w×{mean(weights):.2f}" if weights and f else "") + (f" div@{','.join(diverged)}" if diverged else "")
 
     head = ["# Attack table (bench/robustness.py)", "",
             f"Test-clean WER % (CTC greedy, acoustic model alone) after {cfg['rounds']} rounds from a FedAvg model of "
@@ -281,6 +292,8 @@ def report(cfg: dict, records: dict[Cell, dict], k: int) -> str:
             "- Costs, on the clean column: ΔWER against fedavg, paired by seed; the server's CPU-seconds per round (each "
             "result handed to the rule, aggregation, server-optimizer step); a round's CPU-seconds (the column's mean "
             "client CPU-seconds plus the rule's server CPU-seconds) over fedavg's.",
+            "- `div@r`: the model diverged at round r (every client's loss non-finite for `max_failed_rounds` "
+            "draws in a row); the WER is that of its round r − 1, the last it counted.",
             "- `base model`: the sha256 prefix of the checkpoint a column's cells started from; "
             f"`{UNRECORDED_BASE}`: records made before bases were recorded, all from the first machine's base. A base "
             "trained again on another machine comes out different (bench/README), so compare rules within a column; "

@@ -166,3 +166,35 @@ def test_the_study_trains_the_named_columns_in_order_then_the_decide_seeds_unles
     records = rob.study(bench, rob.column_rank(bench.cfg, "none"), {"fedavg"}, train=True, decide=True)
     # fedavg 30 % and median 40 %: only fedavg is within decide_margin 5 of the column's best
     assert [c[0] for c in bench.calls] == ["base_seed22", "none_seed22"] and rob.Cell("fedavg", "none", 0, 22) in records
+
+
+def test_a_cell_whose_model_diverges_is_recorded_with_its_last_model_and_marked(bench, monkeypatch):
+    """fl_train's EXIT_DIVERGED (convergence.Diverged) is a result: the cell keeps the WER of the
+    last round it counted and the round it stopped at; a run that fails otherwise still stops the study."""
+    train, decode, decoded = bench.train, conv.decode_test, []
+
+    def diverging(exp, fl_config, listing, seed, overrides, asr_config):
+        train(exp, fl_config, listing, seed, overrides, asr_config)
+        if "sign_flip" in exp.name:
+            counted = 3 if exp.parent.name == "fedavg" else 0
+            rows = (exp / "metrics.jsonl").read_text().splitlines()[:counted]
+            (exp / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
+            raise conv.Diverged(f"{exp}: the model diverged")
+
+    monkeypatch.setattr(bench, "train", diverging)
+    monkeypatch.setattr(conv, "decode_test", lambda exp, data, rounds: decoded.append(rounds) or decode(exp, data, rounds))
+    rec = bench.run(rob.Cell("fedavg", "sign_flip", 1, 11))
+    assert rec["diverged_round"] == 4 and decoded == [[3]] and rec["test_wer"] == 0.3
+    assert bench.run(rob.Cell("fedavg", "none", 0, 11))["diverged_round"] is None
+    records = {c: bench.run(c) for c in [rob.Cell("fedavg", "none", 0, 11), rob.Cell("fedavg", "sign_flip", 1, 11)]}
+    assert "|fedavg|30.0|30.0 w×0.50 div@4|" in rob.report(bench.cfg, records, bench.k)
+    with pytest.raises(RuntimeError, match="diverged in its first round"):
+        bench.run(rob.Cell("median", "sign_flip", 1, 11))
+
+    def failing(exp, *args):
+        raise RuntimeError(f"{exp}: fl_train exited 1")
+
+    monkeypatch.setattr(bench, "train", failing)
+    with pytest.raises(RuntimeError, match="exited 1"):
+        bench.run(rob.Cell("median", "sign_flip", 2, 11))
+    assert not (bench.results / "runs" / "median").exists()

@@ -579,6 +579,30 @@ def test_cli_exits_non_zero_when_no_round_counts(fl_data, tmp_path):
     assert not (tmp_path / "exp" / "1round.pth").exists()
 
 
+def test_cli_exits_with_its_own_status_when_the_model_diverged(fl_data, tmp_path, capsys):
+    """Every client's loss is non-finite and none raised: status EXIT_DIVERGED, not 1, so a study
+    records the divergence; the test above (clients that raise) keeps status 1."""
+    from fl_lib.bin.fl_train import EXIT_DIVERGED, main
+    from fl_lib.data.clients import load_clients
+
+    clients = load_clients(fl_data["train_clients"])
+    listing = tmp_path / "nan_clients.jsonl"
+    for c in clients:
+        (tmp_path / c.id).mkdir()
+    listing.write_text("".join(json.dumps({"id": c.id, "num_cuts": c.num_cuts, "duration": c.duration, "manifest": str(
+        _nan_audio_manifest(c.manifest, tmp_path / c.id / "nan.jsonl.gz"))}) + "\n" for c in clients))
+    argv = [
+        "--asr_config", fl_data["asr_config"], "--fl_config", CONF_DIR / "fl_fedavg.yaml", "--train_clients", listing,
+        "--token_list", fl_data["token_list"], "--bpemodel", fl_data["bpemodel"], "--feats_stats", fl_data["feats_stats"],
+        "--output_dir", tmp_path / "exp", *FAST, "rounds=2", f"clients_per_round={len(clients)}", "max_failed_rounds=2",
+    ]
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in argv])
+    assert exit_.value.code == EXIT_DIVERGED != 1
+    err = capsys.readouterr().err
+    assert "the model diverged: 2 sampled rounds in a row" in err and "dropped (non-finite)" in err
+
+
 def test_clients_whose_every_step_is_invalid_are_dropped(fl_data, conformer_config, tmp_path):
     """ESPnet skips a step whose gradient norm is not finite; a client with no valid step has Δ = 0
     and a finite loss, and must be dropped and counted, not aggregated at full weight."""

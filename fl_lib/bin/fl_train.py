@@ -10,6 +10,9 @@ Trailing `key=value` arguments override the federated config (dotted keys).
 Re-running the same command resumes from the last completed round. SIGTERM (a scheduler's
 preemption, `kill`) stops the run cleanly: the write in progress removes its temporary file,
 the exit status is 143, and the same command resumes as after any interruption.
+A run whose model diverged (`max_failed_rounds` rounds in a row where every client's loss or
+pseudo-gradient was non-finite) exits with status 3 (EXIT_DIVERGED), any other failure with 1:
+a study can record a divergence as a result (bench/robustness.py) and still stop on a bug.
 
 Under `torchrun --nproc_per_node N` (or `--nnodes`/`--rdzv_*` across machines)
 each rank trains a share of every round's clients; rank 0 writes the results.
@@ -28,6 +31,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from fl_lib.log import setup_logging
 from fl_lib.terminate import EXIT_STATUS, Terminated, sigterm_raises
+
+EXIT_DIVERGED = 3
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -87,8 +92,13 @@ def main(argv=None) -> None:
                 ranks=ranks,
                 command=[sys.executable, "-m", "fl_lib.bin.fl_train", *(argv or sys.argv[1:])],
             )
-    # Exit 1 with the message (the file, the clients, the first traceback), not the server's stack.
-    except (RoundsFailedError, ClientFailuresError, CheckpointError, RanksDisagreeError, RoundCoverageError) as e:
+    # Exit with the message (the file, the clients, the first traceback), not the server's stack.
+    except RoundsFailedError as e:
+        if not e.diverged:
+            raise SystemExit(f"fl_train: {e}") from None
+        print(f"fl_train: the model diverged: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_DIVERGED) from None
+    except (ClientFailuresError, CheckpointError, RanksDisagreeError, RoundCoverageError) as e:
         raise SystemExit(f"fl_train: {e}") from None
     except Terminated:
         logging.getLogger(__name__).error(
