@@ -6,10 +6,10 @@ For each seed and point of bench/privacy.yaml: fl_train for `rounds` rounds (Fed
 weights, the convergence study's client settings), then the CTC-greedy WER of its best-dev
 round (best_criterion: wer) on dev-clean, test-clean and test-other, the acoustic model alone.
 Each finished run leaves a compact record (config, metrics.jsonl, WERs, the last ledger) under
-bench/results/privacy/runs/; a rerun trains only the points without one. A run that fl_train
-stops because the noise made every client's update non-finite is a result, not a crash: its
-record says where and why it stopped (`stopped`), and its WERs are those of its best-dev round
-before that.
+bench/results/privacy/runs/; a rerun trains only the points without one. A run whose model
+diverged (fl_train's exit status EXIT_DIVERGED: the noise made every client's update non-finite)
+is a result, not a crash: its record says where it stopped (`stopped`), and its WERs are those
+of its best-dev round before that.
 
     bench/privacy.sh [--report_only] [--corpora DIR]
 """
@@ -60,21 +60,6 @@ def decode_sets(exp: Path, data: Path) -> dict[str, float]:
     return {s: evaluate(model, make_dataloader(data / f"sets/{s}.jsonl.gz", tok, max_duration=120.0), tok)["wer"] for s in SETS}
 
 
-# fl_train's RoundsFailedError: its headline, and the line it adds when no unusable client raised
-STOPPED = "usable clients:"
-ALL_NON_FINITE = "no client raised: every unusable client had a non-finite"
-
-
-def stopped_by_divergence(exp: Path) -> str | None:
-    """fl_train's reason, when it stopped exp because the clients' updates were all non-finite
-    (not because a client raised) and a validated best-dev model exists to report; None otherwise."""
-    log = (exp / "bench.log").read_text(errors="replace").splitlines()
-    reason = [line for line in log if line.startswith("fl_train:") and line.endswith(STOPPED)]
-    if not reason or not any(line.startswith(ALL_NON_FINITE) for line in log) or not (exp / "valid.acc.best.pth").is_file():
-        return None
-    return reason[-1].removeprefix("fl_train: ").rstrip(":")
-
-
 def run_point(study: convergence.Study, cfg: dict, name: str, point: dict, seed: int, out: Path, results: Path) -> dict:
     record = results / "runs" / f"{name}_seed{seed}" / "record.json"
     fingerprint = {"point": point, "overrides": overrides(study.cfg, cfg, point), "fl_config": cfg["fl_config"]}
@@ -85,18 +70,17 @@ def run_point(study: convergence.Study, cfg: dict, name: str, point: dict, seed:
         return rec
     exp = out / f"{name}_seed{seed}"
     exp.mkdir(parents=True, exist_ok=True)
-    reason = None
+    diverged = False
     try:
         study._call(study.fl_train_command(study.recipe / study.cfg["asr_config"], cfg["fl_config"],
                                            study.listing(convergence.CLEAN, seed), seed, exp, overrides(study.cfg, cfg, point)), exp)
-    except RuntimeError:
-        reason = stopped_by_divergence(exp)
-        if reason is None:
-            raise
-        logger.warning("%s seed %d diverged: %s", name, seed, reason)
+    except convergence.Diverged:
+        if not (exp / "valid.acc.best.pth").is_file():
+            raise RuntimeError(f"{exp}: the model diverged before its first validation: no best-dev model to report") from None
+        diverged = True
+        logger.warning("%s seed %d diverged", name, seed)
     rows = convergence.metrics(exp)
-    stopped = None if reason is None else {"round": rows[-1]["round"], "reason": reason,
-                                           "last_clip": rows[-1].get("privacy", {}).get("next_clip")}
+    stopped = {"round": rows[-1]["round"], "last_clip": rows[-1].get("privacy", {}).get("next_clip")} if diverged else None
     rec = {"stopped": stopped, "name": name, "seed": seed, "fingerprint": fingerprint, "wer": decode_sets(exp, study.corpus(seed) / "data"),
            "best_dev_round": min((r for r in rows if r.get("dev_wer") is not None), key=lambda r: r["dev_wer"])["round"],
            "privacy": rows[-1].get("privacy", {}), "minutes": round(sum(r["train_seconds"] for r in rows) / 60, 2)}

@@ -1,29 +1,46 @@
 """bench/privacy.py: a run that the noise drove to non-finite updates is recorded as diverged, not lost."""
 from __future__ import annotations
 
+import json
+import sys
+from types import SimpleNamespace
+
+import pytest
+
 from conftest import bench_module
-from fl_lib.fl.server import FailedRound, RoundsFailedError
+from fl_lib.bin.fl_train import EXIT_DIVERGED
 
 privacy = bench_module("privacy")
+conv = privacy.convergence
 
 
-def stop_message(errors: dict) -> str:
-    """fl_train's last words when 3 rounds in a row had no usable client, as fl_lib writes them."""
-    failures = [FailedRound(draw=d, used=[], dropped=[] if errors else ["1052"], failed=list(errors), errors=errors)
-                for d in (97, 98, 99)]
-    return f"fl_train: {RoundsFailedError(failures, 1)}\n"
+def fake_study(tmp_path, status: int, validated: bool) -> SimpleNamespace:
+    """A study whose fl_train is a process that counts rounds 1-2 (round 1 validated, if `validated`) and exits `status`."""
+    rows = [{"round": r, "dev_wer": 0.9 if validated and r == 1 else None, "train_seconds": 60.0,
+             "privacy": {"next_clip": 10.0 * r}} for r in (1, 2)]
+    script = (f"import pathlib, sys; out = pathlib.Path(sys.argv[1]); "
+              f"(out / 'metrics.jsonl').write_text({''.join(json.dumps(r) + chr(10) for r in rows)!r}); "
+              + ("(out / 'valid.acc.best.pth').write_bytes(b''); " if validated else "") + f"sys.exit({status})")
+    return SimpleNamespace(cfg={"asr_config": "asr.yaml", "common": {}}, recipe=tmp_path, _call=conv.Study._call,
+                           listing=lambda fed, seed: tmp_path / "clients.jsonl", corpus=lambda seed: tmp_path,
+                           fl_train_command=lambda *a: [sys.executable, "-c", script, str(a[4])])
 
 
-def test_divergence_is_recognized_only_with_fl_trains_reason_and_a_best_model(tmp_path):
-    (tmp_path / "bench.log").write_text("round 1 ...\n" + stop_message({}))
-    assert privacy.stopped_by_divergence(tmp_path) is None  # no validated model to report
-    (tmp_path / "valid.acc.best.pth").write_bytes(b"")
-    assert privacy.stopped_by_divergence(tmp_path) == (
-        "3 sampled rounds in a row had fewer than min_clients_per_round=1 usable clients")
-    (tmp_path / "bench.log").write_text("Traceback ...\nRuntimeError: CUDA out of memory\n")
-    assert privacy.stopped_by_divergence(tmp_path) is None  # any other failure stays a failure
-    (tmp_path / "bench.log").write_text(stop_message({"1052": "Traceback ...\nMemoryError"}))
-    assert privacy.stopped_by_divergence(tmp_path) is None  # rounds lost to clients that raised: not divergence
+@pytest.mark.parametrize("status, validated, outcome", [(EXIT_DIVERGED, True, "diverged"), (0, True, "finished"),
+                                                        (EXIT_DIVERGED, False, "no best-dev model"), (1, True, "exited 1")])
+def test_only_fl_trains_diverged_status_after_a_validation_is_recorded_as_diverged(tmp_path, monkeypatch, status,
+                                                                                    validated, outcome):
+    monkeypatch.setattr(privacy, "decode_sets", lambda exp, data: {s: 0.99 for s in privacy.SETS})
+    cfg = {"common": {}, "rounds": 2, "fl_config": "fl.yaml"}
+    run = lambda: privacy.run_point(fake_study(tmp_path, status, validated), cfg, "sigma", {}, 11, tmp_path / "out",  # noqa: E731
+                                    tmp_path / "results")
+    if outcome in ("diverged", "finished"):
+        stopped = run()["stopped"]
+        assert stopped == ({"round": 2, "last_clip": 20.0} if outcome == "diverged" else None)
+    else:
+        with pytest.raises(RuntimeError, match=outcome):
+            run()
+        assert not (tmp_path / "results").exists()
 
 
 def test_the_report_says_which_runs_diverged(tmp_path):
