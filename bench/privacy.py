@@ -75,7 +75,8 @@ def run_point(study: convergence.Study, cfg: dict, name: str, point: dict, seed:
         study._call(study.fl_train_command(study.recipe / study.cfg["asr_config"], cfg["fl_config"],
                                            study.listing(convergence.CLEAN, seed), seed, exp, overrides(study.cfg, cfg, point)), exp)
     except convergence.Diverged:
-        if not (exp / "valid.acc.best.pth").is_file():
+        # valid.acc.best.pth follows every round until the first validation: look for a validated round
+        if not any(r["dev_wer"] is not None for r in convergence.metrics(exp)):
             raise RuntimeError(f"{exp}: the model diverged before its first validation: no best-dev model to report") from None
         diverged = True
         logger.warning("%s seed %d diverged", name, seed)

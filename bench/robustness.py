@@ -205,9 +205,10 @@ class Bench:
             return rec
         exp = self.out / cell.name
         listing, poisoned = self.listing(cell)
+        args = (exp, self.cfg["rules"][cell.rule]["fl_config"], listing, cell.seed, self.overrides(cell), self.asr_config(cell.seed))
         diverged = None
         try:
-            self.train(exp, self.cfg["rules"][cell.rule]["fl_config"], listing, cell.seed, self.overrides(cell), self.asr_config(cell.seed))
+            self.train(*args)
         except convergence.Diverged:
             # an attack that wins: the cell keeps the last model it counted, and says where it stopped
             counted = convergence.metrics(exp) if (exp / "metrics.jsonl").exists() else []
@@ -217,8 +218,10 @@ class Bench:
             logger.warning(f"{cell.name}: the model diverged at round {diverged}; its round {diverged - 1} is decoded")
         rows = convergence.metrics(exp)
         data = self.study.corpus(cell.seed) / "data"
-        rec = {"cell": cell.__dict__, "fingerprint": fingerprint, "dev_wer": rows[-1].get("dev_wer"), "diverged_round": diverged,
-               "test_wer": convergence.decode_test(exp, data, [rows[-1]["round"]])[rows[-1]["round"]],
+        # keep_checkpoints 1 keeps the newest round's checkpoint beside the best-dev one: the last counted round decodes
+        last = rows[-1]["round"]
+        rec = {"cell": cell.__dict__, "fingerprint": fingerprint, "dev_wer": rows[-1]["dev_wer"], "diverged_round": diverged,
+               "test_wer": convergence.decode_test(exp, data, [last])[last],
                # CPU-seconds, not wall seconds: cells side by side share the cores, which inflates wall time
                # by whatever else runs; the clients' work is the same for every rule of a column.
                "client_cpu_seconds_per_round": mean(r["client_cpu_seconds"] for r in rows),
@@ -292,8 +295,9 @@ def report(cfg: dict, records: dict[Cell, dict], k: int) -> str:
             "- Costs, on the clean column: ΔWER against fedavg, paired by seed; the server's CPU-seconds per round (each "
             "result handed to the rule, aggregation, server-optimizer step); a round's CPU-seconds (the column's mean "
             "client CPU-seconds plus the rule's server CPU-seconds) over fedavg's.",
-            "- `div@r`: the model diverged at round r (every client's loss non-finite for `max_failed_rounds` "
-            "draws in a row); the WER is that of its round r − 1, the last it counted.",
+            "- `div@r`: the model diverged at round r (fl_train's exit status 3: `max_failed_rounds` draws in a row "
+            "lost their clients only to a non-finite loss, gradient or pseudo-gradient); the WER is that of its round "
+            "r − 1, the last it counted, and it ranks as that model.",
             "- `base model`: the sha256 prefix of the checkpoint a column's cells started from; "
             f"`{UNRECORDED_BASE}`: records made before bases were recorded, all from the first machine's base. A base "
             "trained again on another machine comes out different (bench/README), so compare rules within a column; "
@@ -337,8 +341,10 @@ def decide_table(cfg: dict, records: dict[Cell, dict]) -> list[str]:
             continue
         best = min(wer, key=wer.get)
         by_seed = {(c.rule, c.seed): 100 * r["test_wer"] for c, r in records.items() if (c.attack, c.f) == (attack, f)}
+        div = {(c.rule, c.seed): f" div@{r['diverged_round']}" for c, r in records.items()
+               if (c.attack, c.f) == (attack, f) and r.get("diverged_round")}
         for rule in decided:
-            cells_ = [f"{by_seed[rule, s]:.1f}" if (rule, s) in by_seed else "—" for s in all_seeds]
+            cells_ = [f"{by_seed[rule, s]:.1f}{div.get((rule, s), '')}" if (rule, s) in by_seed else "—" for s in all_seeds]
             deltas = [f"{by_seed[rule, s] - by_seed[best, s]:+.1f}" if (rule, s) in by_seed and (best, s) in by_seed else "—"
                       for s in all_seeds]
             lines.append("|" + "|".join([column_name(attack, f), rule, *cells_, *deltas]) + "|")

@@ -15,12 +15,13 @@ conv = privacy.convergence
 
 
 def fake_study(tmp_path, status: int, validated: bool) -> SimpleNamespace:
-    """A study whose fl_train is a process that counts rounds 1-2 (round 1 validated, if `validated`) and exits `status`."""
+    """A study whose fl_train is a process that counts rounds 1-2 (round 1 validated, if `validated`) and exits
+    `status`; as fl_train, it writes valid.acc.best.pth whether or not a round was validated."""
     rows = [{"round": r, "dev_wer": 0.9 if validated and r == 1 else None, "train_seconds": 60.0,
              "privacy": {"next_clip": 10.0 * r}} for r in (1, 2)]
     script = (f"import pathlib, sys; out = pathlib.Path(sys.argv[1]); "
               f"(out / 'metrics.jsonl').write_text({''.join(json.dumps(r) + chr(10) for r in rows)!r}); "
-              + ("(out / 'valid.acc.best.pth').write_bytes(b''); " if validated else "") + f"sys.exit({status})")
+              "(out / 'valid.acc.best.pth').write_bytes(b''); " + f"sys.exit({status})")
     return SimpleNamespace(cfg={"asr_config": "asr.yaml", "common": {}}, recipe=tmp_path, _call=conv.Study._call,
                            listing=lambda fed, seed: tmp_path / "clients.jsonl", corpus=lambda seed: tmp_path,
                            fl_train_command=lambda *a: [sys.executable, "-c", script, str(a[4])])

@@ -186,8 +186,11 @@ def test_a_cell_whose_model_diverges_is_recorded_with_its_last_model_and_marked(
     rec = bench.run(rob.Cell("fedavg", "sign_flip", 1, 11))
     assert rec["diverged_round"] == 4 and decoded == [[3]] and rec["test_wer"] == 0.3
     assert bench.run(rob.Cell("fedavg", "none", 0, 11))["diverged_round"] is None
-    records = {c: bench.run(c) for c in [rob.Cell("fedavg", "none", 0, 11), rob.Cell("fedavg", "sign_flip", 1, 11)]}
-    assert "|fedavg|30.0|30.0 w×0.50 div@4|" in rob.report(bench.cfg, records, bench.k)
+    records = {c: bench.run(c) for c in [rob.Cell("fedavg", "none", 0, 11), rob.Cell("fedavg", "sign_flip", 1, 11),
+                                         rob.Cell("fedavg", "sign_flip", 1, 22)]}
+    table = rob.report(bench.cfg, records, bench.k)
+    assert "|fedavg|30.0|30.0 w×0.50 div@4|" in table
+    assert "|sign_flip_f1|fedavg|30.0 div@4|30.0 div@4|" in table  # the decide seeds' table marks it too
     with pytest.raises(RuntimeError, match="diverged in its first round"):
         bench.run(rob.Cell("median", "sign_flip", 1, 11))
 

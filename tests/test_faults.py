@@ -358,6 +358,22 @@ def _vanishing_listing(tmp_path: Path, fl_data) -> tuple[Path, str, Path]:
     return listing, victim.id, audio
 
 
+@pytest.mark.parametrize("rounds, diverged", [
+    ([([], ["a", "b"], {}), ([], ["c", "d"], {})], True),  # every client non-finite
+    ([(["a"], ["b"], {}), ([], ["c", "d"], {})], True),  # short of min_clients only by non-finite clients
+    ([([], ["a"], {"b": "Traceback"}), ([], ["c", "d"], {})], False),  # a client raised: a fault, not divergence
+    ([([], ["a", "b"], {}), (["c"], [], {})], False),  # a round short for want of clients (a Poisson draw)
+])
+def test_only_rounds_lost_to_non_finite_clients_are_a_divergence(rounds, diverged):
+    """fl_train's exit status 3 rests on RoundsFailedError.diverged: a fault (a client raised, too
+    few sampled) must stay status 1, so that a study records only a real divergence as a result."""
+    from fl_lib.fl.server import FailedRound, RoundsFailedError
+
+    failures = [FailedRound(draw=d, used=used, dropped=dropped, failed=list(errors), errors=errors)
+                for d, (used, dropped, errors) in enumerate(rounds)]
+    assert RoundsFailedError(failures, 2).diverged is diverged
+
+
 @pytest.mark.parametrize("min_clients", [1, 4])
 def test_a_client_whose_audio_vanishes_between_rounds(fl_data, tmp_path, min_clients):
     """Counted as failed and named; the run goes on with the others (min 1) or stops naming it (min 4 of 4)."""

@@ -600,7 +600,7 @@ def test_cli_exits_with_its_own_status_when_the_model_diverged(fl_data, tmp_path
         main([str(a) for a in argv])
     assert exit_.value.code == EXIT_DIVERGED != 1
     err = capsys.readouterr().err
-    assert "the model diverged: 2 sampled rounds in a row" in err and "dropped (non-finite)" in err
+    assert "the model diverged: 2 sampled rounds in a row" in err
 
 
 def test_clients_whose_every_step_is_invalid_are_dropped(fl_data, conformer_config, tmp_path):

@@ -139,9 +139,9 @@ def test_lm_confidence_is_not_the_beam_score_and_follows_the_lm_text(labelled, t
     # (Reading all of them at once also raises their rivals: a fresh clone's CI saw "TURN OFF THE DIO"
     # fall once "TURN OFF THE RADIO" was read too, so each is read alone.)
     text = grammar.lm_text.read_text()
-    for utt, hyp in hyps.items():
-        if not hyp["text"]:
-            continue
+    read = [(utt, hyp) for utt, hyp in hyps.items() if hyp["text"]]
+    assert read, "no hypothesis to read: the test would check nothing"
+    for utt, hyp in read:
         grammar.lm_text.write_text(text + (hyp["text"] + "\n") * 20)
         compute_confidence("k2_lm", gen / "labels/hyps.jsonl", gen / "labels/logp.scp", out, str(K2_PYTHON),
                            grammar)

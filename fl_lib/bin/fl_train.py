@@ -10,9 +10,11 @@ Trailing `key=value` arguments override the federated config (dotted keys).
 Re-running the same command resumes from the last completed round. SIGTERM (a scheduler's
 preemption, `kill`) stops the run cleanly: the write in progress removes its temporary file,
 the exit status is 143, and the same command resumes as after any interruption.
-A run whose model diverged (`max_failed_rounds` rounds in a row where every client's loss or
-pseudo-gradient was non-finite) exits with status 3 (EXIT_DIVERGED), any other failure with 1:
-a study can record a divergence as a result (bench/robustness.py) and still stop on a bug.
+A run whose model diverged (`max_failed_rounds` draws in a row that fell short of
+`min_clients_per_round` only by clients with a non-finite loss, gradient or pseudo-gradient,
+none raising) exits with status 3 (EXIT_DIVERGED) rather than 1, the status of the other
+failures it reports: a study can record a divergence as a result (bench/robustness.py) and still
+stop on a bug. (Under torchrun, torchrun's own status reports a failed rank.)
 
 Under `torchrun --nproc_per_node N` (or `--nnodes`/`--rdzv_*` across machines)
 each rank trains a share of every round's clients; rank 0 writes the results.

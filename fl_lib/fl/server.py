@@ -112,8 +112,9 @@ class RoundsFailedError(RuntimeError):
         for f in failures:
             lines.append(f"  draw {f.draw + 1}: used {f.used}, failed {f.failed}, dropped (non-finite) {f.dropped}")
         first = next(((f.draw, cid, tb) for f in failures for cid, tb in f.errors.items()), None)
-        # No client raised and every one sampled was dropped as non-finite: the model itself has diverged.
-        self.diverged = first is None and all(f.dropped and not f.used for f in failures)
+        # No client raised and each round fell short only by clients with a non-finite loss, gradient
+        # or pseudo-gradient: the model (or what attackers made of it) has diverged.
+        self.diverged = first is None and all(f.dropped for f in failures)
         if first is None:
             lines.append("no client raised: every unusable client had a non-finite loss, gradient or pseudo-gradient")
         else:
