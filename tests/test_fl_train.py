@@ -559,6 +559,15 @@ def test_rounds_below_min_clients_do_not_count_and_stop_the_run(fl_data, conform
     assert not (tmp_path / "exp" / "checkpoint.pth").exists() and not (tmp_path / "exp" / "metrics.jsonl").exists()
 
 
+def _fedavg_argv(fl_data, listing: Path, out: Path, k: int, max_failed_rounds: int) -> list[str]:
+    """fl_train's command line: FedAvg over `listing`, 2 rounds of all k clients."""
+    return [str(a) for a in [
+        "--asr_config", fl_data["asr_config"], "--fl_config", CONF_DIR / "fl_fedavg.yaml", "--train_clients", listing,
+        "--token_list", fl_data["token_list"], "--bpemodel", fl_data["bpemodel"], "--feats_stats", fl_data["feats_stats"],
+        "--output_dir", out, *FAST, "rounds=2", f"clients_per_round={k}", f"max_failed_rounds={max_failed_rounds}",
+    ]]
+
+
 def test_cli_exits_non_zero_when_no_round_counts(fl_data, tmp_path):
     """Every client fails: fl_train exits non-zero naming the clients and the first traceback."""
     from fl_lib.bin.fl_train import main
@@ -566,13 +575,8 @@ def test_cli_exits_non_zero_when_no_round_counts(fl_data, tmp_path):
 
     ids = {c.id for c in load_clients(fl_data["train_clients"])}
     listing = _listing(tmp_path, fl_data, ids)
-    argv = [
-        "--asr_config", fl_data["asr_config"], "--fl_config", CONF_DIR / "fl_fedavg.yaml", "--train_clients", listing,
-        "--token_list", fl_data["token_list"], "--bpemodel", fl_data["bpemodel"], "--feats_stats", fl_data["feats_stats"],
-        "--output_dir", tmp_path / "exp", *FAST, "rounds=2", f"clients_per_round={len(ids)}", "max_failed_rounds=3",
-    ]
     with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in argv])
+        main(_fedavg_argv(fl_data, listing, tmp_path / "exp", len(ids), max_failed_rounds=3))
     message = str(exit_.value.code)  # a string code: Python prints it and exits with status 1
     assert message.startswith("fl_train: 3 sampled rounds in a row")
     assert "Traceback" in message and all(cid in message for cid in ids)
@@ -591,13 +595,8 @@ def test_cli_exits_with_its_own_status_when_the_model_diverged(fl_data, tmp_path
         (tmp_path / c.id).mkdir()
     listing.write_text("".join(json.dumps({"id": c.id, "num_cuts": c.num_cuts, "duration": c.duration, "manifest": str(
         _nan_audio_manifest(c.manifest, tmp_path / c.id / "nan.jsonl.gz"))}) + "\n" for c in clients))
-    argv = [
-        "--asr_config", fl_data["asr_config"], "--fl_config", CONF_DIR / "fl_fedavg.yaml", "--train_clients", listing,
-        "--token_list", fl_data["token_list"], "--bpemodel", fl_data["bpemodel"], "--feats_stats", fl_data["feats_stats"],
-        "--output_dir", tmp_path / "exp", *FAST, "rounds=2", f"clients_per_round={len(clients)}", "max_failed_rounds=2",
-    ]
     with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in argv])
+        main(_fedavg_argv(fl_data, listing, tmp_path / "exp", len(clients), max_failed_rounds=2))
     assert exit_.value.code == EXIT_DIVERGED != 1
     err = capsys.readouterr().err
     assert "the model diverged: 2 sampled rounds in a row" in err
