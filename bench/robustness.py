@@ -211,12 +211,13 @@ class Bench:
             self.train(*args)
         except convergence.Diverged:
             # an attack that wins: the cell keeps the last model it counted, and says where it stopped
-            counted = convergence.metrics(exp) if (exp / "metrics.jsonl").exists() else []
-            if not counted:
+            rows = convergence.metrics(exp) if (exp / "metrics.jsonl").exists() else []
+            if not rows:
                 raise RuntimeError(f"{cell.name} diverged in its first round: it has no model of its own to decode") from None
-            diverged = counted[-1]["round"] + 1
+            diverged = rows[-1]["round"] + 1
             logger.warning(f"{cell.name}: the model diverged at round {diverged}; its round {diverged - 1} is decoded")
-        rows = convergence.metrics(exp)
+        else:
+            rows = convergence.metrics(exp)
         data = self.study.corpus(cell.seed) / "data"
         # keep_checkpoints 1 keeps the newest round's checkpoint beside the best-dev one: the last counted round decodes
         last = rows[-1]["round"]
