@@ -34,6 +34,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import convergence  # noqa: E402
+import curves  # noqa: E402
 
 ROOT = convergence.ROOT
 KEYS = {"convergence_config", "seeds", "decide_seeds", "decide_margin", "base_rounds", "rounds", "base", "rules", "attacks",
@@ -346,17 +347,30 @@ def decide_table(cfg: dict, records: dict[Cell, dict]) -> list[str]:
                if (c.attack, c.f) == (attack, f) and r.get("diverged_round")}
         for rule in decided:
             cells_ = [f"{by_seed[rule, s]:.1f}{div.get((rule, s), '')}" if (rule, s) in by_seed else "—" for s in all_seeds]
-            deltas = [f"{by_seed[rule, s] - by_seed[best, s]:+.1f}" if (rule, s) in by_seed and (best, s) in by_seed else "—"
-                      for s in all_seeds]
-            lines.append("|" + "|".join([column_name(attack, f), rule, *cells_, *deltas]) + "|")
+            paired = {s: by_seed[rule, s] - by_seed[best, s] for s in all_seeds if (rule, s) in by_seed and (best, s) in by_seed}
+            deltas = [f"{paired[s]:+.1f}" if s in paired else "—" for s in all_seeds]
+            lines.append("|" + "|".join([column_name(attack, f), rule, *cells_, *deltas, delta_interval(list(paired.values()))]) + "|")
     if not lines:
         return []
     return ["", f"## The cells that decide each column's ranking, again on seeds {cfg['decide_seeds']}", "",
             f"The rules within {cfg['decide_margin']} points of their column's best on seeds {cfg['seeds']}. Δ: the rule's WER "
             "minus that of the column's best rule on the same seed (a seed is its own corpus, so only such paired "
-            "differences compare across seeds).", "",
-            "|column|rule|" + "|".join(f"WER seed {s}" for s in all_seeds) + "|" + "|".join(f"Δ seed {s}" for s in all_seeds) + "|",
-            "|---|---|" + "---|" * (2 * len(all_seeds)), *lines]
+            "differences compare across seeds). Mean Δ: over the seeds with both cells, with its 95 % Student-t interval "
+            f"when there are two or more; the best was chosen on seeds {cfg['seeds']}, where every other rule's Δ is "
+            "≥ 0 by construction, so the interval leans towards the best.", "",
+            "|column|rule|" + "|".join(f"WER seed {s}" for s in all_seeds) + "|" + "|".join(f"Δ seed {s}" for s in all_seeds)
+            + "|mean Δ [95 % interval]|",
+            "|---|---|" + "---|" * (2 * len(all_seeds) + 1), *lines]
+
+
+def delta_interval(deltas: list[float]) -> str:
+    """`+1.2 [-0.4, +2.8]`: the paired differences' mean and t interval, or the lone difference."""
+    if not deltas:
+        return "—"
+    if len(deltas) == 1:
+        return f"{deltas[0]:+.1f}"
+    iv = curves.mean_interval(deltas)
+    return f"{iv.mean:+.1f} [{iv.low:+.1f}, {iv.high:+.1f}]"
 
 
 def plot(cfg: dict, records: dict[Cell, dict], png: Path) -> None:

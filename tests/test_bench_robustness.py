@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -101,6 +102,25 @@ def test_the_table_reads_the_first_seeds_and_the_decide_seeds_are_paired_by_seed
     assert "|median|34.0|—|—|—|—|+4.0|—|—|" in table  # seed 11 alone: not 35.0, and ΔWER paired on seed 11
     assert "|none|fedavg|30.0|40.0|+0.0|+0.0|" in table and "|none|median|34.0|36.0|+4.0|-4.0|" in table
     assert "sign_flip_f1|fedavg" not in table  # no decide seed there
+    # Δ +4.0 and −4.0: mean 0, sd 4·√2, t(0.975, 1) = 12.706 → half-width 12.706 · 4 = 50.8
+    assert "|none|median|34.0|36.0|+4.0|-4.0|+0.0 [-50.8, +50.8]|" in table
+
+
+def test_the_decide_table_gives_the_paired_differences_mean_and_t_interval_over_seeds(bench):
+    """Three seeds, Δ = +1, +2, +3 to the column's best: mean 2, sd 1, t(0.975, 2) = 4.303 → 2 ± 2.48.
+    A rule with one seed of the pair shows its lone Δ."""
+    bench.cfg.update(decide_seeds=[22, 33])
+    rec = lambda wer: {"test_wer": wer, "attacker_weight": None}  # noqa: E731
+    records = {rob.Cell("fedavg", "none", 0, 11): rec(0.30), rob.Cell("median", "none", 0, 11): rec(0.31),
+               rob.Cell("fedavg", "none", 0, 22): rec(0.20), rob.Cell("median", "none", 0, 22): rec(0.22),
+               rob.Cell("fedavg", "none", 0, 33): rec(0.25), rob.Cell("median", "none", 0, 33): rec(0.28),
+               rob.Cell("fedavg", "sign_flip", 1, 11): rec(0.40), rob.Cell("median", "sign_flip", 1, 11): rec(0.35),
+               rob.Cell("median", "sign_flip", 1, 22): rec(0.25)}
+    table = rob.report(bench.cfg, records, bench.k)
+    assert "|WER seed 11|WER seed 22|WER seed 33|Δ seed 11|Δ seed 22|Δ seed 33|mean Δ [95 % interval]|" in table
+    assert "|none|median|31.0|22.0|28.0|+1.0|+2.0|+3.0|+2.0 [-0.5, +4.5]|" in table
+    assert "|none|fedavg|30.0|20.0|25.0|+0.0|+0.0|+0.0|+0.0 [+0.0, +0.0]|" in table
+    assert "|sign_flip_f1|median|35.0|25.0|—|+0.0|+0.0|—|+0.0 [+0.0, +0.0]|" in table  # its own column's best
 
 
 def test_records_name_their_base_model_and_a_column_of_two_bases_is_marked_mixed(bench):
@@ -138,7 +158,8 @@ def test_cells_train_side_by_side_after_what_they_share_is_made_and_the_report_h
 
 
 def test_a_decide_seed_that_repeats_a_seed_is_refused(tmp_path):
-    text = (conv.ROOT / "bench/robustness.yaml").read_text().replace("decide_seeds: [22]", "decide_seeds: [11]")
+    text = re.sub(r"decide_seeds: \[[0-9, ]+\]", "decide_seeds: [22, 11]", (conv.ROOT / "bench/robustness.yaml").read_text())
+    assert "decide_seeds: [22, 11]" in text
     (tmp_path / "r.yaml").write_text(text)
     with pytest.raises(ValueError, match="repeat seeds"):
         rob.load(tmp_path / "r.yaml")
