@@ -65,6 +65,7 @@ def test_alie_matches_its_formula_and_byzfl(honest):
 
 def test_ipm_matches_byzfl_and_gaussian_has_the_honest_mean_norm(honest):
     forged = flat(forge(AttackConfig(name="ipm", per_round=1, epsilon=0.5), honest, np.zeros(5)))
+    assert forged == pytest.approx(-0.5 * honest.mean(0), abs=1e-6)  # −εμ
     assert forged == pytest.approx(byzfl.InnerProductManipulation(tau=0.5)(honest), abs=1e-6)
     noise = flat(forge(AttackConfig(name="gaussian", per_round=1), honest, np.zeros(5)))
     assert np.linalg.norm(noise) == pytest.approx(np.linalg.norm(honest, axis=1).mean(), rel=1e-6)
@@ -111,6 +112,21 @@ def test_min_max_and_min_sum_sit_on_their_bound_and_match_the_paper_s_bisection(
         assert d_forged.max() == pytest.approx(dist.max(), rel=1e-5)
     else:
         assert d_forged.sum() == pytest.approx(dist.sum(1).max(), rel=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["min_max", "min_sum"])
+def test_min_max_and_min_sum_push_against_the_standard_deviation_unless_told_otherwise(honest, rule):
+    unset = flat(forge(AttackConfig(name=rule, per_round=1), honest, np.zeros(5)))
+    assert unset == pytest.approx(flat(forge(AttackConfig(name=rule, per_round=1, direction="std"), honest, np.zeros(5))))
+    assert unset != pytest.approx(flat(forge(AttackConfig(name=rule, per_round=1, direction="sign"), honest, np.zeros(5))))
+
+
+@pytest.mark.parametrize("name,f,needed", [("sign_flip", 3, 3), ("scale", 3, 3), ("gaussian", 3, 4), ("ipm", 3, 4),
+                                           ("alie", 3, 5), ("min_max", 3, 5), ("min_sum", 3, 5), ("none", 0, 1)])
+def test_a_round_needs_the_attackers_and_the_honest_updates_they_forge_from(name, f, needed):
+    """README: f + 1 usable clients for gaussian and IPM (a mean), f + 2 for ALIE, min-max and min-sum (a spread)."""
+    extra = {"scale": {"scale": 10.0}, "ipm": {"epsilon": 0.5}}.get(name, {})
+    assert Attack(AttackConfig(name=name, per_round=f, **extra), seed=0).min_clients() == needed
 
 
 def test_min_max_keeps_its_bound_for_many_close_updates_far_from_the_origin():

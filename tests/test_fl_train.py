@@ -208,13 +208,64 @@ def test_an_attacker_s_forged_update_reaches_the_aggregate_and_is_logged(fl_data
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["attacked"] == attacker
 
 
-def test_an_attack_forged_from_every_honest_update_refuses_torchrun_ranks(fl_data, tmp_path):
+def test_an_attacker_that_finishes_first_forges_from_the_honest_results_and_looks_like_any_client(
+        fl_data, conformer_config, tmp_path, monkeypatch):
+    """IPM, f = 1 of K = 3, the attacker the first client to return: the server holds its result until
+    both honest ones have streamed into the strategy, which then gets −ε·(their mean Δ) under the attacker's
+    own id, sizes and loss: nothing in what the strategy sees marks it."""
+    import dataclasses
+
+    from fl_lib.asr.model import build_asr_model
+    from fl_lib.fl.client import LocalTrainer
+
+    server = build_server(fl_data, tmp_path, "fl_fedavg.yaml", ["clients_per_round=3", "attack.name=ipm", "attack.per_round=1",
+                                                                "attack.epsilon=0.5", "min_clients_per_round=2"],
+                          asr_config=conformer_config)
+    serial = server.clients_executor.trainer
+    replay = LocalTrainer(build_asr_model(server.args), server.args, server.conf.client, serial.make_batches, serial.seed)
+    start = _copy(server.global_state)
+    sampled = server.sampler.sample(0)
+    attacker = sampled[0]
+    monkeypatch.setattr(server.attack, "choose", lambda clients, draw: [attacker])
+    seen = []
+    add = server.strategy.add
+    monkeypatch.setattr(server.strategy, "add", lambda r: (seen.append(r), add(r))[1])
+    results = {cid: replay.train(cid, server.clients[cid].manifest, start, 0) for cid in sampled}
+    m = server.run_round(0)
+    assert m.attacked == [attacker] and [r.client_id for r in seen] == [*sampled[1:], attacker]
+    honest = [results[c] for c in sampled[1:]]
+    forged = {k: -0.5 * (honest[0].delta[k].double() + honest[1].delta[k].double()) / 2 for k in honest[0].delta}
+    for k, v in seen[-1].delta.items():
+        assert torch.allclose(v.double(), forged[k], rtol=1e-4, atol=1e-7), k
+    own = results[attacker]
+    timing_and_delta = {"delta", "grad_mean", "grad_rms", "grad_var", "delta_finite", "seconds", "cpu_seconds"}
+    for f in dataclasses.fields(seen[-1]):
+        if f.name not in timing_and_delta:
+            assert getattr(seen[-1], f.name) == pytest.approx(getattr(own, f.name)), f.name
+    a = _expected_weights("fl_fedavg.yaml", [results[c] for c in sampled], 0.0)
+    for k, v in _floats(server.global_state).items():
+        if k in server.trained:
+            step = sum(ak * (forged[k] if c == attacker else results[c].delta[k].double()) for ak, c in zip(a, sampled))
+            assert torch.allclose(v.double(), start[k].double() - step, rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.parametrize("attack", ["gaussian", "alie", "ipm", "min_max", "min_sum"])
+def test_an_attack_forged_from_every_honest_update_refuses_torchrun_ranks(fl_data, tmp_path, attack):
     from fl_lib.fl.distributed import Ranks
 
-    with pytest.raises(ValueError, match="attack 'alie' forges from every honest update of a round.*without torchrun"):
-        build_server(fl_data, tmp_path, "fl_fedavg.yaml", ["clients_per_round=3", "attack.name=alie", "attack.per_round=1",
-                                                          "min_clients_per_round=3"],
+    own = ["attack.epsilon=0.5"] if attack == "ipm" else []
+    with pytest.raises(ValueError, match=f"attack '{attack}' forges from every honest update of a round.*without torchrun"):
+        build_server(fl_data, tmp_path, "fl_fedavg.yaml", ["clients_per_round=3", f"attack.name={attack}", "attack.per_round=1",
+                                                          "min_clients_per_round=3", *own],
                      ranks=Ranks(rank=0, world_size=2))
+
+
+def test_a_round_size_an_attack_cannot_forge_from_is_refused_at_start(fl_data, tmp_path):
+    """min-max with f = 1 forges from a spread of at least 2 honest updates: 3 usable clients."""
+    with pytest.raises(ValueError, match="min_clients_per_round=2 is below the 3 usable clients a round needs here "
+                                         r"\(strategy fedavg, attack min_max\)"):
+        build_server(fl_data, tmp_path, "fl_fedavg.yaml", ["clients_per_round=3", "attack.name=min_max", "attack.per_round=1",
+                                                          "min_clients_per_round=2"])
 
 
 DP = ["strategy.weight_by=uniform", "privacy.clip=0.05", "privacy.noise_multiplier=0.5"]

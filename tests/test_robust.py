@@ -99,12 +99,16 @@ def test_krum_scores_hand_computed():
     assert agg.tolist() == [0.5, 0.0] and w == {"c0": 0.5, "c1": 0.5, "c2": 0.0, "c3": 0.0}
     with pytest.raises(ValueError, match="K > f \\+ 2"):
         run(MultiKrum(num_byzantine=2), rows)
+    # m defaults to K − f = 3: every row but the one of worst score (10), each at 1/3
+    agg, w = run(MultiKrum(num_byzantine=1), rows)
+    assert agg.tolist() == pytest.approx([4 / 3, 0.0]) and w == pytest.approx({"c0": 1 / 3, "c1": 1 / 3, "c2": 1 / 3, "c3": 0.0})
 
 
 def test_weiszfeld_reaches_the_brute_force_minimiser_of_summed_distances():
     pts = np.array([[0.0, 0.0], [4.0, 0.0], [0.0, 3.0], [5.0, 5.0], [1.0, 1.5]])
     gm = GeometricMedian(tolerance=1e-12, max_iterations=5000)
-    z = gm.combine(Rows(list(torch.tensor(pts, dtype=torch.float32))))[0].double().numpy()
+    z, shares = gm.combine(Rows(list(torch.tensor(pts, dtype=torch.float32))))
+    z = z.double().numpy()
 
     def argmin_on_grid(xs, ys):
         grid = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
@@ -118,6 +122,9 @@ def test_weiszfeld_reaches_the_brute_force_minimiser_of_summed_distances():
     assert np.allclose(z, best, atol=2e-4)
     assert np.linalg.norm(pts - z, axis=1).sum() <= best_cost + 1e-6
     assert gm.last_metrics["weiszfeld_converged"]
+    # the weight logged per client: its final Weiszfeld weight 1 / max(ν, ‖x_i − z‖), normalized
+    inv = 1.0 / np.maximum(np.linalg.norm(pts - z, axis=1), 1e-6)
+    assert shares.numpy() == pytest.approx(inv / inv.sum(), rel=1e-5)
 
 
 def test_centered_clipping_follows_its_recursion():
@@ -147,12 +154,17 @@ def test_bucketing_averages_random_buckets_and_splits_their_share():
     from fl_lib.fl.sampling import derive_seed
 
     rows = [[float(i), 2.0 * i] for i in range(6)]  # both coordinates in the same order: one middle bucket
-    agg, w = run(Median(bucket_size=2, seed=3), rows)
-    perm = torch.randperm(6, generator=torch.Generator().manual_seed(derive_seed(3, "buckets", 0))).tolist()
-    buckets = sorted((perm[i : i + 2] for i in (0, 2, 4)), key=sum)
-    middle = buckets[1]  # the median of the 3 bucket means, which is the middle bucket's mean
-    assert agg.tolist() == pytest.approx([sum(middle) / 2, sum(middle)])
-    assert {c: v for c, v in w.items() if v > 0} == pytest.approx({f"c{middle[0]}": 0.5, f"c{middle[1]}": 0.5})
+    median = Median(bucket_size=2, seed=3)
+    middles = []
+    for rnd in (0, 1):  # a new partition each round: the permutation is seeded by (seed, round)
+        agg, w = run(median, rows)
+        perm = torch.randperm(6, generator=torch.Generator().manual_seed(derive_seed(3, "buckets", rnd))).tolist()
+        buckets = sorted((perm[i : i + 2] for i in (0, 2, 4)), key=sum)
+        middle = buckets[1]  # the median of the 3 bucket means, which is the middle bucket's mean
+        assert agg.tolist() == pytest.approx([sum(middle) / 2, sum(middle)])
+        assert {c: v for c, v in w.items() if v > 0} == pytest.approx({f"c{middle[0]}": 0.5, f"c{middle[1]}": 0.5})
+        middles.append(sorted(middle))
+    assert middles[0] != middles[1]  # else the second round could not tell a partition reused from one redrawn
 
 
 def test_the_result_does_not_depend_on_arrival_order(updates):
@@ -223,6 +235,10 @@ def test_memory_is_stated_in_k_and_a_k_above_the_limit_is_refused():
     median.check_memory(3, 8_000_000)  # 91.6 MB
     with pytest.raises(ValueError, match=r"K=4 clients of 8,000,000 floats need 122 MB, above strategy.memory_limit_mb=100"):
         median.check_memory(4, 8_000_000)
+    default = build_strategy(StrategyConfig(name="median"))  # memory_limit_mb unset: 4096 MB
+    default.check_memory(8, 4096 * 2**20 // 32)  # K·d·4 = 4096 MB exactly
+    with pytest.raises(ValueError, match=r"above strategy.memory_limit_mb=4096\."):
+        default.check_memory(8, 4096 * 2**20 // 32 + 1)
 
 
 def test_pairwise_distances_of_many_close_rows_far_from_the_origin_are_exact():
