@@ -529,11 +529,12 @@ def pct(x: Optional[float]) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.1f}"
 
 
-def interval_text(iv: Optional[dict], scale: float = 100.0, digits: int = 1) -> str:
-    """'mean [low, high]' of an Interval's dict."""
+def interval_text(iv: Optional[dict], scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
+    """'mean [low, high]' of an Interval's dict; `signed` writes '+' on differences that are not negative."""
     if iv is None:
         return "n/a"
-    f = lambda v: "±inf" if not math.isfinite(v) else f"{scale * v:.{digits}f}"  # noqa: E731
+    sign = "+" if signed else ""
+    f = lambda v: "±inf" if not math.isfinite(v) else f"{scale * v:{sign}.{digits}f}"  # noqa: E731
     return f"{f(iv['mean'])} [{f(iv['low'])}, {f(iv['high'])}]"
 
 

@@ -369,8 +369,7 @@ def delta_interval(deltas: list[float]) -> str:
         return "—"
     if len(deltas) == 1:
         return f"{deltas[0]:+.1f}"
-    iv = curves.mean_interval(deltas)
-    return f"{iv.mean:+.1f} [{iv.low:+.1f}, {iv.high:+.1f}]"
+    return convergence.interval_text(curves.mean_interval(deltas).__dict__, scale=1, signed=True)
 
 
 def plot(cfg: dict, records: dict[Cell, dict], png: Path) -> None:
